@@ -1,0 +1,312 @@
+"""Reducible sufficient statistics of the `mismatch/` metrics, and the metrics made from them.
+
+`StepStatistics` records, per micro-batch, token sums (each token is held by exactly one rank), the
+per-sequence partials (reduced over the ranks sharing a sequence, counted by one of them) and the
+weights of valid tokens (for exact quantiles). `finalize` turns them into the metrics of docs/metrics.md
+with reductions the caller supplies:
+
+| statistic | reduction |
+|---|---|
+| `TokenSum` and `SequenceSum` columns (one float64 vector) | SUM over all ranks holding tokens |
+| `Extreme` columns (maxima; minima stored negated) | MAX over the same ranks |
+| quantiles | `exact_quantiles` histograms (SUM), 3 rounds (float32) or 6 (float64) |
+
+In one process every reduction is the identity.
+"""
+
+import math
+from enum import IntEnum
+from typing import Callable, Optional
+
+import torch
+
+from ..config import RolloutISConfig
+from .quantiles import exact_quantiles
+from .weights import SAFETY_BOUND, Partial, TokenShard, kept, sequence_log_weights
+
+PREFIX = "mismatch/"
+QUANTILES = {"rollout_is_p25": 0.25, "rollout_is_p50": 0.5, "rollout_is_p75": 0.75, "rollout_is_p95": 0.95, "rollout_is_p99": 0.99}
+MEAN_EPS = 1e-8
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class TokenSum(IntEnum):
+    """Sums over valid tokens (w = safety-clamped weight, wc = w clamped to [lower, upper])."""
+
+    COUNT = 0
+    WEIGHT = 1
+    CLAMPED = 2
+    CLAMPED_SQUARED = 3
+    HIGH = 4  # token: w > upper; geometric: G_i > log(upper)
+    LOW = 5
+    CATASTROPHIC = 6
+    NOT_KEPT = 7
+    ROLLOUT_MINUS_OLD = 8
+    K3 = 9
+    NONFINITE = 10  # tokens marked valid whose log-prob is NaN/inf (not in COUNT)
+
+
+class SequenceSum(IntEnum):
+    """Sums over non-empty sequences, counted once (by the rank that owns the sequence)."""
+
+    COUNT = 0
+    LOG_HIGH = 1  # sequence level: S_i > log(upper)
+    LOG_LOW = 2
+    VETOED = 3
+    MEAN_WEIGHT = 4  # s_i, the masked mean weight of sequence i
+    MEAN_WEIGHT_SQUARED = 5
+    MEAN_HIGH = 6
+    MEAN_LOW = 7
+    CLIPPED = 8
+    TRAINING_PPL = 9
+    ROLLOUT_PPL = 10
+    TRAINING_LOG_PPL = 11
+    ROLLOUT_LOG_PPL = 12
+    LOG_PPL_DIFF = 13
+    LOG_PPL_ABS_DIFF = 14
+    PPL_RATIO = 15
+
+
+class Extreme(IntEnum):
+    """Maxima (minima stored as the max of the negated value); -inf when nothing was seen."""
+
+    TOKEN_WEIGHT = 0
+    NEG_TOKEN_WEIGHT = 1
+    LOG_WEIGHT = 2  # sequence/geometric: S_i or G_i
+    NEG_LOG_WEIGHT = 3
+    MEAN_WEIGHT = 4
+    NEG_MEAN_WEIGHT = 5
+    LOG_PPL_DIFF = 6
+    NEG_LOG_PPL_DIFF = 7
+
+
+class StepStatistics:
+    """Accumulates one training step's statistics, micro-batch by micro-batch."""
+
+    def __init__(self, config: RolloutISConfig):
+        self.config = config
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets everything recorded (called by `finalize`)."""
+        self.token_sums = torch.zeros(len(TokenSum), dtype=torch.float64)
+        self.token_max = torch.full((2,), -math.inf, dtype=torch.float64)
+        self.partials: list[torch.Tensor] = []
+        self.weight_values: list[torch.Tensor] = []
+        self.value_dtype = torch.float32
+
+    def add(self, shard: TokenShard, weights: torch.Tensor, partials: torch.Tensor, token_w: Optional[torch.Tensor]) -> None:
+        """Records one micro-batch.
+
+        Args:
+            shard: the prepared tokens of this rank.
+            weights: `[b, s]` safety-clamped weights before bounding and veto.
+            partials: `[b, NUM_PARTIALS]` per-sequence partials (reduced or not, see `finalize`).
+            token_w: token level only, `[b, s]` token weights (the same tensor as `weights`).
+        """
+        cfg, valid = self.config, shard.valid
+        upper, lower = cfg.rollout_is_threshold, cfg.lower_threshold
+        w = weights[valid].double()
+        clamped = w.clamp(lower, upper)
+        log_ratio = shard.log_ratio[valid].double()
+        sums = torch.zeros(len(TokenSum), dtype=torch.float64)
+        sums[TokenSum.COUNT] = w.numel()
+        sums[TokenSum.WEIGHT] = w.sum()
+        sums[TokenSum.CLAMPED] = clamped.sum()
+        sums[TokenSum.CLAMPED_SQUARED] = clamped.square().sum()
+        if cfg.rollout_is_level == "token":
+            sums[TokenSum.HIGH] = (w > upper).sum()
+            sums[TokenSum.LOW] = (w < lower).sum()
+        elif cfg.rollout_is_level == "geometric":
+            log_w = sequence_log_weights(partials, "geometric").unsqueeze(1).expand_as(shard.log_ratio)[valid]
+            sums[TokenSum.HIGH] = (log_w > math.log(upper)).sum()
+            sums[TokenSum.LOW] = (log_w < math.log(lower)).sum()
+        if cfg.rollout_is_veto_threshold is not None:
+            sums[TokenSum.CATASTROPHIC] = (log_ratio < math.log(cfg.rollout_is_veto_threshold)).sum()
+        if cfg.rollout_is_mode == "clip":
+            sums[TokenSum.NOT_KEPT] = (~kept(w, lower, upper)).sum()
+        sums[TokenSum.ROLLOUT_MINUS_OLD] = -log_ratio.sum()
+        sums[TokenSum.K3] = (torch.exp(log_ratio.clamp(max=SAFETY_BOUND)) - log_ratio - 1).sum()
+        sums[TokenSum.NONFINITE] = shard.nonfinite.sum()
+        self.token_sums += sums
+        if w.numel():
+            self.token_max = torch.maximum(self.token_max, torch.stack([w.max(), -w.min()]))
+        self.partials.append(partials)
+        self.weight_values.append(weights[valid])
+        self.value_dtype = weights.dtype
+
+    def finalize(
+        self,
+        reduce_partials: Optional[Reducer] = None,
+        owns_sequences: bool = True,
+        all_reduce_sum: Optional[Reducer] = None,
+        all_reduce_max: Optional[Reducer] = None,
+    ) -> dict[str, float]:
+        """Computes the step's metrics and resets the statistics.
+
+        Args:
+            reduce_partials: sums the concatenated `[n_seq, NUM_PARTIALS]` partials in place over the
+                ranks sharing the sequences, when the micro-batches recorded unreduced partials
+                (token level without veto defers that reduction here, to one call). None otherwise.
+            owns_sequences: whether this rank counts the sequence statistics (exactly one of the
+                ranks sharing a sequence must, e.g. context-parallel rank 0).
+            all_reduce_sum: SUM in place over every rank that recorded tokens (float64 and int64).
+            all_reduce_max: MAX in place over the same ranks (float64).
+
+        Returns:
+            `{"mismatch/<name>": float}`, identical on every participating rank.
+        """
+        sums, extremes = self._local_reductions(reduce_partials, owns_sequences)
+        if all_reduce_sum is not None:
+            all_reduce_sum(sums)
+        if all_reduce_max is not None:
+            all_reduce_max(extremes)
+        count = int(sums[TokenSum.COUNT].item())
+        values = torch.cat(self.weight_values) if self.weight_values else torch.zeros(0, dtype=self.value_dtype)
+        quantiles = exact_quantiles(values, list(QUANTILES.values()), count, all_reduce_sum)
+        self.reset()
+        token_sums = sums[: len(TokenSum)].tolist()
+        sequence_sums = sums[len(TokenSum) :].tolist()
+        return metrics_from_statistics(self.config, token_sums, sequence_sums, extremes.tolist(), quantiles)
+
+    def _local_reductions(self, reduce_partials: Optional[Reducer], owns_sequences: bool):
+        partials = torch.cat(self.partials) if self.partials else torch.zeros(0, len(Partial), dtype=torch.float64)
+        if reduce_partials is not None:
+            reduce_partials(partials)
+        partials = partials.double()
+        sequence_sums, sequence_extremes = sequence_statistics(partials, self.config)
+        if not owns_sequences:
+            sequence_sums.zero_()
+        sums = torch.cat([self.token_sums, sequence_sums])
+        extremes = torch.cat([self.token_max, sequence_extremes])
+        return sums, extremes
+
+
+def sequence_statistics(partials: torch.Tensor, config: RolloutISConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """`SequenceSum` sums and the sequence rows of `Extreme` from reduced float64 partials `[n, NUM_PARTIALS]`."""
+    upper, lower = config.rollout_is_threshold, config.lower_threshold
+    rows = partials[partials[:, Partial.TOKENS] > 0]
+    tokens = rows[:, Partial.TOKENS]
+    log_w = sequence_log_weights(rows, config.rollout_is_level)
+    if config.rollout_is_level == "token":
+        mean_w = rows[:, Partial.TOKEN_WEIGHT_SUM] / (tokens + MEAN_EPS)
+        clipped = rows[:, Partial.TOKENS_NOT_KEPT] > 0
+    else:
+        mean_w = torch.exp(log_w.clamp(-SAFETY_BOUND, SAFETY_BOUND))
+        clipped = ~kept(mean_w, lower, upper)
+    mean_old = rows[:, Partial.OLD_SUM] / (tokens + MEAN_EPS)
+    mean_rollout = rows[:, Partial.ROLLOUT_SUM] / (tokens + MEAN_EPS)
+    diff = mean_rollout - mean_old
+    sums = torch.zeros(len(SequenceSum), dtype=torch.float64)
+    sums[SequenceSum.COUNT] = rows.shape[0]
+    sums[SequenceSum.LOG_HIGH] = (log_w > math.log(upper)).sum()
+    sums[SequenceSum.LOG_LOW] = (log_w < math.log(lower)).sum()
+    sums[SequenceSum.VETOED] = (rows[:, Partial.CATASTROPHIC] > 0).sum()
+    sums[SequenceSum.MEAN_WEIGHT] = mean_w.sum()
+    sums[SequenceSum.MEAN_WEIGHT_SQUARED] = mean_w.square().sum()
+    sums[SequenceSum.MEAN_HIGH] = (mean_w > upper).sum()
+    sums[SequenceSum.MEAN_LOW] = (mean_w < lower).sum()
+    sums[SequenceSum.CLIPPED] = clipped.sum()
+    sums[SequenceSum.TRAINING_PPL] = torch.exp((-mean_old).clamp(max=SAFETY_BOUND)).sum()
+    sums[SequenceSum.ROLLOUT_PPL] = torch.exp((-mean_rollout).clamp(max=SAFETY_BOUND)).sum()
+    sums[SequenceSum.TRAINING_LOG_PPL] = (-mean_old).sum()
+    sums[SequenceSum.ROLLOUT_LOG_PPL] = (-mean_rollout).sum()
+    sums[SequenceSum.LOG_PPL_DIFF] = diff.sum()
+    sums[SequenceSum.LOG_PPL_ABS_DIFF] = diff.abs().sum()
+    sums[SequenceSum.PPL_RATIO] = torch.exp(diff.clamp(max=SAFETY_BOUND)).sum()
+    extremes = torch.full((len(Extreme) - 2,), -math.inf, dtype=torch.float64)
+    if rows.shape[0]:
+        extremes[:] = torch.stack(
+            [log_w.max(), -log_w.min(), mean_w.max(), -mean_w.min(), diff.max(), -diff.min()]
+        )
+    return sums, extremes
+
+
+def metrics_from_statistics(
+    config: RolloutISConfig,
+    token_sums: list[float],
+    sequence_sums: list[float],
+    extremes: list[float],
+    quantiles: list[float],
+) -> dict[str, float]:
+    """The metrics of docs/metrics.md from globally reduced statistics (pure arithmetic)."""
+    t, q, x = token_sums, sequence_sums, extremes
+    count, sequences = t[TokenSum.COUNT], q[SequenceSum.COUNT]
+    nonfinite = t[TokenSum.NONFINITE]
+    metrics = {name: 0.0 for name in metric_names(config)}
+    metrics["rollout_is_nonfinite_token_fraction"] = nonfinite / (nonfinite + count + MEAN_EPS)
+    if count == 0:
+        return {PREFIX + name: value for name, value in metrics.items()}
+
+    def token_mean(column: TokenSum) -> float:
+        return t[column] / (count + MEAN_EPS)
+
+    def sequence_mean(column: SequenceSum) -> float:
+        return q[column] / sequences
+
+    clamped_mean = token_mean(TokenSum.CLAMPED)
+    clamped_square_mean = token_mean(TokenSum.CLAMPED_SQUARED)
+    level = config.rollout_is_level
+    metrics["rollout_is_mean"] = token_mean(TokenSum.WEIGHT)
+    metrics["rollout_is_std"] = math.sqrt(max(0.0, clamped_square_mean - clamped_mean**2)) if count > 1 else 0.0
+    metrics["rollout_is_eff_sample_size"] = 1.0 / (clamped_square_mean / (clamped_mean + MEAN_EPS) ** 2)
+    if level == "token":
+        metrics["rollout_is_max"] = x[Extreme.TOKEN_WEIGHT]
+        metrics["rollout_is_min"] = -x[Extreme.NEG_TOKEN_WEIGHT]
+    else:
+        metrics["rollout_is_max"] = math.exp(min(x[Extreme.LOG_WEIGHT], SAFETY_BOUND))
+        metrics["rollout_is_min"] = math.exp(-x[Extreme.NEG_LOG_WEIGHT])
+    if level == "sequence":
+        metrics["rollout_is_ratio_fraction_high"] = sequence_mean(SequenceSum.LOG_HIGH)
+        metrics["rollout_is_ratio_fraction_low"] = sequence_mean(SequenceSum.LOG_LOW)
+    else:
+        metrics["rollout_is_ratio_fraction_high"] = token_mean(TokenSum.HIGH)
+        metrics["rollout_is_ratio_fraction_low"] = token_mean(TokenSum.LOW)
+    metrics["rollout_is_veto_fraction"] = sequence_mean(SequenceSum.VETOED)
+    metrics["rollout_is_catastrophic_token_fraction"] = token_mean(TokenSum.CATASTROPHIC)
+    metrics.update(zip(QUANTILES, quantiles))
+    seq_mean = sequence_mean(SequenceSum.MEAN_WEIGHT)
+    metrics["rollout_is_seq_mean"] = seq_mean
+    if sequences > 1:
+        variance = (q[SequenceSum.MEAN_WEIGHT_SQUARED] - sequences * seq_mean**2) / (sequences - 1)
+        metrics["rollout_is_seq_std"] = math.sqrt(max(0.0, variance))
+    metrics["rollout_is_seq_max"] = x[Extreme.MEAN_WEIGHT]
+    metrics["rollout_is_seq_min"] = -x[Extreme.NEG_MEAN_WEIGHT]
+    metrics["rollout_is_seq_max_deviation"] = max(x[Extreme.MEAN_WEIGHT] - 1.0, 1.0 + x[Extreme.NEG_MEAN_WEIGHT])
+    metrics["rollout_is_seq_fraction_high"] = sequence_mean(SequenceSum.MEAN_HIGH)
+    metrics["rollout_is_seq_fraction_low"] = sequence_mean(SequenceSum.MEAN_LOW)
+    if config.rollout_is_mode == "clip":
+        metrics["rollout_is_clipped_fraction"] = token_mean(TokenSum.NOT_KEPT)
+        metrics["rollout_is_seq_clipped_fraction"] = sequence_mean(SequenceSum.CLIPPED)
+    metrics["mismatch_training_ppl"] = sequence_mean(SequenceSum.TRAINING_PPL)
+    metrics["mismatch_rollout_ppl"] = sequence_mean(SequenceSum.ROLLOUT_PPL)
+    metrics["mismatch_training_log_ppl"] = sequence_mean(SequenceSum.TRAINING_LOG_PPL)
+    metrics["mismatch_rollout_log_ppl"] = sequence_mean(SequenceSum.ROLLOUT_LOG_PPL)
+    metrics["mismatch_kl"] = token_mean(TokenSum.ROLLOUT_MINUS_OLD)
+    metrics["mismatch_k3_kl"] = token_mean(TokenSum.K3)
+    metrics["mismatch_log_ppl_diff"] = sequence_mean(SequenceSum.LOG_PPL_DIFF)
+    metrics["mismatch_log_ppl_abs_diff"] = sequence_mean(SequenceSum.LOG_PPL_ABS_DIFF)
+    metrics["mismatch_log_ppl_diff_max"] = x[Extreme.LOG_PPL_DIFF]
+    metrics["mismatch_log_ppl_diff_min"] = -x[Extreme.NEG_LOG_PPL_DIFF]
+    metrics["mismatch_ppl_ratio"] = sequence_mean(SequenceSum.PPL_RATIO)
+    return {PREFIX + name: value for name, value in metrics.items()}
+
+
+def metric_names(config: RolloutISConfig) -> list[str]:
+    """The metric names (without prefix) reported for this config, in a stable order."""
+    names = [
+        "rollout_is_mean", "rollout_is_std", "rollout_is_eff_sample_size", "rollout_is_max", "rollout_is_min",
+        "rollout_is_ratio_fraction_high", "rollout_is_ratio_fraction_low", "rollout_is_veto_fraction",
+        "rollout_is_catastrophic_token_fraction", "rollout_is_nonfinite_token_fraction", *QUANTILES,
+        "rollout_is_seq_mean", "rollout_is_seq_std", "rollout_is_seq_max", "rollout_is_seq_min",
+        "rollout_is_seq_max_deviation", "rollout_is_seq_fraction_high", "rollout_is_seq_fraction_low",
+    ]
+    if config.rollout_is_mode == "clip":
+        names += ["rollout_is_clipped_fraction", "rollout_is_seq_clipped_fraction"]
+    names += [
+        "mismatch_training_ppl", "mismatch_rollout_ppl", "mismatch_training_log_ppl", "mismatch_rollout_log_ppl",
+        "mismatch_kl", "mismatch_k3_kl", "mismatch_log_ppl_diff", "mismatch_log_ppl_abs_diff",
+        "mismatch_log_ppl_diff_max", "mismatch_log_ppl_diff_min", "mismatch_ppl_ratio",
+    ]
+    return names
