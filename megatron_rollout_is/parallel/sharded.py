@@ -1,0 +1,149 @@
+"""Rollout IS on tokens sharded by context and data parallelism, exact against one process.
+
+Who calls what (pipeline parallelism: only the last stage has log-probs):
+
+* every rank of the LAST pipeline stage calls `micro_batch_weights` (or `micro_batch_weights_thd`)
+  once per micro-batch, all context-parallel ranks of a sequence together, and `finalize` once per
+  step; ranks of other stages call neither, so no rank waits on a collective that others skip;
+* the metrics come back on every last-stage rank, the last global rank (Megatron's logging rank)
+  included.
+
+Communication per micro-batch: ONE all-reduce(SUM) over the CP group of the `[b, NUM_PARTIALS]`
+per-sequence partials, before any exp, bound or veto, and only when the weights need it (sequence and
+geometric levels, or the veto); plus, when `check_layout` is on, one 4-integer all-reduce(MAX) that
+turns a CP split whose ranks disagree on the batch shape into an error on every rank instead of a
+hang. Nothing per token is ever gathered: the traffic is O(batch), independent of sequence length.
+
+Communication per step (`finalize`): at most one CP all-reduce of the deferred partials (token level
+without veto), one all-reduce(SUM) and one all-reduce(MAX) of small float64 vectors over the DP x CP
+group, and the exact-quantile rounds (3 SUMs of `[10, 2048]` int64 histograms for float32 weights,
+6 for float64).
+"""
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import RolloutISConfig
+from ..core.rollout_is import micro_batch_weights, reduces_per_micro_batch
+from ..core.statistics import StepStatistics
+from .groups import RolloutISGroups, all_reduce, group_rank, group_size
+
+
+class ShardedRolloutIS:
+    """Per-micro-batch weights and per-step global metrics under CP x DP sharding.
+
+    Args:
+        config: an enabled `RolloutISConfig`.
+        groups: this rank's process groups (`RolloutISGroups.from_parallel_state()` in Megatron).
+        check_layout: verify, per micro-batch, that the CP ranks agree on the batch shape.
+    """
+
+    def __init__(self, config: RolloutISConfig, groups: RolloutISGroups, check_layout: bool = True):
+        if not config.enabled:
+            raise ValueError("ShardedRolloutIS needs rollout_is_threshold set; rollout IS is off in this config.")
+        self.config = config
+        self.groups = groups
+        self.check_layout = check_layout
+        self.statistics = StepStatistics(config)
+        self._device: Optional[torch.device] = None
+
+    def micro_batch_weights(
+        self, old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Weights of this rank's share of a padded micro-batch.
+
+        Args:
+            old_log_prob: `[b, s/cp]` training log-probs of this CP rank's tokens (zigzag split).
+            rollout_log_prob: `[b, s/cp]` rollout log-probs split with the same index.
+            response_mask: `[b, s/cp]` mask split with the same index.
+
+        Returns:
+            `[b, s/cp]` detached weights of this rank's tokens.
+        """
+        self._device = old_log_prob.device
+        if self.check_layout:
+            self._check_cp_layout("the micro-batch", old_log_prob.shape[0], old_log_prob.shape[-1])
+        return micro_batch_weights(
+            old_log_prob, rollout_log_prob, response_mask, self.config, self.statistics, self._reduce_partials
+        )
+
+    def micro_batch_weights_thd(
+        self,
+        old_log_prob: torch.Tensor,
+        rollout_log_prob: torch.Tensor,
+        response_mask: torch.Tensor,
+        local_cu_seqlens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Weights of this rank's share of a packed (THD) micro-batch.
+
+        Args:
+            old_log_prob: `[t]` or `[1, t]` this rank's packed tokens (each document split zigzag).
+            rollout_log_prob: same layout.
+            response_mask: same layout.
+            local_cu_seqlens: `[docs + 1]` cumulative per-document token counts on THIS rank.
+
+        Returns:
+            Weights in the layout of `old_log_prob`.
+        """
+        shape = old_log_prob.shape
+        flat = [t.reshape(-1) for t in (old_log_prob, rollout_log_prob, response_mask)]
+        cu = local_cu_seqlens.to(device=flat[0].device, dtype=torch.long)
+        if cu.dim() != 1 or cu.numel() < 1 or int(cu[0]) != 0 or int(cu[-1]) != flat[0].numel():
+            raise ValueError(
+                f"local_cu_seqlens must be [docs + 1], start at 0 and end at the local token count "
+                f"{flat[0].numel()}; got {cu.tolist()}."
+            )
+        lengths = cu[1:] - cu[:-1]
+        document = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+        position = torch.arange(flat[0].numel(), device=cu.device) - cu[document]
+        rows, width = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
+        padded = []
+        for tensor in flat:
+            grid = torch.zeros(rows, width, dtype=tensor.dtype, device=tensor.device)
+            grid[document, position] = tensor
+            padded.append(grid)
+        weights = self.micro_batch_weights(*padded)
+        return weights[document, position].reshape(shape)
+
+    def finalize(self) -> dict[str, float]:
+        """The step's `mismatch/` metrics over all DP x CP ranks and micro-batches; resets the step.
+
+        Call once per step on every last-stage rank, after the last micro-batch.
+        """
+        deferred = None if reduces_per_micro_batch(self.config) else self._reduce_partials
+        dp_cp = self.groups.dp_cp
+        return self.statistics.finalize(
+            reduce_partials=deferred,
+            owns_sequences=group_rank(self.groups.cp) == 0,
+            all_reduce_sum=lambda t: self._all_reduce(t, dist.ReduceOp.SUM, dp_cp),
+            all_reduce_max=lambda t: self._all_reduce(t, dist.ReduceOp.MAX, dp_cp),
+        )
+
+    def _reduce_partials(self, partials: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(partials, dist.ReduceOp.SUM, self.groups.cp)
+
+    def _all_reduce(self, tensor: torch.Tensor, op, group) -> torch.Tensor:
+        # NCCL only reduces device tensors; the step's small accumulators live on the CPU.
+        device = self._device or tensor.device
+        if group_size(group) == 1 or tensor.device == device:
+            return all_reduce(tensor, op, group)
+        staged = tensor.to(device)
+        all_reduce(staged, op, group)
+        return tensor.copy_(staged)
+
+    def _check_cp_layout(self, what: str, rows: int, columns: int) -> None:
+        group = self.groups.cp
+        if group_size(group) == 1:
+            return
+        layout = torch.tensor([rows, columns, -rows, -columns], dtype=torch.long, device=self._device)
+        all_reduce(layout, dist.ReduceOp.MAX, group)
+        if int(layout[0]) != -int(layout[2]) or int(layout[1]) != -int(layout[3]):
+            raise ValueError(
+                f"context-parallel ranks disagree on the shape of {what}: this rank (CP rank "
+                f"{group_rank(group)}) has [{rows}, {columns}], the CP group spans sequences "
+                f"{-int(layout[2])}..{int(layout[0])} and lengths {-int(layout[3])}..{int(layout[1])}. "
+                "Split every tensor of a micro-batch with the same CP index on every rank "
+                "(megatron_rollout_is.parallel.context_parallel)."
+            )
