@@ -1,0 +1,32 @@
+"""The `megatron-rollout-is compute` command on a saved batch and a YAML config."""
+
+import math
+
+import torch
+
+from megatron_rollout_is.cli import main, synthetic_batch
+from megatron_rollout_is.core import compute_rollout_importance_weights
+
+
+def test_compute_prints_every_metric_of_the_saved_batch(tmp_path, capsys):
+    batch = synthetic_batch(4, 32, 0.1, seed=3)
+    torch.save(batch, tmp_path / "batch.pt")
+    (tmp_path / "cfg.yaml").write_text(
+        "algorithm:\n  rollout_is: true\n  rollout_is_threshold: 1.5\n  rollout_is_level: sequence\n"
+    )
+    assert main(["compute", "--config", str(tmp_path / "cfg.yaml"), "--batch", str(tmp_path / "batch.pt")]) == 0
+    printed = dict(
+        line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("mismatch/")
+    )
+    _, expected = compute_rollout_importance_weights(
+        batch["old_log_prob"], batch["rollout_log_prob"], batch["response_mask"], "sequence", "truncate", 1.5
+    )
+    assert set(printed) == set(expected)
+    for name, value in expected.items():
+        assert math.isclose(float(printed[name]), value, rel_tol=1e-5, abs_tol=1e-9)
+
+
+def test_compute_reports_a_migration_error(tmp_path, capsys):
+    (tmp_path / "old.yaml").write_text("actor_rollout_ref:\n  actor:\n    tis_imp_ratio_cap: 2.0\n")
+    assert main(["compute", "--config", str(tmp_path / "old.yaml")]) == 2
+    assert "tis_imp_ratio_cap" in capsys.readouterr().err
