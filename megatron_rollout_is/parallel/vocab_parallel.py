@@ -1,0 +1,222 @@
+"""Per-token log-probabilities (and entropy) from vocab-parallel logits.
+
+Megatron's output layer shards the vocabulary over the tensor-parallel (TP) group: each rank holds
+logits ``[s, b, V/tp]`` for the global ids ``[tp_rank * V/tp, (tp_rank + 1) * V/tp)``. The
+log-probability of a target id over the full vocabulary needs three reductions over the TP group,
+done here in two collectives per sequence chunk:
+
+1. all-reduce(MAX) of the per-token logit maximum ``m`` (for a stable exp);
+2. all-reduce(SUM) of ``[sum_v exp(z_v), z_target, sum_v exp(z_v) * z_v]`` with
+   ``z = logits / temperature - m``; only the rank owning the target id contributes ``z_target``;
+   the last term is only computed for the entropy.
+
+Then ``log p(target) = z_target - log(sum exp z)`` and
+``entropy = log(sum exp z) - sum(exp(z) * z) / sum(exp z)``, identical on every TP rank.
+
+Unlike ``megatron.core.tensor_parallel.vocab_parallel_cross_entropy`` (which overwrites fp32
+logits in place), this never writes to the caller's logits.
+"""
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.distributed
+from torch.autograd.function import once_differentiable
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _tp_size_and_rank(tp_group) -> Tuple[int, int]:
+    if tp_group is None:
+        return 1, 0
+    if not torch.distributed.is_initialized():
+        raise ValueError(
+            "tp_group was given but torch.distributed is not initialised; pass tp_group=None "
+            "for a single process"
+        )
+    return torch.distributed.get_world_size(tp_group), torch.distributed.get_rank(tp_group)
+
+
+def _all_reduce(tensor: torch.Tensor, op, tp_group) -> None:
+    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
+        torch.distributed.all_reduce(tensor, op=op, group=tp_group)
+
+
+class _VocabParallelTokenLogProbs(torch.autograd.Function):
+    """Autograd function behind :func:`vocab_parallel_token_log_probs` (inputs validated)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, tp_group, temperature, chunk_size, with_entropy, keep_probs):
+        seq_len, batch, local_vocab = logits.shape
+        compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        _, tp_rank = _tp_size_and_rank(tp_group)
+        local_target = target.long() - tp_rank * local_vocab
+        owned = (local_target >= 0) & (local_target < local_vocab)
+        local_target = torch.where(owned, local_target, 0)
+
+        step = chunk_size or max(seq_len, 1)
+        # Holds z, then exp(z), then the softmax, chunk by chunk; kept whole only for backward.
+        buffer_len = seq_len if keep_probs else min(step, seq_len)
+        probs = torch.empty(
+            (buffer_len, batch, local_vocab), dtype=compute_dtype, device=logits.device
+        )
+        log_probs = torch.empty((seq_len, batch), dtype=compute_dtype, device=logits.device)
+        entropy = torch.empty_like(log_probs) if with_entropy else None
+
+        for start in range(0, seq_len, step):
+            rows = slice(start, min(start + step, seq_len))
+            z = probs[rows] if keep_probs else probs[: rows.stop - rows.start]
+            z.copy_(logits[rows])
+            if temperature != 1.0:
+                z.div_(temperature)
+            max_logit = z.amax(dim=-1)
+            _all_reduce(max_logit, torch.distributed.ReduceOp.MAX, tp_group)
+            z.sub_(max_logit.unsqueeze(-1))
+            target_z = z.gather(-1, local_target[rows].unsqueeze(-1)).squeeze(-1)
+            target_partial = torch.where(owned[rows], target_z, 0.0)
+            z.exp_()
+            partials = [z.sum(dim=-1), target_partial]
+            if with_entropy:
+                # exp(z) * z written as xlogy(e, e): 0 (not NaN) where a logit is -inf.
+                partials.append(torch.special.xlogy(z, z).sum(dim=-1))
+            summed = torch.stack(partials, dim=-1)
+            _all_reduce(summed, torch.distributed.ReduceOp.SUM, tp_group)
+            sum_exp = summed[..., 0]
+            log_sum_exp = torch.log(sum_exp)
+            log_probs[rows] = summed[..., 1] - log_sum_exp
+            if with_entropy:
+                entropy[rows] = log_sum_exp - summed[..., 2] / sum_exp
+            if keep_probs:
+                z.div_(sum_exp.unsqueeze(-1))
+
+        ctx.set_materialize_grads(False)
+        ctx.logits_dtype = logits.dtype
+        ctx.temperature = temperature
+        ctx.step = step
+        if keep_probs:
+            ctx.save_for_backward(probs, local_target, owned, entropy)
+        return (log_probs, entropy) if with_entropy else log_probs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_log_probs, grad_entropy=None):
+        probs, local_target, owned, entropy = ctx.saved_tensors
+        inv_temperature = 1.0 / ctx.temperature
+        # The gradient is built in the saved softmax buffer: no second full-size fp32 tensor.
+        # Backward through this node twice (retain_graph) therefore fails autograd's saved-tensor
+        # version check instead of returning a wrong gradient.
+        for start in range(0, probs.size(0), ctx.step):
+            rows = slice(start, start + ctx.step)
+            p = probs[rows]
+            # d log p_t / dz = onehot_t - p ;  d H / dz = -(p log p) - p H
+            coefficient = torch.zeros(p.shape[:2], dtype=p.dtype, device=p.device)
+            entropy_term = None
+            if grad_log_probs is not None:
+                coefficient += grad_log_probs[rows]
+            if grad_entropy is not None:
+                coefficient += grad_entropy[rows] * entropy[rows]
+                entropy_term = torch.special.xlogy(p, p)
+                entropy_term.mul_((grad_entropy[rows] * inv_temperature).unsqueeze(-1))
+            p.mul_((-coefficient * inv_temperature).unsqueeze(-1))
+            if entropy_term is not None:
+                p.sub_(entropy_term)
+            if grad_log_probs is not None:
+                onehot_grad = torch.where(owned[rows], grad_log_probs[rows] * inv_temperature, 0.0)
+                p.scatter_add_(-1, local_target[rows].unsqueeze(-1), onehot_grad.unsqueeze(-1))
+        grad_logits = probs.to(ctx.logits_dtype)
+        return grad_logits, None, None, None, None, None, None
+
+
+def _validate(logits, target, tp_group, temperature, chunk_size) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(
+            "logits must be a tensor [s, b, V/tp], got "
+            f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)}"
+        )
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
+    if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point or target.dtype in (
+        torch.bool,
+        torch.complex64,
+        torch.complex128,
+    ):
+        raise TypeError(
+            "target must be an integer tensor of global vocabulary ids (int64), got "
+            f"{target.dtype if isinstance(target, torch.Tensor) else type(target)}"
+        )
+    if tuple(target.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must equal logits.shape[:2] = "
+            f"{tuple(logits.shape[:2])} (both sequence-first: [s, b])"
+        )
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    tp_size, _ = _tp_size_and_rank(tp_group)
+    vocab_size = logits.size(-1) * tp_size
+    if target.numel() > 0:
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"target ids must be in [0, {vocab_size}) (V/tp = {logits.size(-1)} times "
+                f"tp = {tp_size}), got min {low} and max {high}; mask padding or ignored "
+                "positions with a valid id (e.g. 0) and drop them with the loss mask"
+            )
+
+
+def vocab_parallel_token_log_probs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: Optional[int] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Log-probability of each target token under the temperature-scaled full-vocab softmax.
+
+    Computes ``log_softmax(logits / temperature, full vocab)[target]`` from this rank's vocab
+    shard, differentiably with respect to ``logits``. The result is identical on every rank of
+    ``tp_group``: count it once. Every rank of ``tp_group`` must call this with the same ``s``,
+    ``b``, ``V/tp``, ``target``, ``temperature`` and ``chunk_size`` (the collectives pair up by
+    chunk).
+
+    Memory (``c`` = ``chunk_size`` or ``s``; fp32 stands for float64 when logits are float64):
+
+    * kept for backward, only when ``logits`` requires grad: one fp32 ``[s, b, V/tp]`` softmax
+      buffer plus ``[s, b]`` target index, ownership mask and (if requested) entropy.
+    * backward turns that buffer into the gradient in place; it allocates a few ``[c, b]``
+      tensors, one fp32 ``[c, b, V/tp]`` temporary when the entropy receives a gradient, and
+      for fp16/bf16 logits the returned ``[s, b, V/tp]`` gradient in the logits dtype.
+    * forward temporaries: a few ``[c, b]`` tensors; with ``return_entropy`` one fp32
+      ``[c, b, V/tp]``. Without grad the softmax buffer itself is only ``[c, b, V/tp]``.
+    * so the peak is one fp32 copy of the local logits (plus ``c/s`` of one with entropy).
+    * the caller's ``logits`` are read, never written.
+
+    Args:
+        logits: ``[s, b, V/tp]`` this rank's vocab shard (fp16, bf16, fp32 or float64); rank
+            ``r`` of ``tp_group`` holds ids ``[r * V/tp, (r + 1) * V/tp)``.
+        target: ``[s, b]`` integer global vocab ids in ``[0, V)``.
+        tp_group: tensor-parallel group over which the vocab is sharded; None means no TP.
+        temperature: sampling temperature (> 0) the logits are divided by, in fp32 or better.
+        return_entropy: also return the entropy of the temperature-scaled distribution.
+        chunk_size: process this many sequence positions at a time to bound forward
+            temporaries (two collectives per chunk); None processes the whole sequence at once.
+
+    Returns:
+        ``log_probs`` ``[s, b]`` (float32, or float64 for float64 logits), or
+        ``(log_probs, entropy)`` when ``return_entropy``; both differentiable.
+    """
+    _validate(logits, target, tp_group, temperature, chunk_size)
+    # ctx.needs_input_grad ignores torch.no_grad(), so decide here whether backward can happen.
+    keep_probs = torch.is_grad_enabled() and logits.requires_grad
+    return _VocabParallelTokenLogProbs.apply(
+        logits, target, tp_group, float(temperature), chunk_size, return_entropy, keep_probs
+    )

@@ -1,0 +1,214 @@
+"""Tests of vocab-parallel token log-probs against a float64 single-process torch oracle."""
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed
+
+from megatron_rollout_is.parallel.vocab_parallel import vocab_parallel_token_log_probs
+from mp_harness import run_distributed
+
+SEQ, BATCH, VOCAB = 7, 2, 16
+
+
+def _case(seed, dtype):
+    """Global logits [s, b, V], targets [s, b] (both ends of the vocab included), upstream grads."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(SEQ, BATCH, VOCAB, generator=generator, dtype=torch.float64)
+    logits = logits.to(dtype)
+    target = torch.randint(0, VOCAB, (SEQ, BATCH), generator=generator)
+    target[0, 0], target[-1, -1] = 0, VOCAB - 1
+    grad_log_probs = torch.randn(SEQ, BATCH, generator=generator, dtype=torch.float64)
+    grad_entropy = torch.randn(SEQ, BATCH, generator=generator, dtype=torch.float64)
+    return logits, target, grad_log_probs, grad_entropy
+
+
+def _oracle(logits, target, temperature, grad_log_probs, grad_entropy):
+    """float64 torch reference: (log_probs, entropy, d(sum g*lp + sum gH*H)/d logits)."""
+    x = logits.detach().double().requires_grad_()
+    log_softmax = torch.log_softmax(x / temperature, dim=-1)
+    log_probs = log_softmax.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    entropy = -torch.special.xlogy(log_softmax.exp(), log_softmax.exp()).sum(-1)
+    objective = (log_probs * grad_log_probs).sum() + (entropy * grad_entropy).sum()
+    (grad,) = torch.autograd.grad(objective, x)
+    return log_probs.detach(), entropy.detach(), grad
+
+
+def _tolerances(dtype):
+    return {torch.float64: dict(rtol=1e-6, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}[
+        dtype
+    ]
+
+
+def _run(logits, target, temperature, chunk_size, grad_log_probs, grad_entropy, tp_group=None):
+    """Forward + backward through the function under test; returns (lp, H, grad of logits)."""
+    logits = logits.detach().clone().requires_grad_()
+    log_probs, entropy = vocab_parallel_token_log_probs(
+        logits, target, tp_group, temperature, return_entropy=True, chunk_size=chunk_size
+    )
+    objective = (log_probs * grad_log_probs.to(log_probs.dtype)).sum() + (
+        entropy * grad_entropy.to(entropy.dtype)
+    ).sum()
+    objective.backward()
+    return log_probs.detach(), entropy.detach(), logits.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_single_process_matches_torch(dtype, temperature, chunk_size):
+    logits, target, grad_lp, grad_h = _case(0, dtype)
+    log_probs, entropy, grad = _run(logits, target, temperature, chunk_size, grad_lp, grad_h)
+    ref_lp, ref_h, ref_grad = _oracle(logits, target, temperature, grad_lp, grad_h)
+    assert log_probs.dtype == entropy.dtype == dtype and grad.dtype == dtype
+    torch.testing.assert_close(log_probs.double(), ref_lp, **_tolerances(dtype))
+    torch.testing.assert_close(entropy.double(), ref_h, **_tolerances(dtype))
+    torch.testing.assert_close(grad.double(), ref_grad, **_tolerances(dtype))
+
+
+def test_log_probs_alone_and_entropy_alone_get_their_own_gradients():
+    logits, target, grad_lp, grad_h = _case(1, torch.float64)
+    zeros = torch.zeros_like(grad_lp)
+    x = logits.clone().requires_grad_()
+    (vocab_parallel_token_log_probs(x, target, temperature=0.9) * grad_lp).sum().backward()
+    torch.testing.assert_close(x.grad, _oracle(logits, target, 0.9, grad_lp, zeros)[2])
+    x = logits.clone().requires_grad_()
+    _, entropy = vocab_parallel_token_log_probs(x, target, temperature=0.9, return_entropy=True)
+    (entropy * grad_h).sum().backward()
+    torch.testing.assert_close(x.grad, _oracle(logits, target, 0.9, zeros, grad_h)[2])
+
+
+def test_no_grad_and_no_requires_grad_give_the_same_values():
+    logits, target, _, _ = _case(2, torch.float32)
+    expected = vocab_parallel_token_log_probs(logits.clone().requires_grad_(), target).detach()
+    with torch.no_grad():
+        x = logits.clone().requires_grad_()
+        chunked = vocab_parallel_token_log_probs(x, target, chunk_size=2)
+    assert not chunked.requires_grad
+    torch.testing.assert_close(chunked, expected)
+    torch.testing.assert_close(vocab_parallel_token_log_probs(logits, target), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits(dtype):
+    logits, target, grad_lp, grad_h = _case(3, dtype)
+    log_probs, entropy, grad = _run(logits, target, 0.7, None, grad_lp, grad_h)
+    # Temperature scaling happens after the exact upcast, so fp32 accuracy on the fp16/bf16 values.
+    ref_lp, ref_h, ref_grad = _oracle(logits, target, 0.7, grad_lp, grad_h)
+    assert log_probs.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(log_probs.double(), ref_lp, **_tolerances(torch.float32))
+    torch.testing.assert_close(entropy.double(), ref_h, **_tolerances(torch.float32))
+    torch.testing.assert_close(grad, ref_grad.to(dtype))
+
+
+def test_minus_infinity_logits_give_finite_entropy_and_zero_gradient():
+    logits, target, grad_lp, grad_h = _case(4, torch.float64)
+    masked = 5
+    logits[..., masked] = float("-inf")
+    target[target == masked] = masked + 1
+    log_probs, entropy, grad = _run(logits, target, 1.0, None, grad_lp, grad_h)
+    # Reference: the same distribution over the vocabulary without the masked id.
+    kept = [v for v in range(VOCAB) if v != masked]
+    ref_lp, ref_h, ref_grad = _oracle(
+        logits[..., kept], target - (target > masked).long(), 1.0, grad_lp, grad_h
+    )
+    torch.testing.assert_close(log_probs, ref_lp)
+    torch.testing.assert_close(entropy, ref_h)
+    torch.testing.assert_close(grad[..., kept], ref_grad)
+    assert torch.equal(grad[..., masked], torch.zeros(SEQ, BATCH, dtype=torch.float64))
+
+
+def test_caller_logits_are_never_modified():
+    logits, target, grad_lp, grad_h = _case(5, torch.float32)
+    x = logits.clone().requires_grad_()
+    before = x.detach().clone()
+    log_probs, entropy = vocab_parallel_token_log_probs(x, target, return_entropy=True)
+    assert torch.equal(x.detach(), before)
+    ((log_probs * grad_lp.float()).sum() + (entropy * grad_h.float()).sum()).backward()
+    assert torch.equal(x.detach(), before)
+
+
+def test_second_backward_through_the_same_graph_fails_loudly():
+    logits, target, _, _ = _case(6, torch.float32)
+    log_probs = vocab_parallel_token_log_probs(logits.clone().requires_grad_(), target)
+    log_probs.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        log_probs.sum().backward()
+
+
+def test_bad_inputs_raise_clear_errors():
+    logits, target, _, _ = _case(7, torch.float32)
+    call = vocab_parallel_token_log_probs
+    with pytest.raises(ValueError, match=r"logits must be a tensor \[s, b, V/tp\]"):
+        call(logits[0], target[0])
+    with pytest.raises(TypeError, match="logits must be float16/bfloat16/float32/float64"):
+        call(logits.long(), target)
+    with pytest.raises(TypeError, match="target must be an integer tensor"):
+        call(logits, target.float())
+    with pytest.raises(ValueError, match=r"target shape \(2, 7\) must equal logits.shape\[:2\]"):
+        call(logits, target.t())
+    with pytest.raises(ValueError, match=r"target ids must be in \[0, 16\).*max 16"):
+        call(logits, torch.full_like(target, VOCAB))
+    with pytest.raises(ValueError, match="min -100"):
+        call(logits, torch.full_like(target, -100))
+    with pytest.raises(ValueError, match="temperature must be finite and > 0, got 0"):
+        call(logits, target, temperature=0.0)
+    with pytest.raises(TypeError, match="temperature must be a float"):
+        call(logits, target, temperature=torch.tensor(1.0))
+    with pytest.raises(ValueError, match="chunk_size must be None or a positive int"):
+        call(logits, target, chunk_size=0)
+
+
+TP_CASES = list(
+    itertools.product([torch.float32, torch.float64, torch.bfloat16], [1.0, 0.8], [None, 3])
+)
+
+
+def _tp_worker(rank, world_size, cases):
+    """Runs every case on TP=world_size (the whole world) and TP=2 (two subgroups)."""
+    pair = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])][rank // 2]
+    groups = {world_size: torch.distributed.group.WORLD, 2: pair}
+    results = []
+    for tp, group in groups.items():
+        tp_rank = torch.distributed.get_rank(group)
+        for seed, (dtype, temperature, chunk_size) in enumerate(cases):
+            # The two TP=2 groups get different global logits (seed offset by the group).
+            case_seed = seed + (100 * (rank // 2) if tp == 2 else 0)
+            logits, target, grad_lp, grad_h = _case(case_seed, dtype)
+            shard = logits.chunk(tp, dim=-1)[tp_rank].clone()
+            before = shard.clone()
+            log_probs, entropy, grad = _run(
+                shard, target, temperature, chunk_size, grad_lp, grad_h, tp_group=group
+            )
+            results.append(
+                dict(tp=tp, tp_rank=tp_rank, seed=case_seed, lp=log_probs, h=entropy, grad=grad)
+            )
+            assert torch.equal(shard, before)
+    return results
+
+
+def test_tensor_parallel_matches_single_process():
+    results = run_distributed(4, _tp_worker, TP_CASES, timeout=120)
+    by_case = {}
+    for rank_results in results:
+        for r in rank_results:
+            by_case.setdefault((r["tp"], r["seed"]), []).append(r)
+    assert len(by_case) == 3 * len(TP_CASES)  # TP=4 once, TP=2 for each of the two groups
+    for (tp, seed), shards in by_case.items():
+        dtype, temperature, _ = TP_CASES[seed % 100]
+        logits, target, grad_lp, grad_h = _case(seed, dtype)
+        ref_lp, ref_h, ref_grad = _oracle(logits, target, temperature, grad_lp, grad_h)
+        shards.sort(key=lambda r: r["tp_rank"])
+        assert [r["tp_rank"] for r in shards] == list(range(tp))
+        for r in shards:
+            # Every TP rank holds the same, fully reduced result.
+            assert torch.equal(r["lp"], shards[0]["lp"]) and torch.equal(r["h"], shards[0]["h"])
+        grad = torch.cat([r["grad"] for r in shards], dim=-1)
+        tolerance = _tolerances(torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(shards[0]["lp"].double(), ref_lp, **tolerance)
+        torch.testing.assert_close(shards[0]["h"].double(), ref_h, **tolerance)
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(grad, ref_grad.to(dtype))
+        else:
+            torch.testing.assert_close(grad.double(), ref_grad, **tolerance)
