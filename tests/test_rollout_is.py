@@ -394,7 +394,8 @@ def test_non_finite_log_probs_are_dropped_and_counted(level, mode):
     reference_w, reference_m = _run_impl(old, rollout, mask, level, mode, 2.0, None, 1e-4)
     # Three valid tokens turn non-finite: the result is the one without them, plus F = 3.
     broken_old, broken_rollout = old.clone(), rollout.clone()
-    broken_old[0, 1], broken_rollout[2, 0], broken_old[4, 3] = float("nan"), -float("inf"), float("inf")
+    # old = -inf would be a catastrophic token, were it not dropped.
+    broken_old[0, 1], broken_rollout[2, 0], broken_old[4, 3] = float("nan"), -float("inf"), -float("inf")
     dropped = mask.clone()
     dropped[0, 1] = dropped[2, 0] = dropped[4, 3] = False
     expected_w, expected_m = _run_impl(old, rollout, dropped, level, mode, 2.0, None, 1e-4)
