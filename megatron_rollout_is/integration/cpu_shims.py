@@ -1,0 +1,180 @@
+"""Run megatron-core 0.16.1 on CPU-only machines (gloo) by redirecting its CUDA assumptions.
+
+A plain Megatron-Core training step with CPU tensors still reaches a few CUDA-only calls. This
+module redirects exactly those call sites and nothing else; :func:`install_cpu_shims` applies it.
+
+How: in each affected megatron module the module-global name ``torch`` is rebound to
+:class:`_CpuTorch`, a stand-in that forwards every attribute to the real ``torch`` except
+
+* the tensor factories ``empty``, ``zeros``, ``ones`` and ``tensor``, which put a tensor that asks
+  for a CUDA ``device`` on the CPU instead, and
+* ``torch.cuda``, replaced by :class:`_CpuCuda`: ``current_device()`` is the CPU,
+  ``synchronize()`` does nothing (CPU kernels are synchronous), and the RNG calls
+  ``get_rng_state``/``set_rng_state``/``manual_seed`` act on the default CPU generator.
+
+Code outside these modules (torch itself, the model, the project) keeps the real ``torch``, so the
+redirection cannot change any other behaviour. Call sites covered (megatron-core 0.16.1, paths
+inside ``megatron/core/``):
+
+* ``pipeline_parallel/schedules.py`` :596, :983, :2138: ``total_num_tokens`` is created with a
+  literal ``device="cuda"`` (no pipelining, interleaved and 1F1B schedules).
+* ``pipeline_parallel/p2p_communication.py`` :190-202, :313, :321: tensor-shape messages and
+  receive buffers on ``torch.cuda.current_device()``; :242, :398: ``torch.cuda.synchronize()``
+  after batched p2p (PP > 1).
+* ``tensor_parallel/random.py`` :235-238, :422: the RNG tracker seeds and snapshots the CUDA
+  generator (``model_parallel_cuda_manual_seed``); :41-111: ``_get_cuda_rng_state`` and
+  ``_set_cuda_rng_state``, used by every ``tracker.fork()`` (megatron's attention forks it on every
+  forward), are replaced by get/set of the CPU generator.
+* ``utils.py`` :631: the global memory buffer is allocated on ``torch.cuda.current_device()``.
+* ``transformer/utils.py`` :35, :40: the default causal mask is built on "cuda" when
+  ``attention_mask`` is None (megatron's own ``DotProductAttention``).
+* ``dist_checkpointing/strategies/filesystem_async.py`` :230: ``torch.cuda.synchronize()`` on
+  save; ``dist_checkpointing/strategies/state_dict_saver.py`` :204, :252: failure flags created
+  on "cuda" on save.
+
+Not covered: parameters created on the GPU (build models with ``use_cpu_initialization=True``,
+as ``gpt.tiny_gpt_config`` does), megatron's optimizers and grad clipping
+(``optimizer/optimizer.py``, ``optimizer/clip_grads.py``) and the DDP wrapper's CUDA streams.
+"""
+
+import importlib
+import types
+from typing import Any, Callable
+
+import torch
+
+# Modules whose global ``torch`` is rebound to the CPU stand-in.
+_REDIRECTED_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.utils",
+    "megatron.core.transformer.utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+
+_installed = False
+
+
+def _is_cuda_device(device: Any) -> bool:
+    """Whether a ``device=`` argument names a CUDA device (a bare int is a CUDA ordinal)."""
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Wrap a tensor factory so that a CUDA ``device`` keyword becomes the CPU."""
+
+    def factory_on_cpu(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = torch.device("cpu")
+            # Pinned memory only makes sense as a staging area for a CUDA copy.
+            kwargs.pop("pin_memory", None)
+        return factory(*args, **kwargs)
+
+    factory_on_cpu.__name__ = factory.__name__
+    factory_on_cpu.__doc__ = f"``torch.{factory.__name__}`` with CUDA devices mapped to the CPU."
+    return factory_on_cpu
+
+
+class _CpuCuda(types.ModuleType):
+    """Stand-in for ``torch.cuda`` inside the redirected megatron modules."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device() -> torch.device:
+        """The device megatron allocates its buffers on: the CPU."""
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(device: Any = None) -> None:
+        """CPU kernels finish before they return: nothing to wait for."""
+
+    @staticmethod
+    def get_rng_state(device: Any = "cuda") -> torch.Tensor:
+        """State of the default CPU generator (a copy)."""
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(new_state: torch.Tensor, device: Any = "cuda") -> None:
+        """Restore the default CPU generator."""
+        torch.set_rng_state(new_state)
+
+    @staticmethod
+    def manual_seed(seed: int) -> None:
+        """Seed the default CPU generator."""
+        torch.manual_seed(seed)
+
+
+class _CpuTorch(types.ModuleType):
+    """Stand-in for ``torch`` inside the redirected megatron modules."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+        for name in ("empty", "zeros", "ones", "tensor"):
+            setattr(self, name, _on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _get_cpu_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+    """Replacement for ``tensor_parallel.random._get_cuda_rng_state`` (already a copy)."""
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False):
+    """Replacement for ``tensor_parallel.random._set_cuda_rng_state``."""
+    torch.set_rng_state(new_state)
+
+
+def install_cpu_shims() -> bool:
+    """Redirect megatron-core's CUDA-only call sites to the CPU (see the module docstring).
+
+    Call it once per process before ``model_parallel_cuda_manual_seed``, building models or
+    running schedules (calling it again is harmless; ``gpt.build_gpt_model`` calls it too).
+    Does nothing when CUDA is available, so GPU runs are untouched.
+
+    Returns:
+        bool: True when the shims are active after the call, False when CUDA is available and
+        nothing was changed.
+    """
+    global _installed
+    if torch.cuda.is_available():
+        return False
+    if _installed:
+        return True
+    stand_in = _CpuTorch()
+    for module_name in _REDIRECTED_MODULES:
+        module = importlib.import_module(module_name)
+        bound = getattr(module, "torch", None)
+        if isinstance(bound, _CpuTorch):
+            continue
+        if bound is not torch:
+            raise RuntimeError(
+                f"{module_name} no longer binds the global name 'torch' to the torch module; "
+                "this megatron-core version is not the one cpu_shims was written for (0.16.1)."
+            )
+        module.torch = stand_in
+    random_module = importlib.import_module("megatron.core.tensor_parallel.random")
+    random_module._get_cuda_rng_state = _get_cpu_rng_state
+    random_module._set_cuda_rng_state = _set_cpu_rng_state
+    _installed = True
+    return True
+
+
+def cpu_shims_installed() -> bool:
+    """Whether :func:`install_cpu_shims` has redirected megatron-core in this process."""
+    return _installed
