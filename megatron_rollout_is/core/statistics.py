@@ -193,8 +193,10 @@ def sequence_statistics(partials: torch.Tensor, config: RolloutISConfig) -> tupl
         mean_w = rows[:, Partial.TOKEN_WEIGHT_SUM] / (tokens + MEAN_EPS)
         clipped = rows[:, Partial.TOKENS_NOT_KEPT] > 0
     else:
-        mean_w = torch.exp(log_w.clamp(-SAFETY_BOUND, SAFETY_BOUND))
-        clipped = ~kept(mean_w, lower, upper)
+        weight = torch.exp(log_w.clamp(-SAFETY_BOUND, SAFETY_BOUND))
+        clipped = ~kept(weight, lower, upper)
+        # The masked mean of a constant weight, with the same epsilon as every masked mean.
+        mean_w = weight * tokens / (tokens + MEAN_EPS)
     mean_old = rows[:, Partial.OLD_SUM] / (tokens + MEAN_EPS)
     mean_rollout = rows[:, Partial.ROLLOUT_SUM] / (tokens + MEAN_EPS)
     diff = mean_rollout - mean_old
@@ -256,7 +258,7 @@ def metrics_from_statistics(
         metrics["rollout_is_min"] = -x[Extreme.NEG_TOKEN_WEIGHT]
     else:
         metrics["rollout_is_max"] = math.exp(min(x[Extreme.LOG_WEIGHT], SAFETY_BOUND))
-        metrics["rollout_is_min"] = math.exp(-x[Extreme.NEG_LOG_WEIGHT])
+        metrics["rollout_is_min"] = math.exp(min(-x[Extreme.NEG_LOG_WEIGHT], SAFETY_BOUND))
     if level == "sequence":
         metrics["rollout_is_ratio_fraction_high"] = sequence_mean(SequenceSum.LOG_HIGH)
         metrics["rollout_is_ratio_fraction_low"] = sequence_mean(SequenceSum.LOG_LOW)

@@ -65,25 +65,19 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def prepare_shard(
-    old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor
-) -> TokenShard:
-    """Checks the three `[b, s]` inputs and upcasts them.
-
-    Values at invalid positions (padding) are ignored whatever they hold; NaN/inf log-probs at
-    valid positions drop the token (see `TokenShard.nonfinite`).
+def check_inputs(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor) -> None:
+    """Checks that the inputs are three `[b, s]` tensors on one device, log-probs floating point.
 
     Raises:
-        TypeError: a log-prob tensor is not floating point.
+        TypeError: an input is not a tensor, or a log-prob tensor is not floating point.
         ValueError: shapes differ or are not 2-D, or devices differ.
     """
-    for name, tensor in (("old_log_prob", old_log_prob), ("rollout_log_prob", rollout_log_prob)):
+    for name, tensor in (("old_log_prob", old_log_prob), ("rollout_log_prob", rollout_log_prob), ("response_mask", response_mask)):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [batch, response_len], got {type(tensor).__name__}.")
+    for name, tensor in (("old_log_prob", old_log_prob), ("rollout_log_prob", rollout_log_prob)):
         if not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor of log-probs, got {tensor.dtype}.")
-    if not isinstance(response_mask, torch.Tensor):
-        raise TypeError(f"response_mask must be a torch.Tensor [batch, response_len], got {type(response_mask).__name__}.")
     if old_log_prob.dim() != 2:
         raise ValueError(
             f"old_log_prob must be [batch, response_len], got shape {tuple(old_log_prob.shape)}; "
@@ -100,6 +94,17 @@ def prepare_shard(
                 f"{name} is on {tensor.device} but old_log_prob is on {old_log_prob.device}; move them "
                 "to one device."
             )
+
+
+def prepare_shard(
+    old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor
+) -> TokenShard:
+    """Checks (`check_inputs`) and upcasts the three `[b, s]` inputs.
+
+    Values at invalid positions (padding) are ignored whatever they hold; NaN/inf log-probs at
+    valid positions drop the token (see `TokenShard.nonfinite`).
+    """
+    check_inputs(old_log_prob, rollout_log_prob, response_mask)
     dtype = compute_dtype(old_log_prob, rollout_log_prob)
     old = old_log_prob.detach().to(dtype)
     rollout = rollout_log_prob.detach().to(dtype)

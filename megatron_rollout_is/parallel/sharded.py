@@ -10,9 +10,9 @@ Who calls what (pipeline parallelism: only the last stage has log-probs):
 
 Communication per micro-batch: ONE all-reduce(SUM) over the CP group of the `[b, NUM_PARTIALS]`
 per-sequence partials, before any exp, bound or veto, and only when the weights need it (sequence and
-geometric levels, or the veto); plus, when `check_layout` is on, one 4-integer all-reduce(MAX) that
-turns a CP split whose ranks disagree on the batch shape into an error on every rank instead of a
-hang. Nothing per token is ever gathered: the traffic is O(batch), independent of sequence length.
+geometric levels, or the veto); plus, when `check_layout` is on, one 5-integer all-reduce(MAX) that
+turns bad inputs on one rank, or a CP split whose ranks disagree on the batch shape, into an error on
+every rank instead of a hang. Nothing per token is ever gathered: the traffic is O(batch), independent of sequence length.
 
 Communication per step (`finalize`): at most one CP all-reduce of the deferred partials (token level
 without veto), one all-reduce(SUM) and one all-reduce(MAX) of small float64 vectors over the DP x CP
@@ -28,6 +28,7 @@ import torch.distributed as dist
 from ..config import RolloutISConfig
 from ..core.rollout_is import micro_batch_weights, reduces_per_micro_batch
 from ..core.statistics import StepStatistics
+from ..core.weights import check_inputs
 from .groups import RolloutISGroups, all_reduce, group_rank, group_size
 
 
@@ -37,7 +38,8 @@ class ShardedRolloutIS:
     Args:
         config: an enabled `RolloutISConfig`.
         groups: this rank's process groups (`RolloutISGroups.from_parallel_state()` in Megatron).
-        check_layout: verify, per micro-batch, that the CP ranks agree on the batch shape.
+        check_layout: per micro-batch, let the CP ranks agree that every rank's inputs are valid and
+            of one shape before the partials are reduced.
     """
 
     def __init__(self, config: RolloutISConfig, groups: RolloutISGroups, check_layout: bool = True):
@@ -62,9 +64,12 @@ class ShardedRolloutIS:
         Returns:
             `[b, s/cp]` detached weights of this rank's tokens.
         """
+        try:
+            check_inputs(old_log_prob, rollout_log_prob, response_mask)
+        except (TypeError, ValueError) as error:
+            self._agree_on_inputs(None, error)
+        self._agree_on_inputs(old_log_prob, None)
         self._device = old_log_prob.device
-        if self.check_layout:
-            self._check_cp_layout("the micro-batch", old_log_prob.shape[0], old_log_prob.shape[-1])
         return micro_batch_weights(
             old_log_prob, rollout_log_prob, response_mask, self.config, self.statistics, self._reduce_partials
         )
@@ -87,25 +92,14 @@ class ShardedRolloutIS:
         Returns:
             Weights in the layout of `old_log_prob`.
         """
-        shape = old_log_prob.shape
-        flat = [t.reshape(-1) for t in (old_log_prob, rollout_log_prob, response_mask)]
-        cu = local_cu_seqlens.to(device=flat[0].device, dtype=torch.long)
-        if cu.dim() != 1 or cu.numel() < 1 or int(cu[0]) != 0 or int(cu[-1]) != flat[0].numel():
-            raise ValueError(
-                f"local_cu_seqlens must be [docs + 1], start at 0 and end at the local token count "
-                f"{flat[0].numel()}; got {cu.tolist()}."
+        try:
+            padded, document, position = _unpack_documents(
+                (old_log_prob, rollout_log_prob, response_mask), local_cu_seqlens
             )
-        lengths = cu[1:] - cu[:-1]
-        document = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
-        position = torch.arange(flat[0].numel(), device=cu.device) - cu[document]
-        rows, width = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
-        padded = []
-        for tensor in flat:
-            grid = torch.zeros(rows, width, dtype=tensor.dtype, device=tensor.device)
-            grid[document, position] = tensor
-            padded.append(grid)
+        except (TypeError, ValueError) as error:
+            self._agree_on_inputs(None, error)
         weights = self.micro_batch_weights(*padded)
-        return weights[document, position].reshape(shape)
+        return weights[document, position].reshape(old_log_prob.shape)
 
     def finalize(self) -> dict[str, float]:
         """The step's `mismatch/` metrics over all DP x CP ranks and micro-batches; resets the step.
@@ -133,17 +127,62 @@ class ShardedRolloutIS:
         all_reduce(staged, op, group)
         return tensor.copy_(staged)
 
-    def _check_cp_layout(self, what: str, rows: int, columns: int) -> None:
+    def _agree_on_inputs(self, old_log_prob: Optional[torch.Tensor], error: Optional[Exception]) -> None:
+        """Lets every CP rank learn whether any rank's inputs failed validation or disagree in shape.
+
+        A rank whose inputs are bad still joins this one collective (then raises its own error), so
+        its peers raise too instead of waiting forever in the partials all-reduce.
+        """
         group = self.groups.cp
-        if group_size(group) == 1:
+        if not self.check_layout or group_size(group) == 1:
+            if error is not None:
+                raise error
             return
-        layout = torch.tensor([rows, columns, -rows, -columns], dtype=torch.long, device=self._device)
+        rows, columns = (0, 0) if error is not None else (old_log_prob.shape[0], old_log_prob.shape[-1])
+        device = self._device or (old_log_prob.device if old_log_prob is not None else torch.device("cpu"))
+        layout = torch.tensor([rows, columns, -rows, -columns, int(error is not None)], dtype=torch.long, device=device)
         all_reduce(layout, dist.ReduceOp.MAX, group)
+        if error is not None:
+            raise error
+        if int(layout[4]):
+            raise ValueError(
+                f"another context-parallel rank rejected its rollout IS inputs for this micro-batch (CP rank "
+                f"{group_rank(group)} stops too, instead of waiting on it); see that rank's error."
+            )
         if int(layout[0]) != -int(layout[2]) or int(layout[1]) != -int(layout[3]):
             raise ValueError(
-                f"context-parallel ranks disagree on the shape of {what}: this rank (CP rank "
+                f"context-parallel ranks disagree on the shape of the micro-batch: this rank (CP rank "
                 f"{group_rank(group)}) has [{rows}, {columns}], the CP group spans sequences "
                 f"{-int(layout[2])}..{int(layout[0])} and lengths {-int(layout[3])}..{int(layout[1])}. "
                 "Split every tensor of a micro-batch with the same CP index on every rank "
                 "(megatron_rollout_is.parallel.context_parallel)."
             )
+
+
+def _unpack_documents(tensors, local_cu_seqlens: torch.Tensor):
+    """Packed `[t]`/`[1, t]` tensors to `[docs, longest]` rows, with the (row, column) of each token."""
+    if not all(isinstance(tensor, torch.Tensor) for tensor in (*tensors, local_cu_seqlens)):
+        raise TypeError("packed old_log_prob, rollout_log_prob, response_mask and local_cu_seqlens must be tensors.")
+    flat = [tensor.reshape(-1) for tensor in tensors]
+    count = flat[0].numel()
+    if any(tensor.numel() != count for tensor in flat):
+        raise ValueError(
+            f"packed old_log_prob, rollout_log_prob and response_mask must hold the same number of tokens, got "
+            f"{[tensor.numel() for tensor in flat]}."
+        )
+    cu = local_cu_seqlens.to(device=flat[0].device, dtype=torch.long)
+    if cu.dim() != 1 or cu.numel() < 1 or int(cu[0]) != 0 or int(cu[-1]) != count or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(
+            f"local_cu_seqlens must be [docs + 1], non-decreasing, start at 0 and end at this rank's token "
+            f"count {count}; got {cu.tolist()} (use context_parallel.local_cu_seqlens)."
+        )
+    lengths = cu[1:] - cu[:-1]
+    document = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+    position = torch.arange(count, device=cu.device) - cu[document]
+    rows, width = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
+    padded = []
+    for tensor in flat:
+        grid = torch.zeros(rows, width, dtype=tensor.dtype, device=tensor.device)
+        grid[document, position] = tensor
+        padded.append(grid)
+    return padded, document, position
