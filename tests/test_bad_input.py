@@ -1,0 +1,143 @@
+"""Every row of the README's bad-input table: a clear error naming the argument, or a finite result.
+
+The CP-split disagreement row is proved on real processes in test_sharded_rollout_is.py, and the
+config rows (thresholds, level, mode) in test_config.py.
+"""
+
+import math
+
+import pytest
+import torch
+
+from megatron_rollout_is import compute_rollout_importance_weights
+from megatron_rollout_is.config import RolloutISConfig
+from megatron_rollout_is.integration.loss import RolloutISPolicyLoss
+from megatron_rollout_is.parallel.groups import RolloutISGroups
+from megatron_rollout_is.parallel.vocab_parallel import vocab_parallel_token_log_probs
+
+LEVELS = ["token", "sequence", "geometric"]
+
+
+def _batch(b=3, s=6, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    old = -torch.rand(b, s, generator=generator, dtype=torch.float64).to(dtype) * 2
+    rollout = old + (0.1 * torch.randn(b, s, generator=generator, dtype=torch.float64)).to(dtype)
+    return old, rollout, torch.ones(b, s)
+
+
+def _all_finite(metrics):
+    return all(math.isfinite(value) for value in metrics.values())
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("which", ["old", "rollout"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_log_prob_drops_the_token_and_counts_it(level, which, bad):
+    old, rollout, mask = _batch()
+    (old if which == "old" else rollout)[1, 2] = bad
+    weights, metrics = compute_rollout_importance_weights(old, rollout, mask, level, "truncate", 2.0)
+    assert torch.isfinite(weights).all() and weights[1, 2] == 0
+    assert _all_finite(metrics)
+    assert metrics["mismatch/rollout_is_nonfinite_token_fraction"] == pytest.approx(1 / mask.numel())
+    clean_mask = mask.clone()
+    clean_mask[1, 2] = 0
+    clean_weights, clean_metrics = compute_rollout_importance_weights(
+        old.nan_to_num(0.0, 0.0, 0.0), rollout.nan_to_num(0.0, 0.0, 0.0), clean_mask, level, "truncate", 2.0
+    )
+    assert torch.equal(weights, clean_weights)
+    assert {k: v for k, v in metrics.items() if "nonfinite" not in k} == {
+        k: v for k, v in clean_metrics.items() if "nonfinite" not in k
+    }
+
+
+def test_nan_in_padding_is_ignored():
+    old, rollout, mask = _batch()
+    mask[:, -2:] = 0
+    old[:, -2:] = math.nan
+    weights, metrics = compute_rollout_importance_weights(old, rollout, mask, "sequence", "truncate", 2.0)
+    assert torch.isfinite(weights).all() and _all_finite(metrics)
+    assert metrics["mismatch/rollout_is_nonfinite_token_fraction"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda o, r, m: (o, r[:, :-1], m), ValueError, ["rollout_log_prob", "(3, 5)", "(3, 6)", "no broadcasting"]),
+        (lambda o, r, m: (o, r, m[:, :1]), ValueError, ["response_mask", "(3, 1)", "no broadcasting"]),
+        (lambda o, r, m: (o[:, :1], r, m), ValueError, ["rollout_log_prob", "(3, 6)", "(3, 1)"]),
+        (lambda o, r, m: (o[:, 0], r[:, 0], m[:, 0]), ValueError, ["old_log_prob", "[batch, response_len]", "(3,)"]),
+        (lambda o, r, m: (o, r.long(), m), TypeError, ["rollout_log_prob", "floating-point"]),
+        (lambda o, r, m: (o, None, m), TypeError, ["rollout_log_prob", "torch.Tensor"]),
+        (lambda o, r, m: (o.to("meta"), r, m), ValueError, ["rollout_log_prob", "meta", "one device"]),
+    ],
+)
+def test_malformed_inputs_name_the_argument(change, error, words):
+    with pytest.raises(error) as caught:
+        compute_rollout_importance_weights(*change(*_batch()))
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_missing_threshold_is_a_clear_error():
+    with pytest.raises(ValueError, match="rollout_is_threshold is None"):
+        compute_rollout_importance_weights(*_batch(), rollout_is_threshold=None)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("shape", [(0, 6), (3, 0)])
+def test_empty_batch_gives_zero_metrics(level, shape):
+    weights, metrics = compute_rollout_importance_weights(
+        torch.zeros(shape), torch.zeros(shape), torch.ones(shape), level, "clip", 2.0
+    )
+    assert weights.shape == shape
+    assert set(metrics.values()) == {0.0}
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_all_masked_and_all_vetoed_give_zero_weights_and_finite_metrics(level):
+    old, rollout, mask = _batch()
+    weights, metrics = compute_rollout_importance_weights(old, rollout, torch.zeros_like(mask), level, "truncate", 2.0)
+    assert not weights.any() and set(metrics.values()) == {0.0}
+    weights, metrics = compute_rollout_importance_weights(old - 30.0, rollout, mask, level, "truncate", 2.0, None, 1e-4)
+    assert not weights.any() and _all_finite(metrics)
+    assert metrics["mismatch/rollout_is_veto_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("level", LEVELS)
+def test_half_precision_inputs_compute_in_float32(dtype, level):
+    old, rollout, mask = _batch(dtype=dtype)
+    weights, metrics = compute_rollout_importance_weights(old, rollout, mask, level, "truncate", 2.0)
+    reference_weights, reference = compute_rollout_importance_weights(old.float(), rollout.float(), mask, level, "truncate", 2.0)
+    assert weights.dtype == torch.float32 and torch.equal(weights, reference_weights)
+    assert metrics == reference
+
+
+def _loss_batch(**overrides):
+    old, rollout, mask = _batch(b=2, s=4)
+    batch = dict(labels=torch.zeros(2, 4, dtype=torch.long), loss_mask=mask, advantages=torch.ones(2, 4),
+                 old_log_prob=old, rollout_log_prob=rollout)
+    batch.update(overrides)
+    return batch
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (dict(rollout_log_prob=None), ["rollout_log_prob", "rollout IS is on"]),
+        (dict(old_log_prob=None), ["old_log_prob", "--rollout-is-bypass"]),
+        (dict(advantages=torch.ones(2, 1)), ["advantages", "[b, s]", "(2, 1)"]),
+        (dict(loss_mask=torch.ones(2, 3)), ["loss_mask", "(2, 3)", "same CP index"]),
+    ],
+)
+def test_loss_hook_rejects_missing_or_misshapen_tensors(overrides, words):
+    loss = RolloutISPolicyLoss(RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0), RolloutISGroups())
+    with pytest.raises(ValueError) as caught:
+        loss(_loss_batch(**overrides), torch.randn(4, 2, 8))
+    for word in words:
+        assert word in str(caught.value)
+
+
+def test_vocab_parallel_rejects_out_of_range_targets():
+    with pytest.raises(ValueError, match="target"):
+        vocab_parallel_token_log_probs(torch.randn(4, 2, 8), torch.full((4, 2), -100))
