@@ -8,6 +8,8 @@ reference: the same weights in megatron's own local spec (its ``DotProductAttent
 explicit causal mask), a float64 log-softmax, and packed documents run one by one.
 """
 
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -22,9 +24,37 @@ SEED = 1234
 THD_DOCUMENTS = ((8, 4, 12), (4, 16, 4))
 REL_TOL = 1e-5
 
-# (tp, pp, cp, packed) per spawn; every layout uses all ranks for model parallelism (DP = 1).
-TWO_RANK_LAYOUTS = ((2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (1, 1, 2, True))
-FOUR_RANK_LAYOUTS = ((2, 2, 1, False), (2, 1, 2, True))
+
+
+class Layout(NamedTuple):
+    """A parallel layout; every layout uses all ranks of its spawn for model parallelism."""
+
+    tp: int
+    pp: int
+    cp: int
+    packed: bool
+    position_embedding: str
+
+
+TWO_RANK_LAYOUTS = (
+    Layout(2, 1, 1, False, "learned_absolute"),
+    Layout(1, 2, 1, False, "rope"),
+    Layout(1, 1, 2, False, "learned_absolute"),
+    Layout(1, 1, 2, False, "rope"),
+    Layout(1, 1, 2, True, "learned_absolute"),
+    Layout(1, 1, 2, True, "rope"),
+)
+FOUR_RANK_LAYOUTS = (
+    Layout(2, 2, 1, False, "learned_absolute"),
+    Layout(2, 1, 2, True, "rope"),
+)
+
+
+def _layout_id(layout):
+    parts = [f"{name}{size}" for name, size in zip(("tp", "pp", "cp"), layout[:3]) if size > 1]
+    parts.append("thd" if layout.packed else "padded")
+    parts.append(layout.position_embedding)
+    return "_".join(parts)
 
 
 def _random_targets(generator, shape):
@@ -68,7 +98,7 @@ def _policy_loss(batch, logits):
     return loss_sum, num_tokens, {"policy_loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
-def _reference(batches, packed):
+def _reference(batches, packed, position_embedding):
     """Full weights, loss and gradients of the single-process reference (megatron's attention)."""
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -78,7 +108,11 @@ def _reference(batches, packed):
     init_megatron()
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)
     model = build_gpt_model(
-        tiny_gpt_config(), VOCAB, MAX_SEQ, layer_spec=get_gpt_layer_local_spec()
+        tiny_gpt_config(),
+        VOCAB,
+        MAX_SEQ,
+        layer_spec=get_gpt_layer_local_spec(),
+        position_embedding_type=position_embedding,
     )
     sequences = []
     for batch in batches:
@@ -129,10 +163,12 @@ def _train_step(layout, weights, batches):
 
     from megatron_rollout_is.integration import gpt
 
-    tp, pp, cp, packed = layout
+    tp, pp, cp, packed, position_embedding = layout
     init_megatron(tp, pp, cp)
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)
-    model = gpt.build_gpt_model(gpt.tiny_gpt_config(tp, pp, cp), VOCAB, MAX_SEQ)
+    model = gpt.build_gpt_model(
+        gpt.tiny_gpt_config(tp, pp, cp), VOCAB, MAX_SEQ, position_embedding_type=position_embedding
+    )
     tp_group = parallel_state.get_tensor_model_parallel_group()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     gpt.load_full_state_dict(model, weights, tp_group)
@@ -278,12 +314,12 @@ def _worker(rank, world_size, layouts, unit_checks):
         results["shims"] = _cpu_shims_checks()
         results["attention"] = _cp_attention_checks()
     install_cpu_shims()
-    for packed in (False, True):
+    for packed, position_embedding in sorted({layout[3:] for layout in layouts}):
         batches = _global_batches(packed)
-        weights, loss, grads = _reference(batches, packed)
-        results[("reference", packed)] = {"loss": loss, "grads": grads}
+        weights, loss, grads = _reference(batches, packed, position_embedding)
+        results[("reference", packed, position_embedding)] = {"loss": loss, "grads": grads}
         for layout in layouts:
-            if layout[3] == packed:
+            if layout[3:] == (packed, position_embedding):
                 results[layout] = _train_step(layout, weights, batches)
     return results
 
@@ -299,7 +335,7 @@ def four_rank_results():
 
 
 def _assert_matches_reference(per_rank, layout):
-    reference = per_rank[0][("reference", layout[3])]
+    reference = per_rank[0][("reference",) + layout[3:]]
     losses = [r[layout]["loss"] for r in per_rank if r[layout]["loss"] is not None]
     assert losses, "no rank reported the loss (last pipeline stage missing)"
     for loss in losses:
@@ -314,12 +350,12 @@ def _assert_matches_reference(per_rank, layout):
             assert rel < REL_TOL, f"layout {layout}, rank {rank}, {name}: relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("layout", TWO_RANK_LAYOUTS, ids=["tp2", "pp2", "cp2_padded", "cp2_thd"])
+@pytest.mark.parametrize("layout", TWO_RANK_LAYOUTS, ids=_layout_id)
 def test_two_rank_layouts_match_single_process(two_rank_results, layout):
     _assert_matches_reference(two_rank_results, layout)
 
 
-@pytest.mark.parametrize("layout", FOUR_RANK_LAYOUTS, ids=["tp2_pp2", "tp2_cp2_thd"])
+@pytest.mark.parametrize("layout", FOUR_RANK_LAYOUTS, ids=_layout_id)
 def test_four_rank_layouts_match_single_process(four_rank_results, layout):
     _assert_matches_reference(four_rank_results, layout)
 

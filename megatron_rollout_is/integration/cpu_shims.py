@@ -26,6 +26,10 @@ inside ``megatron/core/``):
   ``_set_cuda_rng_state``, used by every ``tracker.fork()`` (megatron's attention forks it on every
   forward), are replaced by get/set of the CPU generator.
 * ``utils.py`` :631: the global memory buffer is allocated on ``torch.cuda.current_device()``.
+* ``models/common/embeddings/rotary_pos_embedding.py`` :78, :162, :297: RoPE frequencies are
+  moved to ``torch.cuda.current_device()``; ``models/common/embeddings/rope_utils.py`` :62-64:
+  ``get_pos_emb_on_this_cp_rank`` (RoPE slice of a CP rank) pins its index and calls ``.cuda()``:
+  replaced, in the three modules that bind it, by the same zigzag slice indexed on the CPU.
 * ``transformer/utils.py`` :35, :40: the default causal mask is built on "cuda" when
   ``attention_mask`` is None (megatron's own ``DotProductAttention``).
 * ``dist_checkpointing/strategies/filesystem_async.py`` :230: ``torch.cuda.synchronize()`` on
@@ -49,9 +53,17 @@ _REDIRECTED_MODULES = (
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.tensor_parallel.random",
     "megatron.core.utils",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.transformer.utils",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+
+# Modules that bound ``rope_utils.get_pos_emb_on_this_cp_rank`` under that name.
+_ROPE_CP_SLICE_MODULES = (
+    "megatron.core.models.common.embeddings.rope_utils",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
 )
 
 _installed = False
@@ -140,6 +152,17 @@ def _set_cpu_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bo
     torch.set_rng_state(new_state)
 
 
+def _pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """Replacement for ``rope_utils.get_pos_emb_on_this_cp_rank``: the RoPE rows of the local
+    zigzag chunks ``r`` and ``2 * cp - 1 - r``, indexed on the embedding's own device."""
+    if cp_group is None:
+        raise ValueError("cp_group must be given to slice RoPE embeddings for a CP rank.")
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    chunks = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank], device=pos_emb.device)
+    per_chunk = pos_emb.unflatten(seq_dim, (2 * cp_size, -1)).index_select(seq_dim, chunks)
+    return per_chunk.flatten(seq_dim, seq_dim + 1)
+
+
 def install_cpu_shims() -> bool:
     """Redirect megatron-core's CUDA-only call sites to the CPU (see the module docstring).
 
@@ -171,6 +194,8 @@ def install_cpu_shims() -> bool:
     random_module = importlib.import_module("megatron.core.tensor_parallel.random")
     random_module._get_cuda_rng_state = _get_cpu_rng_state
     random_module._set_cuda_rng_state = _set_cpu_rng_state
+    for module_name in _ROPE_CP_SLICE_MODULES:
+        importlib.import_module(module_name).get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
     _installed = True
     return True
 
