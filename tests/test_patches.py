@@ -58,6 +58,8 @@ def _run(command, cwd):
 def patched_tree(tmp_path_factory) -> Path:
     """A copy of the upstream files with the patch applied by `git apply`."""
     tree = _copy_upstream(tmp_path_factory.mktemp("megatron-lm"))
+    # A repository of its own, so that git resolves the patch's paths here even under a work tree.
+    assert _run(["git", "init", "-q"], tree).returncode == 0
     check = _run(["git", "apply", "--check", "--verbose", str(PATCH)], tree)
     assert check.returncode == 0, f"git apply --check failed:\n{check.stdout}{check.stderr}"
     applied = _run(["git", "apply", str(PATCH)], tree)
@@ -86,6 +88,35 @@ def test_truncation_coef_is_no_longer_passed_to_the_loss(patched_tree):
     loss = _function_source(patched_tree / "megatron/rl/rl_utils.py", "calculate_grpo_loss")
     assert "is_truncation_coef" not in loss and "rollout_is.weights(" in loss
     assert "is_truncation_coef" not in (patched_tree / "train_rl.py").read_text()
+
+
+def _calls(tree: ast.AST, name: str) -> list:
+    return [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and (getattr(node.func, "id", None) == name or getattr(node.func, "attr", None) == name)]
+
+
+def _parameters(tree: ast.AST, name: str) -> list:
+    function = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == name)
+    return [argument.arg for argument in function.args.args]
+
+
+def test_train_rl_wiring_matches_the_patched_signatures(patched_tree):
+    """train_rl.py cannot run here; its calls into the patched code must at least fit their signatures."""
+    train_rl = ast.parse((patched_tree / "train_rl.py").read_text())
+    rl_utils = ast.parse((patched_tree / "megatron/rl/rl_utils.py").read_text())
+    [loss_call] = _calls(train_rl, "calculate_grpo_loss")
+    passed = {keyword.arg for keyword in loss_call.keywords}
+    assert {"rollout_is", "loss_mask", "inference_logprobs"} <= passed <= set(_parameters(rl_utils, "calculate_grpo_loss"))
+    [bind] = [call for call in _calls(train_rl, "partial") if getattr(call.args[0], "id", None) == "loss_func"]
+    loss_func_parameters = _parameters(train_rl, "loss_func")
+    assert len(bind.args) - 1 == len(loss_func_parameters) - 1 and loss_func_parameters[-1] == "output_tensor"
+    assert loss_func_parameters[len(bind.args) - 2] == "rollout_is"
+    assert ast.unparse(bind.args[-1]) == "runtime_state.rollout_is"
+    [setup] = _calls(train_rl, "from_args")
+    assert ast.unparse(setup) == "GRPORolloutIS.from_args(args)"
+    [parse_call] = _calls(train_rl, "parse_and_validate_args")
+    provider = next(keyword.value for keyword in parse_call.keywords if keyword.arg == "extra_args_provider")
+    assert "add_rollout_is_args" in ast.unparse(provider)
 
 
 # ---------------------------------------------------------------------------------------------
