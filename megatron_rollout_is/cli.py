@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from .config import RolloutISConfig
+from .report.cli import add_report_command
 
 BATCH_KEYS = ("old_log_prob", "rollout_log_prob", "response_mask")
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     compute.add_argument("--config", help="verl-style YAML (algorithm.rollout_is*); default: token truncate 2.0")
     compute.add_argument("--batch", help="file with old_log_prob, rollout_log_prob, response_mask; default: synthetic")
     compute.set_defaults(run=_compute)
+    add_report_command(commands)
     return parser
 
 

@@ -1,0 +1,201 @@
+"""The report's conclusions as plain data: findings, the recommendation, and the `report.json` payload."""
+
+import math
+from typing import Optional
+
+from .analysis import Analysis, Evaluation
+from .rules import (
+    BOUNDED_FRACTION_MAX,
+    ESS_MIN,
+    GRID_MODE,
+    GRID_THRESHOLDS,
+    HIGH_VARIANCE,
+    MEAN_MAX,
+    MEAN_MIN,
+    REMEDIES,
+    SEED_VETO_DEFAULT,
+    STD_MAX,
+    TOO_MANY_VETOED,
+    TROUBLESHOOTING_CODES,
+    VETO_FRACTION_MAX,
+    bounded_fraction,
+    justification,
+    metric,
+    recommend,
+    troubleshoot,
+)
+from .rules import __doc__ as RULES_DOC
+
+DECISION_RULE = RULES_DOC.split("Decision rule (`recommend`): ", 1)[1].strip()
+
+
+def judged_metrics(analysis: Analysis, evaluation: Evaluation) -> list:
+    """`(step, metrics)` of the steps with valid tokens that this configuration was evaluated on."""
+    return [
+        (analysis.steps[i], evaluation.metrics[i])
+        for i in analysis.judged_steps
+        if evaluation.metrics[i] is not None
+    ]
+
+
+def troubleshooting_findings(analysis: Analysis) -> list[dict]:
+    """One finding per (symptom, configuration) that shows the symptom on at least one step."""
+    findings = []
+    for evaluation in analysis.evaluations:
+        judged = judged_metrics(analysis, evaluation)
+        for code in TROUBLESHOOTING_CODES:
+            hits = [(step, m) for step, m in judged if code in troubleshoot(m)]
+            if hits:
+                findings.append(_troubleshooting_finding(code, evaluation, hits, len(judged)))
+    return findings
+
+
+def _troubleshooting_finding(code: str, evaluation: Evaluation, hits: list, judged: int) -> dict:
+    metrics = [m for _, m in hits]
+    if code == HIGH_VARIANCE:
+        numbers = {
+            "max_rollout_is_std": max(metric(m, "rollout_is_std") for m in metrics),
+            "min_rollout_is_eff_sample_size": min(metric(m, "rollout_is_eff_sample_size") for m in metrics),
+        }
+        seen = f"rollout_is_std up to {numbers['max_rollout_is_std']:.3g} (> {STD_MAX:g}) or ESS down to " \
+               f"{numbers['min_rollout_is_eff_sample_size']:.3g} (< {ESS_MIN:g})"
+    elif code == TOO_MANY_VETOED:
+        numbers = {"max_rollout_is_veto_fraction": max(metric(m, "rollout_is_veto_fraction") for m in metrics)}
+        seen = f"rollout_is_veto_fraction up to {numbers['max_rollout_is_veto_fraction']:.3g} (> {VETO_FRACTION_MAX:g})"
+    else:
+        means = [metric(m, "rollout_is_mean") for m in metrics]
+        worst = max(means, key=lambda value: abs(math.log(max(value, 1e-300))))
+        numbers = {"worst_rollout_is_mean": worst}
+        seen = f"rollout_is_mean {worst:.4g} (outside [{MEAN_MIN:g}, {MEAN_MAX:g}])"
+    steps = [step for step, _ in hits]
+    return {
+        "source": "troubleshooting",
+        "code": code,
+        "severity": "warning",
+        "configuration": evaluation.candidate.label,
+        "level": evaluation.candidate.level,
+        "steps": steps,
+        "message": f"{evaluation.candidate.label}: {seen} on {len(steps)} of {judged} step(s).",
+        "remedy": REMEDIES[code],
+        "numbers": numbers,
+    }
+
+
+def diagnostics_findings(analysis: Analysis) -> list[dict]:
+    """`diagnose_log_probs` findings merged over steps: one per code, with the first step's message."""
+    merged: dict[str, dict] = {}
+    for step, findings in zip(analysis.steps, analysis.diagnostics):
+        for finding in findings:
+            entry = merged.setdefault(
+                finding.code,
+                {
+                    "source": "diagnostics",
+                    "code": finding.code,
+                    "severity": finding.severity,
+                    "configuration": None,
+                    "level": None,
+                    "steps": [],
+                    "message": f"(first seen at step {step}) {finding.message}",
+                    "remedy": None,
+                    "numbers": dict(finding.numbers),
+                },
+            )
+            entry["steps"].append(step)
+    return sorted(merged.values(), key=lambda f: (f["severity"] != "error", f["code"]))
+
+
+def recommendation(analysis: Analysis) -> dict:
+    """Applies the decision rule to the guide's examples on the judged steps.
+
+    `blocked_by` lists the diagnostics errors (misaligned or non-finite log-probs) that make the
+    weights, and so the recommendation, meaningless until fixed.
+    """
+    per_example, steps_of = {}, {}
+    for evaluation in analysis.evaluation("example"):
+        judged = judged_metrics(analysis, evaluation)
+        per_example[evaluation.candidate] = [m for _, m in judged]
+        steps_of[evaluation.candidate] = [step for step, _ in judged]
+    ranking = recommend(per_example)
+    best = ranking[0]
+    steps = len(analysis.judged_steps)
+    return {
+        "example": best.candidate.example,
+        "label": best.candidate.label,
+        "config": best.candidate.kwargs(),
+        "yaml": best.candidate.yaml(),
+        "passes_all_rules": best.failing_steps == 0,
+        "blocked_by": sorted({f.code for step in analysis.diagnostics for f in step if f.severity == "error"}),
+        "failing_steps": best.failing_steps,
+        "violations": best.violations,
+        "mean_eff_sample_size": best.mean_ess,
+        "mean_bounded_fraction": best.mean_bounded_fraction,
+        "justification": justification(ranking, steps),
+        "ranking": [
+            {
+                "example": s.candidate.example,
+                "label": s.candidate.label,
+                "failing_steps": s.failing_steps,
+                "violations": s.violations,
+                "failed_rules": {str(steps_of[s.candidate][i]): codes for i, codes in s.failed.items()},
+                "mean_eff_sample_size": s.mean_ess,
+                "mean_bounded_fraction": s.mean_bounded_fraction,
+                "key": list(s.key),
+            }
+            for s in ranking
+        ],
+    }
+
+
+def _evaluation_record(analysis: Analysis, evaluation: Evaluation) -> dict:
+    candidate = evaluation.candidate
+    per_step = []
+    for step, metrics in zip(analysis.steps, evaluation.metrics):
+        if metrics is not None:
+            bounded = bounded_fraction(metrics, candidate.mode)
+            per_step.append({"step": step, "bounded_fraction": bounded, "metrics": metrics})
+    return {
+        "label": candidate.label,
+        "kind": evaluation.kind,
+        "example": candidate.example,
+        **candidate.kwargs(),
+        "per_step": per_step,
+    }
+
+
+def report_payload(analysis: Analysis, plots: Optional[dict] = None) -> dict:
+    """Everything `report.json` holds (JSON-ready; non-finite numbers become null)."""
+    payload = {
+        "dump_dir": analysis.dump_dir,
+        "steps": analysis.steps,
+        "valid_tokens": analysis.tokens,
+        "sequences": analysis.sequences,
+        "rules": {
+            "rollout_is_std_max": STD_MAX,
+            "rollout_is_eff_sample_size_min": ESS_MIN,
+            "rollout_is_veto_fraction_max": VETO_FRACTION_MAX,
+            "rollout_is_mean_range": [MEAN_MIN, MEAN_MAX],
+            "bounded_fraction_max": BOUNDED_FRACTION_MAX,
+            "decision_rule": " ".join(DECISION_RULE.split()),
+        },
+        "grid": {
+            "mode": GRID_MODE,
+            "lower": "1/upper",
+            "veto_threshold": SEED_VETO_DEFAULT,
+            "thresholds": GRID_THRESHOLDS,
+        },
+        "recommendation": recommendation(analysis),
+        "findings": diagnostics_findings(analysis) + troubleshooting_findings(analysis),
+        "configurations": [_evaluation_record(analysis, e) for e in analysis.evaluations],
+        "plots": plots or {},
+    }
+    return _finite(payload)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

@@ -1,0 +1,211 @@
+"""PNG figures of a report, drawn with matplotlib's Agg canvas (no pyplot, no global backend switch)."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..core import SAFETY_BOUND
+from .analysis import Analysis
+from .findings import judged_metrics
+from .rules import (
+    BOUNDED_FRACTION_MAX,
+    ESS_MIN,
+    GRID_THRESHOLDS,
+    MEAN_MAX,
+    MEAN_MIN,
+    SEED_EXAMPLES,
+    STD_MAX,
+    VETO_FRACTION_MAX,
+    bounded_fraction,
+    metric,
+)
+
+INSTALL_HINT = "pip install 'megatron-rollout-is[report]'"
+PLOTS = {
+    "log_ratio_histogram": "log_ratio_histogram.png",
+    "weights_by_level": "weights_by_level.png",
+    "mismatch_by_position": "mismatch_by_position.png",
+    "threshold_sweep": "threshold_sweep.png",
+    "metrics_over_steps": "metrics_over_steps.png",
+}
+EXAMPLE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+
+
+def require_matplotlib() -> None:
+    """Raises an ImportError with the install command when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"the report's plots need matplotlib: {INSTALL_HINT}") from error
+
+
+def _figure(rows: int, columns: int, size: tuple, **kwargs):
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots(rows, columns, squeeze=False, **kwargs)
+
+
+def write_plots(analysis: Analysis, out_dir: Path) -> dict[str, str]:
+    """Draws every figure into `out_dir`; returns `{name: file name}` (relative to `out_dir`)."""
+    drawers = {
+        "log_ratio_histogram": _log_ratio_histogram,
+        "weights_by_level": _weights_by_level,
+        "mismatch_by_position": _mismatch_by_position,
+        "threshold_sweep": _threshold_sweep,
+        "metrics_over_steps": _metrics_over_steps,
+    }
+    for name, draw in drawers.items():
+        figure = draw(analysis)
+        figure.savefig(out_dir / PLOTS[name], dpi=100)
+    return dict(PLOTS)
+
+
+def _histogram(axes, values: np.ndarray, color: str) -> None:
+    if values.size == 0:
+        axes.text(0.5, 0.5, "no valid tokens", ha="center", transform=axes.transAxes)
+        return
+    axes.hist(values, bins=120, color=color, alpha=0.8, histtype="stepfilled")
+    axes.set_yscale("log")
+    axes.set_ylabel("count (log scale)")
+
+
+def _log_ratio_histogram(analysis: Analysis):
+    figure, axes = _figure(1, 1, (9, 4.5))
+    axes = axes[0, 0]
+    ratios = analysis.pooled.token
+    _histogram(axes, ratios, "tab:blue")
+    if ratios.size:
+        text = (f"{ratios.size} tokens, {len(analysis.steps)} step(s)\nmean {ratios.mean():.3g}, "
+                f"std {ratios.std():.3g}\nmin {ratios.min():.3g}, max {ratios.max():.3g}")
+        axes.text(0.02, 0.97, text, transform=axes.transAxes, va="top", family="monospace",
+                  bbox={"facecolor": "white", "alpha": 0.8})
+    axes.axvline(0.0, color="black", linewidth=0.8)
+    axes.set_xlabel("per-token log ratio  log pi_train - log pi_rollout  (nats)")
+    axes.set_title("Token log-ratio distribution (valid tokens, all steps)")
+    return figure
+
+
+def _weights_by_level(analysis: Analysis):
+    figure, axes = _figure(1, 3, (15, 4.5))
+    pooled = analysis.pooled
+    series = {"token": pooled.token, "sequence": pooled.sequence, "geometric": pooled.geometric}
+    for axes_, (level, log_w) in zip(axes[0], series.items()):
+        _histogram(axes_, np.clip(log_w, -SAFETY_BOUND, SAFETY_BOUND), "tab:purple")
+        for example, color in zip(SEED_EXAMPLES, EXAMPLE_COLORS):
+            if example.level == level:
+                lower = example.threshold_lower or 1.0 / example.threshold
+                for bound in (example.threshold, lower):
+                    axes_.axvline(math.log(bound), color=color, linestyle="--", linewidth=1.2)
+                label = f"Ex. {example.example}: [{lower:g}, {example.threshold:g}]"
+                axes_.plot([], [], color=color, linestyle="--", label=label)
+        if level == "sequence":
+            for bound in (GRID_THRESHOLDS["sequence"][1], GRID_THRESHOLDS["sequence"][-1]):
+                axes_.axvline(math.log(bound), color="grey", linestyle=":", linewidth=1.2)
+            axes_.plot([], [], color="grey", linestyle=":", label="upper 2 and 10")
+        if axes_.get_legend_handles_labels()[0]:
+            axes_.legend(fontsize=8, loc="upper right")
+        unit = {"token": "per token", "sequence": "S_i per sequence", "geometric": "G_i per sequence"}[level]
+        axes_.set_title(f"{level} level: ln w ({unit})")
+        axes_.set_xlabel("ln w   (0 = weight 1; safety-clamped to +-20)")
+    figure.suptitle("IS weights before bounding, per level (all steps)")
+    return figure
+
+
+def _mismatch_by_position(analysis: Analysis):
+    figure, axes = _figure(3, 1, (10, 7.5), sharex=True)
+    pooled = analysis.pooled
+    count = pooled.position_count
+    seen = count > 0
+    positions = np.arange(len(count))[seen]
+    mean_abs = pooled.position_abs[seen] / count[seen]
+    mean_k3 = pooled.position_k3[seen] / count[seen]
+    axes[0, 0].plot(positions, mean_abs, color="tab:blue")
+    axes[0, 0].set_ylabel("mean |log ratio|")
+    axes[0, 0].set_ylim(bottom=0)
+    axes[1, 0].plot(positions, mean_k3, color="tab:red")
+    axes[1, 0].set_ylabel("mean k3 KL term")
+    axes[1, 0].set_ylim(bottom=0)
+    axes[2, 0].bar(positions, count[seen], width=1.0, color="grey")
+    axes[2, 0].set_ylabel("tokens")
+    axes[2, 0].set_xlabel("response position (index among the valid tokens of a sequence)")
+    axes[0, 0].set_title("Training/rollout mismatch by response position (all steps)")
+    return figure
+
+
+def _threshold_sweep(analysis: Analysis):
+    figure, axes = _figure(2, 3, (15, 7))
+    grid = {}
+    for evaluation in analysis.evaluation("grid"):
+        judged = [m for _, m in judged_metrics(analysis, evaluation)]
+        grid.setdefault(evaluation.candidate.level, []).append(
+            (evaluation.candidate.threshold,
+             [metric(m, "rollout_is_eff_sample_size") for m in judged],
+             [bounded_fraction(m, evaluation.candidate.mode) for m in judged])
+        )
+    for column, (level, points) in enumerate(grid.items()):
+        x = np.arange(len(points))
+        labels = [f"{threshold:g}" for threshold, _, _ in points]
+        for row, (values_of, limit, name) in enumerate(
+            ((lambda p: p[1], ESS_MIN, "ESS"), (lambda p: p[2], BOUNDED_FRACTION_MAX, "clipped fraction"))
+        ):
+            axes_ = axes[row, column]
+            values = [np.asarray(values_of(p)) for p in points]
+            mean = np.array([v.mean() for v in values])
+            axes_.fill_between(x, [v.min() for v in values], [v.max() for v in values], alpha=0.25,
+                               color="tab:blue", label="min-max over steps")
+            axes_.plot(x, mean, marker="o", color="tab:blue", label="mean over steps")
+            axes_.axhline(limit, color="tab:red", linestyle="--", linewidth=1,
+                          label=f"rule: {'ESS <' if row == 0 else 'bounded >'} {limit:g}")
+            axes_.set_xticks(x, labels)
+            axes_.set_ylim(-0.03, 1.03)
+            axes_.set_xlabel(f"upper threshold (lower = 1/upper), {level} level")
+            axes_.set_ylabel(name)
+            axes_.set_title(f"{level}: {name} vs threshold")
+            axes_.legend(fontsize=8, loc="best")
+    figure.suptitle("Threshold sweep (clip mode, veto 1e-4)")
+    return figure
+
+
+def _metrics_over_steps(analysis: Analysis):
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _figure(2, 3, (15, 7.5))
+    panels = (
+        ("rollout_is_eff_sample_size", "ESS", ESS_MIN),
+        ("rollout_is_std", "std of clamped weights", STD_MAX),
+        ("rollout_is_mean", "mean weight", (MEAN_MIN, MEAN_MAX)),
+        ("bounded", "bounded fraction", BOUNDED_FRACTION_MAX),
+        ("rollout_is_veto_fraction", "veto fraction", VETO_FRACTION_MAX),
+    )
+    examples = analysis.evaluation("example")
+    for axes_, (name, title, limit) in zip(axes.flat, panels):
+        for evaluation, color in zip(examples, EXAMPLE_COLORS):
+            judged = judged_metrics(analysis, evaluation)
+            values = [bounded_fraction(m, evaluation.candidate.mode) if name == "bounded" else metric(m, name)
+                      for _, m in judged]
+            axes_.plot([step for step, _ in judged], values, marker="o", markersize=3, color=color,
+                       label=f"Ex. {evaluation.candidate.example}")
+        for value in limit if isinstance(limit, tuple) else (limit,):
+            axes_.axhline(value, color="black", linestyle="--", linewidth=0.8)
+        if name == "rollout_is_mean":
+            axes_.set_yscale("log")  # unbounded weights: a biased run can sit orders of magnitude off 1
+        axes_.set_title(f"{title} (dashed: rule)")
+        axes_.legend(fontsize=8, loc="best")
+    axes_ = axes[1, 2]
+    judged = judged_metrics(analysis, examples[0])
+    steps = [step for step, _ in judged]
+    mismatch = (("mismatch_kl", "tab:blue"), ("mismatch_k3_kl", "tab:red"), ("mismatch_log_ppl_abs_diff", "tab:green"))
+    for name, color in mismatch:
+        axes_.plot(steps, [metric(m, name) for _, m in judged], marker="o", markersize=3, color=color, label=name)
+    axes_.set_title("policy mismatch (independent of the config)")
+    axes_.legend(fontsize=8, loc="best")
+    for axes_ in axes.flat:
+        axes_.set_xlabel("step")
+        axes_.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.suptitle("The guide's four examples over training steps")
+    return figure
