@@ -1,0 +1,161 @@
+"""Benchmarks of megatron-rollout-is: every figure is a ratio against a baseline measured in the same run.
+
+    .venv/bin/python benchmarks/run.py [--quick] [--out benchmarks/results.json]
+
+Cases (see benchmarks/README.md for the method and the last measured table):
+
+1. weights + every metric, one process: the package against a verl-0.6.0-style computation;
+2. context parallelism (cp = 2, 4 processes): bytes sent and time of the per-micro-batch
+   sequence-level reduction against the all-gather design of peer frameworks;
+3. token log-probs from vocab-parallel logits (tp = 1, 2): peak extra memory in units of one fp32
+   copy of the local logits, and time against `log_softmax(...).gather` on the full logits;
+4. one training step of the CPU GRPO demo with rollout IS on against off.
+
+The device is CUDA when a GPU is visible (multi-process cases use NCCL when there is one GPU per
+rank, else gloo on the CPU). Timings on a shared machine are noisy; ratios compare runs that were
+interleaved in the same process(es), never numbers from different runs.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import case_weights
+from case_demo import demo_worker
+from case_parallel import parallel_worker
+from harness import default_device, environment, launch
+
+SIZES = {
+    "quick": {
+        "weights_batch": (16, 1024), "weights_check_batch": (4, 128), "weights_repeats": 2,
+        "parallel": {"cp_sizes": [2, 4], "cp_lengths": [1024, 8192], "cp_batch": 8, "tp_sizes": [1, 2],
+                     "tp_seq": 32, "tp_batch": 2, "tp_vocab": 32768, "repeats": 2},
+        "demo_flags": ["--global-batch-size", "16", "--micro-batch-size", "8"], "demo_steps": 3,
+    },
+    "full": {
+        "weights_batch": (256, 8192), "weights_check_batch": (16, 1024), "weights_repeats": 3,
+        "parallel": {"cp_sizes": [2, 4], "cp_lengths": [1024, 8192, 32768], "cp_batch": 8, "tp_sizes": [1, 2],
+                     "tp_seq": 512, "tp_batch": 2, "tp_vocab": 32768, "repeats": 5},
+        "demo_flags": ["--global-batch-size", "64", "--micro-batch-size", "16", "--min-digits", "6", "--max-digits", "8"],
+        "demo_steps": 9,
+    },
+}
+DEMO_COMMON_FLAGS = ["--no-progress", "--eval-interval", "0", "--seed", "1234"]
+
+
+def run_cases(size: dict) -> dict:
+    """Runs the four cases; returns their rows and the wall time of each."""
+    cases, wall = {}, {}
+    start = time.perf_counter()
+    device = default_device()
+    cases["weights"] = case_weights.run(*size["weights_batch"], device, size["weights_repeats"], size["weights_check_batch"])
+    wall["weights"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    parallel = launch(max(size["parallel"]["cp_sizes"] + size["parallel"]["tp_sizes"]), parallel_worker, size["parallel"])[0]
+    cases.update(parallel)
+    wall["parallel"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    cases["demo"] = launch(1, demo_worker, DEMO_COMMON_FLAGS + size["demo_flags"], size["demo_steps"])[0]
+    wall["demo"] = time.perf_counter() - start
+    return {"cases": cases, "wall_seconds": wall}
+
+
+def goals(cases: dict) -> list[dict]:
+    """The brief's goals, each with the measured value and whether it is met."""
+    rows = []
+    for row in cases["weights"]:
+        rows.append(_goal(f"weights {row['level']}/{row['mode']}: time package / verl-style", row["time_ratio"], "<=", 0.5))
+    for row in cases["context_parallel"]:
+        if row["length"] == 8192:
+            rows.append(_goal(f"CP={row['cp']} s=8192: all-gather bytes / package bytes", row["traffic_ratio"], ">=", 1000))
+    for cp in sorted({row["cp"] for row in cases["context_parallel"]}):
+        sent = {row["package_bytes_sent"] for row in cases["context_parallel"] if row["cp"] == cp}
+        rows.append(_goal(f"CP={cp}: package bytes independent of s (distinct values)", len(sent), "<=", 1))
+    for row in cases["vocab_parallel"]:
+        rows.append(_goal(f"TP={row['tp']}: peak fwd+bwd / one fp32 copy of local logits",
+                          row["peak_forward_backward_over_fp32_copy"], "<=", 1.25))
+    rows.append(_goal("demo step time IS on / off", cases["demo"]["time_ratio"], "<=", 1.01))
+    return rows
+
+
+def _goal(name: str, value: float, relation: str, target: float) -> dict:
+    met = value <= target if relation == "<=" else value >= target
+    return {"goal": name, "value": value, "target": f"{relation} {target}", "met": bool(met)}
+
+
+def format_report(result: dict) -> str:
+    """The human-readable tables."""
+    cases, lines = result["cases"], []
+
+    def table(title, header, rows):
+        lines.append(f"\n{title}")
+        widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+        for cells in [header] + rows:
+            lines.append("  ".join(str(c).rjust(w) for c, w in zip(cells, widths)))
+
+    table(
+        "1. weights + metrics, one process: package vs verl-0.6.0 style (ratio = package / baseline)",
+        ["level", "mode", "b x s", "package ms", "verl ms", "time ratio", "package MiB", "verl MiB", "mem ratio", "f64 max rel diff"],
+        [[r["level"], r["mode"], f"{r['batch']}x{r['length']}", _ms(r["package_s"]), _ms(r["reference_s"]),
+          f"{r['time_ratio']:.2f}", _mib(r["package_peak_bytes"]), _mib(r["reference_peak_bytes"]),
+          f"{r['memory_ratio']:.2f}", f"{r['agreement_float64']['metric_max_rel_diff']:.1e}"] for r in cases["weights"]],
+    )
+    table(
+        "2. context parallel, sequence level, per micro-batch: package all-reduce vs all-gather design",
+        ["cp", "b x s", "package B sent", "all-gather B sent", "traffic ratio", "package ms", "all-gather ms", "time ratio", "same weights"],
+        [[r["cp"], f"{r['batch']}x{r['length']}", f"{r['package_bytes_sent']:.0f}", f"{r['all_gather_bytes_sent']:.0f}",
+          f"{r['traffic_ratio']:.0f}x", _ms(r["package_s"]), _ms(r["all_gather_s"]), f"{r['time_ratio']:.2f}",
+          r["weights_match"]] for r in cases["context_parallel"]],
+    )
+    table(
+        "3. token log-probs from vocab-parallel logits (time ratio vs log_softmax.gather on full logits, tp=1 process)",
+        ["tp", "s x b x V", "peak fwd / fp32 copy", "peak fwd+bwd / fp32 copy", "bf16 logits", "plain fwd+bwd",
+         "fwd ratio", "fwd+bwd ratio", "max |diff|"],
+        [[r["tp"], f"{r['seq']}x{r['batch']}x{r['vocab']}", f"{r['peak_forward_over_fp32_copy']:.3f}",
+          f"{r['peak_forward_backward_over_fp32_copy']:.3f}", f"{r['peak_forward_backward_bf16_logits_over_fp32_copy']:.3f}",
+          f"{r['plain_peak_forward_backward_over_fp32_copy']:.3f}", f"{r['forward_no_grad_time_ratio']:.2f}",
+          f"{r['forward_backward_time_ratio']:.2f}", f"{r['max_abs_diff_vs_plain']:.1e}"] for r in cases["vocab_parallel"]],
+    )
+    d = cases["demo"]
+    table(
+        "4. CPU GRPO demo, training step (rollout excluded), IS on vs off",
+        ["sequences", "response tokens", "off ms", "on ms", "time ratio", "inside IS ms", "IS share of step"],
+        [[d["sequences"], d["response_tokens"], _ms(d["off_step_s"]), _ms(d["on_step_s"]), f"{d['time_ratio']:.3f}",
+          _ms(d["is_seconds_per_step"]), f"{100 * d['is_share_of_step']:.1f}%"]],
+    )
+    table("goals", ["goal", "value", "target", "met"],
+          [[g["goal"], f"{g['value']:.3g}", g["target"], "yes" if g["met"] else "NO"] for g in result["goals"]])
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{1000 * seconds:.1f}"
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Small sizes (about a minute on 2 idle cores).")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")), help="Where to write the JSON.")
+    args = parser.parse_args(argv)
+    mode = "quick" if args.quick else "full"
+    result = {"mode": mode, "sizes": SIZES[mode], "environment": environment(), "command": " ".join(sys.argv)}
+    result.update(run_cases(SIZES[mode]))
+    result["goals"] = goals(result["cases"])
+    print(format_report(result))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1, allow_nan=True) + "\n")
+    print(f"\nwrote {os.path.relpath(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
