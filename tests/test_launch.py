@@ -31,7 +31,7 @@ BATCH_FLAGS = ["--micro-batch-size", "2", "--global-batch-size", "8", "--train-i
 # Variables the scripts read: the caller's values must not leak into the tests.
 LAUNCH_VARIABLES = {"TP", "PP", "CP", "NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
                     "ENTRYPOINT", "DRY_RUN", "EXTRA_ARGS", "RUNS_DIR", "OUTPUT_DIR", "MICRO_BATCH_SIZE",
-                    "GLOBAL_BATCH_SIZE", "TRAIN_ITERS"}
+                    "GLOBAL_BATCH_SIZE", "TRAIN_ITERS", "CUDA_DEVICE_MAX_CONNECTIONS", "OMP_NUM_THREADS"}
 ROLLOUT_IS_FLAGS = ["--rollout-is", "--rollout-is-threshold", "2.0", "--rollout-is-level", "sequence",
                     "--rollout-is-mode", "clip", "--rollout-is-veto-threshold", "1e-4"]
 
@@ -169,6 +169,20 @@ def test_torchrun_user_errors_fail_before_launching(bin_dir, tmp_path, env_extra
     assert result.returncode == 2
     assert f"torchrun.sh: error: {message}" in result.stderr
     assert _launched(bin_dir) == []
+
+
+def test_torchrun_command_on_cpu_runs_one_model_replica_by_default(bin_dir, tmp_path):
+    env = _environment(bin_dir, PYTHON=_recording_python(bin_dir), PP=2, CP=2)
+    env.pop("MASTER_PORT")
+    result = _torchrun(["--rollout-is-threshold", "2"], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    [launch] = _launched(bin_dir)
+    assert launch["cuda_max_connections"] is None and launch["omp"] == "1"
+    assert launch["argv"][:14] == [
+        "-m", "torch.distributed.run", "--nproc-per-node", "4", "--nnodes", "1", "--node-rank", "0",
+        "--master-addr", "localhost", "--master-port", "6000", "-m", "megatron_rollout_is.demo",
+    ]
+    assert "CPU (gloo), world size 4 = DP 1 x TP 1 x PP 2 x CP 2" in result.stderr
 
 
 def test_torchrun_command_on_gpu_and_with_another_entry_point(bin_dir, tmp_path):
