@@ -396,3 +396,23 @@ def test_cp_ranks_that_disagree_all_raise(world_size):
             assert message.startswith("ValueError") and "context-parallel" in message, message
     assert outcomes[0]["sequences"] != outcomes[-1]["sequences"]  # each names its own shape
     assert all(outcome["afterwards"] == outcomes[0]["afterwards"] for outcome in outcomes)
+
+
+def _rank_without_micro_batches_worker(rank, world_size):
+    """Rank 0 records float64 micro-batches, rank 1 none: both must finalize alike, no hang."""
+    config = RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0, rollout_is_level="sequence")
+    sharded = ShardedRolloutIS(config, RolloutISGroups(dp_cp=dist.group.WORLD))
+    generator = torch.Generator().manual_seed(5)
+    old = -torch.rand(4, 6, generator=generator, dtype=torch.float64)
+    rollout = old + 0.2 * torch.randn(4, 6, generator=generator, dtype=torch.float64)
+    mask = torch.ones(4, 6)
+    if rank == 0:
+        sharded.micro_batch_weights(old, rollout, mask)
+    return sharded.finalize(), oracle_rollout_is(old, rollout, mask, "sequence", "truncate", 2.0, None, 1e-4)[1]
+
+
+def test_a_data_parallel_rank_without_micro_batches_finalizes_with_the_others():
+    (metrics, expected), (other, _) = run_distributed(2, _rank_without_micro_batches_worker, timeout=60)
+    assert metrics == other
+    for key, value in expected.items():
+        assert math.isclose(metrics[key], value, rel_tol=1e-9, abs_tol=1e-12), key

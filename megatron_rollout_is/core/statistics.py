@@ -7,7 +7,7 @@ with reductions the caller supplies:
 
 | statistic | reduction |
 |---|---|
-| `TokenSum` and `SequenceSum` columns (one float64 vector) | SUM over all ranks holding tokens |
+| `TokenSum` and `SequenceSum` columns and a "some rank has float64 weights" flag (one float64 vector) | SUM over all ranks holding tokens |
 | `Extreme` columns (maxima; minima stored negated) | MAX over the same ranks |
 | quantiles | `exact_quantiles` histograms (SUM), 3 rounds (float32) or 6 (float64) |
 
@@ -94,7 +94,6 @@ class StepStatistics:
         self.token_max = torch.full((2,), -math.inf, dtype=torch.float64)
         self.partials: list[torch.Tensor] = []
         self.weight_values: list[torch.Tensor] = []
-        self.value_dtype = torch.float32
 
     def add(self, shard: TokenShard, weights: torch.Tensor, partials: torch.Tensor, token_w: Optional[torch.Tensor]) -> None:
         """Records one micro-batch.
@@ -134,7 +133,6 @@ class StepStatistics:
             self.token_max = torch.maximum(self.token_max, torch.stack([w.max(), -w.min()]))
         self.partials.append(partials)
         self.weight_values.append(weights[valid])
-        self.value_dtype = weights.dtype
 
     def finalize(
         self,
@@ -163,11 +161,14 @@ class StepStatistics:
         if all_reduce_max is not None:
             all_reduce_max(extremes)
         count = int(sums[TokenSum.COUNT].item())
-        values = torch.cat(self.weight_values) if self.weight_values else torch.zeros(0, dtype=self.value_dtype)
+        # Every rank must select on the same dtype (the number of rounds depends on it), also a
+        # rank that recorded nothing: the last column says whether any rank holds float64 weights.
+        value_dtype = torch.float64 if sums[-1] > 0 else torch.float32
+        values = torch.cat(self.weight_values).to(value_dtype) if self.weight_values else torch.zeros(0, dtype=value_dtype)
         quantiles = exact_quantiles(values, list(QUANTILES.values()), count, all_reduce_sum)
         self.reset()
         token_sums = sums[: len(TokenSum)].tolist()
-        sequence_sums = sums[len(TokenSum) :].tolist()
+        sequence_sums = sums[len(TokenSum) : -1].tolist()
         return metrics_from_statistics(self.config, token_sums, sequence_sums, extremes.tolist(), quantiles)
 
     def _local_reductions(self, reduce_partials: Optional[Reducer], owns_sequences: bool):
@@ -178,7 +179,8 @@ class StepStatistics:
         sequence_sums, sequence_extremes = sequence_statistics(partials, self.config)
         if not owns_sequences:
             sequence_sums.zero_()
-        sums = torch.cat([self.token_sums, sequence_sums])
+        wide = any(values.dtype == torch.float64 for values in self.weight_values)
+        sums = torch.cat([self.token_sums, sequence_sums, torch.tensor([float(wide)], dtype=torch.float64)])
         extremes = torch.cat([self.token_max, sequence_extremes])
         return sums, extremes
 
