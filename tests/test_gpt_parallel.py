@@ -1,11 +1,21 @@
 """One GPTModel training step under TP, PP, CP (padded and packed THD) and TP x PP on gloo.
 
 Every layout runs forward + backward through megatron's ``get_forward_backward_func()`` with two
-micro-batches and a per-token policy-gradient loss ``-sum(mask * log p(label) * advantage)`` in
-the ``(loss_sum, num_tokens, report)`` contract. Its full gradients (TP shards concatenated, PP
-layers renumbered, summed over CP) must equal the gradients of an independent single-process
-reference: the same weights in megatron's own local spec (its ``DotProductAttention`` with an
-explicit causal mask), a float64 log-softmax, and packed documents run one by one.
+micro-batches, twice on the same weights:
+
+* with a plain per-token policy-gradient loss ``-sum(mask * log p(label) * advantage)`` in the
+  ``(loss_sum, num_tokens, report)`` contract;
+* with the project's loss hook ``RolloutISPolicyLoss``: PPO-clipped ratio to ``old_log_prob``
+  (not bypass), sequence-level rollout IS applied (clip mode on padded batches, truncate on
+  packed ones, veto on), one advantage per sequence.
+
+Its full gradients (TP shards concatenated, PP layers renumbered, summed over CP) must equal the
+gradients of an independent single-process reference: the same weights in megatron's own local
+spec (its ``DotProductAttention`` with an explicit causal mask), a float64 log-softmax, packed
+documents run one by one, the PPO objective written out here and the IS weights of
+``oracle.oracle_rollout_is`` on the whole global batch. The rollout IS step also checks every
+micro-batch's loss report (summed over CP) and the step's ``mismatch/`` metrics against the same
+reference.
 """
 
 from typing import NamedTuple
@@ -14,6 +24,7 @@ import pytest
 import torch
 
 from mp_harness import init_megatron, run_distributed
+from oracle import expected_metric_keys, oracle_rollout_is
 
 VOCAB = 32
 MAX_SEQ = 32
@@ -24,6 +35,21 @@ SEED = 1234
 THD_DOCUMENTS = ((8, 4, 12), (4, 16, 4))
 REL_TOL = 1e-5
 
+# The rollout IS step: PPO clip range (asymmetric, so that a swapped bound shows), the noise that
+# moves pi_old off the current policy and the rollout off pi_old, and the IS settings.
+CLIP_EPS_LOW = 0.2
+CLIP_EPS_HIGH = 0.28
+OLD_NOISE = 0.3
+ROLLOUT_NOISE = 0.05
+# Per-token drift of old over rollout, by sequence (cycled): about 12 valid tokens times 0.15 puts
+# a sequence's log-weight well above log(IS_UPPER), times -0.1 well below log(1 / IS_UPPER).
+SEQUENCE_DRIFTS = (0.0, -0.1, 0.15)
+IS_UPPER = 2.0
+IS_VETO = 1e-4
+# log-ratio (old - rollout) of the token that vetoes its sequence, below log(IS_VETO) = -9.2.
+CATASTROPHIC_LOG_RATIO = -10.0
+# Decisions (PPO clip, IS bounds) must not sit within float32 noise of their thresholds.
+DECISION_MARGIN = 1e-4
 
 
 class Layout(NamedTuple):
@@ -57,6 +83,11 @@ def _layout_id(layout):
     return "_".join(parts)
 
 
+def _is_mode(packed):
+    """Clip mode on padded batches, truncate on packed ones: both modes cross the CP all-reduce."""
+    return "truncate" if packed else "clip"
+
+
 def _random_targets(generator, shape):
     return dict(
         tokens=torch.randint(0, VOCAB, shape, generator=generator),
@@ -83,6 +114,17 @@ def _global_batches(packed):
     return batches
 
 
+def _sequences(batches, packed):
+    """Every global sequence as ``(micro_batch, row, start, end)``, in global batch order."""
+    if not packed:
+        return [(m, row, 0, SEQ) for m in range(len(batches)) for row in range(MICRO_BATCH_SIZE)]
+    spans = []
+    for m, batch in enumerate(batches):
+        bounds = batch["cu_seqlens"].tolist()
+        spans += [(m, 0, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return spans
+
+
 def _policy_loss(batch, logits):
     """Per-token loss, ``(loss_sum, num_tokens, report)`` contract; logits ``[s, b, V/tp]``."""
     from megatron.core import parallel_state
@@ -98,8 +140,136 @@ def _policy_loss(batch, logits):
     return loss_sum, num_tokens, {"policy_loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
+def _reference_log_probs(model, batches, packed):
+    """float64 log p(label) per micro-batch, ``[b, s]`` like the tokens, with autograd history."""
+    log_probs = []
+    for batch in batches:
+        bounds = batch["cu_seqlens"].tolist() if packed else [0, SEQ]
+        pieces = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            causal = torch.ones(b - a, b - a, dtype=torch.bool).triu(1)[None, None]
+            logits = model(
+                input_ids=batch["tokens"][:, a:b],
+                position_ids=batch["position_ids"][:, a:b],
+                attention_mask=causal,
+            )
+            logp = torch.log_softmax(logits.double(), -1)
+            pieces.append(logp.gather(-1, batch["labels"][:, a:b].unsqueeze(-1)).squeeze(-1))
+        log_probs.append(torch.cat(pieces, dim=1))
+    return log_probs
+
+
+def _rollout_is_batches(batches, packed, log_probs):
+    """The batches of the rollout IS step: old and rollout log-probs, one advantage per sequence.
+
+    ``old = log p + noise`` (so PPO ratios differ from 1), ``rollout = old + noise`` minus a
+    per-sequence drift (so sequence weights fall inside and outside the IS bounds). One valid
+    token of the second sequence is catastrophic (vetoes it), and so is a masked token of another
+    sequence (a masked token must veto nothing). Advantages are ``[b]`` for padded batches and
+    constant per document ``[1, t]`` for packed ones.
+    """
+    generator = torch.Generator().manual_seed(SEED + 1)
+    is_batches = []
+    for batch, logp in zip(batches, log_probs):
+        shape = batch["tokens"].shape
+        noise = torch.randn((2,) + shape, generator=generator, dtype=torch.float64)
+        old_noise, rollout_noise = noise.unbind()
+        old = logp.detach() + OLD_NOISE * old_noise
+        is_batch = {key: value for key, value in batch.items() if key != "advantages"}
+        is_batch["old_log_prob"] = old.float()
+        is_batch["rollout_log_prob"] = (old + ROLLOUT_NOISE * rollout_noise).float()
+        is_batches.append(is_batch)
+    spans = _sequences(batches, packed)
+    advantage = torch.randn(len(spans), generator=generator, dtype=torch.float32)
+    for batch in is_batches:
+        batch["advantages"] = torch.zeros(batch["tokens"].shape if packed else MICRO_BATCH_SIZE)
+    for i, (m, row, a, b) in enumerate(spans):
+        batch = is_batches[m]
+        batch["rollout_log_prob"][row, a:b] -= SEQUENCE_DRIFTS[i % len(SEQUENCE_DRIFTS)]
+        if packed:
+            batch["advantages"][row, a:b] = advantage[i]
+        else:
+            batch["advantages"][row] = advantage[i]
+    vetoed = spans[1]
+    masked = next(s for s in spans if s != vetoed and _first_token(is_batches, s, 0.0) is not None)
+    for span, mask_value in ((vetoed, 1.0), (masked, 0.0)):
+        batch, row, t = is_batches[span[0]], span[1], _first_token(is_batches, span, mask_value)
+        batch["rollout_log_prob"][row, t] = batch["old_log_prob"][row, t] - CATASTROPHIC_LOG_RATIO
+    return is_batches
+
+
+def _first_token(batches, span, mask_value):
+    """Index of the first token of a sequence whose loss mask is ``mask_value`` (None if none)."""
+    m, row, a, b = span
+    hits = (batches[m]["loss_mask"][row, a:b] == mask_value).nonzero()
+    return a + int(hits[0]) if hits.numel() else None
+
+
+def _oracle_rows(is_batches, spans, key):
+    rows = torch.zeros(len(spans), max(b - a for _, _, a, b in spans), dtype=torch.float64)
+    for i, (m, row, a, b) in enumerate(spans):
+        rows[i, : b - a] = is_batches[m][key][row, a:b].double()
+    return rows
+
+
+def _reference_rollout_is_loss(is_batches, packed, log_probs):
+    """Per micro-batch PPO-clipped, IS-weighted loss (float64) and its reports; global metrics."""
+    spans = _sequences(is_batches, packed)
+    keys = ("old_log_prob", "rollout_log_prob", "loss_mask")
+    rows = [_oracle_rows(is_batches, spans, key) for key in keys]
+    weight_rows, metrics = oracle_rollout_is(
+        *rows, "sequence", _is_mode(packed), IS_UPPER, None, IS_VETO
+    )
+    weights = [torch.zeros_like(logp) for logp in log_probs]
+    for i, (m, row, a, b) in enumerate(spans):
+        weights[m][row, a:b] = weight_rows[i, : b - a]
+    _check_decision_margins(*rows, is_batches, log_probs)
+
+    losses, reports = [], []
+    for batch, logp, w in zip(is_batches, log_probs, weights):
+        mask = batch["loss_mask"].double()
+        advantage = batch["advantages"].double()
+        if advantage.dim() == 1:
+            advantage = advantage[:, None].expand_as(logp)
+        ratio = torch.exp(logp - batch["old_log_prob"].double())
+        bounded = ratio.clamp(1 - CLIP_EPS_LOW, 1 + CLIP_EPS_HIGH)
+        per_token = torch.maximum(-advantage * ratio, -advantage * bounded)
+        loss = (mask * per_token * w).sum()
+        clipped = ((-advantage * bounded > -advantage * ratio) & (mask != 0)).sum()
+        losses.append(loss)
+        reports.append(
+            {"loss": loss.item(), "tokens": mask.sum().item(), "clipped": clipped.item()}
+        )
+    return sum(losses), reports, metrics, _sequence_kinds(*rows, _is_mode(packed))
+
+
+def _sequence_kinds(old, rollout, mask, mode):
+    """How many sequences the IS weights keep, bound (clip: zero, truncate: cap) and veto."""
+    log_ratio = torch.where(mask != 0, old - rollout, torch.zeros_like(old))
+    total = log_ratio.sum(1)
+    log_upper = torch.log(torch.tensor(IS_UPPER, dtype=torch.float64))
+    vetoed = (log_ratio < torch.log(torch.tensor(IS_VETO, dtype=torch.float64))).any(1)
+    bounded = ((total.abs() > log_upper) if mode == "clip" else (total > log_upper)) & ~vetoed
+    kept = ~bounded & ~vetoed
+    return {"kept": int(kept.sum()), "bounded": int(bounded.sum()), "vetoed": int(vetoed.sum())}
+
+
+def _check_decision_margins(old, rollout, mask, is_batches, log_probs):
+    """A float32 run must take the same PPO-clip and IS-bound decisions as the float64 reference."""
+    valid = mask != 0
+    total = torch.where(valid, old - rollout, torch.zeros_like(old)).sum(1)
+    log_upper = torch.log(torch.tensor(IS_UPPER, dtype=torch.float64))
+    bound_margin = (total.abs() - log_upper).abs().min().item()
+    assert bound_margin > DECISION_MARGIN, f"a log-weight is {bound_margin:.1e} off an IS bound"
+    for batch, logp in zip(is_batches, log_probs):
+        log_ratio = (logp.detach() - batch["old_log_prob"].double())[batch["loss_mask"] != 0]
+        edges = torch.tensor([1 - CLIP_EPS_LOW, 1 + CLIP_EPS_HIGH], dtype=torch.float64).log()
+        margin = (log_ratio[:, None] - edges).abs().min().item()
+        assert margin > DECISION_MARGIN, f"a PPO ratio sits {margin:.1e} from the clip range"
+
+
 def _reference(batches, packed, position_embedding):
-    """Full weights, loss and gradients of the single-process reference (megatron's attention)."""
+    """Full weights, and losses and gradients of both steps, of the single-process reference."""
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -114,40 +284,48 @@ def _reference(batches, packed, position_embedding):
         layer_spec=get_gpt_layer_local_spec(),
         position_embedding_type=position_embedding,
     )
-    sequences = []
-    for batch in batches:
-        if packed:
-            bounds = batch["cu_seqlens"].tolist()
-            sequences += [
-                {key: value[:, a:b] for key, value in batch.items() if key != "cu_seqlens"}
-                for a, b in zip(bounds[:-1], bounds[1:])
-            ]
-        else:
-            sequences.append(batch)
-    loss = torch.zeros((), dtype=torch.float64)
-    for seq in sequences:
-        length = seq["tokens"].size(1)
-        causal = torch.ones(length, length, dtype=torch.bool).triu(1)[None, None]
-        logits = model(
-            input_ids=seq["tokens"], position_ids=seq["position_ids"], attention_mask=causal
-        )
-        log_probs = torch.log_softmax(logits.double(), -1)
-        log_probs = log_probs.gather(-1, seq["labels"].unsqueeze(-1)).squeeze(-1)
-        loss = loss - (seq["loss_mask"] * log_probs * seq["advantages"]).sum()
-    loss.backward()
-    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    return weights, loss.item(), grads
+    names, params = zip(*model.named_parameters())
+    log_probs = _reference_log_probs(model, batches, packed)
+    plain_loss = -sum(
+        (batch["loss_mask"] * logp * batch["advantages"]).sum()
+        for batch, logp in zip(batches, log_probs)
+    )
+    is_batches = _rollout_is_batches(batches, packed, log_probs)
+    is_loss, is_reports, is_metrics, sequence_kinds = _reference_rollout_is_loss(
+        is_batches, packed, log_probs
+    )
+    plain_grads = torch.autograd.grad(plain_loss, params, retain_graph=True)
+    is_grads = torch.autograd.grad(is_loss, params)
+    return {
+        "weights": {name: p.detach().clone() for name, p in zip(names, params)},
+        "rollout_is_batches": is_batches,
+        "plain": {"loss": plain_loss.item(), "grads": dict(zip(names, plain_grads))},
+        "rollout_is": {
+            "loss": is_loss.item(),
+            "grads": dict(zip(names, is_grads)),
+            "reports": is_reports,
+            "metrics": is_metrics,
+            "sequence_kinds": sequence_kinds,
+        },
+    }
 
 
 def _split_for_cp(batch, cp, cp_rank, packed):
+    """This CP rank's micro-batch; per-sequence ``[b]`` tensors are not split."""
     from megatron_rollout_is.integration.gpt import thd_packed_seq_params
-    from megatron_rollout_is.parallel.context_parallel import split_for_cp, split_thd_for_cp
+    from megatron_rollout_is.parallel.context_parallel import (
+        local_cu_seqlens,
+        split_for_cp,
+        split_thd_for_cp,
+    )
 
     local = {}
     for key, value in batch.items():
         if key == "cu_seqlens":
             local["packed_seq_params"] = thd_packed_seq_params(value)
+            local["local_cu_seqlens"] = local_cu_seqlens(value, cp)
+        elif value.dim() == 1:
+            local[key] = value
         elif packed:
             local[key] = split_thd_for_cp(value, batch["cu_seqlens"], cp, cp_rank)
         else:
@@ -155,13 +333,51 @@ def _split_for_cp(batch, cp, cp_rank, packed):
     return local
 
 
-def _train_step(layout, weights, batches):
-    """One forward/backward step of a layout; full gradients and the global loss."""
+def _run_step(model, loss_fn, batches, packed):
+    """Forward/backward of the global ``batches`` on this rank; CP-summed reports (last stage)."""
     import torch.distributed as dist
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_rollout_is.integration import gpt
+
+    cp = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    for p in model.parameters():
+        p.grad = None
+    local = [_split_for_cp(batch, cp, cp_rank, packed) for batch in batches]
+    reports = get_forward_backward_func()(
+        forward_step_func=gpt.make_gpt_forward_step(loss_fn),
+        data_iterator=iter(local),
+        model=[model],
+        num_microbatches=len(local),
+        seq_length=batches[0]["tokens"].size(1),
+        micro_batch_size=batches[0]["tokens"].size(0),
+        forward_only=False,
+    )
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=dp_cp_group)
+    summed = []
+    for report in reports:
+        summed.append({})
+        for name, value in report.items():
+            value = value.double()
+            dist.all_reduce(value, group=parallel_state.get_context_parallel_group())
+            summed[-1][name] = value.tolist()
+    return summed
+
+
+def _train_step(layout, reference, batches):
+    """Both steps of a layout on the reference weights; full gradients, reports and metrics."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_rollout_is.config import RolloutISConfig
+    from megatron_rollout_is.integration import gpt
+    from megatron_rollout_is.integration.loss import PolicyLossConfig, RolloutISPolicyLoss
+    from megatron_rollout_is.parallel.groups import RolloutISGroups
 
     tp, pp, cp, packed, position_embedding = layout
     init_megatron(tp, pp, cp)
@@ -171,32 +387,36 @@ def _train_step(layout, weights, batches):
     )
     tp_group = parallel_state.get_tensor_model_parallel_group()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
-    gpt.load_full_state_dict(model, weights, tp_group)
-    cp_rank = parallel_state.get_context_parallel_rank()
-    local = [_split_for_cp(batch, cp, cp_rank, packed) for batch in batches]
-    reports = get_forward_backward_func()(
-        forward_step_func=gpt.make_gpt_forward_step(_policy_loss),
-        data_iterator=iter(local),
-        model=[model],
-        num_microbatches=len(local),
-        seq_length=batches[0]["tokens"].size(1),
-        micro_batch_size=batches[0]["tokens"].size(0),
-        forward_only=False,
+    gpt.load_full_state_dict(model, reference["weights"], tp_group)
+
+    def full_grads():
+        local = {name: p.grad for name, p in model.named_parameters()}
+        return gpt.unshard_named_tensors(model, local, tp_group, pp_group)
+
+    last_stage = parallel_state.is_pipeline_last_stage()
+    reports = _run_step(model, _policy_loss, batches, packed)
+    plain = {"grads": full_grads(), "loss": None}
+    if last_stage:
+        plain["loss"] = sum(report["policy_loss"][0] for report in reports)
+
+    is_config = RolloutISConfig(
+        rollout_is=True,
+        rollout_is_threshold=IS_UPPER,
+        rollout_is_level="sequence",
+        rollout_is_mode=_is_mode(packed),
+        rollout_is_veto_threshold=IS_VETO,
     )
-    missing = [name for name, p in model.named_parameters() if p.grad is None]
-    assert not missing, f"layout {layout}: no gradient for {missing}"
-    dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    for p in model.parameters():
-        dist.all_reduce(p.grad, group=dp_cp_group)
-    grads = gpt.unshard_named_tensors(
-        model, {name: p.grad for name, p in model.named_parameters()}, tp_group, pp_group
+    loss = RolloutISPolicyLoss(
+        is_config,
+        RolloutISGroups.from_parallel_state(),
+        PolicyLossConfig(clip_eps_low=CLIP_EPS_LOW, clip_eps_high=CLIP_EPS_HIGH),
     )
-    loss = None
-    if parallel_state.is_pipeline_last_stage():
-        loss = torch.stack([r["policy_loss"][0] for r in reports]).sum().double()
-        dist.all_reduce(loss, group=parallel_state.get_context_parallel_group())
-        loss = loss.item()
-    return {"grads": grads, "loss": loss}
+    reports = _run_step(model, loss, reference["rollout_is_batches"], packed)
+    rollout_is = {"grads": full_grads(), "reports": None, "metrics": None}
+    if last_stage:
+        rollout_is["reports"] = reports
+        rollout_is["metrics"] = loss.finalize_step()
+    return {"plain": plain, "rollout_is": rollout_is}
 
 
 def _rejects_cuda(factory):
@@ -316,11 +536,13 @@ def _worker(rank, world_size, layouts, unit_checks):
     install_cpu_shims()
     for packed, position_embedding in sorted({layout[3:] for layout in layouts}):
         batches = _global_batches(packed)
-        weights, loss, grads = _reference(batches, packed, position_embedding)
-        results[("reference", packed, position_embedding)] = {"loss": loss, "grads": grads}
+        reference = _reference(batches, packed, position_embedding)
+        results[("reference", packed, position_embedding)] = {
+            step: reference[step] for step in ("plain", "rollout_is")
+        }
         for layout in layouts:
             if layout[3:] == (packed, position_embedding):
-                results[layout] = _train_step(layout, weights, batches)
+                results[layout] = _train_step(layout, reference, batches)
     return results
 
 
@@ -334,20 +556,58 @@ def four_rank_results():
     return run_distributed(4, _worker, FOUR_RANK_LAYOUTS, False, timeout=240)
 
 
+def _assert_grads_match(grads, reference_grads, where):
+    assert grads.keys() == reference_grads.keys(), f"{where}: parameter names differ"
+    for name, ref in reference_grads.items():
+        shape = grads[name].shape
+        assert shape == ref.shape, f"{where}, {name}: {shape} vs {ref.shape}"
+        assert ref.norm() > 0, f"{where}, {name}: reference gradient is zero, the test is vacuous"
+        rel = ((grads[name].double() - ref).norm() / ref.norm()).item()
+        assert rel < REL_TOL, f"{where}, {name}: relative error {rel:.2e}"
+
+
 def _assert_matches_reference(per_rank, layout):
-    reference = per_rank[0][("reference",) + layout[3:]]
-    losses = [r[layout]["loss"] for r in per_rank if r[layout]["loss"] is not None]
+    reference = per_rank[0][("reference",) + layout[3:]]["plain"]
+    losses = [r[layout]["plain"]["loss"] for r in per_rank]
+    losses = [loss for loss in losses if loss is not None]
     assert losses, "no rank reported the loss (last pipeline stage missing)"
     for loss in losses:
         assert loss == pytest.approx(reference["loss"], rel=REL_TOL)
     for rank, result in enumerate(per_rank):
-        grads = result[layout]["grads"]
-        assert grads.keys() == reference["grads"].keys(), f"rank {rank}: parameter names differ"
-        for name, ref in reference["grads"].items():
-            assert grads[name].shape == ref.shape, f"{name}: {grads[name].shape} vs {ref.shape}"
-            assert ref.norm() > 0, f"{name}: reference gradient is zero, the test is vacuous"
-            rel = ((grads[name] - ref).norm() / ref.norm()).item()
-            assert rel < REL_TOL, f"layout {layout}, rank {rank}, {name}: relative error {rel:.2e}"
+        where = f"layout {_layout_id(layout)}, rank {rank}"
+        _assert_grads_match(result[layout]["plain"]["grads"], reference["grads"], where)
+
+
+def _assert_rollout_is_step_matches_reference(per_rank, layout):
+    reference = per_rank[0][("reference",) + layout[3:]]["rollout_is"]
+    for rank, result in enumerate(per_rank):
+        step = result[layout]["rollout_is"]
+        where = f"layout {_layout_id(layout)}, rank {rank}"
+        _assert_grads_match(step["grads"], reference["grads"], where)
+        if step["reports"] is None:
+            assert step["metrics"] is None
+            continue
+        # Per micro-batch reports, summed over CP: [loss sum, tokens], and the PPO-clipped tokens.
+        assert len(step["reports"]) == len(reference["reports"]), where
+        for index, (report, ref) in enumerate(zip(step["reports"], reference["reports"])):
+            at = f"{where}, micro-batch {index}"
+            assert report["loss"][0] == pytest.approx(ref["loss"], rel=REL_TOL), at
+            assert report["loss"][1] == ref["tokens"], at
+            expected = [ref["loss"], ref["tokens"]]
+            assert report["policy loss"] == pytest.approx(expected, rel=REL_TOL), at
+            assert report["ppo clip fraction"] == [ref["clipped"], ref["tokens"]], at
+        loss_sum = sum(report["loss"][0] for report in step["reports"])
+        tokens = sum(report["loss"][1] for report in step["reports"])
+        assert loss_sum == pytest.approx(reference["loss"], rel=REL_TOL), where
+        assert tokens == sum(ref["tokens"] for ref in reference["reports"]), where
+        metrics = step["metrics"]
+        assert set(metrics) == expected_metric_keys(_is_mode(layout.packed)), where
+        for key, expected in reference["metrics"].items():
+            assert metrics[key] == pytest.approx(expected, rel=REL_TOL), (
+                f"{where}, {key}: {metrics[key]!r} vs oracle {expected!r}"
+            )
+    last_stage_ranks = [r for r in per_rank if r[layout]["rollout_is"]["reports"] is not None]
+    assert len(last_stage_ranks) == len(per_rank) // layout.pp, "a last-stage rank reported nothing"
 
 
 @pytest.mark.parametrize("layout", TWO_RANK_LAYOUTS, ids=_layout_id)
@@ -358,6 +618,29 @@ def test_two_rank_layouts_match_single_process(two_rank_results, layout):
 @pytest.mark.parametrize("layout", FOUR_RANK_LAYOUTS, ids=_layout_id)
 def test_four_rank_layouts_match_single_process(four_rank_results, layout):
     _assert_matches_reference(four_rank_results, layout)
+
+
+@pytest.mark.parametrize("layout", TWO_RANK_LAYOUTS, ids=_layout_id)
+def test_two_rank_rollout_is_step_matches_reference(two_rank_results, layout):
+    _assert_rollout_is_step_matches_reference(two_rank_results, layout)
+
+
+@pytest.mark.parametrize("layout", FOUR_RANK_LAYOUTS, ids=_layout_id)
+def test_four_rank_rollout_is_step_matches_reference(four_rank_results, layout):
+    _assert_rollout_is_step_matches_reference(four_rank_results, layout)
+
+
+def test_rollout_is_batches_keep_bound_and_veto_sequences(two_rank_results):
+    """The IS step is not vacuous: weights keep, bound and veto sequences; PPO clips some tokens."""
+    for key, result in two_rank_results[0].items():
+        if key[0] != "reference":
+            continue
+        reference = result["rollout_is"]
+        kinds = reference["sequence_kinds"]
+        assert min(kinds.values()) > 0, f"{key}: sequences kept / bounded / vetoed: {kinds}"
+        clipped = sum(ref["clipped"] for ref in reference["reports"])
+        tokens = sum(ref["tokens"] for ref in reference["reports"])
+        assert 0 < clipped < tokens, f"{key}: {clipped} of {tokens} tokens PPO-clipped"
 
 
 def test_cp2_attention_matches_float64_attention(two_rank_results):
