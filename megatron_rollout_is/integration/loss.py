@@ -53,7 +53,8 @@ class RolloutISPolicyLoss:
     Batch keys, every per-token tensor `[b, s]` (already split for CP; `[1, t]` for THD):
         labels: target token ids (the token each position predicts).
         loss_mask: 1 on response tokens that are trained on.
-        advantages: `[b, s]`, or `[b]` for one advantage per sequence (GRPO).
+        advantages: `[b, s]`, or `[b]` for one advantage per padded row (GRPO); packed (THD)
+            batches hold several documents in one row, so pass their advantages per token.
         rollout_log_prob: log-probs of the labels under the rollout engine (needed when IS is on).
         old_log_prob: pi_old log-probs (not needed with `bypass`).
         ref_log_prob: reference-policy log-probs (only with `kl_coef`).
