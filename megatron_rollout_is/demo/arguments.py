@@ -1,0 +1,153 @@
+"""Megatron-style command-line flags of the demo trainer and their validation.
+
+Parallel layout flags follow Megatron-LM's names; the data-parallel size is derived:
+``DP = world_size / (TP * PP * CP)``. ``--global-batch-size`` counts sequences (prompts x
+``--group-size`` samples), split over DP ranks and then into micro-batches of
+``--micro-batch-size`` sequences (documents, with ``--packed``).
+"""
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from ..config import RolloutISConfig
+from ..integration.arguments import add_rollout_is_args, rollout_is_config_from_args
+
+
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The demo's parser: layout, model, task, optimisation, rollout, checkpoint, logging, IS flags."""
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m megatron_rollout_is.demo",
+        description="GRPO on Megatron-Core's GPTModel with an embedded bf16 rollout engine and rollout IS.",
+    )
+    layout = parser.add_argument_group("parallel layout")
+    layout.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    layout.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    layout.add_argument("--context-parallel-size", type=int, default=1)
+    layout.add_argument("--micro-batch-size", type=int, default=16, help="Sequences per micro-batch.")
+    layout.add_argument("--global-batch-size", type=int, default=64,
+                        help="Sequences per step over all DP ranks (prompts x --group-size).")
+    layout.add_argument("--packed", action="store_true",
+                        help="THD micro-batches: documents packed with cu_seqlens, each split over CP ranks.")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--num-layers", type=int, default=2)
+    model.add_argument("--hidden-size", type=int, default=64)
+    model.add_argument("--num-attention-heads", type=int, default=4)
+    model.add_argument("--num-query-groups", type=int, default=None, help="GQA groups (default: one per head).")
+
+    task = parser.add_argument_group("task: reverse a digit string")
+    task.add_argument("--min-digits", type=int, default=3)
+    task.add_argument("--max-digits", type=int, default=3)
+    task.add_argument("--num-symbols", type=int, default=10, help="Size of the digit alphabet.")
+    task.add_argument("--group-size", type=int, default=8, help="GRPO samples per prompt.")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train-iters", type=int, default=400, help="Training steps (one rollout batch each).")
+    optim.add_argument("--lr", type=float, default=1e-3)
+    optim.add_argument("--adam-beta1", type=float, default=0.9)
+    optim.add_argument("--adam-beta2", type=float, default=0.99)
+    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--clip-grad", type=float, default=0.0,
+                       help="Gradient-norm clipping (needs CUDA: megatron's clip_grads asserts CUDA tensors).")
+    optim.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip (pi_theta / pi_old).")
+    optim.add_argument("--seed", type=int, default=1234)
+
+    rollout = parser.add_argument_group("rollout engine")
+    rollout.add_argument("--rollout-noise", type=float, default=0.0,
+                         help="Std of Gaussian noise added to every rollout logit (0: bf16 mismatch only).")
+    rollout.add_argument("--rollout-dtype", choices=("bf16", "fp32"), default="bf16")
+    rollout.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (trainer too).")
+    rollout.add_argument("--eval-interval", type=int, default=10,
+                         help="Greedy noise-free fp32 reward on fixed prompts every N steps (0: never).")
+    rollout.add_argument("--eval-prompts", type=int, default=128)
+
+    ckpt = parser.add_argument_group("checkpointing (megatron.core dist_checkpointing)")
+    ckpt.add_argument("--save", default=None, metavar="DIR")
+    ckpt.add_argument("--load", default=None, metavar="DIR")
+    ckpt.add_argument("--save-interval", type=int, default=0, help="Save every N steps (0: only at the end).")
+    ckpt.add_argument("--ckpt-step", type=int, default=None,
+                      help="Load this step's checkpoint instead of the latest one.")
+
+    logs = parser.add_argument_group("logging")
+    logs.add_argument("--output-dir", default="demo_output", help="metrics.jsonl (one line per step) goes here.")
+    logs.add_argument("--tensorboard-dir", default=None, help="Default: <output-dir>/tensorboard.")
+    logs.add_argument("--plot", default=None, metavar="PNG|none", help="Default: <output-dir>/training.png.")
+    logs.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="torch threads per process on CPU (tiny models: extra threads only spin).")
+    add_rollout_is_args(parser)
+    return parser
+
+
+def world_size_from_env() -> int:
+    """The launcher's world size (torchrun sets WORLD_SIZE; a plain process is a world of 1)."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
+    """Checks the layout and values; sets ``args.data_parallel_size``; returns the IS config.
+
+    Raises:
+        ValueError: an impossible layout or value, naming the flag and the fix.
+    """
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
+                        ("--context-parallel-size", cp), ("--micro-batch-size", args.micro_batch_size),
+                        ("--global-batch-size", args.global_batch_size), ("--train-iters", args.train_iters),
+                        ("--num-layers", args.num_layers), ("--hidden-size", args.hidden_size),
+                        ("--num-attention-heads", args.num_attention_heads)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}.")
+    if world_size % (tp * pp * cp) != 0:
+        raise ValueError(
+            f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}; "
+            "launch a multiple of that many processes or change --tensor/--pipeline/--context-parallel-size."
+        )
+    dp = world_size // (tp * pp * cp)
+    if args.global_batch_size % (args.micro_batch_size * dp) != 0:
+        raise ValueError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {dp}; every DP rank needs whole micro-batches."
+        )
+    if args.group_size < 2 or args.global_batch_size % args.group_size != 0:
+        raise ValueError(
+            f"--group-size must be >= 2 and divide --global-batch-size {args.global_batch_size}, got "
+            f"{args.group_size} (GRPO standardises rewards within each prompt's group)."
+        )
+    if args.num_layers % pp != 0:
+        raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
+    groups = args.num_query_groups or args.num_attention_heads
+    if args.num_attention_heads % groups != 0 or groups % tp != 0:
+        raise ValueError(
+            f"--num-attention-heads {args.num_attention_heads} must be divisible by --num-query-groups "
+            f"{groups}, which must be divisible by --tensor-model-parallel-size {tp}."
+        )
+    if args.hidden_size % args.num_attention_heads != 0:
+        raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+                         f"{args.num_attention_heads}.")
+    if args.rollout_noise < 0 or args.temperature <= 0 or args.lr <= 0:
+        raise ValueError("need --rollout-noise >= 0, --temperature > 0 and --lr > 0.")
+    if args.clip_grad > 0 and not torch.cuda.is_available():
+        raise ValueError("--clip-grad > 0 needs CUDA (megatron's clip_grads asserts CUDA tensors); use 0 on CPU.")
+    if args.save_interval < 0 or args.eval_interval < 0:
+        raise ValueError("--save-interval and --eval-interval must be >= 0.")
+    args.data_parallel_size = dp
+    return rollout_is_config_from_args(args)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defaults: Optional[dict] = None):
+    """Parses and validates; returns ``(args, rollout_is_config)``.
+
+    Args:
+        defaults (dict, optional): parser defaults to replace (a preset such as ``megatron-rollout-is
+            demo``'s); flags on the command line still win.
+    """
+    parser = build_parser(prog)
+    parser.set_defaults(**(defaults or {}))
+    args = parser.parse_args(argv)
+    return args, validate_args(args, world_size_from_env())

@@ -1,0 +1,127 @@
+"""Where the demo's per-step metrics go: JSONL, TensorBoard, a tqdm bar and a final PNG plot.
+
+Only the logging rank (global rank 0) creates a :class:`MetricsLog`. ``metrics.jsonl`` holds one
+JSON object per step (``{"step": 3, "reward/mean": 0.41, "mismatch/mismatch_kl": ..., ...}``); on a
+resumed run the lines past the resumed step are dropped first, so the file always describes one
+consistent run.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+# Panels of the training plot: (title, metric names drawn in it).
+PLOT_PANELS = (
+    ("reward", ("reward/mean", "eval/greedy_reward")),
+    ("mismatch KL (k1)", ("mismatch/mismatch_kl",)),
+    ("rollout IS weight mean", ("mismatch/rollout_is_mean",)),
+    ("effective sample size", ("mismatch/rollout_is_eff_sample_size",)),
+    ("veto fraction", ("mismatch/rollout_is_veto_fraction",)),
+    ("policy loss", ("train/loss",)),
+)
+# Short names shown on the progress bar.
+PROGRESS_KEYS = {
+    "reward/mean": "reward",
+    "mismatch/mismatch_kl": "kl",
+    "mismatch/rollout_is_eff_sample_size": "ess",
+    "mismatch/rollout_is_veto_fraction": "veto",
+}
+
+
+def read_metrics(path: Union[str, Path]) -> List[Dict[str, float]]:
+    """The records of a ``metrics.jsonl``, in file order."""
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+class MetricsLog:
+    """JSONL + TensorBoard + progress bar of one run (create on the logging rank only).
+
+    Args:
+        output_dir (str): gets ``metrics.jsonl``.
+        tensorboard_dir (str, optional): TensorBoard event files; None: no TensorBoard.
+        total_steps (int): length of the progress bar.
+        start_step (int): steps already done (a resumed run).
+        progress (bool): show the tqdm bar.
+    """
+
+    def __init__(self, output_dir: str, tensorboard_dir: Optional[str], total_steps: int, start_step: int = 0,
+                 progress: bool = True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if start_step > 0 and self.path.is_file():
+            kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
+        with open(self.path, "w") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in kept)
+        self.writer = None
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(tensorboard_dir, purge_step=start_step + 1 if start_step else None)
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="GRPO", unit="step",
+                        dynamic_ncols=True)
+
+    def log(self, step: int, metrics: Dict[str, float]) -> None:
+        """Appends one step's metrics to every sink."""
+        record = {"step": step, **{name: float(value) for name, value in sorted(metrics.items())}}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in record.items():
+                if name != "step" and math.isfinite(value):
+                    self.writer.add_scalar(name, value, step)
+        shown = {short: f"{record[name]:.3g}" for name, short in PROGRESS_KEYS.items() if name in record}
+        self.bar.set_postfix(shown, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        """Flushes TensorBoard and closes the bar."""
+        if self.writer is not None:
+            self.writer.close()
+        self.bar.close()
+
+
+def plot_runs(runs: Dict[str, Sequence[Dict[str, float]]], path: Union[str, Path], title: str,
+              panels=PLOT_PANELS) -> Path:
+    """Draws one line per (run, metric) in a grid of panels and saves a PNG.
+
+    Args:
+        runs (Dict[str, Sequence[Dict]]): run label -> its metric records (from ``metrics.jsonl``).
+        path (str | Path): the PNG.
+        title (str): figure title.
+        panels: ``(panel title, metric names)`` pairs; metrics a run lacks are skipped.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 3
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
+    for axis, (panel_title, names) in zip(axes.flat, panels):
+        for label, records in runs.items():
+            for name in names:
+                points = [(r["step"], r[name]) for r in records if name in r and math.isfinite(r[name])]
+                if points:
+                    steps, values = zip(*points)
+                    legend = label if len(names) == 1 else f"{label}: {name}"
+                    axis.plot(steps, values, marker="o" if len(points) < 25 else None, markersize=3, label=legend)
+        axis.set_title(panel_title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
