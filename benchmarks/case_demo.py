@@ -11,6 +11,7 @@ themselves (`ShardedRolloutIS.micro_batch_weights` and `finalize`) is also recor
 
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -33,17 +34,22 @@ def _timed_calls(obj, names, totals: dict) -> None:
 
 def demo_worker(rank: int, world_size: int, device: torch.device, flags: list[str], steps: int) -> dict:
     """Times `steps` training steps of each trainer (after one warm-up step each)."""
-    from megatron.core import parallel_state
+    with warnings.catch_warnings():
+        # megatron-core announces at import that Apex/TransformerEngine are missing: expected on CPU.
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core import parallel_state
 
-    from megatron_rollout_is.demo.arguments import parse_args
-    from megatron_rollout_is.demo.train import GRPOTrainer
+        from megatron_rollout_is.demo.arguments import parse_args
+        from megatron_rollout_is.demo.train import GRPOTrainer
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     try:
         trainers = {}
         for name, extra in (("off", []), ("on", IS_FLAGS)):
             args, is_config = parse_args(flags + extra)
-            trainers[name] = GRPOTrainer(args, is_config, device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # megatron-core deprecation notices
+                trainers[name] = GRPOTrainer(args, is_config, device)
         if trainers["on"].loss.rollout_is is None or trainers["off"].loss.rollout_is is not None:
             raise RuntimeError("the demo did not switch rollout IS on and off as the flags ask")
         inside_is = {"seconds": 0.0}
@@ -65,6 +71,7 @@ def demo_worker(rank: int, world_size: int, device: torch.device, flags: list[st
         responses = batch["response_mask"]
         return {
             "flags": " ".join(flags + IS_FLAGS), "steps": steps, "sequences": responses.shape[0],
+            "model": f"{args.num_layers} layers x {args.hidden_size} hidden",
             "response_tokens": int(responses.sum()),
             "off_step_s": off_s, "on_step_s": on_s, "time_ratio": on_s / off_s,
             "time_ratio_of_minimums": min(times["on"]) / min(times["off"]),

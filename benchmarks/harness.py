@@ -21,7 +21,6 @@ import os
 import pickle
 import queue
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -51,7 +50,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_times(functions: List[Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1) -> List[List[float]]:
+def interleaved_times(
+    functions: List[Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+) -> List[List[float]]:
     """Wall-clock seconds of each of `repeats` runs of each function, run round-robin so that load
     from other processes on the machine hits every function alike; `warmup` untimed rounds first."""
     for _ in range(warmup):
@@ -108,7 +109,8 @@ def _quiet_profiler_log() -> Iterator[None]:
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
-            kept = [line for line in captured.read().decode(errors="replace").splitlines(True) if not line.startswith("USDT")]
+            lines = captured.read().decode(errors="replace").splitlines(True)
+            kept = [line for line in lines if not line.startswith("USDT")]
             sys.stderr.write("".join(kept))
 
 
@@ -153,7 +155,9 @@ def count_collectives() -> Iterator[CollectiveCounter]:
         record(tensor.nbytes, kwargs.get("group"), lambda p: float(p - 1))
         return originals["all_gather_into_tensor"](output, tensor, *args, **kwargs)
 
-    replacements = {"all_reduce": all_reduce, "all_gather": all_gather, "all_gather_into_tensor": all_gather_into_tensor}
+    replacements = {
+        "all_reduce": all_reduce, "all_gather": all_gather, "all_gather_into_tensor": all_gather_into_tensor,
+    }
     for name, wrapper in replacements.items():
         setattr(dist, name, wrapper)
     try:

@@ -17,7 +17,9 @@ import torch
 
 SAFETY_BOUND = 20.0
 EPS = 1e-8
-PERCENTILES = {"rollout_is_p25": 0.25, "rollout_is_p50": 0.5, "rollout_is_p75": 0.75, "rollout_is_p95": 0.95, "rollout_is_p99": 0.99}
+PERCENTILES = {
+    "rollout_is_p25": 0.25, "rollout_is_p50": 0.5, "rollout_is_p75": 0.75, "rollout_is_p95": 0.95, "rollout_is_p99": 0.99,
+}
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
