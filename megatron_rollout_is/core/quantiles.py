@@ -36,13 +36,17 @@ def quantile_ranks(count: int, quantiles: Sequence[float]) -> tuple[list[int], l
 
 
 def radix_select(
-    values: torch.Tensor, ranks: Sequence[int], all_reduce_sum: Optional[Reducer] = None
+    values: torch.Tensor,
+    ranks: Sequence[int],
+    all_reduce_sum: Optional[Reducer] = None,
+    multiplicity: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Finds the values of the given global ranks (0-based, ascending order) exactly.
 
     Args:
         values: this rank's share `[n]` of the values, float32 or float64, all >= 0 and finite.
         ranks: global ranks wanted; identical on every participating process.
+        multiplicity: optional `[n]` whole counts: value i stands for that many copies.
         all_reduce_sum: sums an int64 tensor in place over the processes holding the values
             (None with one process). Called `ceil(bits / DIGIT_BITS)` times: 3 for float32,
             6 for float64, each time on `[len(unique ranks), 2**DIGIT_BITS]` counts.
@@ -55,6 +59,7 @@ def radix_select(
     targets = sorted(set(int(r) for r in ranks))
     key_bits = _KEY_BITS[values.dtype]
     keys = values.contiguous().view(_INT_VIEW[values.dtype]).to(torch.int64)
+    counts_of = multiplicity.double() if multiplicity is not None else None
     prefixes = [0] * len(targets)
     remaining = list(targets)
     consumed = 0
@@ -66,9 +71,10 @@ def radix_select(
         high_part = keys >> (shift + width)
         for prefix in set(prefixes):
             rows = [i for i, p in enumerate(prefixes) if p == prefix]
-            selected = digits if consumed == 0 else digits[high_part == prefix]
-            counts = torch.bincount(selected, minlength=1 << width)
-            histograms[rows] = counts
+            match = slice(None) if consumed == 0 else high_part == prefix
+            weights = None if counts_of is None else counts_of[match]
+            counts = torch.bincount(digits[match], weights=weights, minlength=1 << width)
+            histograms[rows] = counts.round().long() if weights is not None else counts
         if all_reduce_sum is not None:
             all_reduce_sum(histograms)
         cumulative = histograms.cumsum(dim=1).cpu()
@@ -79,10 +85,10 @@ def radix_select(
             prefixes[i] = (prefixes[i] << width) | digit
         consumed += width
         # Keep only keys that can still matter, so later rounds scan fewer values.
-        keep = torch.zeros_like(keys, dtype=torch.bool)
-        for prefix in set(prefixes):
-            keep |= (keys >> shift) == prefix
+        keep = torch.isin(keys >> shift, torch.tensor(sorted(set(prefixes)), dtype=torch.int64, device=keys.device))
         keys = keys[keep]
+        if counts_of is not None:
+            counts_of = counts_of[keep]
     found = torch.tensor(prefixes, dtype=torch.int64).to(_INT_VIEW[values.dtype]).view(values.dtype)
     by_rank = dict(zip(targets, found.tolist()))
     return torch.tensor([by_rank[int(r)] for r in ranks], dtype=values.dtype)
@@ -93,14 +99,16 @@ def exact_quantiles(
     quantiles: Sequence[float],
     total_count: int,
     all_reduce_sum: Optional[Reducer] = None,
+    multiplicity: Optional[torch.Tensor] = None,
 ) -> list[float]:
     """Quantiles of non-negative values held across processes, as `torch.quantile` (linear).
 
     Args:
         values: this process's values `[n]` (float32/float64, >= 0, finite).
         quantiles: the q's in [0, 1], identical on every process.
-        total_count: number of values over all processes (already reduced).
+        total_count: number of values over all processes (already reduced), multiplicities included.
         all_reduce_sum: see `radix_select`.
+        multiplicity: see `radix_select`.
 
     Returns:
         The quantiles as Python floats; all 0.0 when `total_count` is 0 (no collective is issued,
@@ -109,6 +117,6 @@ def exact_quantiles(
     if total_count == 0:
         return [0.0] * len(quantiles)
     lows, highs, fractions = quantile_ranks(total_count, quantiles)
-    selected = radix_select(values, lows + highs, all_reduce_sum).double().tolist()
+    selected = radix_select(values, lows + highs, all_reduce_sum, multiplicity).double().tolist()
     n = len(quantiles)
     return [low + (high - low) * frac for low, high, frac in zip(selected[:n], selected[n:], fractions)]

@@ -44,11 +44,12 @@ def micro_batch_weights(
     """
     shard = prepare_shard(old_log_prob, rollout_log_prob, response_mask)
     token_w = token_weights(shard.log_ratio) if config.rollout_is_level == "token" else None
-    partials = sequence_partials(shard, config, token_w)
+    local_partials = sequence_partials(shard, config, token_w)
+    partials = local_partials
     if reduce_partials is not None and reduces_per_micro_batch(config):
-        reduce_partials(partials)
+        partials = reduce_partials(local_partials.clone())
+    statistics.add(shard, partials, local_partials, token_w)
     weights = safety_weights(shard, partials, config, token_w)
-    statistics.add(shard, weights, partials, token_w)
     return bounded_weights(weights, shard.valid, partials, config)
 
 

@@ -94,45 +94,63 @@ class StepStatistics:
         self.token_max = torch.full((2,), -math.inf, dtype=torch.float64)
         self.partials: list[torch.Tensor] = []
         self.weight_values: list[torch.Tensor] = []
+        self.multiplicities: list[torch.Tensor] = []
 
-    def add(self, shard: TokenShard, weights: torch.Tensor, partials: torch.Tensor, token_w: Optional[torch.Tensor]) -> None:
+    def add(self, shard: TokenShard, partials: torch.Tensor, local_partials: torch.Tensor, token_w: Optional[torch.Tensor]) -> None:
         """Records one micro-batch.
+
+        Sequence and geometric weights are constant over a sequence, so their token statistics are
+        taken over the `[b]` sequence weights, each counted as many times as this rank holds tokens
+        of that sequence; only token-level weights are visited token by token.
 
         Args:
             shard: the prepared tokens of this rank.
-            weights: `[b, s]` safety-clamped weights before bounding and veto.
             partials: `[b, NUM_PARTIALS]` per-sequence partials (reduced or not, see `finalize`).
-            token_w: token level only, `[b, s]` token weights (the same tensor as `weights`).
+            local_partials: the same before any reduction (this rank's tokens only).
+            token_w: token level only, `[b, s]` safety-clamped token weights.
         """
-        cfg, valid = self.config, shard.valid
+        cfg = self.config
         upper, lower = cfg.rollout_is_threshold, cfg.lower_threshold
-        w = weights[valid].double()
-        clamped = w.clamp(lower, upper)
-        log_ratio = shard.log_ratio[valid].double()
-        sums = torch.zeros(len(TokenSum), dtype=torch.float64)
-        sums[TokenSum.COUNT] = w.numel()
-        sums[TokenSum.WEIGHT] = w.sum()
-        sums[TokenSum.CLAMPED] = clamped.sum()
-        sums[TokenSum.CLAMPED_SQUARED] = clamped.square().sum()
+        if token_w is not None:
+            values, multiplicity = token_w[shard.valid], None
+        else:
+            log_w = sequence_log_weights(partials, cfg.rollout_is_level)
+            local_tokens = local_partials[:, Partial.TOKENS]
+            present = local_tokens > 0
+            log_w, multiplicity = log_w[present], local_tokens[present].double()
+            values = torch.exp(log_w.clamp(-SAFETY_BOUND, SAFETY_BOUND))
+
+        def total(x: torch.Tensor) -> torch.Tensor:
+            if multiplicity is None:
+                return x.sum(dtype=torch.float64)
+            return (x.double() * multiplicity).sum()
+
+        clamped = values.double().clamp(lower, upper)
+        log_ratio = shard.log_ratio.double()  # 0 on invalid tokens, where the k3 term is 0 too
+        sums = [torch.zeros((), dtype=torch.float64)] * len(TokenSum)
+        sums[TokenSum.COUNT] = total(torch.ones_like(values))
+        sums[TokenSum.WEIGHT] = total(values)
+        sums[TokenSum.CLAMPED] = total(clamped)
+        sums[TokenSum.CLAMPED_SQUARED] = total(clamped.square())
         if cfg.rollout_is_level == "token":
-            sums[TokenSum.HIGH] = (w > upper).sum()
-            sums[TokenSum.LOW] = (w < lower).sum()
+            sums[TokenSum.HIGH], sums[TokenSum.LOW] = total(values > upper), total(values < lower)
         elif cfg.rollout_is_level == "geometric":
-            log_w = sequence_log_weights(partials, "geometric").unsqueeze(1).expand_as(shard.log_ratio)[valid]
-            sums[TokenSum.HIGH] = (log_w > math.log(upper)).sum()
-            sums[TokenSum.LOW] = (log_w < math.log(lower)).sum()
-        if cfg.rollout_is_veto_threshold is not None:
-            sums[TokenSum.CATASTROPHIC] = (log_ratio < math.log(cfg.rollout_is_veto_threshold)).sum()
+            sums[TokenSum.HIGH] = total(log_w > math.log(upper))
+            sums[TokenSum.LOW] = total(log_w < math.log(lower))
+        sums[TokenSum.CATASTROPHIC] = local_partials[:, Partial.CATASTROPHIC].sum(dtype=torch.float64)
         if cfg.rollout_is_mode == "clip":
-            sums[TokenSum.NOT_KEPT] = (~kept(w, lower, upper)).sum()
-        sums[TokenSum.ROLLOUT_MINUS_OLD] = -log_ratio.sum()
+            sums[TokenSum.NOT_KEPT] = total(~kept(values, lower, upper))
+        sums[TokenSum.ROLLOUT_MINUS_OLD] = -local_partials[:, Partial.LOG_RATIO_SUM].sum(dtype=torch.float64)
         sums[TokenSum.K3] = (torch.exp(log_ratio.clamp(max=SAFETY_BOUND)) - log_ratio - 1).sum()
-        sums[TokenSum.NONFINITE] = shard.nonfinite.sum()
-        self.token_sums += sums
-        if w.numel():
-            self.token_max = torch.maximum(self.token_max, torch.stack([w.max(), -w.min()]))
+        sums[TokenSum.NONFINITE] = shard.nonfinite.sum(dtype=torch.float64)
+        self.token_sums += torch.stack(sums).cpu()
+        if values.numel():
+            extremes = torch.stack([values.max(), -values.min()]).double().cpu()
+            self.token_max = torch.maximum(self.token_max, extremes)
         self.partials.append(partials)
-        self.weight_values.append(weights[valid])
+        self.weight_values.append(values)
+        if multiplicity is not None:
+            self.multiplicities.append(multiplicity)
 
     def finalize(
         self,
@@ -165,7 +183,10 @@ class StepStatistics:
         # rank that recorded nothing: the last column says whether any rank holds float64 weights.
         value_dtype = torch.float64 if sums[-1] > 0 else torch.float32
         values = torch.cat(self.weight_values).to(value_dtype) if self.weight_values else torch.zeros(0, dtype=value_dtype)
-        quantiles = exact_quantiles(values, list(QUANTILES.values()), count, all_reduce_sum)
+        multiplicity = None
+        if self.config.rollout_is_level != "token":
+            multiplicity = torch.cat(self.multiplicities) if self.multiplicities else torch.zeros(0, dtype=torch.float64)
+        quantiles = exact_quantiles(values, list(QUANTILES.values()), count, all_reduce_sum, multiplicity)
         self.reset()
         token_sums = sums[: len(TokenSum)].tolist()
         sequence_sums = sums[len(TokenSum) : -1].tolist()

@@ -56,8 +56,6 @@ class TokenShard(NamedTuple):
     """`[b, s]` bool: marked valid by the mask but a log-prob is NaN or infinite."""
     old_log_prob: torch.Tensor
     """`[b, s]` old log-probs, 0 where not valid."""
-    rollout_log_prob: torch.Tensor
-    """`[b, s]` rollout log-probs, 0 where not valid."""
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -102,19 +100,19 @@ def prepare_shard(
     """Checks (`check_inputs`) and upcasts the three `[b, s]` inputs.
 
     Values at invalid positions (padding) are ignored whatever they hold; NaN/inf log-probs at
-    valid positions drop the token (see `TokenShard.nonfinite`).
+    valid positions drop the token (see `TokenShard.nonfinite`): a NaN or infinite log-prob makes
+    the log ratio NaN or infinite, which is what is tested.
     """
     check_inputs(old_log_prob, rollout_log_prob, response_mask)
     dtype = compute_dtype(old_log_prob, rollout_log_prob)
     old = old_log_prob.detach().to(dtype)
-    rollout = rollout_log_prob.detach().to(dtype)
-    marked = response_mask.detach() != 0
-    finite = torch.isfinite(old) & torch.isfinite(rollout)
+    log_ratio = old - rollout_log_prob.detach().to(dtype)
+    marked = response_mask.detach()
+    marked = marked if marked.dtype == torch.bool else marked != 0
+    finite = torch.isfinite(log_ratio)
     valid = marked & finite
     zero = torch.zeros((), dtype=dtype, device=old.device)
-    old = torch.where(valid, old, zero)
-    rollout = torch.where(valid, rollout, zero)
-    return TokenShard(old - rollout, valid, marked & ~finite, old, rollout)
+    return TokenShard(torch.where(valid, log_ratio, zero), valid, marked & ~finite, torch.where(valid, old, zero))
 
 
 def token_weights(log_ratio: torch.Tensor) -> torch.Tensor:
@@ -143,7 +141,7 @@ def sequence_partials(shard: TokenShard, config: RolloutISConfig, token_w: Optio
         catastrophic = shard.valid & (shard.log_ratio < math.log(config.rollout_is_veto_threshold))
         partials[:, Partial.CATASTROPHIC] = catastrophic.sum(dim=1)
     partials[:, Partial.OLD_SUM] = shard.old_log_prob.sum(dim=1)
-    partials[:, Partial.ROLLOUT_SUM] = shard.rollout_log_prob.sum(dim=1)
+    partials[:, Partial.ROLLOUT_SUM] = partials[:, Partial.OLD_SUM] - partials[:, Partial.LOG_RATIO_SUM]
     if token_w is not None:
         partials[:, Partial.TOKEN_WEIGHT_SUM] = (token_w * valid).sum(dim=1)
         if config.rollout_is_mode == "clip":
