@@ -6,7 +6,8 @@ and same noisy rollout engine (``--rollout-noise``, Gaussian noise on every roll
 * ``uncorrected``: the IS weights and ``mismatch/`` metrics are computed (sequence level, same
   threshold) but not applied: monitoring mode, the loss is plain GRPO on off-policy samples;
 * ``sequence IS``: ``--rollout-is --rollout-is-level sequence`` with truncation at the threshold
-  and the default veto, applied to the loss.
+  and the default veto, applied to the loss;
+* optionally (``--arms``) ``token IS``: token-level truncated IS (TIS), for reference.
 
 Runs go in parallel (``--jobs``, one torch thread each) and write ``DIR/<arm>_seed<N>/``. Outputs:
 ``DIR/comparison.png`` (seed-mean curves with min-max bands), ``DIR/comparison.md`` (a Markdown
@@ -34,10 +35,14 @@ PANELS = (
 )
 
 
-def arms(threshold: float) -> Dict[str, List[str]]:
-    """The two configurations: flag lists added to the shared ones."""
+def arms(threshold: float, token_threshold: float) -> Dict[str, List[str]]:
+    """Every configuration (flag lists added to the shared ones); ``--arms`` picks among them."""
     monitored = ["--rollout-is-threshold", str(threshold), "--rollout-is-level", "sequence"]
-    return {"uncorrected": monitored, "sequence IS": ["--rollout-is", *monitored]}
+    return {
+        "uncorrected": monitored,
+        "sequence IS": ["--rollout-is", *monitored],
+        "token IS": ["--rollout-is", "--rollout-is-threshold", str(token_threshold), "--rollout-is-level", "token"],
+    }
 
 
 def _run_directory(out: Path, arm: str, seed: int) -> Path:
@@ -156,6 +161,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rollout-noise", type=float, default=1.0,
                         help="Std of the Gaussian noise on every rollout logit (the injected mismatch).")
     parser.add_argument("--threshold", type=float, default=2.0, help="Sequence-level IS truncation threshold.")
+    parser.add_argument("--arms", nargs="+", default=["uncorrected", "sequence IS"],
+                        choices=list(arms(2.0, 2.0)), help="Configurations to run (token IS: truncated token-level TIS).")
+    parser.add_argument("--token-threshold", type=float, default=2.0, help="Token-level IS threshold (token IS arm).")
     parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel (one CPU thread each).")
     parser.add_argument("--tail", type=int, default=50, help="Steps averaged for the table.")
     args = parser.parse_args(argv)
@@ -163,18 +171,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shared = ["--train-iters", str(args.train_iters), "--rollout-noise", str(args.rollout_noise),
               "--rollout-is-bypass", "--eval-interval", "20", "--no-progress", "--plot", "none", "--cpu-threads", "1"]
     commands = []
+    configurations = {arm: flags for arm, flags in arms(args.threshold, args.token_threshold).items() if arm in args.arms}
     for seed in args.seeds:
-        for arm, flags in arms(args.threshold).items():
+        for arm, flags in configurations.items():
             directory = _run_directory(out, arm, seed)
             commands.append([sys.executable, "-m", "megatron_rollout_is.demo", *shared, *flags,
                              "--seed", str(seed), "--output-dir", str(directory)])
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(_train, commands))
     runs = {arm: {seed: read_metrics(_run_directory(out, arm, seed) / "metrics.jsonl") for seed in args.seeds}
-            for arm in arms(args.threshold)}
+            for arm in configurations}
     settings = (f"GRPO reverse-digits, {args.train_iters} steps, rollout noise std {args.rollout_noise} on bf16 "
                 f"rollout logits, sequence-level threshold {args.threshold} (truncate, veto 1e-4), seeds "
                 f"{', '.join(map(str, args.seeds))}")
+    if "token IS" in configurations:
+        settings += f"; token IS: token-level truncate {args.token_threshold}"
     summary = summarize(runs, args.tail)
     (out / "comparison.md").write_text(markdown_table(summary, args.tail, settings))
     (out / "comparison.json").write_text(json.dumps({"settings": settings, "summary": summary}, indent=2))
