@@ -56,17 +56,22 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
         local_target = torch.where(owned, local_target, 0)
 
         step = chunk_size or max(seq_len, 1)
+        # fp16/bf16 logits: an fp32 softmax kept for backward would be twice their size, so keep
+        # only the per-token normaliser and recompute the softmax in backward, chunk by chunk.
+        recompute = keep_probs and logits.dtype not in (torch.float32, torch.float64)
+        keep_buffer = keep_probs and not recompute
         # Holds z, then exp(z), then the softmax, chunk by chunk; kept whole only for backward.
-        buffer_len = seq_len if keep_probs else min(step, seq_len)
+        buffer_len = seq_len if keep_buffer else min(step, seq_len)
         probs = torch.empty(
             (buffer_len, batch, local_vocab), dtype=compute_dtype, device=logits.device
         )
         log_probs = torch.empty((seq_len, batch), dtype=compute_dtype, device=logits.device)
         entropy = torch.empty_like(log_probs) if with_entropy else None
+        log_normalizer = torch.empty_like(log_probs) if recompute else None
 
         for start in range(0, seq_len, step):
             rows = slice(start, min(start + step, seq_len))
-            z = probs[rows] if keep_probs else probs[: rows.stop - rows.start]
+            z = probs[rows] if keep_buffer else probs[: rows.stop - rows.start]
             z.copy_(logits[rows])
             if temperature != 1.0:
                 z.div_(temperature)
@@ -87,45 +92,67 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
             log_probs[rows] = summed[..., 1] - log_sum_exp
             if with_entropy:
                 entropy[rows] = log_sum_exp - summed[..., 2] / sum_exp
-            if keep_probs:
+            if keep_buffer:
                 z.div_(sum_exp.unsqueeze(-1))
+            if recompute:
+                log_normalizer[rows] = max_logit + log_sum_exp
 
         ctx.set_materialize_grads(False)
-        ctx.logits_dtype = logits.dtype
         ctx.temperature = temperature
         ctx.step = step
-        if keep_probs:
+        if keep_buffer:
             ctx.save_for_backward(probs, local_target, owned, entropy)
+        elif recompute:
+            ctx.save_for_backward(logits, local_target, owned, entropy, log_normalizer)
+        ctx.recompute = recompute
         return (log_probs, entropy) if with_entropy else log_probs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_log_probs, grad_entropy=None):
+        if ctx.recompute:
+            logits, local_target, owned, entropy, log_normalizer = ctx.saved_tensors
+            grad_logits = torch.empty_like(logits)
+            # One eighth of the sequence at a time keeps the fp32 temporary small next to the
+            # gradient itself, which is in the logits' dtype.
+            step = max(1, -(-logits.size(0) // 8))
+            for start in range(0, logits.size(0), step):
+                rows = slice(start, start + step)
+                p = logits[rows].float()
+                if ctx.temperature != 1.0:
+                    p.div_(ctx.temperature)
+                p.sub_(log_normalizer[rows].unsqueeze(-1)).exp_()
+                _softmax_to_grad_(p, rows, grad_log_probs, grad_entropy, entropy, local_target, owned, ctx.temperature)
+                grad_logits[rows] = p
+            return grad_logits, None, None, None, None, None, None
         probs, local_target, owned, entropy = ctx.saved_tensors
-        inv_temperature = 1.0 / ctx.temperature
         # The gradient is built in the saved softmax buffer: no second full-size fp32 tensor.
         # Backward through this node twice (retain_graph) therefore fails autograd's saved-tensor
         # version check instead of returning a wrong gradient.
         for start in range(0, probs.size(0), ctx.step):
             rows = slice(start, start + ctx.step)
-            p = probs[rows]
-            # d log p_t / dz = onehot_t - p ;  d H / dz = -(p log p) - p H
-            coefficient = torch.zeros(p.shape[:2], dtype=p.dtype, device=p.device)
-            entropy_term = None
-            if grad_log_probs is not None:
-                coefficient += grad_log_probs[rows]
-            if grad_entropy is not None:
-                coefficient += grad_entropy[rows] * entropy[rows]
-                entropy_term = torch.special.xlogy(p, p)
-                entropy_term.mul_((grad_entropy[rows] * inv_temperature).unsqueeze(-1))
-            p.mul_((-coefficient * inv_temperature).unsqueeze(-1))
-            if entropy_term is not None:
-                p.sub_(entropy_term)
-            if grad_log_probs is not None:
-                onehot_grad = torch.where(owned[rows], grad_log_probs[rows] * inv_temperature, 0.0)
-                p.scatter_add_(-1, local_target[rows].unsqueeze(-1), onehot_grad.unsqueeze(-1))
-        grad_logits = probs.to(ctx.logits_dtype)
-        return grad_logits, None, None, None, None, None, None
+            _softmax_to_grad_(probs[rows], rows, grad_log_probs, grad_entropy, entropy, local_target, owned, ctx.temperature)
+        return probs, None, None, None, None, None, None
+
+
+def _softmax_to_grad_(p, rows, grad_log_probs, grad_entropy, entropy, local_target, owned, temperature) -> None:
+    """Turns the softmax chunk `p` `[c, b, V/tp]` into the gradient w.r.t. the logits, in place."""
+    inv_temperature = 1.0 / temperature
+    # d log p_t / dz = onehot_t - p ;  d H / dz = -(p log p) - p H
+    coefficient = torch.zeros(p.shape[:2], dtype=p.dtype, device=p.device)
+    entropy_term = None
+    if grad_log_probs is not None:
+        coefficient += grad_log_probs[rows]
+    if grad_entropy is not None:
+        coefficient += grad_entropy[rows] * entropy[rows]
+        entropy_term = torch.special.xlogy(p, p)
+        entropy_term.mul_((grad_entropy[rows] * inv_temperature).unsqueeze(-1))
+    p.mul_((-coefficient * inv_temperature).unsqueeze(-1))
+    if entropy_term is not None:
+        p.sub_(entropy_term)
+    if grad_log_probs is not None:
+        onehot_grad = torch.where(owned[rows], grad_log_probs[rows] * inv_temperature, 0.0)
+        p.scatter_add_(-1, local_target[rows].unsqueeze(-1), onehot_grad.unsqueeze(-1))
 
 
 def _validate(logits, target, tp_group, temperature, chunk_size) -> None:
@@ -190,13 +217,15 @@ def vocab_parallel_token_log_probs(
 
     Memory (``c`` = ``chunk_size`` or ``s``; fp32 stands for float64 when logits are float64):
 
-    * kept for backward, only when ``logits`` requires grad: one fp32 ``[s, b, V/tp]`` softmax
-      buffer plus ``[s, b]`` target index, ownership mask and (if requested) entropy.
-    * backward turns that buffer into the gradient in place; it allocates a few ``[c, b]``
-      tensors, one fp32 ``[c, b, V/tp]`` temporary when the entropy receives a gradient, and
-      for fp16/bf16 logits the returned ``[s, b, V/tp]`` gradient in the logits dtype.
-    * forward temporaries: a few ``[c, b]`` tensors; with ``return_entropy`` one fp32
-      ``[c, b, V/tp]``. Without grad the softmax buffer itself is only ``[c, b, V/tp]``.
+    * fp32/float64 logits that require grad: one fp32 ``[s, b, V/tp]`` softmax buffer is kept for
+      backward (plus ``[s, b]`` target index, ownership mask and, if requested, entropy), and
+      backward turns it into the returned gradient in place, allocating a few ``[c, b]`` tensors
+      and, when the entropy receives a gradient, one fp32 ``[c, b, V/tp]`` temporary.
+    * fp16/bf16 logits that require grad: only ``[s, b]`` normalisers are kept (and a reference
+      to the logits); backward recomputes the softmax ``s/8`` positions at a time, so its peak is
+      the returned gradient (half an fp32 copy) plus one eighth of an fp32 copy.
+    * forward temporaries: one fp32 ``[c, b, V/tp]`` chunk (the kept buffer itself for fp32
+      logits), a few ``[c, b]`` tensors, and with ``return_entropy`` one more fp32 chunk.
     * so the peak is one fp32 copy of the local logits (plus ``c/s`` of one with entropy).
     * the caller's ``logits`` are read, never written.
 
