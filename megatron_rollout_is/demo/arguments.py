@@ -16,16 +16,26 @@ from ..config import RolloutISConfig
 from ..integration.arguments import add_rollout_is_args, rollout_is_config_from_args
 
 
+class _DemoHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the defaults of the demo's own flags (the ``--rollout-is-*`` helps state theirs)."""
+
+    def _get_help_string(self, action):
+        if action.dest.startswith("rollout_is"):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The demo's parser: layout, model, task, optimisation, rollout, checkpoint, logging, IS flags."""
     parser = argparse.ArgumentParser(
         prog=prog or "python -m megatron_rollout_is.demo",
         description="GRPO on Megatron-Core's GPTModel with an embedded bf16 rollout engine and rollout IS.",
+        formatter_class=_DemoHelpFormatter,
     )
     layout = parser.add_argument_group("parallel layout")
-    layout.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    layout.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    layout.add_argument("--context-parallel-size", type=int, default=1)
+    layout.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size.")
+    layout.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size.")
+    layout.add_argument("--context-parallel-size", type=int, default=1, help="CP size.")
     layout.add_argument("--micro-batch-size", type=int, default=16, help="Sequences per micro-batch.")
     layout.add_argument("--global-batch-size", type=int, default=64,
                         help="Sequences per step over all DP ranks (prompts x --group-size).")
@@ -33,48 +43,50 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         help="THD micro-batches: documents packed with cu_seqlens, each split over CP ranks.")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--num-layers", type=int, default=2)
-    model.add_argument("--hidden-size", type=int, default=64)
-    model.add_argument("--num-attention-heads", type=int, default=4)
-    model.add_argument("--num-query-groups", type=int, default=None, help="GQA groups (default: one per head).")
+    model.add_argument("--num-layers", type=int, default=2, help="Transformer layers.")
+    model.add_argument("--hidden-size", type=int, default=64, help="Model width.")
+    model.add_argument("--num-attention-heads", type=int, default=4, help="Attention heads.")
+    model.add_argument("--num-query-groups", type=int, default=None, help="GQA query groups; None: one per head.")
 
     task = parser.add_argument_group("task: reverse a digit string")
-    task.add_argument("--min-digits", type=int, default=3)
-    task.add_argument("--max-digits", type=int, default=3)
+    task.add_argument("--min-digits", type=int, default=3, help="Shortest digit string.")
+    task.add_argument("--max-digits", type=int, default=3, help="Longest digit string.")
     task.add_argument("--num-symbols", type=int, default=10, help="Size of the digit alphabet.")
     task.add_argument("--group-size", type=int, default=8, help="GRPO samples per prompt.")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train-iters", type=int, default=400, help="Training steps (one rollout batch each).")
-    optim.add_argument("--lr", type=float, default=1e-3)
-    optim.add_argument("--adam-beta1", type=float, default=0.9)
-    optim.add_argument("--adam-beta2", type=float, default=0.99)
-    optim.add_argument("--weight-decay", type=float, default=0.0)
+    optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (constant).")
+    optim.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1.")
+    optim.add_argument("--adam-beta2", type=float, default=0.99, help="Adam beta2.")
+    optim.add_argument("--weight-decay", type=float, default=0.0, help="Decoupled weight decay.")
     optim.add_argument("--clip-grad", type=float, default=0.0,
                        help="Gradient-norm clipping (needs CUDA: megatron's clip_grads asserts CUDA tensors).")
     optim.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip (pi_theta / pi_old).")
-    optim.add_argument("--seed", type=int, default=1234)
+    optim.add_argument("--seed", type=int, default=1234, help="Weights, prompts and sampling.")
 
     rollout = parser.add_argument_group("rollout engine")
     rollout.add_argument("--rollout-noise", type=float, default=0.0,
                          help="Std of Gaussian noise added to every rollout logit (0: bf16 mismatch only).")
-    rollout.add_argument("--rollout-dtype", choices=("bf16", "fp32"), default="bf16")
+    rollout.add_argument("--rollout-dtype", choices=("bf16", "fp32"), default="bf16",
+                         help="Engine precision (fp32: no mismatch but the injected noise).")
     rollout.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (trainer too).")
     rollout.add_argument("--eval-interval", type=int, default=10,
                          help="Greedy noise-free fp32 reward on fixed prompts every N steps (0: never).")
-    rollout.add_argument("--eval-prompts", type=int, default=128)
+    rollout.add_argument("--eval-prompts", type=int, default=128, help="Fixed prompts of the greedy eval.")
 
     ckpt = parser.add_argument_group("checkpointing (megatron.core dist_checkpointing)")
-    ckpt.add_argument("--save", default=None, metavar="DIR")
-    ckpt.add_argument("--load", default=None, metavar="DIR")
+    ckpt.add_argument("--save", default=None, metavar="DIR", help="Checkpoint directory to write.")
+    ckpt.add_argument("--load", default=None, metavar="DIR",
+                      help="Checkpoint directory to resume from (the same as --save: resume if present).")
     ckpt.add_argument("--save-interval", type=int, default=0, help="Save every N steps (0: only at the end).")
     ckpt.add_argument("--ckpt-step", type=int, default=None,
                       help="Load this step's checkpoint instead of the latest one.")
 
     logs = parser.add_argument_group("logging")
     logs.add_argument("--output-dir", default="demo_output", help="metrics.jsonl (one line per step) goes here.")
-    logs.add_argument("--tensorboard-dir", default=None, help="Default: <output-dir>/tensorboard.")
-    logs.add_argument("--plot", default=None, metavar="PNG|none", help="Default: <output-dir>/training.png.")
+    logs.add_argument("--tensorboard-dir", default=None, help="TensorBoard event files; None: <output-dir>/tensorboard.")
+    logs.add_argument("--plot", default=None, metavar="PNG|none", help="Training plot (PNG) or none; None: <output-dir>/training.png.")
     logs.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads per process on CPU (tiny models: extra threads only spin).")
@@ -136,6 +148,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
         raise ValueError("--clip-grad > 0 needs CUDA (megatron's clip_grads asserts CUDA tensors); use 0 on CPU.")
     if args.save_interval < 0 or args.eval_interval < 0:
         raise ValueError("--save-interval and --eval-interval must be >= 0.")
+    if args.eval_interval > 0 and args.eval_prompts < 1:
+        raise ValueError(f"--eval-prompts must be >= 1 with --eval-interval {args.eval_interval} (0 turns eval off).")
     args.data_parallel_size = dp
     return rollout_is_config_from_args(args)
 
