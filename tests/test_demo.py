@@ -182,3 +182,28 @@ def test_compare_tables_and_plots_synthetic_runs(tmp_path):
     assert table.count("\n| ") == 3 and "| sequence IS | " in table and "never" in table
     compare.plot(runs, tmp_path / "comparison.png", "title")
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
+
+
+def test_reverse_task_targets_rewards_and_grpo_advantages():
+    from megatron_rollout_is.demo.task import BOS, EOS, EQUALS, FIRST_SYMBOL as D, PAD, ReverseTask, grpo_advantages
+
+    task = ReverseTask(min_digits=2, max_digits=3)
+    prompts = torch.tensor([[BOS, D + 5, D + 7, D + 9, EQUALS], [BOS, D + 1, D + 2, EQUALS, PAD]])
+    lengths = torch.tensor([5, 4])
+    assert task.targets(prompts, lengths).tolist() == [[D + 9, D + 7, D + 5, EOS], [D + 2, D + 1, EOS, PAD]]
+    responses = torch.tensor([[D + 9, D + 7, D + 5, EOS], [D + 2, EOS, PAD, PAD]])
+    assert task.rewards(responses, prompts, lengths).tolist() == [1.0, pytest.approx(1 / 3)]
+    assert task.vocab_size(4) == 16 and task.vocab_size(1) == 14
+    generator = torch.Generator().manual_seed(0)
+    sampled, sampled_lengths = task.sample_prompts(64, generator)
+    assert set(sampled_lengths.tolist()) == {4, 5}
+    assert (sampled[torch.arange(64), sampled_lengths - 1] == EQUALS).all()
+    assert task.rewards(task.targets(sampled, sampled_lengths), sampled, sampled_lengths).eq(1).all()
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.2])
+    advantages = grpo_advantages(rewards, group_size=2)
+    # Group [1, 0]: mean 0.5, unbiased std 1/sqrt(2).
+    expected = [0.5 / (2**-0.5 + 1e-6), -0.5 / (2**-0.5 + 1e-6), 0.0, 0.0, 0.0, 0.0]
+    assert advantages.tolist() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="--group-size"):
+        grpo_advantages(rewards, group_size=4)
