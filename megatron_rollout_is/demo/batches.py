@@ -12,6 +12,7 @@ budget, ``b`` micro-batch size, ``t`` packed tokens of a THD micro-batch.
 from typing import Any, Dict, List
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..integration.gpt import thd_packed_seq_params
@@ -54,8 +55,8 @@ def sequence_tensors(prompts: Tensor, prompt_lengths: Tensor, responses: Tensor,
         raise ValueError(f"seq_len {seq_len} < prompt {prompt_width} + response {response_len}.")
     rows = torch.arange(num).unsqueeze(1)
     columns = torch.arange(seq_len).unsqueeze(0)
-    tokens = torch.where(columns < prompt_lengths.unsqueeze(1), 
-                         torch.nn.functional.pad(prompts, (0, seq_len - prompt_width), value=PAD), PAD)
+    padded_prompts = F.pad(prompts, (0, seq_len - prompt_width), value=PAD)
+    tokens = torch.where(columns < prompt_lengths.unsqueeze(1), padded_prompts, PAD)
     response_positions = prompt_lengths.unsqueeze(1) + torch.arange(response_len).unsqueeze(0)
     tokens[rows, response_positions] = torch.where(response_mask, responses, PAD)
     labels = torch.cat([tokens[:, 1:], torch.full((num, 1), PAD, dtype=tokens.dtype)], dim=1)
