@@ -1,14 +1,9 @@
 """The demo's model, DDP wrapper and optimizer, all from megatron.core, on CPU or GPU.
 
-On CPU, megatron's DistributedDataParallel and optimizer still allocate a few tensors on CUDA
-(``distributed/param_and_grad_buffer.py``: the gradient buffer on ``torch.cuda.current_device()``;
-``optimizer/optimizer.py``: the FP32 optimizer's ``_scale``; ``optimizer/clip_grads.py``: the grad
-norm's all-reduce buffer). :func:`install_optimizer_cpu_shims` redirects these modules exactly as
-``integration.cpu_shims`` redirects the schedules (the same stand-in for ``torch``). Gradient
-clipping itself asserts CUDA gradient types (``clip_grads.py`` :167) and stays unavailable on CPU.
+On CPU, `integration.cpu_shims` redirects the CUDA assumptions of megatron's DDP and optimizer too;
+gradient clipping stays unavailable there (it asserts CUDA gradient types).
 """
 
-import importlib
 import math
 import zlib
 from typing import Dict, Tuple
@@ -18,37 +13,12 @@ from torch import Tensor
 
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from ..integration.cpu_shims import install_cpu_shims
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
 from ..integration.cp_attention import ContextParallelDotProductAttention
+from ..integration.cpu_shims import install_cpu_shims
 from ..integration.gpt import build_gpt_model, global_parameter_name, load_full_state_dict, tiny_gpt_config
-
-_OPTIMIZER_MODULES = (
-    "megatron.core.distributed.param_and_grad_buffer",
-    "megatron.core.optimizer.optimizer",
-    "megatron.core.optimizer.clip_grads",
-)
-# A module the project's cpu_shims already redirects: its `torch` is the CPU stand-in to reuse.
-_REDIRECTED_REFERENCE = "megatron.core.pipeline_parallel.schedules"
-
-
-def install_optimizer_cpu_shims() -> bool:
-    """Redirects DDP's grad buffer and the optimizer's CUDA tensors to the CPU (no-op with CUDA)."""
-    if not install_cpu_shims():
-        return False
-    stand_in = importlib.import_module(_REDIRECTED_REFERENCE).torch
-    if stand_in is torch:
-        raise RuntimeError(f"integration.cpu_shims did not redirect {_REDIRECTED_REFERENCE}; cannot reuse it.")
-    for name in _OPTIMIZER_MODULES:
-        module = importlib.import_module(name)
-        if module.torch is not torch and module.torch is not stand_in:
-            raise RuntimeError(f"{name} no longer binds the global name 'torch' (megatron-core != 0.16.1?).")
-        module.torch = stand_in
-    return True
-
 
 def demo_layer_spec():
     """Megatron's local GPT layer spec with the project's CP attention, on every device.
@@ -103,7 +73,7 @@ def build_model_and_optimizer(args, vocab_size: int, seq_len: int, device: torch
     Returns:
         (ddp_model, optimizer, config).
     """
-    install_optimizer_cpu_shims()
+    install_cpu_shims()
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     config = tiny_gpt_config(
         tp, pp, cp,

@@ -36,9 +36,13 @@ inside ``megatron/core/``):
   save; ``dist_checkpointing/strategies/state_dict_saver.py`` :204, :252: failure flags created
   on "cuda" on save.
 
+* ``distributed/param_and_grad_buffer.py``: DDP's gradient buffer on
+  ``torch.cuda.current_device()``; ``optimizer/optimizer.py``: the FP32 optimizer's ``_scale``;
+  ``optimizer/clip_grads.py``: the grad-norm all-reduce buffer.
+
 Not covered: parameters created on the GPU (build models with ``use_cpu_initialization=True``,
-as ``gpt.tiny_gpt_config`` does), megatron's optimizers and grad clipping
-(``optimizer/optimizer.py``, ``optimizer/clip_grads.py``) and the DDP wrapper's CUDA streams.
+as ``gpt.tiny_gpt_config`` does) and gradient clipping itself, which asserts CUDA gradient types
+(``optimizer/clip_grads.py`` :167) and so stays unavailable on CPU.
 """
 
 import importlib
@@ -57,6 +61,9 @@ _REDIRECTED_MODULES = (
     "megatron.core.transformer.utils",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
 )
 
 # Modules that bound ``rope_utils.get_pos_emb_on_this_cp_rank`` under that name.
