@@ -50,6 +50,10 @@ class ShardedRolloutIS:
         self.check_layout = check_layout
         self.statistics = StepStatistics(config)
         self._device: Optional[torch.device] = None
+        # Looked up once: the groups never change, and the sizes decide per call whether to reduce at all.
+        self._cp_size = group_size(groups.cp)
+        self._dp_cp_size = group_size(groups.dp_cp)
+        self._owns_sequences = group_rank(groups.cp) == 0
 
     def micro_batch_weights(
         self, old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor
@@ -70,8 +74,9 @@ class ShardedRolloutIS:
             self._agree_on_inputs(None, error)
         self._agree_on_inputs(old_log_prob, None)
         self._device = old_log_prob.device
+        reduce_partials = self._reduce_partials if self._cp_size > 1 else None
         return micro_batch_weights(
-            old_log_prob, rollout_log_prob, response_mask, self.config, self.statistics, self._reduce_partials
+            old_log_prob, rollout_log_prob, response_mask, self.config, self.statistics, reduce_partials
         )
 
     def micro_batch_weights_thd(
@@ -106,11 +111,14 @@ class ShardedRolloutIS:
 
         Call once per step on every last-stage rank, after the last micro-batch.
         """
-        deferred = None if reduces_per_micro_batch(self.config) else self._reduce_partials
+        deferred = None if reduces_per_micro_batch(self.config) or self._cp_size == 1 else self._reduce_partials
+        if self._dp_cp_size == 1:
+            # No reducers at all: the statistics then take their one-process paths (same results).
+            return self.statistics.finalize(reduce_partials=deferred, owns_sequences=self._owns_sequences)
         dp_cp = self.groups.dp_cp
         return self.statistics.finalize(
             reduce_partials=deferred,
-            owns_sequences=group_rank(self.groups.cp) == 0,
+            owns_sequences=self._owns_sequences,
             all_reduce_sum=lambda t: self._all_reduce(t, dist.ReduceOp.SUM, dp_cp),
             all_reduce_max=lambda t: self._all_reduce(t, dist.ReduceOp.MAX, dp_cp),
         )
@@ -121,7 +129,7 @@ class ShardedRolloutIS:
     def _all_reduce(self, tensor: torch.Tensor, op, group) -> torch.Tensor:
         # NCCL only reduces device tensors; the step's small accumulators live on the CPU.
         device = self._device or tensor.device
-        if group_size(group) == 1 or tensor.device == device:
+        if tensor.device == device:
             return all_reduce(tensor, op, group)
         staged = tensor.to(device)
         all_reduce(staged, op, group)
@@ -134,7 +142,7 @@ class ShardedRolloutIS:
         its peers raise too instead of waiting forever in the partials all-reduce.
         """
         group = self.groups.cp
-        if not self.check_layout or group_size(group) == 1:
+        if not self.check_layout or self._cp_size == 1:
             if error is not None:
                 raise error
             return
