@@ -117,6 +117,24 @@ def _torchrun(args, env, cwd, timeout=30.0):
                           timeout=timeout)
 
 
+# What the job's log must show for every step, and the metrics.jsonl name of each field.
+LOGGED_FIELDS = {"reward": "reward/mean", "loss": "train/loss", "mismatch/rollout_is_mean": "mismatch/rollout_is_mean",
+                 "mismatch/rollout_is_eff_sample_size": "mismatch/rollout_is_eff_sample_size",
+                 "mismatch/mismatch_kl": "mismatch/mismatch_kl",
+                 "mismatch/rollout_is_veto_fraction": "mismatch/rollout_is_veto_fraction"}
+
+
+def _logged_steps(log: str) -> dict:
+    """``step 3/10 | name value | ...`` lines of a job's log, in order: [(step, {name: value})]."""
+    steps = []
+    for line in log.splitlines():
+        match = re.fullmatch(rf"step (\d+)/{STEPS}((?: \| \S+ \S+)+)", line.strip())
+        if match:
+            fields = (field.rsplit(" ", 1) for field in match.group(2).split(" | ")[1:])
+            steps.append((int(match.group(1)), {name: float(value) for name, value in fields}))
+    return steps
+
+
 def _assert_trained(metrics_jsonl: Path, log: str):
     records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
     assert [record["step"] for record in records] == list(range(1, STEPS + 1))
@@ -126,6 +144,13 @@ def _assert_trained(metrics_jsonl: Path, log: str):
         assert all(math.isfinite(value) for value in mismatch.values())
         assert mismatch["mismatch/mismatch_kl"] != 0.0  # the noisy engine really mismatches
     assert "Traceback" not in log
+    # The log itself shows each step once, with the same numbers as metrics.jsonl (5 significant digits).
+    logged = _logged_steps(log)
+    assert [step for step, _ in logged] == list(range(1, STEPS + 1)), log[-4000:]
+    for record, (_, shown) in zip(records, logged):
+        assert set(shown) == set(LOGGED_FIELDS)
+        for name, key in LOGGED_FIELDS.items():
+            assert shown[name] == pytest.approx(record[key], rel=1e-4, abs=1e-12), (record["step"], name)
 
 
 # ---------------------------------------------------------------------------------------------

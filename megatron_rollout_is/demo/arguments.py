@@ -90,6 +90,20 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     logs.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads per process on CPU (tiny models: extra threads only spin).")
+    parser.add_argument("--distributed-timeout-minutes", type=float, default=10.0, metavar="MINUTES",
+                        help="Timeout of every collective (fractions allowed): a rank stuck waiting on a peer "
+                             "that died fails after this long instead of hanging.")
+
+    faults = parser.add_argument_group("fault injection (testing)")
+    faults.add_argument("--inject-nonfinite-rollout-step", type=int, default=0, metavar="N",
+                        help="At step N, one response token's rollout log-prob becomes NaN and another's +inf, on "
+                             "every rank (a broken inference engine); rollout IS drops both. 0: never.")
+    faults.add_argument("--inject-is-fault-step", type=int, default=0, metavar="N",
+                        help="At step N, rank --inject-is-fault-rank hands the rollout IS an integer "
+                             "rollout_log_prob, which its input check rejects; the job must stop on every rank. "
+                             "0: never.")
+    faults.add_argument("--inject-is-fault-rank", type=int, default=0, metavar="R",
+                        help="Global rank of --inject-is-fault-step (a rank of the last pipeline stage).")
     add_rollout_is_args(parser)
     return parser
 
@@ -150,8 +164,29 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
         raise ValueError("--save-interval and --eval-interval must be >= 0.")
     if args.eval_interval > 0 and args.eval_prompts < 1:
         raise ValueError(f"--eval-prompts must be >= 1 with --eval-interval {args.eval_interval} (0 turns eval off).")
+    if not args.distributed_timeout_minutes > 0:
+        raise ValueError(f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes}.")
     args.data_parallel_size = dp
-    return rollout_is_config_from_args(args)
+    is_config = rollout_is_config_from_args(args)
+    _validate_fault_injection(args, world_size, is_config)
+    return is_config
+
+
+def _validate_fault_injection(args: argparse.Namespace, world_size: int, is_config: RolloutISConfig) -> None:
+    if args.inject_nonfinite_rollout_step < 0 or args.inject_is_fault_step < 0:
+        raise ValueError("--inject-nonfinite-rollout-step and --inject-is-fault-step must be >= 0 (0: never).")
+    if not args.inject_is_fault_step:
+        return
+    if not is_config.enabled:
+        raise ValueError("--inject-is-fault-step needs rollout IS on (--rollout-is-threshold): the fault is "
+                         "raised inside it.")
+    # Megatron orders ranks tp-cp-dp-pp: the last pipeline stage holds the highest world_size / PP ranks.
+    first_last_stage = world_size - world_size // args.pipeline_model_parallel_size
+    if not first_last_stage <= args.inject_is_fault_rank < world_size:
+        raise ValueError(
+            f"--inject-is-fault-rank must be a rank of the last pipeline stage, in [{first_last_stage}, "
+            f"{world_size}), got {args.inject_is_fault_rank} (other stages never reach the loss)."
+        )
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defaults: Optional[dict] = None):

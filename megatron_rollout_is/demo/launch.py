@@ -29,8 +29,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed() -> tuple:
-    """Joins torchrun's world (env://) or makes a world of one; returns ``(device, created)``."""
+def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> tuple:
+    """Joins torchrun's world (env://) or makes a world of one; returns ``(device, created)``.
+
+    Args:
+        timeout: how long a collective waits for its peers before it fails (gloo and NCCL).
+    """
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     if cuda:
@@ -39,9 +43,10 @@ def init_distributed() -> tuple:
         return device, False
     backend = "nccl" if cuda else "gloo"
     if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+        dist.init_process_group(backend, timeout=timeout)
     else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                timeout=timeout)
     return device, True
 
 
@@ -65,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defau
 
     from .train import run
 
-    device, created = init_distributed()
+    device, created = init_distributed(timedelta(minutes=args.distributed_timeout_minutes))
     if device.type == "cpu":
         torch.set_num_threads(args.cpu_threads)
         warnings.filterwarnings("ignore", message=_CUDA_ONLY_ADVICE, category=UserWarning)

@@ -3,11 +3,15 @@
 Only the logging rank (global rank 0) creates a :class:`MetricsLog`. ``metrics.jsonl`` holds one
 JSON object per step (``{"step": 3, "reward/mean": 0.41, "mismatch/mismatch_kl": ..., ...}``); on a
 resumed run the lines past the resumed step are dropped first, so the file always describes one
-consistent run.
+consistent run. Each step also prints one line to stdout (through ``tqdm.write``, so it does not
+break the bar), which is what a torchrun or SLURM log shows::
+
+    step 3/10 | reward 0.412 | loss -0.0123 | mismatch/rollout_is_mean 1.0003 | ...
 """
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -27,12 +31,28 @@ PROGRESS_KEYS = {
     "mismatch/rollout_is_eff_sample_size": "ess",
     "mismatch/rollout_is_veto_fraction": "veto",
 }
+# The per-step log line: (label, metric name), in this order, each shown when the step has it.
+STEP_LINE_KEYS = (
+    ("reward", "reward/mean"),
+    ("loss", "train/loss"),
+    ("mismatch/rollout_is_mean", "mismatch/rollout_is_mean"),
+    ("mismatch/rollout_is_eff_sample_size", "mismatch/rollout_is_eff_sample_size"),
+    ("mismatch/mismatch_kl", "mismatch/mismatch_kl"),
+    ("mismatch/rollout_is_veto_fraction", "mismatch/rollout_is_veto_fraction"),
+)
 
 
 def read_metrics(path: Union[str, Path]) -> List[Dict[str, float]]:
     """The records of a ``metrics.jsonl``, in file order."""
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def format_step_line(step: int, total_steps: int, record: Dict[str, float]) -> str:
+    """One step as ``step 3/10 | reward 0.412 | loss ... | mismatch/... `` (5 significant digits)."""
+    fields = [f"step {step}/{total_steps}"]
+    fields += [f"{label} {record[name]:.5g}" for label, name in STEP_LINE_KEYS if name in record]
+    return " | ".join(fields)
 
 
 class MetricsLog:
@@ -62,6 +82,7 @@ class MetricsLog:
             self.writer = SummaryWriter(tensorboard_dir, purge_step=start_step + 1 if start_step else None)
         from tqdm import tqdm
 
+        self.total_steps = total_steps
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="GRPO", unit="step",
                         dynamic_ncols=True)
 
@@ -77,6 +98,9 @@ class MetricsLog:
         shown = {short: f"{record[name]:.3g}" for name, short in PROGRESS_KEYS.items() if name in record}
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
+        self.bar.write(format_step_line(step, self.total_steps, record), file=sys.stdout)
+        # A log file (torchrun under SLURM) is block-buffered: show the step now, not at exit.
+        sys.stdout.flush()
 
     def close(self) -> None:
         """Flushes TensorBoard and closes the bar."""

@@ -110,6 +110,8 @@ class GRPOTrainer:
             if evaluate:
                 batch["eval/greedy_reward"] = self.evaluate(full_state)
         self._broadcast_from_rank0([responses, log_probs, mask])
+        if step == args.inject_nonfinite_rollout_step:
+            _inject_nonfinite_log_probs(log_probs, mask.bool(), step)
         rewards = task.rewards(responses, prompts, lengths)
         batch.update(prompts=prompts, prompt_lengths=lengths, responses=responses, rollout_log_probs=log_probs,
                      response_mask=mask.bool(), rewards=rewards,
@@ -167,6 +169,10 @@ class GRPOTrainer:
         batches = self.micro_batches(sequences, rollout["advantages"])
         if not args.rollout_is_bypass or args.rollout_is_dump_dir:
             self.record_old_log_probs(batches)
+        if step == args.inject_is_fault_step and self.rank == args.inject_is_fault_rank:
+            print(f"fault injection: step {step}: rank {self.rank} hands the rollout IS an integer "
+                  "rollout_log_prob", file=sys.stderr, flush=True)
+            batches[0]["rollout_log_prob"] = batches[0]["rollout_log_prob"].to(torch.int32)
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._schedule(self.loss, batches, forward_only=False)
@@ -227,6 +233,18 @@ class GRPOTrainer:
                         rollout["rollout_log_probs"], rollout["response_mask"], self.is_config)
 
 
+def _inject_nonfinite_log_probs(log_probs: torch.Tensor, mask: torch.Tensor, step: int) -> None:
+    """``--inject-nonfinite-rollout-step``: the first response token of the first two sequences gets a
+    NaN and a +inf rollout log-prob, in place (``log_probs``, ``mask``: ``[N, R]``, the same on every rank)."""
+    rows = mask.any(dim=1).nonzero().flatten()[:2]
+    columns = mask[rows].int().argmax(dim=1)
+    for value, row, column in zip((float("nan"), float("inf")), rows.tolist(), columns.tolist()):
+        log_probs[row, column] = value
+        if dist.get_rank() == 0:
+            print(f"fault injection: step {step}: rollout log-prob of sequence {row}, response token {column} "
+                  f"set to {value}", file=sys.stderr, flush=True)
+
+
 def _start_step(args, trainer: GRPOTrainer) -> int:
     if not args.load:
         return 0
@@ -244,6 +262,7 @@ def run(args, is_config, device: torch.device) -> Optional[List[Dict[str, float]
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
     )
     trainer = GRPOTrainer(args, is_config, device)
     start = _start_step(args, trainer)
