@@ -125,6 +125,7 @@ def _loss_batch(**overrides):
     "overrides, words",
     [
         (dict(rollout_log_prob=None), ["rollout_log_prob", "rollout IS is on"]),
+        (dict(rollout_log_prob=torch.zeros(2, 3)), ["rollout_log_prob", "(2, 3)", "no broadcasting"]),
         (dict(old_log_prob=None), ["old_log_prob", "--rollout-is-bypass"]),
         (dict(advantages=torch.ones(2, 1)), ["advantages", "[b, s]", "(2, 1)"]),
         (dict(loss_mask=torch.ones(2, 3)), ["loss_mask", "(2, 3)", "same CP index"]),

@@ -88,7 +88,11 @@ class RolloutISPolicyLoss:
 
         weights = None
         if self.rollout_is is not None:
-            rollout = _required(batch, "rollout_log_prob", shape, "rollout IS is on: return log-probs from the rollout engine")
+            rollout = batch.get("rollout_log_prob")
+            if rollout is None:
+                raise ValueError("the micro-batch has no rollout_log_prob; rollout IS is on: return log-probs from the rollout engine.")
+            # Its shape is checked by the sharded IS, where the CP ranks agree on valid inputs: a
+            # rank with a bad tensor then fails its peers too instead of leaving them waiting.
             weights = self._weights(batch, old, rollout, mask)
             if self.is_config.applies_weights:
                 # A token whose rollout log-prob is NaN/inf has weight 0; leave it out of the token count too.
