@@ -109,10 +109,9 @@ def prepare_shard(
     log_ratio = old - rollout_log_prob.detach().to(dtype)
     marked = response_mask.detach()
     marked = marked if marked.dtype == torch.bool else marked != 0
-    finite = torch.isfinite(log_ratio)
-    valid = marked & finite
-    zero = torch.zeros((), dtype=dtype, device=old.device)
-    return TokenShard(torch.where(valid, log_ratio, zero), valid, marked & ~finite, torch.where(valid, old, zero))
+    valid = marked & torch.isfinite(log_ratio)
+    nonfinite = marked ^ valid  # valid is the finite part of marked
+    return TokenShard(torch.where(valid, log_ratio, 0.0), valid, nonfinite, torch.where(valid, old, 0.0))
 
 
 def token_weights(log_ratio: torch.Tensor) -> torch.Tensor:
@@ -133,21 +132,26 @@ def sequence_partials(shard: TokenShard, config: RolloutISConfig, token_w: Optio
         config: the rollout IS config (level, mode, thresholds, veto).
         token_w: token level only, the `token_weights` of the shard (else None).
     """
-    valid = shard.valid.to(shard.log_ratio.dtype)
-    partials = torch.zeros(shard.log_ratio.shape[0], NUM_PARTIALS, dtype=shard.log_ratio.dtype, device=valid.device)
-    partials[:, Partial.LOG_RATIO_SUM] = shard.log_ratio.sum(dim=1)
-    partials[:, Partial.TOKENS] = valid.sum(dim=1)
+    dtype = shard.log_ratio.dtype
+    log_ratio_sum = shard.log_ratio.sum(dim=1)
+    old_sum = shard.old_log_prob.sum(dim=1)
+    unused = torch.zeros_like(log_ratio_sum)
+    # One stack of the [b] columns: per micro-batch, the fixed cost of many small ops is what counts.
+    columns = [unused] * NUM_PARTIALS
+    columns[Partial.LOG_RATIO_SUM] = log_ratio_sum
+    columns[Partial.TOKENS] = shard.valid.sum(dim=1, dtype=dtype)
     if config.rollout_is_veto_threshold is not None:
         catastrophic = shard.valid & (shard.log_ratio < math.log(config.rollout_is_veto_threshold))
-        partials[:, Partial.CATASTROPHIC] = catastrophic.sum(dim=1)
-    partials[:, Partial.OLD_SUM] = shard.old_log_prob.sum(dim=1)
-    partials[:, Partial.ROLLOUT_SUM] = partials[:, Partial.OLD_SUM] - partials[:, Partial.LOG_RATIO_SUM]
+        columns[Partial.CATASTROPHIC] = catastrophic.sum(dim=1, dtype=dtype)
+    columns[Partial.OLD_SUM] = old_sum
+    columns[Partial.ROLLOUT_SUM] = old_sum - log_ratio_sum
     if token_w is not None:
-        partials[:, Partial.TOKEN_WEIGHT_SUM] = (token_w * valid).sum(dim=1)
+        # Invalid tokens have log ratio 0, hence weight 1: leave them out.
+        columns[Partial.TOKEN_WEIGHT_SUM] = torch.where(shard.valid, token_w, 0.0).sum(dim=1)
         if config.rollout_is_mode == "clip":
             not_kept = shard.valid & ~kept(token_w, config.lower_threshold, config.rollout_is_threshold)
-            partials[:, Partial.TOKENS_NOT_KEPT] = not_kept.sum(dim=1)
-    return partials
+            columns[Partial.TOKENS_NOT_KEPT] = not_kept.sum(dim=1, dtype=dtype)
+    return torch.stack(columns, dim=1)
 
 
 def sequence_log_weights(partials: torch.Tensor, level: str) -> torch.Tensor:
