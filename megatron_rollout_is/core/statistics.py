@@ -91,7 +91,6 @@ class StepStatistics:
     def reset(self) -> None:
         """Forgets everything recorded (called by `finalize`)."""
         self.token_sums = torch.zeros(len(TokenSum), dtype=torch.float64)
-        self.token_max = torch.full((2,), -math.inf, dtype=torch.float64)
         self.partials: list[torch.Tensor] = []
         self.weight_values: list[torch.Tensor] = []
         self.multiplicities: list[torch.Tensor] = []
@@ -111,42 +110,41 @@ class StepStatistics:
         """
         cfg = self.config
         upper, lower = cfg.rollout_is_threshold, cfg.lower_threshold
+        # Per micro-batch, the fixed cost of each small op is what counts: the value count and the
+        # extremes (exact in any order) are taken once per step in `finalize`, the float sums here.
+        sums = [shard.log_ratio.new_zeros((), dtype=torch.float64)] * len(TokenSum)
         if token_w is not None:
             values, multiplicity = token_w[shard.valid], None
+            clamped = values.double().clamp(lower, upper)
+            sums[TokenSum.WEIGHT] = values.sum(dtype=torch.float64)
+            sums[TokenSum.CLAMPED] = clamped.sum()
+            sums[TokenSum.CLAMPED_SQUARED] = clamped.square().sum()
+            sums[TokenSum.HIGH] = (values > upper).sum(dtype=torch.float64)
+            sums[TokenSum.LOW] = (values < lower).sum(dtype=torch.float64)
+            if cfg.rollout_is_mode == "clip":
+                sums[TokenSum.NOT_KEPT] = (~kept(values, lower, upper)).sum(dtype=torch.float64)
         else:
             log_w = sequence_log_weights(partials, cfg.rollout_is_level)
             local_tokens = local_partials[:, Partial.TOKENS]
             present = local_tokens > 0
             log_w, multiplicity = log_w[present], local_tokens[present].double()
             values = torch.exp(log_w.clamp(-SAFETY_BOUND, SAFETY_BOUND))
-
-        def total(x: torch.Tensor) -> torch.Tensor:
-            if multiplicity is None:
-                return x.sum(dtype=torch.float64)
-            return (x.double() * multiplicity).sum()
-
-        clamped = values.double().clamp(lower, upper)
-        log_ratio = shard.log_ratio.double()  # 0 on invalid tokens, where the k3 term is 0 too
-        sums = [torch.zeros((), dtype=torch.float64)] * len(TokenSum)
-        sums[TokenSum.COUNT] = total(torch.ones_like(values))
-        sums[TokenSum.WEIGHT] = total(values)
-        sums[TokenSum.CLAMPED] = total(clamped)
-        sums[TokenSum.CLAMPED_SQUARED] = total(clamped.square())
-        if cfg.rollout_is_level == "token":
-            sums[TokenSum.HIGH], sums[TokenSum.LOW] = total(values > upper), total(values < lower)
-        elif cfg.rollout_is_level == "geometric":
-            sums[TokenSum.HIGH] = total(log_w > math.log(upper))
-            sums[TokenSum.LOW] = total(log_w < math.log(lower))
-        sums[TokenSum.CATASTROPHIC] = local_partials[:, Partial.CATASTROPHIC].sum(dtype=torch.float64)
-        if cfg.rollout_is_mode == "clip":
-            sums[TokenSum.NOT_KEPT] = total(~kept(values, lower, upper))
+            clamped = values.double().clamp(lower, upper)
+            sums[TokenSum.WEIGHT] = (values.double() * multiplicity).sum()
+            sums[TokenSum.CLAMPED] = (clamped * multiplicity).sum()
+            sums[TokenSum.CLAMPED_SQUARED] = (clamped.square() * multiplicity).sum()
+            if cfg.rollout_is_level == "geometric":
+                sums[TokenSum.HIGH] = torch.where(log_w > math.log(upper), multiplicity, 0.0).sum()
+                sums[TokenSum.LOW] = torch.where(log_w < math.log(lower), multiplicity, 0.0).sum()
+            if cfg.rollout_is_mode == "clip":
+                sums[TokenSum.NOT_KEPT] = torch.where(kept(values, lower, upper), 0.0, multiplicity).sum()
+        if cfg.rollout_is_veto_threshold is not None:
+            sums[TokenSum.CATASTROPHIC] = local_partials[:, Partial.CATASTROPHIC].sum(dtype=torch.float64)
         sums[TokenSum.ROLLOUT_MINUS_OLD] = -local_partials[:, Partial.LOG_RATIO_SUM].sum(dtype=torch.float64)
-        sums[TokenSum.K3] = (torch.exp(log_ratio.clamp(max=SAFETY_BOUND)) - log_ratio - 1).sum()
+        log_ratio = shard.log_ratio.double()  # 0 on invalid tokens, where the k3 term is 0 too
+        sums[TokenSum.K3] = torch.exp(log_ratio.clamp(max=SAFETY_BOUND)).sub_(log_ratio).sub_(1).sum()
         sums[TokenSum.NONFINITE] = shard.nonfinite.sum(dtype=torch.float64)
         self.token_sums += torch.stack(sums).cpu()
-        if values.numel():
-            extremes = torch.stack([values.max(), -values.min()]).double().cpu()
-            self.token_max = torch.maximum(self.token_max, extremes)
         self.partials.append(partials)
         self.weight_values.append(values)
         if multiplicity is not None:
@@ -173,26 +171,33 @@ class StepStatistics:
         Returns:
             `{"mismatch/<name>": float}`, identical on every participating rank.
         """
-        sums, extremes = self._local_reductions(reduce_partials, owns_sequences)
+        local_values = torch.cat(self.weight_values) if self.weight_values else torch.zeros(0)
+        multiplicity = None
+        if self.config.rollout_is_level != "token":
+            multiplicity = torch.cat(self.multiplicities) if self.multiplicities else torch.zeros(0, dtype=torch.float64)
+        sums, extremes = self._local_reductions(reduce_partials, owns_sequences, local_values, multiplicity)
         if all_reduce_sum is not None:
             all_reduce_sum(sums)
         if all_reduce_max is not None:
             all_reduce_max(extremes)
-        count = int(sums[TokenSum.COUNT].item())
+        totals = sums.tolist()
+        count = int(totals[TokenSum.COUNT])
         # Every rank must select on the same dtype (the number of rounds depends on it), also a
         # rank that recorded nothing: the last column says whether any rank holds float64 weights.
-        value_dtype = torch.float64 if sums[-1] > 0 else torch.float32
-        values = torch.cat(self.weight_values).to(value_dtype) if self.weight_values else torch.zeros(0, dtype=value_dtype)
-        multiplicity = None
-        if self.config.rollout_is_level != "token":
-            multiplicity = torch.cat(self.multiplicities) if self.multiplicities else torch.zeros(0, dtype=torch.float64)
+        value_dtype = torch.float64 if totals[-1] > 0 else torch.float32
+        values = local_values.to(value_dtype)
         quantiles = exact_quantiles(values, list(QUANTILES.values()), count, all_reduce_sum, multiplicity)
         self.reset()
-        token_sums = sums[: len(TokenSum)].tolist()
-        sequence_sums = sums[len(TokenSum) : -1].tolist()
+        token_sums, sequence_sums = totals[: len(TokenSum)], totals[len(TokenSum) : -1]
         return metrics_from_statistics(self.config, token_sums, sequence_sums, extremes.tolist(), quantiles)
 
-    def _local_reductions(self, reduce_partials: Optional[Reducer], owns_sequences: bool):
+    def _local_reductions(
+        self,
+        reduce_partials: Optional[Reducer],
+        owns_sequences: bool,
+        values: torch.Tensor,
+        multiplicity: Optional[torch.Tensor],
+    ):
         partials = torch.cat(self.partials) if self.partials else torch.zeros(0, len(Partial), dtype=torch.float64)
         if reduce_partials is not None:
             reduce_partials(partials)
@@ -200,52 +205,67 @@ class StepStatistics:
         sequence_sums, sequence_extremes = sequence_statistics(partials, self.config)
         if not owns_sequences:
             sequence_sums.zero_()
-        wide = any(values.dtype == torch.float64 for values in self.weight_values)
-        sums = torch.cat([self.token_sums, sequence_sums, torch.tensor([float(wide)], dtype=torch.float64)])
-        extremes = torch.cat([self.token_max, sequence_extremes])
-        return sums, extremes
+        self.token_sums[TokenSum.COUNT] = values.numel() if multiplicity is None else multiplicity.sum().item()
+        token_max = torch.full((2,), -math.inf, dtype=torch.float64)
+        if values.numel():
+            low, high = torch.aminmax(values)
+            token_max = torch.stack([high, -low]).double().cpu()
+        wide = float(values.dtype == torch.float64)
+        sums = torch.cat([self.token_sums, sequence_sums, torch.tensor([wide], dtype=torch.float64)])
+        return sums, torch.cat([token_max, sequence_extremes])
 
 
 def sequence_statistics(partials: torch.Tensor, config: RolloutISConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """`SequenceSum` sums and the sequence rows of `Extreme` from reduced float64 partials `[n, NUM_PARTIALS]`."""
+    """`SequenceSum` sums and the sequence rows of `Extreme` from reduced float64 partials `[n, NUM_PARTIALS]`.
+
+    Sums that no metric of this config reads (the log-weight fractions below sequence level, the clipped
+    share in truncate mode, the vetoed share without veto) are left at 0: per step, every small op counts.
+    """
     upper, lower = config.rollout_is_threshold, config.lower_threshold
     rows = partials[partials[:, Partial.TOKENS] > 0]
-    tokens = rows[:, Partial.TOKENS]
+    column = rows.unbind(dim=1)
+    tokens = column[Partial.TOKENS]
+    denominator = tokens + MEAN_EPS
     log_w = sequence_log_weights(rows, config.rollout_is_level)
     if config.rollout_is_level == "token":
-        mean_w = rows[:, Partial.TOKEN_WEIGHT_SUM] / (tokens + MEAN_EPS)
-        clipped = rows[:, Partial.TOKENS_NOT_KEPT] > 0
+        mean_w = column[Partial.TOKEN_WEIGHT_SUM] / denominator
     else:
         weight = torch.exp(log_w.clamp(-SAFETY_BOUND, SAFETY_BOUND))
-        clipped = ~kept(weight, lower, upper)
         # The masked mean of a constant weight, with the same epsilon as every masked mean.
-        mean_w = weight * tokens / (tokens + MEAN_EPS)
-    mean_old = rows[:, Partial.OLD_SUM] / (tokens + MEAN_EPS)
-    mean_rollout = rows[:, Partial.ROLLOUT_SUM] / (tokens + MEAN_EPS)
-    diff = mean_rollout - mean_old
-    sums = torch.zeros(len(SequenceSum), dtype=torch.float64)
-    sums[SequenceSum.COUNT] = rows.shape[0]
-    sums[SequenceSum.LOG_HIGH] = (log_w > math.log(upper)).sum()
-    sums[SequenceSum.LOG_LOW] = (log_w < math.log(lower)).sum()
-    sums[SequenceSum.VETOED] = (rows[:, Partial.CATASTROPHIC] > 0).sum()
+        mean_w = weight * tokens / denominator
+    training_log_ppl = -column[Partial.OLD_SUM] / denominator
+    rollout_log_ppl = -column[Partial.ROLLOUT_SUM] / denominator
+    diff = training_log_ppl - rollout_log_ppl  # mean rollout minus mean old log-prob
+    # One stack of 0-d sums rather than an indexed write each.
+    sums = [torch.zeros((), dtype=torch.float64, device=rows.device)] * len(SequenceSum)
+    sums[SequenceSum.COUNT] = torch.full((), rows.shape[0], dtype=torch.float64, device=rows.device)
+    if config.rollout_is_level == "sequence":
+        sums[SequenceSum.LOG_HIGH] = (log_w > math.log(upper)).sum(dtype=torch.float64)
+        sums[SequenceSum.LOG_LOW] = (log_w < math.log(lower)).sum(dtype=torch.float64)
+    if config.rollout_is_veto_threshold is not None:
+        sums[SequenceSum.VETOED] = (column[Partial.CATASTROPHIC] > 0).sum(dtype=torch.float64)
     sums[SequenceSum.MEAN_WEIGHT] = mean_w.sum()
     sums[SequenceSum.MEAN_WEIGHT_SQUARED] = mean_w.square().sum()
-    sums[SequenceSum.MEAN_HIGH] = (mean_w > upper).sum()
-    sums[SequenceSum.MEAN_LOW] = (mean_w < lower).sum()
-    sums[SequenceSum.CLIPPED] = clipped.sum()
-    sums[SequenceSum.TRAINING_PPL] = torch.exp((-mean_old).clamp(max=SAFETY_BOUND)).sum()
-    sums[SequenceSum.ROLLOUT_PPL] = torch.exp((-mean_rollout).clamp(max=SAFETY_BOUND)).sum()
-    sums[SequenceSum.TRAINING_LOG_PPL] = (-mean_old).sum()
-    sums[SequenceSum.ROLLOUT_LOG_PPL] = (-mean_rollout).sum()
+    sums[SequenceSum.MEAN_HIGH] = (mean_w > upper).sum(dtype=torch.float64)
+    sums[SequenceSum.MEAN_LOW] = (mean_w < lower).sum(dtype=torch.float64)
+    if config.rollout_is_mode == "clip":
+        if config.rollout_is_level == "token":
+            clipped = column[Partial.TOKENS_NOT_KEPT] > 0
+        else:
+            clipped = ~kept(weight, lower, upper)
+        sums[SequenceSum.CLIPPED] = clipped.sum(dtype=torch.float64)
+    sums[SequenceSum.TRAINING_PPL] = torch.exp(training_log_ppl.clamp(max=SAFETY_BOUND)).sum()
+    sums[SequenceSum.ROLLOUT_PPL] = torch.exp(rollout_log_ppl.clamp(max=SAFETY_BOUND)).sum()
+    sums[SequenceSum.TRAINING_LOG_PPL] = training_log_ppl.sum()
+    sums[SequenceSum.ROLLOUT_LOG_PPL] = rollout_log_ppl.sum()
     sums[SequenceSum.LOG_PPL_DIFF] = diff.sum()
     sums[SequenceSum.LOG_PPL_ABS_DIFF] = diff.abs().sum()
     sums[SequenceSum.PPL_RATIO] = torch.exp(diff.clamp(max=SAFETY_BOUND)).sum()
     extremes = torch.full((len(Extreme) - 2,), -math.inf, dtype=torch.float64)
     if rows.shape[0]:
-        extremes[:] = torch.stack(
-            [log_w.max(), -log_w.min(), mean_w.max(), -mean_w.min(), diff.max(), -diff.min()]
-        )
-    return sums, extremes
+        (log_min, log_max), (mean_min, mean_max), (diff_min, diff_max) = map(torch.aminmax, (log_w, mean_w, diff))
+        extremes = torch.stack([log_max, -log_min, mean_max, -mean_min, diff_max, -diff_min]).cpu()
+    return torch.stack(sums).cpu(), extremes
 
 
 def metrics_from_statistics(
