@@ -185,11 +185,9 @@ def bounded_weights(weights: torch.Tensor, valid: torch.Tensor, partials: torch.
         `[b, s]` final weights, 0 on invalid tokens and vetoed sequences.
     """
     upper = config.rollout_is_threshold
-    if config.rollout_is_mode == "truncate":
-        bounded = weights.clamp(max=upper)
-    else:
-        bounded = torch.where(kept(weights, config.lower_threshold, upper), weights, torch.zeros_like(weights))
     keep = valid
     if config.rollout_is_veto_threshold is not None:
         keep = keep & (partials[:, Partial.CATASTROPHIC] == 0).unsqueeze(1)
-    return torch.where(keep, bounded, torch.zeros_like(bounded))
+    if config.rollout_is_mode == "truncate":
+        return torch.where(keep, weights.clamp(max=upper), 0.0)
+    return torch.where(keep & kept(weights, config.lower_threshold, upper), weights, 0.0)
