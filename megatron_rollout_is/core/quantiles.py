@@ -5,8 +5,8 @@ value can be found digit by digit: each round counts, per wanted rank, how many 
 bucket of the next digit, and those small histograms are what ranks exchange. The result is the
 exact order statistic (no sketch, no sampling); the traffic is `rounds x targets x 2**DIGIT_BITS`
 integers whatever the number of values. With one process the reducer is the identity and the same
-code selects locally, faster than a full sort from about 1e4 values (one CPU thread); fewer values are sorted,
-which gives the same order statistics without the fixed cost of the rounds.
+code selects locally, faster than a full sort from about 1e4 values (one CPU thread); fewer values
+are sorted, which gives the same order statistics without the fixed cost of the rounds.
 """
 
 import math
