@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from megatron_rollout_is.core.quantiles import exact_quantiles
+from megatron_rollout_is.core.quantiles import SORT_BELOW, exact_quantiles
 
 QS = [0.0, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0]
 
@@ -22,10 +22,12 @@ def test_matches_torch_quantile(dtype, count):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_multiplicities_equal_repeated_values(dtype):
+@pytest.mark.parametrize("count", [40, 3 * SORT_BELOW])  # the sort path and the radix path
+def test_multiplicities_equal_repeated_values(dtype, count):
     generator = torch.Generator().manual_seed(0)
-    values = torch.rand(40, generator=generator, dtype=torch.float64).to(dtype) * 3
-    multiplicity = torch.randint(1, 50, (40,), generator=generator).double()
+    values = torch.rand(count, generator=generator, dtype=torch.float64).to(dtype) * 3
+    values[::5] = 1.0  # ties across multiplicities
+    multiplicity = torch.randint(1, 50, (count,), generator=generator).double()
     repeated = values.double().repeat_interleave(multiplicity.long())
     expected = torch.quantile(repeated, torch.tensor(QS, dtype=torch.float64)).tolist()
     got = exact_quantiles(values, QS, int(multiplicity.sum()), multiplicity=multiplicity)
