@@ -168,3 +168,40 @@ def test_non_finite_rollout_log_prob_drops_the_token_and_is_counted():
     assert total.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     assert metrics["mismatch/rollout_is_nonfinite_token_fraction"] == pytest.approx(2 / (2 + count))
     assert all(math.isfinite(value) for value in metrics.values())
+
+
+def _shifted_batch(length=40, rows=4, seed=3):
+    """Logits `[s, b, V]` and rollout log-probs one position off the trainer's (the classic bug)."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(length, rows, VOCAB, generator=generator) * 3
+    labels = torch.randint(0, VOCAB, (rows, length), generator=generator)
+    old = torch.log_softmax(logits / TEMPERATURE, -1).gather(-1, labels.t().unsqueeze(-1)).squeeze(-1).t()
+    rollout = torch.roll(old, shifts=1, dims=1)
+    batch = {"labels": labels, "loss_mask": torch.ones(rows, length), "advantages": torch.randn(rows, generator=generator),
+             "old_log_prob": old, "rollout_log_prob": rollout}
+    return logits, batch
+
+
+def test_training_warns_once_about_misaligned_rollout_log_probs():
+    from megatron_rollout_is.diagnostics import RolloutLogProbWarning
+
+    loss = RolloutISPolicyLoss(
+        RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0), RolloutISGroups(),
+        PolicyLossConfig(temperature=TEMPERATURE, diagnose_interval=2),
+    )
+    logits, batch = _shifted_batch()
+    with pytest.warns(RolloutLogProbWarning, match="(?i)off.by.one|shift") as caught:
+        for _ in range(5):
+            loss(batch, logits)
+            loss.finalize_step()
+    assert len([w for w in caught if issubclass(w.category, RolloutLogProbWarning)]) == 1
+
+
+def test_aligned_rollout_log_probs_do_not_warn(recwarn):
+    logits, batch = _batch()
+    loss = _loss(RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0))
+    loss(batch, logits)
+    loss.finalize_step()
+    from megatron_rollout_is.diagnostics import RolloutLogProbWarning
+
+    assert not [w for w in recwarn if issubclass(w.category, RolloutLogProbWarning)]

@@ -14,7 +14,8 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ..config import RolloutISConfig
-from ..parallel.groups import RolloutISGroups
+from ..diagnostics import MismatchWarner
+from ..parallel.groups import RolloutISGroups, group_rank
 from ..parallel.sharded import ShardedRolloutIS
 from ..parallel.vocab_parallel import vocab_parallel_token_log_probs
 
@@ -42,6 +43,11 @@ class PolicyLossConfig:
     """pi_old is the detached current log-prob (no separate old-log-prob pass); the IS weights are
     then computed from it per micro-batch."""
 
+    diagnose_interval: int = 10
+    """Every this many steps, check the first micro-batch's log-probs for an off-by-one alignment,
+    top-p/top-k processed rollout log-probs and NaN/inf (`diagnostics.MismatchWarner`: each finding
+    warned once); 0 disables the check."""
+
 
 class RolloutISPolicyLoss:
     """Per-micro-batch loss function plus the step's rollout IS state, for one rank.
@@ -66,6 +72,11 @@ class RolloutISPolicyLoss:
         self.groups = groups
         self.loss_config = loss_config or PolicyLossConfig()
         self.rollout_is = ShardedRolloutIS(is_config, groups) if is_config.enabled else None
+        # One rank per (TP, CP) replica checks: the others hold the same or split sequences.
+        checks = is_config.enabled and self.loss_config.diagnose_interval > 0
+        self._warner = MismatchWarner() if checks and group_rank(groups.tp) == 0 and group_rank(groups.cp) == 0 else None
+        self._step = 0
+        self._diagnosed = False
 
     def __call__(self, batch: Mapping[str, Any], logits: torch.Tensor):
         """Loss of one micro-batch from the last stage's logits `[s, b, V/tp]`.
@@ -94,6 +105,7 @@ class RolloutISPolicyLoss:
             # Its shape is checked by the sharded IS, where the CP ranks agree on valid inputs: a
             # rank with a bad tensor then fails its peers too instead of leaving them waiting.
             weights = self._weights(batch, old, rollout, mask)
+            self._diagnose(old, rollout, mask)
             if self.is_config.applies_weights:
                 # A token whose rollout log-prob is NaN/inf has weight 0; leave it out of the token count too.
                 mask = mask & torch.isfinite(rollout)
@@ -129,7 +141,15 @@ class RolloutISPolicyLoss:
 
     def finalize_step(self) -> dict[str, float]:
         """The step's `mismatch/` metrics (empty when rollout IS is off); last-stage ranks only."""
+        self._step += 1
+        self._diagnosed = False
         return self.rollout_is.finalize() if self.rollout_is is not None else {}
+
+    def _diagnose(self, old, rollout, mask) -> None:
+        if self._warner is None or self._diagnosed or self._step % self.loss_config.diagnose_interval:
+            return
+        self._diagnosed = True
+        self._warner(old.detach(), rollout, mask, step=self._step)
 
     def _weights(self, batch, old, rollout, mask) -> torch.Tensor:
         if "local_cu_seqlens" in batch:
