@@ -100,7 +100,7 @@ def diagnose_log_probs(
     min_unshifted_gap: float = 0.02,
     truncation_prob: float = 0.9,
     confident_prob: float = 0.99,
-    min_positive_fraction: float = 0.75,
+    min_positive_fraction: float = 0.9,
     min_bias: float = 0.01,
     max_positions: int = 5,
 ) -> list[Finding]:
