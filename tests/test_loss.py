@@ -170,6 +170,25 @@ def test_non_finite_rollout_log_prob_drops_the_token_and_is_counted():
     assert all(math.isfinite(value) for value in metrics.values())
 
 
+@pytest.mark.parametrize("applied", [True, False])
+def test_non_finite_old_log_prob_drops_the_token(applied):
+    logits, batch = _batch(seed=4)
+    valid = batch["loss_mask"].bool()
+    rows, columns = valid.nonzero(as_tuple=True)
+    batch["old_log_prob"][rows[0], columns[0]] = float("nan")
+    batch["old_log_prob"][rows[1], columns[1]] = float("inf")
+    config = RolloutISConfig(rollout_is=applied, rollout_is_threshold=2.0, rollout_is_veto_threshold=None)
+    total, report, grad, metrics = _run(_loss(config), logits, batch, [3, 3])
+    clean = dict(batch, loss_mask=batch["loss_mask"].clone(), old_log_prob=batch["old_log_prob"].nan_to_num(0.0, 0.0))
+    clean["loss_mask"][rows[0], columns[0]] = 0
+    clean["loss_mask"][rows[1], columns[1]] = 0
+    expected, count = _hand_loss(logits, clean, "token", upper=2.0, apply_weights=applied, veto=None)
+    assert report["loss"][1].item() == count == int(valid.sum()) - 2
+    assert math.isfinite(total.item()) and torch.isfinite(grad).all()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert metrics["mismatch/rollout_is_nonfinite_token_fraction"] == pytest.approx(2 / (2 + count))
+
+
 def _shifted_batch(length=40, rows=4, seed=3):
     """Logits `[s, b, V]` and rollout log-probs one position off the trainer's (the classic bug)."""
     generator = torch.Generator().manual_seed(seed)

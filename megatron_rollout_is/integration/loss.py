@@ -111,6 +111,8 @@ class RolloutISPolicyLoss:
                 mask = mask & torch.isfinite(rollout)
             else:
                 weights = None
+        # Nor can a token be trained on whose pi_old is NaN/inf (the IS metrics count it).
+        mask = mask & torch.isfinite(old)
 
         log_ratio = torch.where(mask, log_probs - old, torch.zeros_like(log_probs))
         ratio = torch.exp(log_ratio)

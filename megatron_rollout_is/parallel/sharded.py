@@ -49,7 +49,8 @@ class ShardedRolloutIS:
         self.groups = groups
         self.check_layout = check_layout
         self.statistics = StepStatistics(config)
-        self._device: Optional[torch.device] = None
+        # Where collectives need their tensors: NCCL reduces device tensors only, gloo CPU ones.
+        self._device = _collective_device(groups.cp if groups.cp is not None else groups.dp_cp)
         # Looked up once: the groups never change, and the sizes decide per call whether to reduce at all.
         self._cp_size = group_size(groups.cp)
         self._dp_cp_size = group_size(groups.dp_cp)
@@ -73,7 +74,6 @@ class ShardedRolloutIS:
         except (TypeError, ValueError) as error:
             self._agree_on_inputs(None, error)
         self._agree_on_inputs(old_log_prob, None)
-        self._device = old_log_prob.device
         reduce_partials = self._reduce_partials if self._cp_size > 1 else None
         return micro_batch_weights(
             old_log_prob, rollout_log_prob, response_mask, self.config, self.statistics, reduce_partials
@@ -128,7 +128,7 @@ class ShardedRolloutIS:
 
     def _all_reduce(self, tensor: torch.Tensor, op, group) -> torch.Tensor:
         # NCCL only reduces device tensors; the step's small accumulators live on the CPU.
-        device = self._device or tensor.device
+        device = self._device
         if tensor.device == device:
             return all_reduce(tensor, op, group)
         staged = tensor.to(device)
@@ -147,8 +147,7 @@ class ShardedRolloutIS:
                 raise error
             return
         rows, columns = (0, 0) if error is not None else (old_log_prob.shape[0], old_log_prob.shape[-1])
-        device = self._device or (old_log_prob.device if old_log_prob is not None else torch.device("cpu"))
-        layout = torch.tensor([rows, columns, -rows, -columns, int(error is not None)], dtype=torch.long, device=device)
+        layout = torch.tensor([rows, columns, -rows, -columns, int(error is not None)], dtype=torch.long, device=self._device)
         all_reduce(layout, dist.ReduceOp.MAX, group)
         if error is not None:
             raise error
@@ -165,6 +164,12 @@ class ShardedRolloutIS:
                 "Split every tensor of a micro-batch with the same CP index on every rank "
                 "(megatron_rollout_is.parallel.context_parallel)."
             )
+
+
+def _collective_device(group) -> torch.device:
+    if group is not None and dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _unpack_documents(tensors, local_cu_seqlens: torch.Tensor):
