@@ -80,7 +80,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo.launch import main as demo_main
 
     preset = dict(DEMO_PRESET)
-    if "--rollout-is-config" not in args.demo_args:
+    if not any(arg == "--rollout-is-config" or arg.startswith("--rollout-is-config=") for arg in args.demo_args):
         # A YAML config must not be overridden by the preset's IS settings.
         preset.update(DEMO_IS_PRESET)
     return demo_main(args.demo_args, prog="megatron-rollout-is demo", defaults=preset)

@@ -100,8 +100,17 @@ def test_unparsable_values_are_argparse_errors_naming_the_flag(flags, named, cap
 def test_a_removed_yaml_key_points_to_the_migration(tmp_path):
     path = tmp_path / "old.yaml"
     path.write_text("actor_rollout_ref:\n  actor:\n    tis_imp_ratio_cap: 2.0\n")
-    with pytest.raises(ValueError, match="tis_imp_ratio_cap.*--rollout-is-threshold"):
+    # The file's own error names YAML keys, not flags.
+    with pytest.raises(ValueError, match=r"tis_imp_ratio_cap.*`algorithm\.rollout_is_threshold: <the old cap>`"):
         _config("--rollout-is-config", str(path))
+
+
+def test_no_rollout_is_turns_a_yaml_config_into_monitoring(tmp_path):
+    path = tmp_path / "on.yaml"
+    path.write_text("algorithm:\n  rollout_is: true\n  rollout_is_threshold: 3.0\n")
+    assert _config("--rollout-is-config", str(path)).applies_weights
+    config = _config("--rollout-is-config", str(path), "--no-rollout-is")
+    assert config.enabled and not config.applies_weights and config.rollout_is_threshold == 3.0
 
 
 def _demo_args(*flags):

@@ -28,6 +28,8 @@ class _DemoHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The demo's parser: layout, model, task, optimisation, rollout, checkpoint, logging, IS flags."""
     parser = argparse.ArgumentParser(
+        # No abbreviated flags: `megatron-rollout-is demo` looks for --rollout-is-config by its name.
+        allow_abbrev=False,
         prog=prog or "python -m megatron_rollout_is.demo",
         description="GRPO on Megatron-Core's GPTModel with an embedded bf16 rollout engine and rollout IS.",
         formatter_class=_DemoHelpFormatter,

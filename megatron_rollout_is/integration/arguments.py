@@ -35,9 +35,9 @@ def add_rollout_is_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Adds the rollout IS flags as a group of their own; returns `parser` (extra_args_provider)."""
     group = parser.add_argument_group(title="rollout importance sampling")
     group.add_argument(
-        "--rollout-is", action="store_true", default=None,
-        help="Multiply the policy loss by the IS weights. Without it, a set threshold only computes "
-        "and logs the mismatch/ metrics (monitoring mode).",
+        "--rollout-is", action=argparse.BooleanOptionalAction, default=None,
+        help="Multiply the policy loss by the IS weights. Without it (or with --no-rollout-is), a set "
+        "threshold only computes and logs the mismatch/ metrics (monitoring mode).",
     )
     group.add_argument(
         "--rollout-is-threshold", type=float, default=None,
@@ -83,16 +83,18 @@ def rollout_is_config_from_args(args: argparse.Namespace) -> RolloutISConfig:
     overrides = {name: value for name, value in given.items() if value is not None}
     if overrides.get("rollout_is_veto_threshold") == VETO_DISABLED:
         overrides["rollout_is_veto_threshold"] = None
+    # Errors of the YAML file itself name its keys; only what the flags set is named as flags.
+    config = RolloutISConfig.from_yaml(args.rollout_is_config) if args.rollout_is_config else None
     try:
-        config = RolloutISConfig.from_yaml(args.rollout_is_config) if args.rollout_is_config else None
         if config is None:
             return RolloutISConfig(**overrides)
         return replace(config, **overrides)
     except (ValueError, TypeError) as error:
-        raise type(error)(_with_flag_names(str(error))) from None
+        flagged = [f.name for f in fields(RolloutISConfig)] if config is None else list(overrides)
+        raise type(error)(_with_flag_names(str(error), flagged)) from None
 
 
-def _with_flag_names(message: str) -> str:
-    for name in sorted((f.name for f in fields(RolloutISConfig)), key=len, reverse=True):
+def _with_flag_names(message: str, names: list) -> str:
+    for name in sorted(names, key=len, reverse=True):
         message = message.replace(name, _CONFIG_FLAGS[name])
     return message
