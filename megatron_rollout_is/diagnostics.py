@@ -9,8 +9,9 @@ computed (pure torch, no torch.distributed, one device sync on a clean batch):
 - a positive bias with the shape of top-p/top-k renormalised ("processed") log-probs, which add
   ``-log(kept mass)`` to every token (trl #6789).
 
-``MismatchWarner`` runs it every training step and emits each finding code at most once per N
-steps, through ``warnings.warn`` or a ``logging.Logger``.
+``MismatchWarner`` runs it whenever a trainer calls it (the loss hook: every ``diagnose_interval``
+steps) and emits each finding code at most once per N steps, through ``warnings.warn`` or a
+``logging.Logger``.
 
 All inputs are ``[b, s]``: ``old_log_prob`` (trainer), ``rollout_log_prob`` (engine), and
 ``response_mask`` (nonzero on the tokens that are trained on). Response tokens of one sequence must

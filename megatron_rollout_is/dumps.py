@@ -65,7 +65,10 @@ def read_step_dumps(directory: Union[str, Path]) -> Iterator[StepDump]:
     """
     from safetensors import safe_open
 
-    paths = sorted(p for p in Path(directory).glob("step_*.safetensors") if _NAME.match(p.name))
+    paths = sorted(
+        (p for p in Path(directory).glob("step_*.safetensors") if _NAME.match(p.name)),
+        key=lambda p: int(_NAME.match(p.name).group(1)),
+    )
     if not paths:
         raise FileNotFoundError(
             f"{directory}: no step_*.safetensors dumps; train with --rollout-is-dump-dir {directory} first."

@@ -66,7 +66,7 @@ class RolloutLogProbs:
         prompt_token_ids: ``[b, p]`` int64 prompts, LEFT-padded with ``pad_token_id`` so that
             ``cat([prompt_token_ids, response_token_ids], 1)`` is contiguous per row; None when a
             request carries no prompt token ids.
-        prompt_mask: ``[b, p]`` int64, 1 on prompt tokens; None with ``prompt_token_ids``.
+        prompt_mask: ``[b, p]`` int64, 1 on prompt tokens; None when ``prompt_token_ids`` is None.
         request_ids: ``b`` vLLM request ids, one per row.
         sample_indices: ``b`` positions in ``RequestOutput.outputs`` that each row came from.
     """

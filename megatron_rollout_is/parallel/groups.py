@@ -36,8 +36,18 @@ class RolloutISGroups:
 
     @classmethod
     def from_process_group_collection(cls, groups) -> "RolloutISGroups":
-        """The groups of a megatron.core `ProcessGroupCollection` (fields tp, cp, dp_cp)."""
-        return cls(tp=getattr(groups, "tp", None), cp=getattr(groups, "cp", None), dp_cp=getattr(groups, "dp_cp", None))
+        """The groups of a megatron.core `ProcessGroupCollection` (fields tp, cp, dp_cp).
+
+        Raises:
+            ValueError: a field is not set; a missing group would silently make the metrics local.
+        """
+        missing = [name for name in ("tp", "cp", "dp_cp") if getattr(groups, name, None) is None]
+        if missing:
+            raise ValueError(
+                f"the ProcessGroupCollection has no {', '.join(missing)} group; set it (e.g. "
+                "ProcessGroupCollection.use_mpu_process_groups()) or build RolloutISGroups yourself."
+            )
+        return cls(tp=groups.tp, cp=groups.cp, dp_cp=groups.dp_cp)
 
 
 def group_size(group: Optional[ProcessGroup]) -> int:
