@@ -49,7 +49,6 @@ def _engine_worker(rank, world_size):
 
     from megatron_rollout_is.demo.batches import sequence_tensors
     from megatron_rollout_is.demo.generator import EngineShape, RolloutEngine
-    from megatron_rollout_is.demo.model_setup import demo_layer_spec
     from megatron_rollout_is.demo.task import ReverseTask
     from megatron_rollout_is.integration import gpt
 
@@ -57,7 +56,7 @@ def _engine_worker(rank, world_size):
     task = ReverseTask(min_digits=2, max_digits=5)
     vocab, seq_len = task.vocab_size(2), task.sequence_len
     config = gpt.tiny_gpt_config(tp=2, num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2)
-    model = gpt.build_gpt_model(config, vocab, seq_len, layer_spec=demo_layer_spec())
+    model = gpt.build_gpt_model(config, vocab, seq_len, layer_spec=gpt.rollout_is_layer_spec(force_local=True))
     tp_group = parallel_state.get_tensor_model_parallel_group()
     # Random weights of every parameter, norms and biases included (the same on both ranks).
     generator = torch.Generator().manual_seed(3)

@@ -1,14 +1,13 @@
 """One micro-batch of rollout IS, and the single-process entry point built from it."""
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..config import RolloutISConfig
+from .quantiles import Reducer
 from .statistics import StepStatistics
 from .weights import bounded_weights, prepare_shard, safety_weights, sequence_partials, token_weights
-
-Reducer = Callable[[torch.Tensor], torch.Tensor]
 
 
 def reduces_per_micro_batch(config: RolloutISConfig) -> bool:

@@ -16,19 +16,17 @@ In one process every reduction is the identity.
 
 import math
 from enum import IntEnum
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..config import RolloutISConfig
-from .quantiles import exact_quantiles
+from .quantiles import Reducer, exact_quantiles
 from .weights import SAFETY_BOUND, Partial, TokenShard, kept, sequence_log_weights
 
 PREFIX = "mismatch/"
 QUANTILES = {"rollout_is_p25": 0.25, "rollout_is_p50": 0.5, "rollout_is_p75": 0.75, "rollout_is_p95": 0.95, "rollout_is_p99": 0.99}
 MEAN_EPS = 1e-8
-
-Reducer = Callable[[torch.Tensor], torch.Tensor]
 
 
 class TokenSum(IntEnum):

@@ -13,22 +13,11 @@ from torch import Tensor
 
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from ..integration.cp_attention import ContextParallelDotProductAttention
 from ..integration.cpu_shims import install_cpu_shims
-from ..integration.gpt import build_gpt_model, global_parameter_name, load_full_state_dict, tiny_gpt_config
-
-def demo_layer_spec():
-    """Megatron's local GPT layer spec with the project's CP attention, on every device.
-
-    Not TransformerEngine's spec even on GPU: the rollout engine re-implements exactly this
-    architecture and its parameter names.
-    """
-    spec = get_gpt_layer_local_spec()
-    spec.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
-    return spec
+from ..integration.gpt import (build_gpt_model, global_parameter_name, load_full_state_dict, rollout_is_layer_spec,
+                               tiny_gpt_config)
 
 
 def _full_shape(param: Tensor, tp_size: int) -> Tuple[int, ...]:
@@ -87,7 +76,8 @@ def build_model_and_optimizer(args, vocab_size: int, seq_len: int, device: torch
         moe_token_dispatcher_type="alltoall",
         batch_p2p_sync=False,
     )
-    model = build_gpt_model(config, vocab_size, seq_len, layer_spec=demo_layer_spec())
+    # The local spec on every device, TE's too: the rollout engine re-implements exactly this architecture.
+    model = build_gpt_model(config, vocab_size, seq_len, layer_spec=rollout_is_layer_spec(force_local=True))
     tp_group = parallel_state.get_tensor_model_parallel_group()
     load_full_state_dict(model, initial_full_state(model, args.num_layers, tp, args.seed), tp_group)
     model.to(device)

@@ -106,7 +106,7 @@ def transformer_engine_usable() -> bool:
 
 
 def rollout_is_layer_spec(
-    normalization: Optional[str] = None, qk_layernorm: bool = False
+    normalization: Optional[str] = None, qk_layernorm: bool = False, force_local: bool = False
 ) -> ModuleSpec:
     """The GPT layer spec: TE's when usable, else the local spec with a CP-capable core attention.
 
@@ -114,11 +114,13 @@ def rollout_is_layer_spec(
         normalization (str, optional): "LayerNorm" (default) or "RMSNorm" for the local spec (TE
             reads ``config.normalization``).
         qk_layernorm (bool): normalise queries and keys.
+        force_local (bool): the local spec even where TE is usable (e.g. to match another
+            implementation of exactly that architecture).
 
     Returns:
         ModuleSpec: a ``TransformerLayer`` spec for ``GPTModel(transformer_layer_spec=...)``.
     """
-    if transformer_engine_usable():
+    if transformer_engine_usable() and not force_local:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
     spec.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention

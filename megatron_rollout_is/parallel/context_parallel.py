@@ -185,16 +185,6 @@ def local_cu_seqlens(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
     return torch.div(cu_seqlens, cp_size, rounding_mode="floor")
 
 
-def padded_global_positions(
-    seq_len: int, cp_size: int, cp_rank: int, device: torch.device = None
-) -> torch.Tensor:
-    """Global sequence positions ``[seq_len / cp_size]`` (int64) of a rank's local tokens.
-
-    The same numbers as :func:`zigzag_indices`; named for code that reads them as positions.
-    """
-    return zigzag_indices(seq_len, cp_size, cp_rank, device=device)
-
-
 def thd_global_positions(
     cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -24,23 +24,9 @@ import torch
 import torch.distributed
 from torch.autograd.function import once_differentiable
 
+from .groups import all_reduce, group_rank, group_size
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _tp_size_and_rank(tp_group) -> Tuple[int, int]:
-    if tp_group is None:
-        return 1, 0
-    if not torch.distributed.is_initialized():
-        raise ValueError(
-            "tp_group was given but torch.distributed is not initialised; pass tp_group=None "
-            "for a single process"
-        )
-    return torch.distributed.get_world_size(tp_group), torch.distributed.get_rank(tp_group)
-
-
-def _all_reduce(tensor: torch.Tensor, op, tp_group) -> None:
-    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
-        torch.distributed.all_reduce(tensor, op=op, group=tp_group)
 
 
 class _VocabParallelTokenLogProbs(torch.autograd.Function):
@@ -50,7 +36,7 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
     def forward(ctx, logits, target, tp_group, temperature, chunk_size, with_entropy, keep_probs):
         seq_len, batch, local_vocab = logits.shape
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        _, tp_rank = _tp_size_and_rank(tp_group)
+        tp_rank = group_rank(tp_group)
         local_target = target.long() - tp_rank * local_vocab
         owned = (local_target >= 0) & (local_target < local_vocab)
         local_target = torch.where(owned, local_target, 0)
@@ -76,7 +62,7 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
             if temperature != 1.0:
                 z.div_(temperature)
             max_logit = z.amax(dim=-1)
-            _all_reduce(max_logit, torch.distributed.ReduceOp.MAX, tp_group)
+            all_reduce(max_logit, torch.distributed.ReduceOp.MAX, tp_group)
             z.sub_(max_logit.unsqueeze(-1))
             target_z = z.gather(-1, local_target[rows].unsqueeze(-1)).squeeze(-1)
             target_partial = torch.where(owned[rows], target_z, 0.0)
@@ -86,7 +72,7 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
                 # exp(z) * z written as xlogy(e, e): 0 (not NaN) where a logit is -inf.
                 partials.append(torch.special.xlogy(z, z).sum(dim=-1))
             summed = torch.stack(partials, dim=-1)
-            _all_reduce(summed, torch.distributed.ReduceOp.SUM, tp_group)
+            all_reduce(summed, torch.distributed.ReduceOp.SUM, tp_group)
             sum_exp = summed[..., 0]
             log_sum_exp = torch.log(sum_exp)
             log_probs[rows] = summed[..., 1] - log_sum_exp
@@ -187,7 +173,12 @@ def _validate(logits, target, tp_group, temperature, chunk_size) -> None:
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    tp_size, _ = _tp_size_and_rank(tp_group)
+    if tp_group is not None and not torch.distributed.is_initialized():
+        raise ValueError(
+            "tp_group was given but torch.distributed is not initialised; pass tp_group=None "
+            "for a single process"
+        )
+    tp_size = group_size(tp_group)
     vocab_size = logits.size(-1) * tp_size
     if target.numel() > 0:
         low, high = int(target.min()), int(target.max())
