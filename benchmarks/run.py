@@ -159,7 +159,7 @@ def _mib(nbytes: float) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Small sizes (about a minute on 2 idle cores).")
+    parser.add_argument("--quick", action="store_true", help="Small sizes (about 15 s on 2 idle cores).")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")), help="Where to write the JSON.")
     parser.add_argument(
         "--threads", type=int, default=1,

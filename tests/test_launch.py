@@ -238,6 +238,9 @@ def test_sbatch_user_errors_fail_before_srun(bin_dir, tmp_path):
     env.update(NPROC_PER_NODE="2", ROLLOUT_IS_LEVEL="tokens")
     result = subprocess.run(["bash", str(SBATCH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "ROLLOUT_IS_LEVEL must be token, sequence or geometric, got 'tokens'" in result.stderr
+    env.update(ROLLOUT_IS_LEVEL="token", ROLLOUT_IS_THRESHOLD="0.0")
+    result = subprocess.run(["bash", str(SBATCH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "ROLLOUT_IS_THRESHOLD must be a positive number, got '0.0'" in result.stderr
     assert not (bin_dir / "srun.calls").exists()
 
     outside = {key: value for key, value in env.items() if not key.startswith("SLURM_")}
