@@ -148,3 +148,10 @@ def test_demo_derives_the_data_parallel_size():
     config = validate_args(args, world_size=8)
     assert args.data_parallel_size == 4
     assert config == RolloutISConfig(rollout_is_threshold=2.0)
+
+
+def test_demo_task_flags_fail_at_parse_time():
+    from megatron_rollout_is.demo.arguments import validate_args
+
+    with pytest.raises(ValueError, match="--min-digits <= --max-digits"):
+        validate_args(_demo_args("--min-digits", "5", "--max-digits", "3"), world_size=1)

@@ -14,6 +14,7 @@ import torch
 
 from ..config import RolloutISConfig
 from ..integration.arguments import add_rollout_is_args, rollout_is_config_from_args
+from .task import ReverseTask
 
 
 class _DemoHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -142,6 +143,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
             f"{args.micro_batch_size} x data-parallel size {dp}; every DP rank needs whole micro-batches."
         )
+    # The task checks its own flags; build it here so a bad value fails before any process group.
+    ReverseTask(args.min_digits, args.max_digits, args.num_symbols)
     if args.group_size < 2 or args.global_batch_size % args.group_size != 0:
         raise ValueError(
             f"--group-size must be >= 2 and divide --global-batch-size {args.global_batch_size}, got "
