@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .core.weights import check_inputs
+
 NONFINITE_ROLLOUT = "nonfinite_rollout_log_prob"
 NONFINITE_OLD = "nonfinite_old_log_prob"
 OFF_BY_ONE = "off_by_one"
@@ -46,29 +48,6 @@ class Finding:
     severity: str
     message: str
     numbers: dict[str, float] = field(default_factory=dict)
-
-
-def _validate(old_log_prob, rollout_log_prob, response_mask) -> None:
-    for name, tensor in (
-        ("old_log_prob", old_log_prob),
-        ("rollout_log_prob", rollout_log_prob),
-        ("response_mask", response_mask),
-    ):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.dim() != 2:
-            raise ValueError(
-                f"{name} must be [batch, response_len], got shape {tuple(tensor.shape)}"
-            )
-    for name, tensor in (("old_log_prob", old_log_prob), ("rollout_log_prob", rollout_log_prob)):
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating tensor of log-probs, got {tensor.dtype}")
-    if not old_log_prob.shape == rollout_log_prob.shape == response_mask.shape:
-        raise ValueError(
-            "old_log_prob, rollout_log_prob and response_mask must share one [batch, response_len] "
-            f"shape, got {tuple(old_log_prob.shape)}, {tuple(rollout_log_prob.shape)} and "
-            f"{tuple(response_mask.shape)}"
-        )
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -142,7 +121,7 @@ def diagnose_log_probs(
     Returns:
         The findings, errors first; empty when nothing was found.
     """
-    _validate(old_log_prob, rollout_log_prob, response_mask)
+    check_inputs(old_log_prob, rollout_log_prob, response_mask)
     old = _at_least_float32(old_log_prob)
     rollout = _at_least_float32(rollout_log_prob).to(old.dtype)
     valid = response_mask.detach() != 0
