@@ -24,14 +24,9 @@ from ..parallel.context_parallel import (
     thd_partitioned_indices,
     zigzag_indices,
 )
-from .task import PAD
+from .task import PAD, round_up
 
 PER_TOKEN_KEYS = ("tokens", "labels", "loss_mask", "rollout_log_prob", "position_ids")
-
-
-def round_up(value: int, multiple: int) -> int:
-    """Smallest multiple of ``multiple`` that is >= ``value``."""
-    return -(-value // multiple) * multiple
 
 
 def sequence_tensors(prompts: Tensor, prompt_lengths: Tensor, responses: Tensor, response_mask: Tensor,

@@ -19,6 +19,11 @@ PAD, BOS, EOS, EQUALS = 0, 1, 2, 3
 FIRST_SYMBOL = 4
 
 
+def round_up(value: int, multiple: int) -> int:
+    """Smallest multiple of ``multiple`` that is >= ``value``."""
+    return -(-value // multiple) * multiple
+
+
 @dataclass(frozen=True)
 class ReverseTask:
     """Reverse ``k`` symbols, ``k`` uniform in ``[min_digits, max_digits]``.
@@ -58,8 +63,7 @@ class ReverseTask:
 
     def vocab_size(self, multiple: int = 1) -> int:
         """Specials + symbols, rounded up to ``multiple`` (the TP size: the vocab is sharded)."""
-        size = FIRST_SYMBOL + self.num_symbols
-        return -(-size // multiple) * multiple
+        return round_up(FIRST_SYMBOL + self.num_symbols, multiple)
 
     def sample_prompts(self, num: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
         """``num`` random prompts.

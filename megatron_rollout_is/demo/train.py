@@ -35,12 +35,12 @@ from ..integration.loss import PolicyLossConfig, RolloutISPolicyLoss
 from ..parallel.groups import RolloutISGroups
 from ..parallel.vocab_parallel import vocab_parallel_token_log_probs
 from .batches import (packed_cu_seqlens, packed_micro_batches, padded_micro_batches, response_view,
-                      round_up, sequence_tensors, to_device, unsplit_micro_batch)
+                      sequence_tensors, to_device, unsplit_micro_batch)
 from .checkpoint import TRACKER, load_checkpoint, save_checkpoint
 from .generator import EngineShape, RolloutEngine
 from .model_setup import build_model_and_optimizer
 from .reporting import MetricsLog, plot_runs, read_metrics
-from .task import ReverseTask, grpo_advantages
+from .task import ReverseTask, grpo_advantages, round_up
 
 _PROMPTS, _SAMPLING, _EVAL = range(3)
 
