@@ -36,6 +36,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_rollout_is.integration.cp_attention import ContextParallelDotProductAttention
 from megatron_rollout_is.integration.cpu_shims import install_cpu_shims
+from megatron_rollout_is.parallel.groups import group_rank, group_size
 
 LossFn = Callable[[Dict[str, Any], Tensor], Tuple[Tensor, Tensor, Dict[str, Tensor]]]
 
@@ -281,8 +282,7 @@ def load_full_state_dict(model: GPTModel, full_state: Dict[str, Tensor], tp_grou
             ``dict(reference_model.named_parameters())`` of a TP=PP=1 model).
         tp_group: the tensor-parallel process group (None for TP = 1).
     """
-    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    tp_size, tp_rank = group_size(tp_group), group_rank(tp_group)
     with torch.no_grad():
         for name, param in model.named_parameters():
             full = full_state[global_parameter_name(model, name)]
@@ -313,7 +313,7 @@ def unshard_named_tensors(
     Returns:
         Dict[str, Tensor]: single-process name -> full tensor (CPU), the same on every rank.
     """
-    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    tp_size = group_size(tp_group)
     params = dict(model.named_parameters())
     stage = {}
     for name, tensor in local.items():
@@ -323,7 +323,7 @@ def unshard_named_tensors(
             dist.all_gather(shards, tensor, group=tp_group)
             tensor = torch.cat(shards, dim=params[name].partition_dim)
         stage[global_parameter_name(model, name)] = tensor.cpu()
-    if pp_group is None or dist.get_world_size(pp_group) == 1:
+    if group_size(pp_group) == 1:
         return stage
     stages = [None] * dist.get_world_size(pp_group)
     dist.all_gather_object(stages, stage, group=pp_group)
