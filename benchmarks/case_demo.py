@@ -39,9 +39,11 @@ def demo_worker(rank: int, world_size: int, device: torch.device, flags: list[st
         warnings.simplefilter("ignore", UserWarning)
         from megatron.core import parallel_state
 
+        from megatron_rollout_is import cpu_rig
         from megatron_rollout_is.demo.arguments import parse_args
         from megatron_rollout_is.demo.train import GRPOTrainer
 
+    cpu_rig.activate()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
     try:
         trainers = {}

@@ -6,11 +6,12 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_rollout_is.integration.cp_attention import (
+from megatron_rollout_is.cpu_rig.cp_attention import (
     ContextParallelDotProductAttention,
     build_cp_attention_mask,
 )
-from megatron_rollout_is.integration.gpt import thd_packed_seq_params, tiny_gpt_config
+from megatron_rollout_is.cpu_rig.model import tiny_gpt_config
+from megatron_rollout_is.integration.forward_step import thd_packed_seq_params
 
 HEAD_DIM = 8
 

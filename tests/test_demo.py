@@ -50,9 +50,12 @@ def _engine_worker(rank, world_size):
     from megatron_rollout_is.demo.batches import sequence_tensors
     from megatron_rollout_is.demo.generator import EngineShape, RolloutEngine
     from megatron_rollout_is.demo.task import ReverseTask
-    from megatron_rollout_is.integration import gpt
+    from megatron_rollout_is import cpu_rig
+    from megatron_rollout_is.cpu_rig import model as gpt
+    from megatron_rollout_is.integration.forward_step import gpt_forward
 
     init_megatron(tp=2)
+    cpu_rig.activate()
     task = ReverseTask(min_digits=2, max_digits=5)
     vocab, seq_len = task.vocab_size(2), task.sequence_len
     config = gpt.tiny_gpt_config(tp=2, num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2)
@@ -66,7 +69,7 @@ def _engine_worker(rank, world_size):
     assert gpt.unshard_named_tensors(model, dict(model.named_parameters()), tp_group, None).keys() == full.keys()
 
     def megatron_logits(tokens):
-        local = gpt.gpt_forward(model, tokens, torch.arange(tokens.size(1)).expand_as(tokens).clone())
+        local = gpt_forward(model, tokens, torch.arange(tokens.size(1)).expand_as(tokens).clone())
         shards = [torch.empty_like(local) for _ in range(2)]
         dist.all_gather(shards, local.contiguous(), group=tp_group)
         return torch.cat(shards, dim=-1).double()

@@ -273,7 +273,7 @@ def _reference(batches, packed, position_embedding):
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_rollout_is.integration.gpt import build_gpt_model, tiny_gpt_config
+    from megatron_rollout_is.cpu_rig.model import build_gpt_model, tiny_gpt_config
 
     init_megatron()
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)
@@ -312,7 +312,7 @@ def _reference(batches, packed, position_embedding):
 
 def _split_for_cp(batch, cp, cp_rank, packed):
     """This CP rank's micro-batch; per-sequence ``[b]`` tensors are not split."""
-    from megatron_rollout_is.integration.gpt import thd_packed_seq_params
+    from megatron_rollout_is.integration.forward_step import thd_packed_seq_params
     from megatron_rollout_is.parallel.context_parallel import (
         local_cu_seqlens,
         split_for_cp,
@@ -339,7 +339,7 @@ def _run_step(model, loss_fn, batches, packed):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_rollout_is.integration import gpt
+    from megatron_rollout_is.integration import forward_step
 
     cp = parallel_state.get_context_parallel_world_size()
     cp_rank = parallel_state.get_context_parallel_rank()
@@ -347,7 +347,7 @@ def _run_step(model, loss_fn, batches, packed):
         p.grad = None
     local = [_split_for_cp(batch, cp, cp_rank, packed) for batch in batches]
     reports = get_forward_backward_func()(
-        forward_step_func=gpt.make_gpt_forward_step(loss_fn),
+        forward_step_func=forward_step.make_gpt_forward_step(loss_fn),
         data_iterator=iter(local),
         model=[model],
         num_microbatches=len(local),
@@ -375,7 +375,7 @@ def _train_step(layout, reference, batches):
     from megatron.core import parallel_state, tensor_parallel
 
     from megatron_rollout_is.config import RolloutISConfig
-    from megatron_rollout_is.integration import gpt
+    from megatron_rollout_is.cpu_rig import model as gpt
     from megatron_rollout_is.integration.loss import PolicyLossConfig, RolloutISPolicyLoss
     from megatron_rollout_is.parallel.groups import RolloutISGroups
 
@@ -431,7 +431,7 @@ def _cpu_shims_checks():
     """install_cpu_shims: a no-op when CUDA is reported, idempotent, and scoped to megatron."""
     from megatron.core.pipeline_parallel import schedules
 
-    from megatron_rollout_is.integration import cpu_shims
+    from megatron_rollout_is.cpu_rig import shims as cpu_shims
 
     real_is_available = torch.cuda.is_available
     torch.cuda.is_available = lambda: True
@@ -461,8 +461,9 @@ def _cp_attention_checks():
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.enums import AttnMaskType
 
-    from megatron_rollout_is.integration.cp_attention import ContextParallelDotProductAttention
-    from megatron_rollout_is.integration.gpt import thd_packed_seq_params, tiny_gpt_config
+    from megatron_rollout_is.cpu_rig.cp_attention import ContextParallelDotProductAttention
+    from megatron_rollout_is.cpu_rig.model import tiny_gpt_config
+    from megatron_rollout_is.integration.forward_step import thd_packed_seq_params
     from megatron_rollout_is.parallel import context_parallel as cpx
 
     init_megatron(cp=2)
@@ -526,14 +527,14 @@ def _cp_attention_checks():
 
 
 def _worker(rank, world_size, layouts, unit_checks):
-    from megatron_rollout_is.integration.cpu_shims import install_cpu_shims
+    from megatron_rollout_is import cpu_rig
 
     results = {}
     if unit_checks:
         # Before anything installs the shims: checks the CUDA no-op path.
         results["shims"] = _cpu_shims_checks()
         results["attention"] = _cp_attention_checks()
-    install_cpu_shims()
+    cpu_rig.activate()
     for packed, position_embedding in sorted({layout[3:] for layout in layouts}):
         batches = _global_batches(packed)
         reference = _reference(batches, packed, position_embedding)

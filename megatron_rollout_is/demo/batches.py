@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..integration.gpt import thd_packed_seq_params
+from ..integration.forward_step import thd_packed_seq_params
 from ..parallel.context_parallel import (
     gather_cp_shards,
     local_cu_seqlens,

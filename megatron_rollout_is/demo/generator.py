@@ -78,7 +78,7 @@ class RolloutEngine:
 
     Args:
         state (Dict[str, Tensor]): single-process parameter name -> full tensor, e.g. from
-            ``integration.gpt.unshard_named_tensors`` (names as in a TP = PP = 1 GPTModel).
+            ``cpu_rig.model.unshard_named_tensors`` (names as in a TP = PP = 1 GPTModel).
         shape (EngineShape): the architecture.
         dtype (torch.dtype): weights and activations; attention softmax and the final log-softmax
             are always fp32 (as inference engines do).

@@ -68,8 +68,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defau
     # Imported only now so that --help and flag errors come back without megatron's import time.
     from megatron.core import parallel_state
 
+    from .. import cpu_rig
     from .train import run
 
+    cpu_rig.activate()  # the demo trains on CPU too; a no-op with CUDA
     device, created = init_distributed(timedelta(minutes=args.distributed_timeout_minutes))
     if device.type == "cpu":
         torch.set_num_threads(args.cpu_threads)

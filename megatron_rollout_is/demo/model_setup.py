@@ -1,7 +1,8 @@
 """The demo's model, DDP wrapper and optimizer, all from megatron.core, on CPU or GPU.
 
-On CPU, `integration.cpu_shims` redirects the CUDA assumptions of megatron's DDP and optimizer too;
-gradient clipping stays unavailable there (it asserts CUDA gradient types).
+On CPU, the rig (`cpu_rig.activate()`, called by the demo's entry point) redirects the CUDA
+assumptions of megatron's DDP and optimizer too; gradient clipping stays unavailable there (it
+asserts CUDA gradient types).
 """
 
 import math
@@ -15,8 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from ..integration.cpu_shims import install_cpu_shims
-from ..integration.gpt import (build_gpt_model, global_parameter_name, load_full_state_dict, rollout_is_layer_spec,
+from ..cpu_rig.model import (build_gpt_model, global_parameter_name, load_full_state_dict, rollout_is_layer_spec,
                                tiny_gpt_config)
 
 
@@ -62,7 +62,6 @@ def build_model_and_optimizer(args, vocab_size: int, seq_len: int, device: torch
     Returns:
         (ddp_model, optimizer, config).
     """
-    install_cpu_shims()
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     config = tiny_gpt_config(
         tp, pp, cp,

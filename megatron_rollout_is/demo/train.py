@@ -30,7 +30,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..dumps import write_step_dump
-from ..integration.gpt import make_gpt_forward_step, unshard_named_tensors
+from ..cpu_rig.model import unshard_named_tensors
+from ..integration.forward_step import make_gpt_forward_step
 from ..integration.loss import PolicyLossConfig, RolloutISPolicyLoss
 from ..parallel.groups import RolloutISGroups
 from ..parallel.vocab_parallel import vocab_parallel_token_log_probs

@@ -53,7 +53,7 @@ class RolloutISPolicyLoss:
     """Per-micro-batch loss function plus the step's rollout IS state, for one rank.
 
     Call it as `loss(batch, logits)` on the last pipeline stage (through
-    `integration.gpt.make_gpt_forward_step`, or your own forward step), and `finalize_step()` on
+    `integration.forward_step.make_gpt_forward_step`, or your own forward step), and `finalize_step()` on
     every last-stage rank once per step, after `forward_backward_func` returns.
 
     Batch keys, every per-token tensor `[b, s]` (already split for CP; `[1, t]` for THD):

@@ -1,13 +1,12 @@
-"""A Megatron-Core GPTModel wired for rollout-IS training on CPU (gloo) and on GPU.
+"""The rig's tiny Megatron-Core GPTModel, for tests and the demo on CPU (gloo) and on GPU.
 
 * :func:`tiny_gpt_config`: a small fp32 ``TransformerConfig`` with every fusion off (they are CUDA
   kernels) and ``calculate_per_token_loss=True`` (the loss contract this project uses).
 * :func:`rollout_is_layer_spec`: TransformerEngine's layer spec when TE and CUDA are there,
   otherwise megatron's local spec with :class:`ContextParallelDotProductAttention` as core attention
   (so CP works on CPU).
-* :func:`build_gpt_model`: the model for this pipeline stage (installs the CPU shims first).
-* :func:`gpt_forward` / :func:`make_gpt_forward_step`: the model call and a ``forward_step_func``
-  for ``megatron.core.pipeline_parallel.get_forward_backward_func()``.
+* :func:`build_gpt_model`: the model for this pipeline stage (on CPU, after
+  :func:`megatron_rollout_is.cpu_rig.activate`).
 * :func:`load_full_state_dict` / :func:`unshard_named_tensors`: map between a single-process
   state dict and the TP/PP shards (same-weights setups across layouts, full-gradient checks).
 
@@ -15,10 +14,9 @@ Layouts: ``b`` micro-batch size, ``s`` local sequence length (``S / cp``), ``V``
 ``tp`` tensor-parallel size. THD (packed) batches have ``b == 1`` and ``t`` local packed tokens.
 """
 
-import functools
 import importlib.util
 import re
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,15 +28,12 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
     get_gpt_layer_with_transformer_engine_spec,
 )
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_rollout_is.integration.cp_attention import ContextParallelDotProductAttention
-from megatron_rollout_is.integration.cpu_shims import install_cpu_shims
+from megatron_rollout_is.cpu_rig.cp_attention import ContextParallelDotProductAttention
+from megatron_rollout_is.cpu_rig.shims import cpu_shims_installed
 from megatron_rollout_is.parallel.groups import group_rank, group_size
-
-LossFn = Callable[[Dict[str, Any], Tensor], Tuple[Tensor, Tensor, Dict[str, Tensor]]]
 
 _LAYER_PREFIX = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -139,7 +134,8 @@ def build_gpt_model(
 ) -> GPTModel:
     """Build this pipeline stage's GPTModel (untied embedding and output weights).
 
-    Installs the CPU shims (a no-op with CUDA) and needs ``parallel_state`` initialised.
+    Needs ``parallel_state`` initialised and, without CUDA, the CPU rig activated
+    (:func:`megatron_rollout_is.cpu_rig.activate`); it changes nothing in megatron itself.
 
     Args:
         config (TransformerConfig): e.g. from :func:`tiny_gpt_config`.
@@ -159,7 +155,12 @@ def build_gpt_model(
             f"vocab_size={vocab_size} is not divisible by tp={config.tensor_model_parallel_size}; "
             "pad the vocabulary to a multiple of the tensor-parallel size."
         )
-    install_cpu_shims()
+    if not torch.cuda.is_available() and not cpu_shims_installed():
+        raise RuntimeError(
+            "building a megatron-core model without CUDA needs the CPU rig: call "
+            "megatron_rollout_is.cpu_rig.activate() once per process first (it redirects megatron's "
+            "CUDA-only call sites to the CPU; trainers with GPUs never need it)."
+        )
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -174,94 +175,6 @@ def build_gpt_model(
         share_embeddings_and_output_weights=False,
         position_embedding_type=position_embedding_type,
     )
-
-
-def thd_packed_seq_params(cu_seqlens: Tensor) -> PackedSeqParams:
-    """PackedSeqParams for a THD batch from the GLOBAL (unsplit, padded) document boundaries.
-
-    Args:
-        cu_seqlens (Tensor): int ``[num_docs + 1]``, cumulative document lengths from 0; with CP
-            every length must be divisible by ``2 * cp``.
-    """
-    cu_seqlens = cu_seqlens.to(torch.int32)
-    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    return PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu_seqlens,
-        cu_seqlens_kv=cu_seqlens,
-        cu_seqlens_q_padded=cu_seqlens,
-        cu_seqlens_kv_padded=cu_seqlens,
-        max_seqlen_q=max_seqlen,
-        max_seqlen_kv=max_seqlen,
-    )
-
-
-def gpt_forward(
-    model: torch.nn.Module,
-    tokens: Tensor,
-    position_ids: Tensor,
-    attention_mask: Optional[Tensor] = None,
-    packed_seq_params: Optional[PackedSeqParams] = None,
-) -> Tensor:
-    """Run one micro-batch through (this stage of) a GPTModel.
-
-    Args:
-        model (torch.nn.Module): a GPTModel (or a wrapper with the same forward).
-        tokens (Tensor): int64 ``[b, s]`` (already split for CP), ``[1, t]`` for THD.
-        position_ids (Tensor): int64, same shape: GLOBAL positions (within the document for THD).
-        attention_mask (Tensor, optional): leave None with the default spec (the core attention
-            builds the causal/document mask); megatron's own DotProductAttention wants a bool
-            ``[b, 1, s, s]``, True = masked.
-        packed_seq_params (PackedSeqParams, optional): THD batches
-            (:func:`thd_packed_seq_params`).
-
-    Returns:
-        Tensor: last stage: logits ``[b, s, V/tp]``; other stages: hidden states ``[s, b, h]``.
-    """
-    if tokens.dim() != 2 or position_ids.shape != tokens.shape:
-        raise ValueError(
-            f"tokens must be [b, s] and position_ids the same shape; got {tuple(tokens.shape)} "
-            f"and {tuple(position_ids.shape)}."
-        )
-    if packed_seq_params is not None and tokens.size(0) != 1:
-        raise ValueError(f"packed (THD) batches have b == 1, got tokens {tuple(tokens.shape)}.")
-    return model(
-        input_ids=tokens,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        packed_seq_params=packed_seq_params,
-    )
-
-
-def _loss_on_seq_first_logits(loss_fn: LossFn, batch: Dict[str, Any], logits: Tensor):
-    return loss_fn(batch, logits.transpose(0, 1))
-
-
-def make_gpt_forward_step(loss_fn: LossFn) -> Callable:
-    """A ``forward_step_func(data_iterator, model)`` for ``get_forward_backward_func()``.
-
-    Each item of the data iterator is one micro-batch: a dict with ``tokens`` and ``position_ids``
-    (see :func:`gpt_forward`), optionally ``attention_mask`` and ``packed_seq_params``, plus
-    whatever ``loss_fn`` needs (loss mask, advantages, ...), all already split for CP.
-
-    Args:
-        loss_fn (LossFn): ``loss_fn(batch, logits)`` with logits ``[s, b, V/tp]`` (sequence first,
-            a view of the model output), returning ``(loss_sum, num_tokens, report)``; it runs on
-            the last pipeline stage only.
-    """
-
-    def forward_step(data_iterator: Iterator[Dict[str, Any]], model: torch.nn.Module):
-        batch = next(data_iterator)
-        output = gpt_forward(
-            model,
-            batch["tokens"],
-            batch["position_ids"],
-            batch.get("attention_mask"),
-            batch.get("packed_seq_params"),
-        )
-        return output, functools.partial(_loss_on_seq_first_logits, loss_fn, batch)
-
-    return forward_step
 
 
 def global_parameter_name(model: GPTModel, name: str) -> str:

@@ -41,7 +41,7 @@ inside ``megatron/core/``):
   ``optimizer/clip_grads.py``: the grad-norm all-reduce buffer.
 
 Not covered: parameters created on the GPU (build models with ``use_cpu_initialization=True``,
-as ``gpt.tiny_gpt_config`` does) and gradient clipping itself, which asserts CUDA gradient types
+as ``model.tiny_gpt_config`` does) and gradient clipping itself, which asserts CUDA gradient types
 (``optimizer/clip_grads.py`` :167) and so stays unavailable on CPU.
 """
 
@@ -174,7 +174,7 @@ def install_cpu_shims() -> bool:
     """Redirect megatron-core's CUDA-only call sites to the CPU (see the module docstring).
 
     Call it once per process before ``model_parallel_cuda_manual_seed``, building models or
-    running schedules (calling it again is harmless; ``gpt.build_gpt_model`` calls it too).
+    running schedules (calling it again is harmless); :func:`megatron_rollout_is.cpu_rig.activate` calls it.
     Does nothing when CUDA is available, so GPU runs are untouched.
 
     Returns:
