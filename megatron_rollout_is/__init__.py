@@ -1,7 +1,19 @@
-"""Rollout importance sampling for RL fine-tuning, sharded across Megatron-Core's parallel layouts."""
+"""Rollout importance sampling and rollout correction for RL fine-tuning, sharded across
+Megatron-Core's parallel layouts."""
 
-from .config import RolloutISConfig
-from .core import compute_rollout_importance_weights
+from .config import RolloutCorrectionConfig, RolloutISConfig
+from .core import (SUPPORTED_ROLLOUT_RS_OPTIONS, compute_is_metrics, compute_mismatch_metrics,
+                   compute_offpolicy_metrics, compute_rollout_correction_and_rejection_mask,
+                   compute_rollout_importance_weights)
 
-__all__ = ["RolloutISConfig", "compute_rollout_importance_weights"]
-__version__ = "0.1.0"
+__all__ = [
+    "RolloutCorrectionConfig",
+    "RolloutISConfig",
+    "SUPPORTED_ROLLOUT_RS_OPTIONS",
+    "compute_is_metrics",
+    "compute_mismatch_metrics",
+    "compute_offpolicy_metrics",
+    "compute_rollout_correction_and_rejection_mask",
+    "compute_rollout_importance_weights",
+]
+__version__ = "0.2.0"

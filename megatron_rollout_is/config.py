@@ -1,15 +1,30 @@
-"""The one configuration of rollout importance sampling, with verl's key names and semantics."""
+"""The one configuration of rollout correction, in either of verl's key dialects.
 
-import math
-import numbers
-from dataclasses import dataclass, fields
+* verl 0.6.0 (`algorithm.rollout_is*`): `rollout_is` (bool: apply the weights), `rollout_is_threshold`
+  (None turns everything off), `rollout_is_threshold_lower`, `rollout_is_level`, `rollout_is_mode`,
+  `rollout_is_veto_threshold`; metrics `mismatch/` (docs/metrics.md).
+* verl HEAD (`algorithm.rollout_correction`): `rollout_is` (None / token / sequence level),
+  `rollout_is_threshold` (a number: TIS; `"lo_hi"`: IcePop), `rollout_is_batch_normalize`,
+  `rollout_rs`, `rollout_rs_threshold`, `bypass_mode`, `loss_type`, and verl's named presets;
+  metrics `rollout_corr/` (docs/rollout_correction.md).
+
+Both compile to one `core.plan.CorrectionPlan`, which is all the math reads. This project adds, in
+either dialect: the `geometric` level (alias `sequence_mean`) and `rollout_is_mode: clamp`
+(two-sided truncation); with HEAD keys also `rollout_is_mode: mask` with a single number.
+"""
+
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-LEVELS = ("token", "sequence", "geometric")
-MODES = ("truncate", "clip")
-# verl renamed `clip` to `mask` after 0.6.0; both spellings mean "zero weights outside [lower, upper]".
-MODE_ALIASES = {"mask": "clip"}
+from .core.plan import (CorrectionPlan, WeightSpec, parse_band, parse_bound, parse_criteria, parse_level,
+                        positive_number)
+
+VERL_06, VERL_HEAD = "verl-0.6", "verl-head"
+DIALECTS = (VERL_06, VERL_HEAD)
+LOSS_TYPES = ("ppo_clip", "reinforce")
+DEFAULT_VETO = 1e-4
+HEAD_DEFAULT_THRESHOLD = 2.0
 
 TIS_MIGRATION = (
     "`tis_imp_ratio_cap` was removed with the old token-level TIS. Replace it with "
@@ -20,117 +35,172 @@ TIS_MIGRATION = (
 
 
 @dataclass
-class RolloutISConfig:
-    """Configuration of rollout importance sampling (verl's `algorithm.rollout_is*` keys).
+class RolloutCorrectionConfig:
+    """Rollout correction settings with verl's key names, in the verl 0.6.0 or the verl HEAD dialect.
 
-    The threshold is the on/off switch: with `rollout_is_threshold` None nothing is computed.
-    With a threshold set and `rollout_is` False the weights and `mismatch/` metrics are computed
-    and logged but the loss is not reweighted (monitoring mode).
+    The dialect is `dialect` when set, else inferred from the keys: HEAD-only keys (a string
+    `rollout_is`, `rollout_rs*`, `rollout_is_batch_normalize`, `bypass_mode`, `loss_type`, a `"lo_hi"`
+    threshold) select HEAD, 0.6.0-only keys (a bool `rollout_is`, `rollout_is_level`,
+    `rollout_is_threshold_lower`, a non-default veto) select 0.6.0; keys of both are an error; none
+    of either is verl 0.6.0 with IS off. Validation happens at construction; every error names the
+    key and the fix.
     """
 
-    rollout_is: bool = False
-    """Multiply the policy loss by the IS weights. False with a threshold set = monitoring only."""
+    rollout_is: Union[bool, str, None] = None
+    """0.6.0: apply the weights to the loss (False with a threshold set: metrics only). HEAD: the
+    weight level `token`, `sequence` or (this project) `geometric` / `sequence_mean`; None: no weights."""
 
-    rollout_is_threshold: Optional[float] = None
-    """Upper bound of the IS weights (> 0). None turns rollout IS off entirely. Typical values:
-    token 1.5-5.0, sequence 2.0-10.0, geometric 1.0002-1.001."""
+    rollout_is_threshold: Union[float, str, None] = None
+    """Upper bound of the weights (> 0). 0.6.0: None turns rollout IS off. HEAD (default 2.0): a
+    number is TIS (`min(w, x)`), a string `"lo_hi"` is IcePop (weights outside [lo, hi] become 0)."""
 
     rollout_is_threshold_lower: Optional[float] = None
-    """Lower bound, used by `clip` mode and by the metrics. None means 1 / rollout_is_threshold."""
+    """0.6.0: lower bound for `clip` mode and the metrics; None means 1 / upper."""
 
-    rollout_is_level: str = "token"
-    """How token ratios are aggregated: `token` (per token), `sequence` (product over the
-    response) or `geometric` (geometric mean over the response)."""
+    rollout_is_level: Optional[str] = None
+    """0.6.0: `token` (default), `sequence` or `geometric`."""
 
-    rollout_is_mode: str = "truncate"
-    """`truncate`: cap weights at the upper bound. `clip` (alias `mask`): zero the weights outside
-    [lower, upper]."""
+    rollout_is_mode: Optional[str] = None
+    """`truncate` (cap at the upper bound; the default for a number), `clip`/`mask` (zero weights
+    outside [lower, upper]; the default for `"lo_hi"`) or `clamp` (two-sided truncation)."""
 
-    rollout_is_veto_threshold: Optional[float] = 1e-4
-    """A sequence with any token ratio below this (in (0, 1)) gets weight 0. None disables the veto."""
+    rollout_is_veto_threshold: Optional[float] = DEFAULT_VETO
+    """0.6.0: a sequence with a token ratio below this (in (0, 1)) gets weight 0; None disables it.
+    verl HEAD has no veto (reject with `rollout_rs` instead): leave it at its default there."""
+
+    rollout_is_batch_normalize: bool = False
+    """HEAD: divide the weights by their mean over the step (token level: over valid tokens;
+    sequence levels: over sequences), reported as `rollout_is_batch_norm_factor`."""
+
+    rollout_rs: Optional[str] = None
+    """HEAD: comma-separated rejection criteria, all must pass: `token_k1/k2/k3`,
+    `seq_sum_k1/k2/k3`, `seq_mean_k1/k2/k3`, `seq_max_k2/k3`. None: no rejection."""
+
+    rollout_rs_threshold: Union[float, str, None] = None
+    """HEAD: one threshold for all criteria or one per criterion (comma-separated). k2/k3: upper
+    bound; k1: `"lo_hi"` on `-log(ratio)` (keeps ratios in [1/hi, 1/lo]) or x for `"1/x_x"`."""
+
+    bypass_mode: bool = False
+    """HEAD: no old-log-prob pass; pi_old := rollout log-probs, and the correction uses the current
+    policy (detached) against the rollout log-probs inside the loss, per micro-batch."""
+
+    loss_type: str = "ppo_clip"
+    """HEAD bypass mode's loss: `ppo_clip` (the PPO ratio is pi_theta / pi_rollout; no extra
+    weight) or `reinforce` (`-w * log pi_theta * A`, no clipping)."""
+
+    dialect: Optional[str] = field(default=None, compare=False)
+    """`verl-0.6` or `verl-head`; None infers it from the keys (see the class docstring). Not part of
+    equality: two configs with the same keys are equal."""
+
+    plan: CorrectionPlan = field(init=False, repr=False, compare=False)
+    """The validated, normalised plan the math reads (derived; set at construction)."""
 
     def __post_init__(self):
-        if not isinstance(self.rollout_is, bool):
-            raise TypeError(
-                f"rollout_is must be a bool, got {self.rollout_is!r}; use true (apply the weights) "
-                "or false (monitoring only)."
-            )
-        self.rollout_is_threshold = _positive_or_none("rollout_is_threshold", self.rollout_is_threshold)
-        self.rollout_is_threshold_lower = _positive_or_none(
-            "rollout_is_threshold_lower", self.rollout_is_threshold_lower
-        )
-        self.rollout_is_level = _choice("rollout_is_level", self.rollout_is_level, LEVELS, {})
-        self.rollout_is_mode = _choice("rollout_is_mode", self.rollout_is_mode, MODES, MODE_ALIASES)
-        veto = _positive_or_none("rollout_is_veto_threshold", self.rollout_is_veto_threshold)
-        if veto is not None and veto >= 1.0:
-            raise ValueError(
-                f"rollout_is_veto_threshold must lie in (0, 1), got {veto}; it is a ratio far below 1 "
-                "(default 1e-4), or null to disable the veto."
-            )
-        self.rollout_is_veto_threshold = veto
-        if self.rollout_is and self.rollout_is_threshold is None:
-            raise ValueError(
-                "rollout_is is true but rollout_is_threshold is null, which turns IS off; set "
-                "rollout_is_threshold (e.g. 2.0) or set rollout_is to false."
-            )
-        if self.rollout_is_threshold_lower is not None and self.rollout_is_threshold is None:
-            raise ValueError(
-                "rollout_is_threshold_lower is set but rollout_is_threshold is null; set the upper "
-                "threshold too, or drop the lower one."
-            )
-        if self.enabled and self.lower_threshold >= self.rollout_is_threshold:
-            raise ValueError(
-                f"rollout_is_threshold_lower ({self.lower_threshold}) must be below "
-                f"rollout_is_threshold ({self.rollout_is_threshold}); with an upper threshold <= 1 the "
-                "default lower (1/upper) is not below it either, so set both explicitly."
-            )
+        self.plan = _head_plan(self) if self.key_dialect == VERL_HEAD else _v06_plan(self)
+
+    @property
+    def key_dialect(self) -> str:
+        """`dialect`, or the one the keys imply (see the class docstring)."""
+        return _dialect(self)
 
     @property
     def enabled(self) -> bool:
-        """Whether weights and metrics are computed at all."""
-        return self.rollout_is_threshold is not None
+        """Whether anything (weights, rejection or metrics) is computed."""
+        return self.plan is not None
+
+    @property
+    def lower_threshold(self) -> Optional[float]:
+        """The effective lower bound of the weights (`rollout_is_threshold_lower` or 1/upper); None
+        without weights."""
+        return self.plan.weights.lower if self.enabled and self.plan.weights is not None else None
 
     @property
     def applies_weights(self) -> bool:
-        """Whether the policy loss is multiplied by the weights (not only monitored)."""
-        return self.enabled and self.rollout_is
+        """Whether the policy loss is multiplied by weights."""
+        return self.enabled and self.plan.weights is not None and self.plan.weights.applied
 
-    @property
-    def lower_threshold(self) -> float:
-        """The effective lower bound: `rollout_is_threshold_lower`, or 1/upper when unset."""
-        if self.rollout_is_threshold_lower is not None:
-            return self.rollout_is_threshold_lower
-        return 1.0 / self.rollout_is_threshold
+    def describe(self) -> str:
+        """A one-line summary for logs and plot titles."""
+        plan = self.plan
+        if plan is None:
+            return "rollout correction off"
+        parts = []
+        if plan.weights is not None:
+            spec = plan.weights
+            band = f"{spec.upper:g}" if spec.bound == "truncate" else f"[{spec.lower:g}, {spec.upper:g}]"
+            parts.append(f"IS {spec.level} {spec.bound} {band}" + ("" if spec.applied else " (monitoring only)")
+                         + (" batch-normalised" if spec.batch_normalize else ""))
+        if plan.veto_threshold is not None:
+            parts.append(f"veto {plan.veto_threshold:g}")
+        if plan.criteria:
+            parts.append(f"RS {self.rollout_rs} {self.rollout_rs_threshold}")
+        if plan.bypass:
+            parts.append(f"bypass {plan.loss_type}")
+        return ", ".join(parts) or "off-policy metrics only"
+
+    def as_mapping(self) -> dict:
+        """The keys as given (what `RolloutCorrectionConfig(**mapping)` rebuilds), dialect included."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     @classmethod
-    def from_mapping(cls, mapping: Mapping[str, Any]) -> "RolloutISConfig":
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> "RolloutCorrectionConfig":
         """Builds the config from a verl-style mapping.
 
-        Accepts either a full trainer config (keys under `algorithm:`) or the flat `rollout_is*`
-        keys. Numbers written as strings (YAML reads `1e-4` as a string) are converted.
+        Accepts a full trainer config (verl HEAD keys under `algorithm.rollout_correction`, verl
+        0.6.0 keys directly under `algorithm`) or the flat keys of either dialect; a HEAD section may
+        also name a preset (`preset: decoupled_token_icepop`; its other keys override the preset).
+        Numbers written as strings (YAML reads `1e-4` as a string) are converted.
 
         Raises:
-            ValueError: the mapping still holds `tis_imp_ratio_cap` (anywhere), has unknown
-                `rollout_is*` keys, or a value fails validation.
+            ValueError: `tis_imp_ratio_cap` anywhere, unknown keys, both dialects at once, or a
+                value that fails validation.
         """
         _reject_removed_keys(mapping, path="")
-        section = mapping.get("algorithm", mapping)
-        if not isinstance(section, Mapping):
-            raise TypeError(f"`algorithm` must be a mapping of rollout_is* keys, got {type(section).__name__}.")
-        known = {f.name for f in fields(cls)}
-        values = {}
-        for key, value in section.items():
-            if not str(key).startswith("rollout_is"):
-                continue
-            if key not in known:
-                raise ValueError(
-                    f"unknown key `{key}`; the rollout IS keys are: {', '.join(sorted(known))}."
-                )
-            values[key] = _from_text(value)
-        return cls(**values)
+        algorithm = mapping.get("algorithm", mapping)
+        if not isinstance(algorithm, Mapping):
+            raise TypeError(f"`algorithm` must be a mapping, got {type(algorithm).__name__}.")
+        head = algorithm.get("rollout_correction")
+        old = {k: v for k, v in algorithm.items() if str(k).startswith("rollout_is")}
+        misplaced = sorted(str(k) for k in algorithm if str(k).startswith("rollout_rs") or k in ("bypass_mode",))
+        if "algorithm" in mapping and misplaced:
+            raise ValueError(f"{', '.join('algorithm.' + k for k in misplaced)}: verl HEAD keys belong under "
+                             "algorithm.rollout_correction (with rollout_is, rollout_is_threshold, ...).")
+        if head is not None and old:
+            raise ValueError(
+                f"the config has both verl HEAD's `algorithm.rollout_correction` and verl 0.6.0's keys {sorted(old)} "
+                "under `algorithm`; keep one (the 0.6.0 keys map to HEAD's as described in docs/rollout_correction.md)."
+            )
+        if head is not None:
+            if not isinstance(head, Mapping):
+                raise TypeError(f"`algorithm.rollout_correction` must be a mapping, got {type(head).__name__}.")
+            return cls._from_keys(head, VERL_HEAD, "algorithm.rollout_correction.")
+        if "algorithm" in mapping:
+            return cls._from_keys(old, VERL_06, "algorithm.")
+        return cls._from_keys(mapping, None, "")
 
     @classmethod
-    def from_yaml(cls, path: Union[str, Path]) -> "RolloutISConfig":
+    def _from_keys(cls, section: Mapping, dialect: Optional[str], where: str) -> "RolloutCorrectionConfig":
+        known = {f.name for f in fields(cls) if f.init and f.name != "dialect"}
+        values = dict(section)
+        preset = values.pop("preset", None)
+        unknown = sorted(str(k) for k in values if k not in known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(where + k for k in unknown)}; the keys are: "
+                             f"{', '.join(sorted(known))} (and `preset` in a rollout_correction section).")
+        foreign = _HEAD_ONLY if dialect == VERL_06 else _V06_ONLY if dialect == VERL_HEAD else set()
+        foreign = sorted(set(values) & foreign) + (["preset"] if preset is not None and dialect == VERL_06 else [])
+        if foreign:
+            fix = ("verl HEAD keys and presets go under algorithm.rollout_correction" if dialect == VERL_06 else
+                   "with verl HEAD keys rollout_is names the level and rollout_rs replaces the veto")
+            raise ValueError(f"{', '.join(where + k for k in foreign)}: key(s) of the other verl dialect; {fix} "
+                             "(docs/rollout_correction.md).")
+        values = {key: _from_text(value) for key, value in values.items()}
+        if preset is not None:
+            return cls.preset(preset, **values)
+        return cls(**values, dialect=dialect)
+
+    @classmethod
+    def from_yaml(cls, path: Union[str, Path]) -> "RolloutCorrectionConfig":
         """Reads a verl-style YAML file (see `from_mapping`)."""
         import yaml
 
@@ -140,32 +210,299 @@ class RolloutISConfig:
             raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}.")
         return cls.from_mapping(data)
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "RolloutCorrectionConfig":
+        """One of verl HEAD's named presets (see `PRESETS`), with keys overridden.
+
+        Raises:
+            ValueError: unknown preset name (the message lists them).
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown rollout correction preset {name!r}; the presets are: {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides, "dialect": VERL_HEAD})
+
+    # verl HEAD's factory methods, with its names and keyword arguments.
+    @classmethod
+    def decoupled_token_is(cls, threshold: float = 2.0):
+        """Token-level TIS, decoupled mode."""
+        return cls.preset("decoupled_token_is", rollout_is_threshold=threshold)
+
+    @classmethod
+    def decoupled_seq_is(cls, threshold: float = 2.0):
+        """Sequence-level TIS, decoupled mode."""
+        return cls.preset("decoupled_seq_is", rollout_is_threshold=threshold)
+
+    @classmethod
+    def decoupled_token_icepop(cls, threshold: float = 5.0, threshold_lower: float = 0.5):
+        """Token-level IcePop (weights outside [threshold_lower, threshold] become 0), decoupled mode."""
+        return cls.preset("decoupled_token_icepop", rollout_is_threshold=f"{threshold_lower}_{threshold}")
+
+    @classmethod
+    def decoupled_seq_is_rs(cls, is_threshold: float = 2.0, rs_threshold="0.5_2.0"):
+        """Sequence TIS plus sequence-sum k1 rejection (Seq-MIS), decoupled mode."""
+        return cls.preset("decoupled_seq_is_rs", rollout_is_threshold=is_threshold, rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def decoupled_geo_rs(cls, rs_threshold="0.999_1.001"):
+        """Geometric-mean rejection (seq_mean_k1) without weights, decoupled mode."""
+        return cls.preset("decoupled_geo_rs", rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def decoupled_geo_rs_seq_tis(cls, is_threshold: float = 2.0, rs_threshold="0.999_1.001"):
+        """Geometric rejection plus sequence TIS, decoupled mode."""
+        return cls.preset("decoupled_geo_rs_seq_tis", rollout_is_threshold=is_threshold,
+                          rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def decoupled_geo_rs_token_tis(cls, is_threshold: float = 2.0, rs_threshold="0.999_1.001"):
+        """Geometric rejection plus token TIS, decoupled mode."""
+        return cls.preset("decoupled_geo_rs_token_tis", rollout_is_threshold=is_threshold,
+                          rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def decoupled_k3_rs(cls, rs_threshold: float = 0.01):
+        """Sequence-mean k3 rejection without weights, decoupled mode."""
+        return cls.preset("decoupled_k3_rs", rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def decoupled_k3_rs_seq_tis(cls, is_threshold: float = 2.0, rs_threshold: float = 0.01):
+        """k3 rejection plus sequence TIS, decoupled mode."""
+        return cls.preset("decoupled_k3_rs_seq_tis", rollout_is_threshold=is_threshold,
+                          rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def decoupled_k3_rs_token_tis(cls, is_threshold: float = 2.0, rs_threshold: float = 0.01):
+        """k3 rejection plus token TIS, decoupled mode."""
+        return cls.preset("decoupled_k3_rs_token_tis", rollout_is_threshold=is_threshold,
+                          rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def bypass_ppo_clip(cls):
+        """Bypass mode, PPO-clip loss against the rollout log-probs."""
+        return cls.preset("bypass_ppo_clip")
+
+    @classmethod
+    def bypass_ppo_clip_geo_rs(cls, rs_threshold="0.999_1.001"):
+        """Bypass mode, PPO-clip loss, geometric rejection."""
+        return cls.preset("bypass_ppo_clip_geo_rs", rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def bypass_ppo_clip_k3_rs(cls, rs_threshold: float = 0.01):
+        """Bypass mode, PPO-clip loss, k3 rejection."""
+        return cls.preset("bypass_ppo_clip_k3_rs", rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def bypass_pg_is(cls, threshold: float = 2.0):
+        """Bypass mode, REINFORCE with sequence TIS weights."""
+        return cls.preset("bypass_pg_is", rollout_is_threshold=threshold)
+
+    @classmethod
+    def bypass_pg_token_icepop(cls, threshold: float = 5.0, threshold_lower: float = 0.5):
+        """Bypass mode, REINFORCE with token IcePop weights."""
+        return cls.preset("bypass_pg_token_icepop", rollout_is_threshold=f"{threshold_lower}_{threshold}")
+
+    @classmethod
+    def bypass_pg_geo_rs(cls, rs_threshold="0.999_1.001"):
+        """Bypass mode, REINFORCE, geometric rejection."""
+        return cls.preset("bypass_pg_geo_rs", rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def bypass_pg_geo_rs_seq_tis(cls, is_threshold: float = 2.0, rs_threshold="0.999_1.001"):
+        """Bypass mode, REINFORCE, geometric rejection and sequence TIS."""
+        return cls.preset("bypass_pg_geo_rs_seq_tis", rollout_is_threshold=is_threshold,
+                          rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def bypass_pg_geo_rs_token_tis(cls, is_threshold: float = 2.0, rs_threshold="0.999_1.001"):
+        """Bypass mode, REINFORCE, geometric rejection and token TIS."""
+        return cls.preset("bypass_pg_geo_rs_token_tis", rollout_is_threshold=is_threshold,
+                          rollout_rs_threshold=rs_threshold)
+
+    @classmethod
+    def disabled(cls):
+        """Off-policy metrics only: no weights, no rejection."""
+        return cls.preset("disabled")
+
+
+_V06_ONLY = {"rollout_is_level", "rollout_is_threshold_lower", "rollout_is_veto_threshold"}
+_HEAD_ONLY = {"rollout_is_batch_normalize", "rollout_rs", "rollout_rs_threshold", "bypass_mode", "loss_type"}
+
+RolloutISConfig = RolloutCorrectionConfig
+"""The same class under the name verl 0.6.0-era code uses."""
+
+_GEO, _K3 = {"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": "0.999_1.001"}, {
+    "rollout_rs": "seq_mean_k3", "rollout_rs_threshold": 0.01}
+_BYPASS_PPO, _BYPASS_PG = {"bypass_mode": True, "loss_type": "ppo_clip"}, {"bypass_mode": True, "loss_type": "reinforce"}
+PRESETS = {
+    "decoupled_token_is": {"rollout_is": "token", "rollout_is_threshold": 2.0},
+    "decoupled_seq_is": {"rollout_is": "sequence", "rollout_is_threshold": 2.0},
+    "decoupled_token_icepop": {"rollout_is": "token", "rollout_is_threshold": "0.5_5.0"},
+    "decoupled_seq_is_rs": {"rollout_is": "sequence", "rollout_is_threshold": 2.0, "rollout_rs": "seq_sum_k1",
+                            "rollout_rs_threshold": "0.5_2.0"},
+    "decoupled_geo_rs": dict(_GEO),
+    "decoupled_geo_rs_seq_tis": {"rollout_is": "sequence", "rollout_is_threshold": 2.0, **_GEO},
+    "decoupled_geo_rs_token_tis": {"rollout_is": "token", "rollout_is_threshold": 2.0, **_GEO},
+    "decoupled_k3_rs": dict(_K3),
+    "decoupled_k3_rs_seq_tis": {"rollout_is": "sequence", "rollout_is_threshold": 2.0, **_K3},
+    "decoupled_k3_rs_token_tis": {"rollout_is": "token", "rollout_is_threshold": 2.0, **_K3},
+    "bypass_ppo_clip": dict(_BYPASS_PPO),
+    "bypass_ppo_clip_geo_rs": {**_GEO, **_BYPASS_PPO},
+    "bypass_ppo_clip_k3_rs": {**_K3, **_BYPASS_PPO},
+    "bypass_pg_is": {"rollout_is": "sequence", "rollout_is_threshold": 2.0, **_BYPASS_PG},
+    "bypass_pg_token_icepop": {"rollout_is": "token", "rollout_is_threshold": "0.5_5.0", **_BYPASS_PG},
+    "bypass_pg_geo_rs": {**_GEO, **_BYPASS_PG},
+    "bypass_pg_geo_rs_seq_tis": {"rollout_is": "sequence", "rollout_is_threshold": 2.0, **_GEO, **_BYPASS_PG},
+    "bypass_pg_geo_rs_token_tis": {"rollout_is": "token", "rollout_is_threshold": 2.0, **_GEO, **_BYPASS_PG},
+    "disabled": {},
+}
+"""verl HEAD's named presets (`RolloutCorrectionConfig.<name>()` there) as key settings."""
+
+
+def _markers(config: RolloutCorrectionConfig) -> tuple:
+    """The keys that only verl 0.6.0 / only verl HEAD has, as set in `config`."""
+    old = [name for name, is_set in (
+        ("rollout_is: true", config.rollout_is is True),
+        ("rollout_is_level", config.rollout_is_level not in (None, "token")),
+        ("rollout_is_threshold_lower", config.rollout_is_threshold_lower is not None),
+        ("rollout_is_veto_threshold", config.rollout_is_veto_threshold not in (DEFAULT_VETO, None)),
+    ) if is_set]
+    new = [name for name, is_set in (
+        ("rollout_is (a level name)", isinstance(config.rollout_is, str)),
+        ("rollout_is_threshold (a 'lo_hi' band)", isinstance(config.rollout_is_threshold, str)
+         and "_" in config.rollout_is_threshold),
+        ("rollout_is_batch_normalize", config.rollout_is_batch_normalize is not False),
+        ("rollout_rs", config.rollout_rs is not None),
+        ("rollout_rs_threshold", config.rollout_rs_threshold is not None),
+        ("bypass_mode", config.bypass_mode is not False),
+        ("loss_type", config.loss_type != "ppo_clip"),
+    ) if is_set]
+    return old, new
+
+
+def _dialect(config: RolloutCorrectionConfig) -> str:
+    old, new = _markers(config)
+    if config.dialect is not None and config.dialect not in DIALECTS:
+        raise ValueError(f"dialect must be one of {DIALECTS} or None (inferred), got {config.dialect!r}.")
+    if old and new:
+        raise ValueError(
+            f"the config mixes verl 0.6.0 keys ({', '.join(old)}) with verl HEAD keys ({', '.join(new)}); use one "
+            "dialect: with HEAD keys, rollout_is names the level (token/sequence/geometric) and rejection replaces "
+            "the veto (rollout_rs), see docs/rollout_correction.md."
+        )
+    if config.dialect == VERL_HEAD and old:
+        raise ValueError(f"verl 0.6.0 key(s) {', '.join(old)} in a verl HEAD config; use the HEAD keys "
+                         "(docs/rollout_correction.md).")
+    if config.dialect == VERL_06 and new:
+        raise ValueError(f"verl HEAD key(s) {', '.join(new)} in a verl 0.6.0 config; use one dialect.")
+    return config.dialect or (VERL_HEAD if new else VERL_06)
+
+
+def _v06_plan(config: RolloutCorrectionConfig) -> Optional[CorrectionPlan]:
+    """verl 0.6.0 semantics: the threshold is the on/off switch, `rollout_is` applies the weights."""
+    applied = config.rollout_is if config.rollout_is is not None else False
+    if not isinstance(applied, bool):
+        raise TypeError(f"rollout_is must be a bool with verl 0.6.0 keys, got {applied!r}.")
+    level = parse_level("rollout_is_level", config.rollout_is_level or "token")
+    bound = parse_bound("rollout_is_mode", config.rollout_is_mode or "truncate")
+    config.rollout_is, config.rollout_is_level = applied, level
+    config.rollout_is_mode = "clip" if bound == "mask" else bound
+    threshold = config.rollout_is_threshold
+    if isinstance(threshold, (str, bool)):
+        raise TypeError(f"rollout_is_threshold must be a number or null with verl 0.6.0 keys, got {threshold!r}.")
+    lower = _positive_or_none("rollout_is_threshold_lower", config.rollout_is_threshold_lower)
+    veto = _positive_or_none("rollout_is_veto_threshold", config.rollout_is_veto_threshold)
+    if veto is not None and veto >= 1.0:
+        raise ValueError(f"rollout_is_veto_threshold must lie in (0, 1), got {veto}; it is a ratio far below 1 "
+                         "(default 1e-4), or null to disable the veto.")
+    if config.rollout_is_threshold is None:
+        if applied:
+            raise ValueError("rollout_is is true but rollout_is_threshold is null, which turns IS off; set "
+                             "rollout_is_threshold (e.g. 2.0) or set rollout_is to false.")
+        if lower is not None:
+            raise ValueError("rollout_is_threshold_lower is set but rollout_is_threshold is null; set the upper "
+                             "threshold too, or drop the lower one.")
+        return None
+    upper = positive_number("rollout_is_threshold", config.rollout_is_threshold)
+    config.rollout_is_threshold, config.rollout_is_threshold_lower = upper, lower
+    lower = lower if lower is not None else 1.0 / upper
+    if lower >= upper:
+        raise ValueError(f"rollout_is_threshold_lower ({lower}) must be below rollout_is_threshold ({upper}); with "
+                         "an upper threshold <= 1 the default lower (1/upper) is not below it either, so set both "
+                         "explicitly.")
+    weights = WeightSpec(level, bound, upper, lower, applied=applied)
+    return CorrectionPlan("mismatch", weights, veto_threshold=veto)
+
+
+def _head_plan(config: RolloutCorrectionConfig) -> CorrectionPlan:
+    """verl HEAD semantics; errors for settings that would do nothing (verl ignores them silently)."""
+    if config.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {config.loss_type!r}.")
+    for name in ("rollout_is_batch_normalize", "bypass_mode"):
+        if not isinstance(getattr(config, name), bool):
+            raise TypeError(f"{name} must be true or false, got {getattr(config, name)!r}.")
+    if not config.bypass_mode and config.loss_type != "ppo_clip":
+        raise ValueError(f"loss_type {config.loss_type!r} only applies in bypass mode (decoupled mode trains "
+                         "PPO-clip against pi_old); set bypass_mode: true, or drop loss_type.")
+    if config.rollout_is is False:
+        config.rollout_is = None  # verl 0.6.0's "no weights applied"; with HEAD keys: no weights
+    weights = _head_weights(config)
+    if config.bypass_mode and config.loss_type == "ppo_clip" and weights is not None:
+        raise ValueError(
+            "bypass_mode with loss_type ppo_clip takes the PPO ratio against the rollout log-probs, which already is "
+            f"the importance ratio: rollout_is={config.rollout_is!r} would not be applied. Set loss_type: reinforce "
+            "to apply the weights, or drop rollout_is (the rollout_corr/ metrics are logged either way)."
+        )
+    criteria = ()
+    if config.rollout_rs is not None:
+        criteria = parse_criteria(config.rollout_rs, config.rollout_rs_threshold)
+    elif config.rollout_rs_threshold is not None:
+        raise ValueError("rollout_rs_threshold is set but rollout_rs is null, so nothing is rejected; name the "
+                         "criteria in rollout_rs (e.g. seq_mean_k1) or drop the threshold.")
+    return CorrectionPlan("rollout_corr", weights, criteria=criteria, bypass=config.bypass_mode,
+                          loss_type=config.loss_type)
+
+
+def _head_weights(config: RolloutCorrectionConfig) -> Optional[WeightSpec]:
+    threshold = config.rollout_is_threshold
+    if config.rollout_is is None:
+        if threshold is not None and not _is_default_threshold(threshold):
+            raise ValueError(f"rollout_is_threshold={threshold!r} does nothing while rollout_is is null; set "
+                             "rollout_is (token or sequence) to compute weights, or drop the threshold.")
+        if config.rollout_is_batch_normalize:
+            raise ValueError("rollout_is_batch_normalize is true but rollout_is is null: there are no weights to "
+                             "normalise; set rollout_is or drop rollout_is_batch_normalize.")
+        if config.rollout_is_mode not in (None, "truncate"):
+            raise ValueError("rollout_is_mode is set but rollout_is is null; set rollout_is or drop the mode.")
+        return None
+    level = parse_level("rollout_is", config.rollout_is)
+    if threshold is None:
+        threshold = config.rollout_is_threshold = HEAD_DEFAULT_THRESHOLD
+    low, high = parse_band("rollout_is_threshold", threshold)
+    bound = parse_bound("rollout_is_mode", config.rollout_is_mode or ("truncate" if low is None else "mask"))
+    if bound == "truncate" and low is not None:
+        raise ValueError(f"rollout_is_threshold {threshold!r} is a band but rollout_is_mode truncate only caps at the "
+                         "upper end; use mask (IcePop: zero outside the band) or clamp (two-sided truncation), or "
+                         "give one number.")
+    lower = low if low is not None else 1.0 / high
+    if bound != "truncate" and lower >= high:
+        raise ValueError(f"rollout_is_threshold {threshold!r}: the band [{lower:g}, {high:g}] is empty; use an upper "
+                         "bound above 1 or a 'lower_upper' band with lower < upper.")
+    return WeightSpec(level, bound, high, lower, applied=True, batch_normalize=config.rollout_is_batch_normalize)
+
+
+def _is_default_threshold(threshold: Any) -> bool:
+    try:
+        return float(threshold) == HEAD_DEFAULT_THRESHOLD
+    except (TypeError, ValueError):
+        return False
+
 
 def _positive_or_none(name: str, value: Any) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number or null, got {value!r} ({type(value).__name__}).")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(
-            f"{name} must be a finite number > 0, got {value}; its log is taken, so use e.g. 2.0 "
-            "(or null to leave it unset)."
-        )
-    return value
-
-
-def _choice(name: str, value: Any, allowed: tuple, aliases: dict) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, one of {allowed}, got {value!r}.")
-    value = aliases.get(value, value)
-    if value not in allowed:
-        spelled = allowed + tuple(aliases)
-        raise ValueError(f"{name} must be one of {spelled}, got {value!r}.")
-    return value
+    return None if value is None else positive_number(name, value)
 
 
 def _from_text(value: Any) -> Any:
+    """YAML scalars as the config wants them: 'null'/'none' -> None, plain numbers -> float."""
     if isinstance(value, str):
         lowered = value.strip().lower()
         if lowered in ("null", "none", "~"):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .core.weights import check_inputs
+from .core.inputs import check_inputs
 
 NONFINITE_ROLLOUT = "nonfinite_rollout_log_prob"
 NONFINITE_OLD = "nonfinite_old_log_prob"

@@ -5,7 +5,6 @@ One file per step, `step_000042.safetensors`, holding whole (unsplit) sequences:
 the step number and the rollout IS config as metadata.
 """
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -52,7 +51,7 @@ def write_step_dump(
         "rollout_log_prob": rollout_log_prob.detach().float().cpu().contiguous(),
         "response_mask": (response_mask.detach() != 0).to(torch.uint8).cpu().contiguous(),
     }
-    metadata = {"step": str(step), "config": json.dumps(dataclasses.asdict(config)) if config else "null"}
+    metadata = {"step": str(step), "config": json.dumps(config.as_mapping()) if config else "null"}
     save_file(tensors, str(path), metadata=metadata)
     return path
 

@@ -49,7 +49,8 @@ _TOKEN_KEYS = (
     "mismatch_log_ppl_diff_min",
     "mismatch_ppl_ratio",
 )
-_CLIP_KEYS = ("rollout_is_clipped_fraction", "rollout_is_seq_clipped_fraction")
+_CLIP_KEYS = ("rollout_is_clipped_fraction", "rollout_is_seq_clipped_fraction", "rollout_is_masked_fraction",
+              "rollout_is_seq_masked_fraction")
 _QUANTILES = {"rollout_is_p25": 0.25, "rollout_is_p50": 0.50, "rollout_is_p75": 0.75,
               "rollout_is_p95": 0.95, "rollout_is_p99": 0.99}
 
@@ -229,6 +230,9 @@ def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto):
     if clip:
         m["rollout_is_clipped_fraction"] = token_mean([0.0 if k else 1.0 for k in token_kept])
         m["rollout_is_seq_clipped_fraction"] = seq_share(seq_any_dropped)
+        # verl 0.6.0's own names for the same two shares.
+        m["rollout_is_masked_fraction"] = m["rollout_is_clipped_fraction"]
+        m["rollout_is_seq_masked_fraction"] = m["rollout_is_seq_clipped_fraction"]
 
     m["mismatch_training_ppl"] = seq_mean(_safe_exp(-mo) for mo in seq_mo)
     m["mismatch_rollout_ppl"] = seq_mean(_safe_exp(-mr) for mr in seq_mr)

@@ -78,9 +78,8 @@ def test_malformed_inputs_name_the_argument(change, error, words):
         assert word in str(caught.value)
 
 
-def test_missing_threshold_is_a_clear_error():
-    with pytest.raises(ValueError, match="rollout_is_threshold is None"):
-        compute_rollout_importance_weights(*_batch(), rollout_is_threshold=None)
+def test_no_threshold_turns_rollout_is_off_as_verl_does():
+    assert compute_rollout_importance_weights(*_batch(), rollout_is_threshold=None) == (None, {})
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -124,7 +123,7 @@ def _loss_batch(**overrides):
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (dict(rollout_log_prob=None), ["rollout_log_prob", "rollout IS is on"]),
+        (dict(rollout_log_prob=None), ["rollout_log_prob", "rollout correction is on"]),
         (dict(rollout_log_prob=torch.zeros(2, 3)), ["rollout_log_prob", "(2, 3)", "no broadcasting"]),
         (dict(old_log_prob=None), ["old_log_prob", "--rollout-is-bypass"]),
         (dict(advantages=torch.ones(2, 1)), ["advantages", "[b, s]", "(2, 1)"]),

@@ -258,6 +258,7 @@ def _hand_cases():
         "rollout_is_seq_min": 0.2, "rollout_is_seq_max_deviation": 0.8,
         "rollout_is_seq_fraction_high": 0.0, "rollout_is_seq_fraction_low": 0.5,
         "rollout_is_clipped_fraction": 0.6, "rollout_is_seq_clipped_fraction": 0.5,
+        "rollout_is_masked_fraction": 0.6, "rollout_is_seq_masked_fraction": 0.5,
         "mismatch_training_ppl": (math.exp(-mo0) + math.exp(-mo1)) / 2,
         "mismatch_rollout_ppl": (math.exp(-mo0 - d0) + math.exp(-mo1 - d1)) / 2,
         "mismatch_training_log_ppl": (-mo0 - mo1) / 2, "mismatch_rollout_log_ppl": (-mo0 - d0 - mo1 - d1) / 2,
@@ -367,7 +368,8 @@ def test_metric_keys_are_the_documented_set(mode):
     assert set(metrics) == expected_metric_keys(mode)
     assert {"mismatch/" + key for key in SEED_KEYS} <= set(metrics)
     clip_only = expected_metric_keys("clip") - expected_metric_keys("truncate")
-    assert clip_only == {"mismatch/rollout_is_clipped_fraction", "mismatch/rollout_is_seq_clipped_fraction"}
+    assert clip_only == {"mismatch/rollout_is_clipped_fraction", "mismatch/rollout_is_seq_clipped_fraction",
+                         "mismatch/rollout_is_masked_fraction", "mismatch/rollout_is_seq_masked_fraction"}
     assert all(type(value) is float for value in metrics.values())
 
 

@@ -25,7 +25,6 @@ from layouts import (
     pack_documents, unpack_documents,
 )
 from megatron_rollout_is.config import RolloutISConfig
-from megatron_rollout_is.core.weights import NUM_PARTIALS
 from megatron_rollout_is.parallel.context_parallel import (
     gather_cp_shards, local_cu_seqlens, split_for_cp, split_thd_for_cp, thd_partitioned_indices, zigzag_indices,
 )
@@ -184,6 +183,7 @@ def _traffic(layout: Layout, at: dict, groups: RolloutISGroups) -> list:
                             micro_batches.append({"sequences": len(rows), "calls": log.take()})
                         sharded.finalize()
                         records.append({"key": (packing, level, veto, dtype), "seq_len": seq_len,
+                                        "columns": len(sharded.statistics.columns),
                                         "micro_batches": micro_batches, "finalize": log.take()})
     return records
 
@@ -358,8 +358,9 @@ def test_cp_traffic_is_independent_of_sequence_length(world_size):
                 assert {c["group"] for c in mb["calls"]} == {"cp"}, where
                 sums = [c for c in mb["calls"] if c["op"].endswith("SUM")]
                 checks = [c for c in mb["calls"] if c["op"].endswith("MAX")]
-                # The partials: one SUM of [b, NUM_PARTIALS] in the compute dtype, or none (deferred).
-                assert [c["bytes"] for c in sums] == ([mb["sequences"] * NUM_PARTIALS * itemsize] if per_sequence else []), where
+                # The partials: one SUM of [b, columns] in the compute dtype, or none (deferred).
+                partial_bytes = mb["sequences"] * record["columns"] * itemsize
+                assert [c["bytes"] for c in sums] == ([partial_bytes] if per_sequence else []), where
                 # The shape check: one MAX of a few integers.
                 assert len(checks) == 1 and checks[0]["bytes"] <= LAYOUT_CHECK_MAX_BYTES, where
                 assert len(sums) + len(checks) == len(mb["calls"]), where

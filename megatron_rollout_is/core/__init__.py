@@ -1,16 +1,26 @@
-"""Pure rollout IS math (no torch.distributed): weights, reducible statistics, exact quantiles."""
+"""Pure rollout-correction math (no torch.distributed): plans, weights, rejection, statistics, quantiles."""
 
-from .rollout_is import compute_rollout_importance_weights, micro_batch_weights, reduces_per_micro_batch
+from .correction import Correction, correct_micro_batch
+from .inputs import SAFETY_BOUND
+from .plan import CorrectionPlan, Criterion, WeightSpec
+from .rollout_correction import (SUPPORTED_ROLLOUT_RS_OPTIONS, compute_is_metrics, compute_offpolicy_metrics,
+                                 compute_rollout_correction_and_rejection_mask)
+from .rollout_is import compute_mismatch_metrics, compute_rollout_importance_weights
 from .statistics import StepStatistics, metric_names
-from .weights import NUM_PARTIALS, SAFETY_BOUND, Partial
 
 __all__ = [
-    "NUM_PARTIALS",
-    "Partial",
+    "Correction",
+    "CorrectionPlan",
+    "Criterion",
     "SAFETY_BOUND",
+    "SUPPORTED_ROLLOUT_RS_OPTIONS",
     "StepStatistics",
+    "WeightSpec",
+    "compute_is_metrics",
+    "compute_mismatch_metrics",
+    "compute_offpolicy_metrics",
+    "compute_rollout_correction_and_rejection_mask",
     "compute_rollout_importance_weights",
+    "correct_micro_batch",
     "metric_names",
-    "micro_batch_weights",
-    "reduces_per_micro_batch",
 ]

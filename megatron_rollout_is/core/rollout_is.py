@@ -1,55 +1,30 @@
-"""One micro-batch of rollout IS, and the single-process entry point built from it."""
+"""verl 0.6.0's single-process API (`mismatch_helper`): weights and `mismatch/` metrics of one batch."""
 
 from typing import Optional
 
 import torch
 
-from ..config import RolloutISConfig
-from .quantiles import Reducer
+from .catalog_mismatch import perplexity_metrics
+from .correction import correct_micro_batch
+from .plan import CorrectionPlan, WeightSpec, parse_bound, parse_level, positive_number
 from .statistics import StepStatistics
-from .weights import bounded_weights, prepare_shard, safety_weights, sequence_partials, token_weights
 
 
-def reduces_per_micro_batch(config: RolloutISConfig) -> bool:
-    """Whether the weights need the per-sequence partials reduced before bounding.
-
-    Sequence and geometric weights do; token weights only do for the sequence-wide veto. Otherwise
-    the partials (needed by the metrics alone) are reduced once, when the step is finalized.
-    """
-    return config.rollout_is_level != "token" or config.rollout_is_veto_threshold is not None
-
-
-def micro_batch_weights(
-    old_log_prob: torch.Tensor,
-    rollout_log_prob: torch.Tensor,
-    response_mask: torch.Tensor,
-    config: RolloutISConfig,
-    statistics: StepStatistics,
-    reduce_partials: Optional[Reducer] = None,
-) -> torch.Tensor:
-    """Weights of one micro-batch shard; records its statistics into `statistics`.
-
-    Args:
-        old_log_prob: `[b, s]` training log-probs of this rank's tokens.
-        rollout_log_prob: `[b, s]` rollout log-probs, same positions.
-        response_mask: `[b, s]` non-zero on valid tokens.
-        config: an enabled rollout IS config.
-        statistics: the step's accumulator.
-        reduce_partials: sums `[b, NUM_PARTIALS]` in place over the ranks sharing these sequences
-            (context parallelism); used only when `reduces_per_micro_batch(config)`.
-
-    Returns:
-        `[b, s]` detached weights, float32 (float64 for float64 inputs), 0 on masked tokens.
-    """
-    shard = prepare_shard(old_log_prob, rollout_log_prob, response_mask)
-    token_w = token_weights(shard.log_ratio) if config.rollout_is_level == "token" else None
-    local_partials = sequence_partials(shard, config, token_w)
-    partials = local_partials
-    if reduce_partials is not None and reduces_per_micro_batch(config):
-        partials = reduce_partials(local_partials.clone())
-    statistics.add(shard, partials, local_partials, token_w)
-    weights = safety_weights(shard, partials, config, token_w)
-    return bounded_weights(weights, shard.valid, partials, config)
+def verl06_plan(
+    level: str, mode: str, threshold: float, lower: Optional[float], veto: Optional[float], applied: bool = True
+) -> CorrectionPlan:
+    """The plan of verl 0.6.0's keyword arguments (validated; errors name the argument)."""
+    upper = positive_number("rollout_is_threshold", threshold)
+    lower = positive_number("rollout_is_threshold_lower", lower) if lower is not None else 1.0 / upper
+    if lower >= upper:
+        raise ValueError(f"rollout_is_threshold_lower ({lower}) must be below rollout_is_threshold ({upper}).")
+    if veto is not None:
+        veto = positive_number("rollout_is_veto_threshold", veto)
+        if veto >= 1.0:
+            raise ValueError(f"rollout_is_veto_threshold must lie in (0, 1), got {veto}, or be None.")
+    spec = WeightSpec(parse_level("rollout_is_level", level), parse_bound("rollout_is_mode", mode), upper, lower,
+                      applied=applied)
+    return CorrectionPlan("mismatch", spec, veto_threshold=veto)
 
 
 def compute_rollout_importance_weights(
@@ -61,7 +36,7 @@ def compute_rollout_importance_weights(
     rollout_is_threshold: Optional[float] = 2.0,
     rollout_is_threshold_lower: Optional[float] = None,
     rollout_is_veto_threshold: Optional[float] = 1e-4,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple:
     """Rollout importance weights and every `mismatch/` metric of one batch (single process).
 
     Args:
@@ -69,29 +44,45 @@ def compute_rollout_importance_weights(
         rollout_log_prob: `[batch, response_len]` rollout-engine log-probs.
         response_mask: `[batch, response_len]`, non-zero on tokens that are trained on.
         rollout_is_level: `token`, `sequence` or `geometric`.
-        rollout_is_mode: `truncate`, or `clip` (alias `mask`).
-        rollout_is_threshold: upper bound (> 0).
+        rollout_is_mode: `truncate`, `clip` (alias `mask`) or `clamp` (two-sided truncation).
+        rollout_is_threshold: upper bound (> 0); None turns rollout IS off.
         rollout_is_threshold_lower: lower bound; None means 1 / upper.
         rollout_is_veto_threshold: per-token veto ratio in (0, 1), or None.
 
     Returns:
         `(weights, metrics)`: weights `[batch, response_len]`, detached, float32 (float64 when an
         input is float64), 0 on masked tokens and vetoed sequences; metrics `{"mismatch/...": float}`
-        as documented in docs/metrics.md.
+        as documented in docs/metrics.md. `(None, {})` when `rollout_is_threshold` is None, as verl.
     """
     if rollout_is_threshold is None:
-        raise ValueError(
-            "rollout_is_threshold is None, which means rollout IS is off; pass a threshold "
-            "(e.g. 2.0 for token level) to compute weights and metrics."
-        )
-    config = RolloutISConfig(
-        rollout_is=True,
-        rollout_is_threshold=rollout_is_threshold,
-        rollout_is_threshold_lower=rollout_is_threshold_lower,
-        rollout_is_level=rollout_is_level,
-        rollout_is_mode=rollout_is_mode,
-        rollout_is_veto_threshold=rollout_is_veto_threshold,
-    )
-    statistics = StepStatistics(config)
-    weights = micro_batch_weights(old_log_prob, rollout_log_prob, response_mask, config, statistics)
-    return weights, statistics.finalize()
+        return None, {}
+    plan = verl06_plan(rollout_is_level, rollout_is_mode, rollout_is_threshold, rollout_is_threshold_lower,
+                       rollout_is_veto_threshold)
+    statistics = StepStatistics(plan)
+    correction = correct_micro_batch(old_log_prob, rollout_log_prob, response_mask, plan, statistics)
+    return correction.weights, statistics.finalize()
+
+
+def compute_mismatch_metrics(
+    old_log_prob: torch.Tensor, rollout_log_prob: Optional[torch.Tensor], response_mask: torch.Tensor
+) -> dict:
+    """verl 0.6.0's training-vs-rollout metrics without IS: `{"mismatch_kl": ..., ...}` (no prefix).
+
+    With `rollout_log_prob=None`, only the training perplexities (`mismatch_training_ppl`,
+    `mismatch_training_log_ppl`).
+    """
+    return batch_metrics(old_log_prob, rollout_log_prob, response_mask,
+                         perplexity_metrics("mismatch_", rollout_log_prob is not None))
+
+
+def batch_metrics(old_log_prob, rollout_log_prob, response_mask, metrics: list) -> dict:
+    """Unprefixed values of `metrics` (off-policy ones, no weights) on one batch.
+
+    Without rollout log-probs only training-side metrics may be asked for; the log ratio is then 0.
+    """
+    if rollout_log_prob is None:
+        rollout_log_prob = old_log_prob
+    plan = CorrectionPlan("offpolicy")
+    statistics = StepStatistics(plan, metrics, prefix="")
+    correct_micro_batch(old_log_prob, rollout_log_prob, response_mask, plan, statistics)
+    return statistics.finalize()

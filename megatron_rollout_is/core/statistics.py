@@ -1,152 +1,115 @@
-"""Reducible sufficient statistics of the `mismatch/` metrics, and the metrics made from them.
+"""The step statistics engine: records micro-batches, reduces once per step, evaluates the metrics.
 
-`StepStatistics` records, per micro-batch, token sums (each token is held by exactly one rank), the
-per-sequence partials (reduced over the ranks sharing a sequence, counted by one of them) and the
-weights of valid tokens (for exact quantiles). `finalize` turns them into the metrics of docs/metrics.md
-with reductions the caller supplies:
+The metrics of a plan (`catalog_mismatch`, `catalog_rollout_corr`) name the statistics they need;
+this engine computes exactly those:
 
-| statistic | reduction |
-|---|---|
-| `TokenSum` and `SequenceSum` columns and a "some rank has float64 weights" flag (one float64 vector) | SUM over all ranks holding tokens |
-| `Extreme` columns (maxima; minima stored negated) | MAX over the same ranks |
-| quantiles | `exact_quantiles` histograms (SUM), 3 rounds (float32) or 6 (float64) |
+| statistic | recorded | reduction |
+|---|---|---|
+| `TokenStat` SUMs, and N, K and a "float64 weights" flag | per micro-batch (token terms) / per step (sequences) | one SUM of a float64 vector over all ranks holding tokens |
+| `SequenceStat`s | once per step, from the reduced per-sequence `Column`s, by the rank that owns each sequence | in the same SUM / MAX vectors |
+| MAX and MIN statistics (MIN stored negated) | both | one MAX of a float64 vector |
+| one `QuantileStat` | token values or per-sequence values with their token counts | `exact_quantiles` histogram rounds (SUM) |
 
 In one process every reduction is the identity.
 """
 
 import math
-from enum import IntEnum
 from typing import Optional
 
 import torch
 
-from ..config import RolloutISConfig
+from .catalog_mismatch import mismatch_metrics
+from .catalog_rollout_corr import rollout_corr_metrics
+from .metric import QuantileStat, Reduced, SequenceStat, TokenStat, base_columns, named_column
+from .plan import CorrectionPlan
 from .quantiles import Reducer, exact_quantiles
-from .weights import SAFETY_BOUND, Partial, TokenShard, kept, sequence_log_weights
+from .terms import SequenceTerms, TokenTerms
 
-PREFIX = "mismatch/"
-QUANTILES = {"rollout_is_p25": 0.25, "rollout_is_p50": 0.5, "rollout_is_p75": 0.75, "rollout_is_p95": 0.95, "rollout_is_p99": 0.99}
-MEAN_EPS = 1e-8
+PREFIXES = {"mismatch": "mismatch/", "rollout_corr": "rollout_corr/"}
 
 
-class TokenSum(IntEnum):
-    """Sums over valid tokens (w = safety-clamped weight, wc = w clamped to [lower, upper])."""
-
-    COUNT = 0
-    WEIGHT = 1
-    CLAMPED = 2
-    CLAMPED_SQUARED = 3
-    HIGH = 4  # token: w > upper; geometric: G_i > log(upper)
-    LOW = 5
-    CATASTROPHIC = 6
-    NOT_KEPT = 7
-    ROLLOUT_MINUS_OLD = 8
-    K3 = 9
-    NONFINITE = 10  # tokens marked valid whose log-prob is NaN/inf (not in COUNT)
+def plan_metrics(plan: CorrectionPlan) -> list:
+    """The `Metric` entries a plan reports."""
+    if plan.metric_names == "mismatch":
+        return mismatch_metrics(plan)
+    return rollout_corr_metrics(plan)
 
 
-class SequenceSum(IntEnum):
-    """Sums over non-empty sequences, counted once (by the rank that owns the sequence)."""
-
-    COUNT = 0
-    LOG_HIGH = 1  # sequence level: S_i > log(upper)
-    LOG_LOW = 2
-    VETOED = 3
-    MEAN_WEIGHT = 4  # s_i, the masked mean weight of sequence i
-    MEAN_WEIGHT_SQUARED = 5
-    MEAN_HIGH = 6
-    MEAN_LOW = 7
-    CLIPPED = 8
-    TRAINING_PPL = 9
-    ROLLOUT_PPL = 10
-    TRAINING_LOG_PPL = 11
-    ROLLOUT_LOG_PPL = 12
-    LOG_PPL_DIFF = 13
-    LOG_PPL_ABS_DIFF = 14
-    PPL_RATIO = 15
-
-
-class Extreme(IntEnum):
-    """Maxima (minima stored as the max of the negated value); -inf when nothing was seen."""
-
-    TOKEN_WEIGHT = 0
-    NEG_TOKEN_WEIGHT = 1
-    LOG_WEIGHT = 2  # sequence/geometric: S_i or G_i
-    NEG_LOG_WEIGHT = 3
-    MEAN_WEIGHT = 4
-    NEG_MEAN_WEIGHT = 5
-    LOG_PPL_DIFF = 6
-    NEG_LOG_PPL_DIFF = 7
+def metric_names(plan: CorrectionPlan) -> list:
+    """The full metric keys a plan reports (with prefix), in a stable order."""
+    return [PREFIXES[plan.metric_names] + m.name for m in plan_metrics(plan)]
 
 
 class StepStatistics:
     """Accumulates one training step's statistics, micro-batch by micro-batch."""
 
-    def __init__(self, config: RolloutISConfig):
-        self.config = config
+    def __init__(self, plan: CorrectionPlan, metrics: Optional[list] = None, prefix: Optional[str] = None):
+        self.plan = plan
+        self.metrics = plan_metrics(plan) if metrics is None else metrics
+        self.prefix = PREFIXES[plan.metric_names] if prefix is None else prefix
+        needed = {}
+        for entry in self.metrics:
+            for stat in entry.needs:
+                needed.setdefault(stat.key, stat)
+        stats = list(needed.values())
+        self.token_sums = [s for s in stats if isinstance(s, TokenStat) and s.op == "sum"]
+        self.token_extremes = [s for s in stats if isinstance(s, TokenStat) and s.op != "sum"]
+        self.sequence_sums = [s for s in stats if isinstance(s, SequenceStat) and s.op == "sum"]
+        self.sequence_extremes = [s for s in stats if isinstance(s, SequenceStat) and s.op != "sum"]
+        quantiles = [s for s in stats if isinstance(s, QuantileStat)]
+        self.quantile = quantiles[0] if quantiles else None
+        columns = base_columns(plan)
+        for stat in self.sequence_sums + self.sequence_extremes:
+            for key in stat.columns:
+                columns.setdefault(key, named_column(key, plan))
+        self.columns = list(columns.values())
+        self.column_index = {column.key: index for index, column in enumerate(self.columns)}
+        self.max_columns = [i for i, column in enumerate(self.columns) if column.op == "max"]
         self.reset()
 
     def reset(self) -> None:
         """Forgets everything recorded (called by `finalize`)."""
-        self.token_sums = torch.zeros(len(TokenSum), dtype=torch.float64)
-        self.partials: list[torch.Tensor] = []
-        self.weight_values: list[torch.Tensor] = []
-        self.multiplicities: list[torch.Tensor] = []
+        self._token_sums = torch.zeros(len(self.token_sums), dtype=torch.float64)
+        self._token_extremes = torch.full((len(self.token_extremes),), -math.inf, dtype=torch.float64)
+        self.partials: list = []
+        self.quantile_values: list = []
+        self.batch_norm_factors: list = []
 
-    def add(self, shard: TokenShard, partials: torch.Tensor, local_partials: torch.Tensor, token_w: Optional[torch.Tensor]) -> None:
-        """Records one micro-batch.
+    def local_partials(self, terms: TokenTerms) -> torch.Tensor:
+        """This shard's per-sequence columns `[b, columns]` in the compute dtype (SUM or MAX each)."""
+        dtype = terms.log_ratio.dtype
+        values = []
+        for column in self.columns:
+            term = column.value(terms)
+            if column.op == "sum":
+                values.append(term.sum(dim=1, dtype=dtype))
+            elif term.shape[1]:
+                values.append(term.amax(dim=1).to(dtype))
+            else:
+                values.append(terms.log_ratio.new_full(term.shape[:1], -math.inf))
+        return torch.stack(values, dim=1)
 
-        Sequence and geometric weights are constant over a sequence, so their token statistics are
-        taken over the `[b]` sequence weights, each counted as many times as this rank holds tokens
-        of that sequence; only token-level weights are visited token by token.
+    def add(self, terms: TokenTerms, partials: torch.Tensor) -> None:
+        """Records one micro-batch: its token statistics now, its partials for `finalize`.
 
         Args:
-            shard: the prepared tokens of this rank.
-            partials: `[b, NUM_PARTIALS]` per-sequence partials (reduced or not, see `finalize`).
-            local_partials: the same before any reduction (this rank's tokens only).
-            token_w: token level only, `[b, s]` safety-clamped token weights.
+            terms: the shard's token terms.
+            partials: `[b, columns]` per-sequence columns, reduced over the ranks sharing the
+                sequences, or this rank's own (then `finalize` must reduce them).
         """
-        cfg = self.config
-        upper, lower = cfg.rollout_is_threshold, cfg.lower_threshold
-        # Per micro-batch, the fixed cost of each small op is what counts: the value count and the
-        # extremes (exact in any order) are taken once per step in `finalize`, the float sums here.
-        sums = [shard.log_ratio.new_zeros((), dtype=torch.float64)] * len(TokenSum)
-        if token_w is not None:
-            values, multiplicity = token_w[shard.valid], None
-            clamped = values.double().clamp(lower, upper)
-            sums[TokenSum.WEIGHT] = values.sum(dtype=torch.float64)
-            sums[TokenSum.CLAMPED] = clamped.sum()
-            sums[TokenSum.CLAMPED_SQUARED] = clamped.square().sum()
-            sums[TokenSum.HIGH] = (values > upper).sum(dtype=torch.float64)
-            sums[TokenSum.LOW] = (values < lower).sum(dtype=torch.float64)
-            if cfg.rollout_is_mode == "clip":
-                sums[TokenSum.NOT_KEPT] = (~kept(values, lower, upper)).sum(dtype=torch.float64)
-        else:
-            log_w = sequence_log_weights(partials, cfg.rollout_is_level)
-            local_tokens = local_partials[:, Partial.TOKENS]
-            present = local_tokens > 0
-            log_w, multiplicity = log_w[present], local_tokens[present].double()
-            values = torch.exp(log_w.clamp(-SAFETY_BOUND, SAFETY_BOUND))
-            clamped = values.double().clamp(lower, upper)
-            sums[TokenSum.WEIGHT] = (values.double() * multiplicity).sum()
-            sums[TokenSum.CLAMPED] = (clamped * multiplicity).sum()
-            sums[TokenSum.CLAMPED_SQUARED] = (clamped.square() * multiplicity).sum()
-            if cfg.rollout_is_level == "geometric":
-                sums[TokenSum.HIGH] = torch.where(log_w > math.log(upper), multiplicity, 0.0).sum()
-                sums[TokenSum.LOW] = torch.where(log_w < math.log(lower), multiplicity, 0.0).sum()
-            if cfg.rollout_is_mode == "clip":
-                sums[TokenSum.NOT_KEPT] = torch.where(kept(values, lower, upper), 0.0, multiplicity).sum()
-        if cfg.rollout_is_veto_threshold is not None:
-            sums[TokenSum.CATASTROPHIC] = local_partials[:, Partial.CATASTROPHIC].sum(dtype=torch.float64)
-        sums[TokenSum.ROLLOUT_MINUS_OLD] = -local_partials[:, Partial.LOG_RATIO_SUM].sum(dtype=torch.float64)
-        log_ratio = shard.log_ratio.double()  # 0 on invalid tokens, where the k3 term is 0 too
-        sums[TokenSum.K3] = torch.exp(log_ratio.clamp(max=SAFETY_BOUND)).sub_(log_ratio).sub_(1).sum()
-        sums[TokenSum.NONFINITE] = shard.nonfinite.sum(dtype=torch.float64)
-        self.token_sums += torch.stack(sums).cpu()
+        if self.token_sums:
+            sums = [stat.value(terms).sum(dtype=torch.float64) for stat in self.token_sums]
+            self._token_sums += torch.stack(sums).cpu()
+        if self.token_extremes:
+            extremes = [_extreme(stat.value(terms), stat.op) for stat in self.token_extremes]
+            torch.maximum(self._token_extremes, torch.stack(extremes).cpu(), out=self._token_extremes)
+        if self.quantile is not None and self.quantile.token_values is not None:
+            self.quantile_values.append(self.quantile.token_values(terms))
         self.partials.append(partials)
-        self.weight_values.append(values)
-        if multiplicity is not None:
-            self.multiplicities.append(multiplicity)
+
+    def record_batch_norm_factor(self, factor: float) -> None:
+        """Records a batch-normalisation factor (the same on every rank); the metric is their mean."""
+        self.batch_norm_factors.append(factor)
 
     def finalize(
         self,
@@ -154,202 +117,82 @@ class StepStatistics:
         owns_sequences: bool = True,
         all_reduce_sum: Optional[Reducer] = None,
         all_reduce_max: Optional[Reducer] = None,
-    ) -> dict[str, float]:
+    ) -> dict:
         """Computes the step's metrics and resets the statistics.
 
         Args:
-            reduce_partials: sums the concatenated `[n_seq, NUM_PARTIALS]` partials in place over the
-                ranks sharing the sequences, when the micro-batches recorded unreduced partials
-                (token level without veto defers that reduction here, to one call). None otherwise.
+            reduce_partials: reduces the concatenated `[n_seq, columns]` partials in place over the
+                ranks sharing the sequences, when the micro-batches recorded unreduced ones. None
+                otherwise.
             owns_sequences: whether this rank counts the sequence statistics (exactly one of the
                 ranks sharing a sequence must, e.g. context-parallel rank 0).
             all_reduce_sum: SUM in place over every rank that recorded tokens (float64 and int64).
             all_reduce_max: MAX in place over the same ranks (float64).
 
         Returns:
-            `{"mismatch/<name>": float}`, identical on every participating rank.
+            `{"<prefix><name>": float}`, identical on every participating rank.
         """
-        local_values = torch.cat(self.weight_values) if self.weight_values else torch.zeros(0)
-        multiplicity = None
-        if self.config.rollout_is_level != "token":
-            multiplicity = torch.cat(self.multiplicities) if self.multiplicities else torch.zeros(0, dtype=torch.float64)
-        sums, extremes = self._local_reductions(reduce_partials, owns_sequences, local_values, multiplicity)
+        partials = torch.cat(self.partials) if self.partials else torch.zeros(0, len(self.columns))
+        if reduce_partials is not None:
+            reduce_partials(partials)
+        rows = partials[partials[:, self.column_index["tokens"]] > 0]
+        sequences = SequenceTerms(rows.double(), self.column_index, self.plan)
+        sums, extremes = self._local_vectors(sequences, owns_sequences, rows.dtype)
         if all_reduce_sum is not None:
             all_reduce_sum(sums)
         if all_reduce_max is not None:
             all_reduce_max(extremes)
-        totals = sums.tolist()
-        count = int(totals[TokenSum.COUNT])
-        # Every rank must select on the same dtype (the number of rounds depends on it), also a
-        # rank that recorded nothing: the last column says whether any rank holds float64 weights.
-        value_dtype = torch.float64 if totals[-1] > 0 else torch.float32
-        values = local_values.to(value_dtype)
-        quantiles = exact_quantiles(values, list(QUANTILES.values()), count, all_reduce_sum, multiplicity)
+        values = dict(zip([s.key for s in self.token_sums + self.sequence_sums], sums.tolist()))
+        for stat, value in zip(self.token_extremes + self.sequence_extremes, extremes.tolist()):
+            values[stat.key] = -value if stat.op == "min" else value
+        tokens, count, wide = sums[-3:].tolist()
+        if self.quantile is not None:
+            values.update(self._quantiles(sequences, owns_sequences, int(tokens), wide > 0, rows.dtype, all_reduce_sum))
+        factors = self.batch_norm_factors
+        local = {"batch_norm_factor": sum(factors) / len(factors)} if factors else {}
         self.reset()
-        token_sums, sequence_sums = totals[: len(TokenSum)], totals[len(TokenSum) : -1]
-        return metrics_from_statistics(self.config, token_sums, sequence_sums, extremes.tolist(), quantiles)
+        reduced = Reduced(values, tokens, count, local)
+        return {self.prefix + m.name: m.value(reduced) if tokens > 0 or m.defined_without_tokens else 0.0
+                for m in self.metrics}
 
-    def _local_reductions(
-        self,
-        reduce_partials: Optional[Reducer],
-        owns_sequences: bool,
-        values: torch.Tensor,
-        multiplicity: Optional[torch.Tensor],
-    ):
-        partials = torch.cat(self.partials) if self.partials else torch.zeros(0, len(Partial), dtype=torch.float64)
-        if reduce_partials is not None:
-            reduce_partials(partials)
-        partials = partials.double()
-        sequence_sums, sequence_extremes = sequence_statistics(partials, self.config)
-        if not owns_sequences:
-            sequence_sums.zero_()
-        self.token_sums[TokenSum.COUNT] = values.numel() if multiplicity is None else multiplicity.sum().item()
-        token_max = torch.full((2,), -math.inf, dtype=torch.float64)
-        if values.numel():
-            low, high = torch.aminmax(values)
-            token_max = torch.stack([high, -low]).double().cpu()
-        wide = float(values.dtype == torch.float64)
-        sums = torch.cat([self.token_sums, sequence_sums, torch.tensor([wide], dtype=torch.float64)])
-        return sums, torch.cat([token_max, sequence_extremes])
+    def _local_vectors(self, sequences: SequenceTerms, owns_sequences: bool, dtype: torch.dtype):
+        """This rank's SUM vector (token sums, sequence sums, N, K, float64 flag) and MAX vector."""
+        sequence_sums = [_sequence_sum(stat, sequences) for stat in self.sequence_sums]
+        sequence_extremes = [_extreme(stat.value(sequences), stat.op) for stat in self.sequence_extremes]
+        counts = [sequences.tokens.sum(), sequences.tokens.new_tensor(float(sequences.tokens.numel()))]
+        seq = torch.stack(sequence_sums + counts).cpu() if owns_sequences else torch.zeros(len(sequence_sums) + 2,
+                                                                                           dtype=torch.float64)
+        wide = any(v.dtype == torch.float64 for v in self.quantile_values) or dtype == torch.float64
+        sums = torch.cat([self._token_sums, seq, torch.tensor([float(wide)], dtype=torch.float64)])
+        seq_extremes = torch.full((len(sequence_extremes),), -math.inf, dtype=torch.float64)
+        if owns_sequences and sequence_extremes:
+            seq_extremes = torch.stack(sequence_extremes).cpu()
+        return sums, torch.cat([self._token_extremes, seq_extremes])
 
-
-def sequence_statistics(partials: torch.Tensor, config: RolloutISConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """`SequenceSum` sums and the sequence rows of `Extreme` from reduced float64 partials `[n, NUM_PARTIALS]`.
-
-    Sums that no metric of this config reads (the log-weight fractions below sequence level, the clipped
-    share in truncate mode, the vetoed share without veto) are left at 0: per step, every small op counts.
-    """
-    upper, lower = config.rollout_is_threshold, config.lower_threshold
-    rows = partials[partials[:, Partial.TOKENS] > 0]
-    column = rows.unbind(dim=1)
-    tokens = column[Partial.TOKENS]
-    denominator = tokens + MEAN_EPS
-    log_w = sequence_log_weights(rows, config.rollout_is_level)
-    if config.rollout_is_level == "token":
-        mean_w = column[Partial.TOKEN_WEIGHT_SUM] / denominator
-    else:
-        weight = torch.exp(log_w.clamp(-SAFETY_BOUND, SAFETY_BOUND))
-        # The masked mean of a constant weight, with the same epsilon as every masked mean.
-        mean_w = weight * tokens / denominator
-    training_log_ppl = -column[Partial.OLD_SUM] / denominator
-    rollout_log_ppl = -column[Partial.ROLLOUT_SUM] / denominator
-    diff = training_log_ppl - rollout_log_ppl  # mean rollout minus mean old log-prob
-    # One stack of 0-d sums rather than an indexed write each.
-    sums = [torch.zeros((), dtype=torch.float64, device=rows.device)] * len(SequenceSum)
-    sums[SequenceSum.COUNT] = torch.full((), rows.shape[0], dtype=torch.float64, device=rows.device)
-    if config.rollout_is_level == "sequence":
-        sums[SequenceSum.LOG_HIGH] = (log_w > math.log(upper)).sum(dtype=torch.float64)
-        sums[SequenceSum.LOG_LOW] = (log_w < math.log(lower)).sum(dtype=torch.float64)
-    if config.rollout_is_veto_threshold is not None:
-        sums[SequenceSum.VETOED] = (column[Partial.CATASTROPHIC] > 0).sum(dtype=torch.float64)
-    sums[SequenceSum.MEAN_WEIGHT] = mean_w.sum()
-    sums[SequenceSum.MEAN_WEIGHT_SQUARED] = mean_w.square().sum()
-    sums[SequenceSum.MEAN_HIGH] = (mean_w > upper).sum(dtype=torch.float64)
-    sums[SequenceSum.MEAN_LOW] = (mean_w < lower).sum(dtype=torch.float64)
-    if config.rollout_is_mode == "clip":
-        if config.rollout_is_level == "token":
-            clipped = column[Partial.TOKENS_NOT_KEPT] > 0
+    def _quantiles(self, sequences, owns_sequences, count, wide, dtype, all_reduce_sum) -> dict:
+        stat = self.quantile
+        value_dtype = torch.float64 if wide else torch.float32
+        multiplicity = None
+        if stat.token_values is not None:
+            values = torch.cat(self.quantile_values) if self.quantile_values else torch.zeros(0)
         else:
-            clipped = ~kept(weight, lower, upper)
-        sums[SequenceSum.CLIPPED] = clipped.sum(dtype=torch.float64)
-    sums[SequenceSum.TRAINING_PPL] = torch.exp(training_log_ppl.clamp(max=SAFETY_BOUND)).sum()
-    sums[SequenceSum.ROLLOUT_PPL] = torch.exp(rollout_log_ppl.clamp(max=SAFETY_BOUND)).sum()
-    sums[SequenceSum.TRAINING_LOG_PPL] = training_log_ppl.sum()
-    sums[SequenceSum.ROLLOUT_LOG_PPL] = rollout_log_ppl.sum()
-    sums[SequenceSum.LOG_PPL_DIFF] = diff.sum()
-    sums[SequenceSum.LOG_PPL_ABS_DIFF] = diff.abs().sum()
-    sums[SequenceSum.PPL_RATIO] = torch.exp(diff.clamp(max=SAFETY_BOUND)).sum()
-    extremes = torch.full((len(Extreme) - 2,), -math.inf, dtype=torch.float64)
-    if rows.shape[0]:
-        (log_min, log_max), (mean_min, mean_max), (diff_min, diff_max) = map(torch.aminmax, (log_w, mean_w, diff))
-        extremes = torch.stack([log_max, -log_min, mean_max, -mean_min, diff_max, -diff_min]).cpu()
-    return torch.stack(sums).cpu(), extremes
+            values, multiplicity = stat.sequence_values(sequences).to(dtype), sequences.tokens
+            if not owns_sequences:
+                values, multiplicity = values[:0], multiplicity[:0]
+        found = exact_quantiles(values.to(value_dtype), list(stat.quantiles), count, all_reduce_sum, multiplicity)
+        return {f"{stat.key}@{q}": value for q, value in zip(stat.quantiles, found)}
 
 
-def metrics_from_statistics(
-    config: RolloutISConfig,
-    token_sums: list[float],
-    sequence_sums: list[float],
-    extremes: list[float],
-    quantiles: list[float],
-) -> dict[str, float]:
-    """The metrics of docs/metrics.md from globally reduced statistics (pure arithmetic)."""
-    t, q, x = token_sums, sequence_sums, extremes
-    count, sequences = t[TokenSum.COUNT], q[SequenceSum.COUNT]
-    nonfinite = t[TokenSum.NONFINITE]
-    metrics = {name: 0.0 for name in metric_names(config)}
-    metrics["rollout_is_nonfinite_token_fraction"] = nonfinite / (nonfinite + count + MEAN_EPS)
-    if count == 0:
-        return {PREFIX + name: value for name, value in metrics.items()}
-
-    def token_mean(column: TokenSum) -> float:
-        return t[column] / (count + MEAN_EPS)
-
-    def sequence_mean(column: SequenceSum) -> float:
-        return q[column] / sequences
-
-    clamped_mean = token_mean(TokenSum.CLAMPED)
-    clamped_square_mean = token_mean(TokenSum.CLAMPED_SQUARED)
-    level = config.rollout_is_level
-    metrics["rollout_is_mean"] = token_mean(TokenSum.WEIGHT)
-    metrics["rollout_is_std"] = math.sqrt(max(0.0, clamped_square_mean - clamped_mean**2)) if count > 1 else 0.0
-    metrics["rollout_is_eff_sample_size"] = 1.0 / (clamped_square_mean / (clamped_mean + MEAN_EPS) ** 2)
-    if level == "token":
-        metrics["rollout_is_max"] = x[Extreme.TOKEN_WEIGHT]
-        metrics["rollout_is_min"] = -x[Extreme.NEG_TOKEN_WEIGHT]
-    else:
-        metrics["rollout_is_max"] = math.exp(min(x[Extreme.LOG_WEIGHT], SAFETY_BOUND))
-        metrics["rollout_is_min"] = math.exp(min(-x[Extreme.NEG_LOG_WEIGHT], SAFETY_BOUND))
-    if level == "sequence":
-        metrics["rollout_is_ratio_fraction_high"] = sequence_mean(SequenceSum.LOG_HIGH)
-        metrics["rollout_is_ratio_fraction_low"] = sequence_mean(SequenceSum.LOG_LOW)
-    else:
-        metrics["rollout_is_ratio_fraction_high"] = token_mean(TokenSum.HIGH)
-        metrics["rollout_is_ratio_fraction_low"] = token_mean(TokenSum.LOW)
-    metrics["rollout_is_veto_fraction"] = sequence_mean(SequenceSum.VETOED)
-    metrics["rollout_is_catastrophic_token_fraction"] = token_mean(TokenSum.CATASTROPHIC)
-    metrics.update(zip(QUANTILES, quantiles))
-    seq_mean = sequence_mean(SequenceSum.MEAN_WEIGHT)
-    metrics["rollout_is_seq_mean"] = seq_mean
-    if sequences > 1:
-        variance = (q[SequenceSum.MEAN_WEIGHT_SQUARED] - sequences * seq_mean**2) / (sequences - 1)
-        metrics["rollout_is_seq_std"] = math.sqrt(max(0.0, variance))
-    metrics["rollout_is_seq_max"] = x[Extreme.MEAN_WEIGHT]
-    metrics["rollout_is_seq_min"] = -x[Extreme.NEG_MEAN_WEIGHT]
-    metrics["rollout_is_seq_max_deviation"] = max(x[Extreme.MEAN_WEIGHT] - 1.0, 1.0 + x[Extreme.NEG_MEAN_WEIGHT])
-    metrics["rollout_is_seq_fraction_high"] = sequence_mean(SequenceSum.MEAN_HIGH)
-    metrics["rollout_is_seq_fraction_low"] = sequence_mean(SequenceSum.MEAN_LOW)
-    if config.rollout_is_mode == "clip":
-        metrics["rollout_is_clipped_fraction"] = token_mean(TokenSum.NOT_KEPT)
-        metrics["rollout_is_seq_clipped_fraction"] = sequence_mean(SequenceSum.CLIPPED)
-    metrics["mismatch_training_ppl"] = sequence_mean(SequenceSum.TRAINING_PPL)
-    metrics["mismatch_rollout_ppl"] = sequence_mean(SequenceSum.ROLLOUT_PPL)
-    metrics["mismatch_training_log_ppl"] = sequence_mean(SequenceSum.TRAINING_LOG_PPL)
-    metrics["mismatch_rollout_log_ppl"] = sequence_mean(SequenceSum.ROLLOUT_LOG_PPL)
-    metrics["mismatch_kl"] = token_mean(TokenSum.ROLLOUT_MINUS_OLD)
-    metrics["mismatch_k3_kl"] = token_mean(TokenSum.K3)
-    metrics["mismatch_log_ppl_diff"] = sequence_mean(SequenceSum.LOG_PPL_DIFF)
-    metrics["mismatch_log_ppl_abs_diff"] = sequence_mean(SequenceSum.LOG_PPL_ABS_DIFF)
-    metrics["mismatch_log_ppl_diff_max"] = x[Extreme.LOG_PPL_DIFF]
-    metrics["mismatch_log_ppl_diff_min"] = -x[Extreme.NEG_LOG_PPL_DIFF]
-    metrics["mismatch_ppl_ratio"] = sequence_mean(SequenceSum.PPL_RATIO)
-    return {PREFIX + name: value for name, value in metrics.items()}
+def _sequence_sum(stat: SequenceStat, sequences: SequenceTerms) -> torch.Tensor:
+    value = stat.value(sequences).double()
+    if stat.per_token:
+        value = value * sequences.tokens
+    return value.sum()
 
 
-def metric_names(config: RolloutISConfig) -> list[str]:
-    """The metric names (without prefix) reported for this config, in a stable order."""
-    names = [
-        "rollout_is_mean", "rollout_is_std", "rollout_is_eff_sample_size", "rollout_is_max", "rollout_is_min",
-        "rollout_is_ratio_fraction_high", "rollout_is_ratio_fraction_low", "rollout_is_veto_fraction",
-        "rollout_is_catastrophic_token_fraction", "rollout_is_nonfinite_token_fraction", *QUANTILES,
-        "rollout_is_seq_mean", "rollout_is_seq_std", "rollout_is_seq_max", "rollout_is_seq_min",
-        "rollout_is_seq_max_deviation", "rollout_is_seq_fraction_high", "rollout_is_seq_fraction_low",
-    ]
-    if config.rollout_is_mode == "clip":
-        names += ["rollout_is_clipped_fraction", "rollout_is_seq_clipped_fraction"]
-    names += [
-        "mismatch_training_ppl", "mismatch_rollout_ppl", "mismatch_training_log_ppl", "mismatch_rollout_log_ppl",
-        "mismatch_kl", "mismatch_k3_kl", "mismatch_log_ppl_diff", "mismatch_log_ppl_abs_diff",
-        "mismatch_log_ppl_diff_max", "mismatch_log_ppl_diff_min", "mismatch_ppl_ratio",
-    ]
-    return names
+def _extreme(values: torch.Tensor, op: str) -> torch.Tensor:
+    """MAX of the values (MIN: MAX of their negation); -inf when there are none."""
+    values = values.double()
+    if values.numel() == 0:
+        return values.new_full((), -math.inf)
+    return (values if op == "max" else -values).amax()

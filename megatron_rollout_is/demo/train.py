@@ -7,8 +7,9 @@ One step:
    responses per prompt; tokens and rollout log-probs are broadcast to every rank;
 2. every rank scores the rewards, computes GRPO advantages and builds its DP share of the batch as
    micro-batches (padded ``[b, S/cp]`` or packed THD), split for its CP rank;
-3. without ``--rollout-is-bypass`` a forward-only pass of ``get_forward_backward_func()`` records
-   pi_old; then a forward/backward pass with :class:`RolloutISPolicyLoss`, gradients synced by
+3. without a bypass mode a forward-only pass of ``get_forward_backward_func()`` records pi_old and
+   the loss hook corrects the whole step (``prepare_step``); then a forward/backward pass with
+   :class:`RolloutISPolicyLoss`, gradients synced by
    megatron's DDP and ``finalize_model_grads`` (divided by the step's token count), Adam step;
 4. the last pipeline stage's metrics (loss, every ``mismatch/`` metric of ``finalize_step()``) go
    to rank 0, which logs them (JSONL, TensorBoard, tqdm) and optionally dumps the whole-sequence
@@ -61,7 +62,7 @@ class GRPOTrainer:
         self.groups = RolloutISGroups.from_parallel_state()
         self.loss = RolloutISPolicyLoss(is_config, self.groups, PolicyLossConfig(
             clip_eps_low=args.clip_eps, clip_eps_high=args.clip_eps, temperature=args.temperature,
-            bypass=args.rollout_is_bypass))
+            bypass=args.rollout_is_bypass, loss_denominator=args.rollout_loss_denominator))
         self.rank, self.last_rank = dist.get_rank(), dist.get_world_size() - 1
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.cp_rank = parallel_state.get_context_parallel_rank()
@@ -168,12 +169,14 @@ class GRPOTrainer:
         sequences = sequence_tensors(rollout["prompts"], rollout["prompt_lengths"], rollout["responses"],
                                      rollout["response_mask"], rollout["rollout_log_probs"], self.seq_len)
         batches = self.micro_batches(sequences, rollout["advantages"])
-        if not args.rollout_is_bypass or args.rollout_is_dump_dir:
+        if not self.loss.bypass or args.rollout_is_dump_dir:
             self.record_old_log_probs(batches)
         if step == args.inject_is_fault_step and self.rank == args.inject_is_fault_rank:
             print(f"fault injection: step {step}: rank {self.rank} hands the rollout IS an integer "
                   "rollout_log_prob", file=sys.stderr, flush=True)
             batches[0]["rollout_log_prob"] = batches[0]["rollout_log_prob"].to(torch.int32)
+        if self.is_last_stage and not self.loss.bypass:
+            self.loss.prepare_step(batches)  # pi_old is known: correct the whole step at once
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._schedule(self.loss, batches, forward_only=False)
@@ -284,18 +287,10 @@ def run(args, is_config, device: torch.device) -> Optional[List[Dict[str, float]
     records = read_metrics(log.path)
     plot = args.plot or os.path.join(args.output_dir, "training.png")
     if plot.lower() != "none" and records:
-        title = f"GRPO reverse-digits, rollout noise {args.rollout_noise}, {_describe(is_config)}"
+        title = f"GRPO reverse-digits, rollout noise {args.rollout_noise}, {is_config.describe()}"
         plot_runs({"demo": records}, plot, title)
     _print_summary(records, log.path, plot, tensorboard)
     return records
-
-
-def _describe(is_config) -> str:
-    if not is_config.enabled:
-        return "rollout IS off"
-    applied = "applied" if is_config.applies_weights else "monitoring only"
-    return (f"rollout IS {is_config.rollout_is_level}/{is_config.rollout_is_mode} "
-            f"{is_config.rollout_is_threshold:g} ({applied})")
 
 
 def _print_summary(records: List[Dict[str, float]], metrics_path, plot: str, tensorboard: str) -> None:
@@ -307,9 +302,11 @@ def _print_summary(records: List[Dict[str, float]], metrics_path, plot: str, ten
              f"{last['reward/mean']:.3f}"]
     if len(evals) > 1:
         lines.append(f"eval/greedy_reward: {evals[0]:.3f} -> {evals[-1]:.3f}")
-    if "mismatch/mismatch_kl" in last:
-        lines.append(f"mismatch/mismatch_kl: {first['mismatch/mismatch_kl']:.4f} -> {last['mismatch/mismatch_kl']:.4f}"
-                     f", rollout_is_eff_sample_size: {last['mismatch/rollout_is_eff_sample_size']:.3f}")
+    for kl, ess in (("mismatch/mismatch_kl", "mismatch/rollout_is_eff_sample_size"),
+                    ("rollout_corr/kl", "rollout_corr/rollout_is_eff_sample_size")):
+        if kl in last:
+            line = f"{kl}: {first[kl]:.4f} -> {last[kl]:.4f}"
+            lines.append(line + (f", {ess.split('/')[1]}: {last[ess]:.3f}" if ess in last else ""))
     lines.append(f"metrics: {metrics_path}   tensorboard: {tensorboard}" + (
         f"   plot: {plot}" if plot.lower() != "none" else ""))
     print("\n".join(lines), flush=True)

@@ -1,14 +1,17 @@
-"""`--rollout-is-*` command-line flags in Megatron's `extra_args_provider` style.
+"""Rollout-correction command-line flags in Megatron's `extra_args_provider` style.
 
-Megatron-LM owns the `--rl-*` names; these flags never reuse them.
+verl 0.6.0 keys are `--rollout-is-*` flags, verl HEAD keys `--rollout-is ...`, `--rollout-rs*`,
+`--rollout-bypass-mode`, `--rollout-loss-type` and `--rollout-correction-preset`; `--rollout-is-config`
+reads a YAML file of either dialect. Megatron-LM owns the `--rl-*` names; these flags never reuse them.
 """
 
 import argparse
 from dataclasses import fields, replace
 
-from ..config import LEVELS, MODE_ALIASES, MODES, RolloutISConfig
+from ..config import LOSS_TYPES, PRESETS, RolloutCorrectionConfig
+from ..core.plan import BOUND_ALIASES, BOUNDS, LEVEL_ALIASES, LEVELS
 
-# Flags explicitly given on the command line win over the YAML file; None marks "not given".
+# Config fields and their flags; a flag not given is None, so the YAML (or preset) keeps its value.
 _CONFIG_FLAGS = {
     "rollout_is": "--rollout-is",
     "rollout_is_threshold": "--rollout-is-threshold",
@@ -16,13 +19,17 @@ _CONFIG_FLAGS = {
     "rollout_is_level": "--rollout-is-level",
     "rollout_is_mode": "--rollout-is-mode",
     "rollout_is_veto_threshold": "--rollout-is-veto-threshold",
+    "rollout_is_batch_normalize": "--rollout-is-batch-normalize",
+    "rollout_rs": "--rollout-rs",
+    "rollout_rs_threshold": "--rollout-rs-threshold",
+    "bypass_mode": "--rollout-bypass-mode",
+    "loss_type": "--rollout-loss-type",
 }
-
 
 VETO_DISABLED = "none"
 
 
-def _float_or_none(text: str):
+def _veto(text: str):
     if text.strip().lower() in ("none", "null", "off"):
         return VETO_DISABLED
     try:
@@ -31,66 +38,109 @@ def _float_or_none(text: str):
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
 
 
+def _threshold(text: str):
+    """A number, or a `lo_hi` band (kept as text)."""
+    try:
+        return float(text)
+    except ValueError:
+        if "_" in text:
+            return text
+        raise argparse.ArgumentTypeError(f"expected a number or a 'lower_upper' band, got {text!r}") from None
+
+
+def _rollout_is(text: str):
+    """`--rollout-is LEVEL` (verl HEAD) names the weight level."""
+    if text not in LEVELS + tuple(LEVEL_ALIASES):
+        raise argparse.ArgumentTypeError(f"expected a level {LEVELS + tuple(LEVEL_ALIASES)}, got {text!r}")
+    return text
+
+
 def add_rollout_is_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Adds the rollout IS flags as a group of their own; returns `parser` (extra_args_provider)."""
-    group = parser.add_argument_group(title="rollout importance sampling")
-    group.add_argument(
-        "--rollout-is", action=argparse.BooleanOptionalAction, default=None,
-        help="Multiply the policy loss by the IS weights. Without it (or with --no-rollout-is), a set "
-        "threshold only computes and logs the mismatch/ metrics (monitoring mode).",
-    )
-    group.add_argument(
-        "--rollout-is-threshold", type=float, default=None,
-        help="Upper bound of the IS weights (> 0); unset turns rollout IS off. Typical: token 1.5-5, "
-        "sequence 2-10, geometric 1.0002-1.001.",
-    )
-    group.add_argument(
-        "--rollout-is-threshold-lower", type=float, default=None,
-        help="Lower bound for clip mode and the metrics; default 1/upper.",
-    )
-    group.add_argument("--rollout-is-level", choices=LEVELS, default=None, help="Aggregation level (default token).")
-    group.add_argument(
-        "--rollout-is-mode", choices=MODES + tuple(MODE_ALIASES), default=None,
-        help="truncate: cap at the upper bound; clip (alias mask): zero weights outside [lower, upper]. Default truncate.",
-    )
-    group.add_argument(
-        "--rollout-is-veto-threshold", type=_float_or_none, default=None, metavar="RATIO|none",
-        help="Zero the whole sequence when a token ratio falls below this (default 1e-4); 'none' disables it.",
-    )
-    group.add_argument(
-        "--rollout-is-bypass", action="store_true",
-        help="Take pi_old as the detached current log-prob (no separate old-log-prob pass); the weights "
-        "are then computed per micro-batch inside the loss.",
-    )
-    group.add_argument(
-        "--rollout-is-config", default=None, metavar="YAML",
-        help="verl-style YAML with algorithm.rollout_is* keys; flags given explicitly override it.",
-    )
-    group.add_argument(
-        "--rollout-is-dump-dir", default=None, metavar="DIR",
-        help="Write per-step old/rollout log-probs and masks here for `megatron-rollout-is report`.",
-    )
+    """Adds the rollout-correction flags as a group of their own; returns `parser` (extra_args_provider)."""
+    group = parser.add_argument_group(title="rollout correction (importance sampling and rejection)")
+    _add_weight_flags(group)
+    _add_rejection_and_mode_flags(group)
+    group.add_argument("--rollout-is-config", default=None, metavar="YAML",
+                       help="verl-style YAML: verl HEAD's algorithm.rollout_correction section (a `preset:` key "
+                       "allowed) or verl 0.6.0's algorithm.rollout_is* keys; flags given explicitly override it.")
+    group.add_argument("--rollout-is-dump-dir", default=None, metavar="DIR",
+                       help="Write per-step old/rollout log-probs and masks here for `megatron-rollout-is report`.")
     return parser
 
 
-def rollout_is_config_from_args(args: argparse.Namespace) -> RolloutISConfig:
-    """The validated `RolloutISConfig` of parsed flags (YAML first, explicit flags on top).
+def _add_weight_flags(group) -> None:
+    group.add_argument(
+        "--rollout-is", nargs="?", const=True, default=None, type=_rollout_is, metavar="LEVEL",
+        help="verl 0.6.0: alone, multiply the policy loss by the IS weights (without it, a threshold only logs the "
+        "mismatch/ metrics). verl HEAD: with a LEVEL (token, sequence, geometric), compute weights at that level.")
+    group.add_argument("--no-rollout-is", dest="rollout_is", action="store_const", const=False,
+                       help="verl 0.6.0: monitoring only (weights computed and logged, not applied).")
+    group.add_argument(
+        "--rollout-is-threshold", type=_threshold, default=None, metavar="X|LO_HI",
+        help="Upper bound of the IS weights (> 0); verl 0.6.0: unset turns rollout IS off. verl HEAD: a band "
+        "'lo_hi' is IcePop (weights outside it become 0). Typical: token 1.5-5, sequence 2-10.")
+    group.add_argument("--rollout-is-threshold-lower", type=float, default=None,
+                       help="verl 0.6.0: lower bound for clip mode and the metrics; default 1/upper.")
+    group.add_argument("--rollout-is-level", choices=LEVELS, default=None,
+                       help="verl 0.6.0: aggregation level (default token).")
+    group.add_argument("--rollout-is-mode", choices=BOUNDS + tuple(BOUND_ALIASES), default=None,
+                       help="truncate: cap at the upper bound; clip (alias mask): zero weights outside [lower, upper]; "
+                       "clamp: two-sided truncation. Default: truncate (mask for a 'lo_hi' band).")
+    group.add_argument("--rollout-is-veto-threshold", type=_veto, default=None, metavar="RATIO|none",
+                       help="verl 0.6.0: zero the whole sequence when a token ratio falls below this (default 1e-4); "
+                       "'none' disables it.")
+    group.add_argument("--rollout-is-batch-normalize", action="store_true", default=None,
+                       help="verl HEAD: divide the weights by their mean over the step (one extra all-reduce).")
+
+
+def _add_rejection_and_mode_flags(group) -> None:
+    group.add_argument("--rollout-rs", default=None, metavar="CRITERIA",
+                       help="verl HEAD: comma-separated rejection criteria, all must pass: token_k1/k2/k3, "
+                       "seq_sum_k1/k2/k3, seq_mean_k1/k2/k3 (seq_mean_k1 is geometric rejection), seq_max_k2/k3.")
+    group.add_argument("--rollout-rs-threshold", default=None, metavar="T[,T...]",
+                       help="verl HEAD: one threshold for all criteria or one per criterion; k2/k3: upper bound; "
+                       "k1: 'lo_hi' band on -log(ratio), or x for [1/x, x].")
+    group.add_argument("--rollout-bypass-mode", dest="bypass_mode", action="store_true", default=None,
+                       help="verl HEAD: no old-log-prob pass; pi_old := rollout log-probs, the correction uses the "
+                       "current policy per micro-batch.")
+    group.add_argument("--rollout-loss-type", dest="loss_type", choices=LOSS_TYPES, default=None,
+                       help="verl HEAD bypass mode: ppo_clip (ratio against the rollout) or reinforce (-w log pi A).")
+    group.add_argument("--rollout-correction-preset", default=None, choices=list(PRESETS), metavar="NAME",
+                       help=f"verl HEAD's named presets: {', '.join(PRESETS)}; other flags override it.")
+    group.add_argument("--rollout-is-bypass", action="store_true",
+                       help="verl 0.6.0 keys: take pi_old as the detached current log-prob (no old-log-prob pass); "
+                       "the weights are then computed per micro-batch inside the loss.")
+    group.add_argument("--rollout-loss-denominator", choices=("kept", "response"), default="kept",
+                       help="Token count the loss is averaged over: kept tokens (after rejection, the default) or all "
+                       "response tokens (verl HEAD's bypass mode).")
+
+
+def rollout_is_config_from_args(args: argparse.Namespace) -> RolloutCorrectionConfig:
+    """The validated config of parsed flags: preset or YAML first, explicit flags on top.
 
     Raises:
-        ValueError / TypeError: a value fails validation; the message names the flag.
+        ValueError / TypeError: a value fails validation; the message names the flag (or, for the
+            YAML's own values, the YAML key).
     """
-    given = {name: getattr(args, name, None) for name in _CONFIG_FLAGS}
-    overrides = {name: value for name, value in given.items() if value is not None}
+    overrides = {name: getattr(args, name) for name in _CONFIG_FLAGS if getattr(args, name, None) is not None}
     if overrides.get("rollout_is_veto_threshold") == VETO_DISABLED:
         overrides["rollout_is_veto_threshold"] = None
+    yaml_path = getattr(args, "rollout_is_config", None)
+    preset = getattr(args, "rollout_correction_preset", None)
+    if yaml_path and preset:
+        raise ValueError("--rollout-correction-preset and --rollout-is-config both set the base config; name the "
+                         "preset inside the YAML (`preset:` in algorithm.rollout_correction), or use one of them.")
     # Errors of the YAML file itself name its keys; only what the flags set is named as flags.
-    config = RolloutISConfig.from_yaml(args.rollout_is_config) if args.rollout_is_config else None
+    base = RolloutCorrectionConfig.from_yaml(yaml_path) if yaml_path else None
     try:
-        if config is None:
-            return RolloutISConfig(**overrides)
-        return replace(config, **overrides)
+        if preset:
+            return RolloutCorrectionConfig.preset(preset, **overrides)
+        if base is None:
+            return RolloutCorrectionConfig(**overrides)
+        return replace(base, **overrides)
     except (ValueError, TypeError) as error:
-        flagged = [f.name for f in fields(RolloutISConfig)] if config is None else list(overrides)
+        flagged = [f.name for f in fields(RolloutCorrectionConfig) if f.name in _CONFIG_FLAGS] if base is None \
+            else list(overrides)
         raise type(error)(_with_flag_names(str(error), flagged)) from None
 
 

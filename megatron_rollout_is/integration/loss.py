@@ -1,28 +1,32 @@
-"""The policy loss with rollout IS, in the shape Megatron-Core's pipeline schedules expect.
+"""The policy loss with rollout correction, in the shape Megatron-Core's pipeline schedules expect.
 
 `forward_step` returns `(output, loss_func)`; on the last pipeline stage the schedule calls
 `loss_func(output)`, which here returns `(loss_sum, num_tokens, report)`. With
 `config.calculate_per_token_loss=True` the schedule leaves the sum alone and
 `finalize_model_grads` divides the gradients by the token count summed over micro-batches and
-DP x CP, so the loss is an exact token mean over the whole step, whatever the layout. Report
-values are `torch.stack([sum, count])`, summed over micro-batches and DP by Megatron's logging.
+DP x CP, so the loss is an exact token mean over the whole step, whatever the layout; after
+rejection it is a mean over the kept tokens (`PolicyLossConfig.loss_denominator`). Report values
+are `torch.stack([sum, count])`, summed over micro-batches and DP by Megatron's logging.
 """
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from ..config import RolloutISConfig
+from ..config import RolloutCorrectionConfig
+from ..core.correction import Correction
 from ..diagnostics import MismatchWarner
 from ..parallel.groups import RolloutISGroups, group_rank
-from ..parallel.sharded import ShardedRolloutIS
+from ..parallel.sharded import ShardedRolloutCorrection
 from ..parallel.vocab_parallel import vocab_parallel_token_log_probs
+
+DENOMINATORS = ("kept", "response")
 
 
 @dataclass
 class PolicyLossConfig:
-    """PPO/GRPO loss settings (the IS settings live in `RolloutISConfig`)."""
+    """PPO/GRPO loss settings (the correction settings live in `RolloutCorrectionConfig`)."""
 
     clip_eps_low: float = 0.2
     """The ratio pi_theta / pi_old is clipped below at 1 - clip_eps_low."""
@@ -40,85 +44,107 @@ class PolicyLossConfig:
     """Sampling temperature of the rollouts; logits are divided by it before the softmax."""
 
     bypass: bool = False
-    """pi_old is the detached current log-prob (no separate old-log-prob pass); the IS weights are
-    then computed from it per micro-batch."""
+    """verl 0.6.0 keys: pi_old is the detached current log-prob (no separate old-log-prob pass); the IS
+    weights are then computed from it per micro-batch. (With verl HEAD keys use `bypass_mode`.)"""
+
+    loss_denominator: str = "kept"
+    """`kept`: the loss is a mean over the tokens rejection keeps (verl HEAD's decoupled mode);
+    `response`: over every valid response token, rejected ones adding 0 (verl HEAD's bypass mode)."""
 
     diagnose_interval: int = 10
     """Every this many steps, check the first micro-batch's log-probs for an off-by-one alignment,
     top-p/top-k processed rollout log-probs and NaN/inf (`diagnostics.MismatchWarner`: each finding
     warned once); 0 disables the check."""
 
+    def __post_init__(self):
+        if self.loss_denominator not in DENOMINATORS:
+            raise ValueError(f"loss_denominator must be one of {DENOMINATORS}, got {self.loss_denominator!r}.")
+
 
 class RolloutISPolicyLoss:
-    """Per-micro-batch loss function plus the step's rollout IS state, for one rank.
+    """Per-micro-batch loss function plus the step's rollout-correction state, for one rank.
 
     Call it as `loss(batch, logits)` on the last pipeline stage (through
-    `integration.forward_step.make_gpt_forward_step`, or your own forward step), and `finalize_step()` on
-    every last-stage rank once per step, after `forward_backward_func` returns.
+    `integration.forward_step.make_gpt_forward_step`, or your own forward step); in decoupled mode
+    call `prepare_step(micro_batches)` once per step after pi_old is recorded (needed for batch
+    normalisation, and one CP reduction for the whole step instead of one per micro-batch); call
+    `finalize_step()` on every last-stage rank once per step, after `forward_backward_func` returns.
 
     Batch keys, every per-token tensor `[b, s]` (already split for CP; `[1, t]` for THD):
         labels: target token ids (the token each position predicts).
         loss_mask: 1 on response tokens that are trained on.
         advantages: `[b, s]`, or `[b]` for one advantage per padded row (GRPO); packed (THD)
             batches hold several documents in one row, so pass their advantages per token.
-        rollout_log_prob: log-probs of the labels under the rollout engine (needed when IS is on).
-        old_log_prob: pi_old log-probs (not needed with `bypass`).
+        rollout_log_prob: log-probs of the labels under the rollout engine (needed when correction is on).
+        old_log_prob: pi_old log-probs (not needed in either bypass mode).
         ref_log_prob: reference-policy log-probs (only with `kl_coef`).
         local_cu_seqlens: THD only, `[docs + 1]` per-document token counts on this rank.
+        rollout_correction: written by `prepare_step`.
     """
 
-    def __init__(self, is_config: RolloutISConfig, groups: RolloutISGroups, loss_config: Optional[PolicyLossConfig] = None):
+    def __init__(self, is_config: RolloutCorrectionConfig, groups: RolloutISGroups,
+                 loss_config: Optional[PolicyLossConfig] = None):
         self.is_config = is_config
+        self.plan = is_config.plan
         self.groups = groups
         self.loss_config = loss_config or PolicyLossConfig()
-        self.rollout_is = ShardedRolloutIS(is_config, groups) if is_config.enabled else None
+        if self.loss_config.bypass and self.plan is not None and self.plan.bypass:
+            raise ValueError("PolicyLossConfig.bypass (--rollout-is-bypass, verl 0.6.0 keys) and bypass_mode (verl "
+                             "HEAD keys) both set; use bypass_mode with loss_type with verl HEAD keys.")
+        if self.loss_config.loss_denominator != "kept" and (self.plan is None or not self.plan.criteria):
+            raise ValueError("loss_denominator 'response' (--rollout-loss-denominator) only matters with rejection "
+                             "(rollout_rs): without it every valid token is kept. Set rollout_rs, or drop it.")
+        self.rollout_is = ShardedRolloutCorrection(self.plan, groups) if self.plan is not None else None
         # One rank per (TP, CP) replica checks: the others hold the same or split sequences.
-        checks = is_config.enabled and self.loss_config.diagnose_interval > 0
+        checks = self.plan is not None and self.loss_config.diagnose_interval > 0
         self._warner = MismatchWarner() if checks and group_rank(groups.tp) == 0 and group_rank(groups.cp) == 0 else None
         self._step = 0
         self._diagnosed = False
+
+    @property
+    def bypass(self) -> bool:
+        """Whether pi_old comes from inside the loss (either dialect's bypass)."""
+        return self.loss_config.bypass or (self.plan is not None and self.plan.bypass)
+
+    def prepare_step(self, micro_batches: Sequence[dict]) -> None:
+        """Corrects all this rank's micro-batches of the step at once (decoupled mode, last stage).
+
+        Reads `old_log_prob`, `rollout_log_prob`, `loss_mask` (and `local_cu_seqlens`) of each
+        micro-batch and stores its `Correction` under `rollout_correction`.
+
+        Raises:
+            ValueError: in bypass mode (the correction needs pi_theta, per micro-batch), or a
+                micro-batch lacks a tensor.
+        """
+        if self.rollout_is is None:
+            return
+        if self.bypass:
+            raise ValueError("prepare_step is for decoupled mode; in bypass mode the correction uses pi_theta and is "
+                             "computed per micro-batch inside the loss, so do not call prepare_step.")
+        items = []
+        for batch in micro_batches:
+            tensors = tuple(_required(batch, key, batch["labels"].shape, "record it before prepare_step")
+                            for key in ("old_log_prob", "rollout_log_prob", "loss_mask"))
+            items.append(tensors + ((batch["local_cu_seqlens"],) if "local_cu_seqlens" in batch else ()))
+        for batch, correction in zip(micro_batches, self.rollout_is.prepare_step(items)):
+            batch["rollout_correction"] = correction
 
     def __call__(self, batch: Mapping[str, Any], logits: torch.Tensor):
         """Loss of one micro-batch from the last stage's logits `[s, b, V/tp]`.
 
         Returns:
-            `(loss_sum, num_tokens, report)`: scalar float32 loss summed over response tokens, int
+            `(loss_sum, num_tokens, report)`: scalar float32 loss summed over the kept tokens, int
             token count, and `{name: torch.stack([sum, count])}` for logging.
         """
         cfg = self.loss_config
-        labels = batch["labels"]
-        shape = labels.shape
-        outputs = vocab_parallel_token_log_probs(
-            logits, labels.t(), self.groups.tp, cfg.temperature, return_entropy=cfg.entropy_coef > 0
-        )
-        log_probs, entropy = (outputs[0].t(), outputs[1].t()) if cfg.entropy_coef > 0 else (outputs.t(), None)
+        shape = batch["labels"].shape
+        log_probs, entropy = self._token_log_probs(batch, logits)
         mask = _per_token(batch, "loss_mask", shape) != 0
         advantages = _advantages(batch["advantages"], shape).to(log_probs.dtype)
-        old = log_probs.detach() if cfg.bypass else _required(batch, "old_log_prob", shape, "pass it, or use --rollout-is-bypass")
-        old = old.to(log_probs.dtype)
-
-        weights = None
-        if self.rollout_is is not None:
-            rollout = batch.get("rollout_log_prob")
-            if rollout is None:
-                raise ValueError("the micro-batch has no rollout_log_prob; rollout IS is on: return log-probs from the rollout engine.")
-            # Its shape is checked by the sharded IS, where the CP ranks agree on valid inputs: a
-            # rank with a bad tensor then fails its peers too instead of leaving them waiting.
-            weights = self._weights(batch, old, rollout, mask)
-            self._diagnose(old, rollout, mask)
-            if self.is_config.applies_weights:
-                # A token whose rollout log-prob is NaN/inf has weight 0; leave it out of the token count too.
-                mask = mask & torch.isfinite(rollout)
-            else:
-                weights = None
-        # Nor can a token be trained on whose pi_old is NaN/inf (the IS metrics count it).
-        mask = mask & torch.isfinite(old)
-
-        log_ratio = torch.where(mask, log_probs - old, torch.zeros_like(log_probs))
-        ratio = torch.exp(log_ratio)
-        clipped_ratio = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
-        per_token = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
-        clipped = (-advantages * clipped_ratio > -advantages * ratio) & mask
+        rollout = self._rollout_log_probs(batch)
+        old = self._old_log_probs(batch, log_probs, rollout, shape)
+        weights, mask, counted = self._corrected_mask(batch, log_probs, old, rollout, mask)
+        per_token, clipped = self._policy_term(log_probs, old, advantages, mask)
         if weights is not None:
             per_token = per_token * weights.to(per_token.dtype)
         report_terms = {"policy loss": per_token}
@@ -131,21 +157,74 @@ class RolloutISPolicyLoss:
         if entropy is not None:
             per_token = per_token - cfg.entropy_coef * entropy
             report_terms["entropy"] = entropy
-        zero = torch.zeros_like(per_token)
-        loss_sum = torch.where(mask, per_token, zero).sum()
-        num_tokens = mask.sum().to(torch.int)
-        count = num_tokens.to(torch.float32).detach()
-        report = {"loss": torch.stack([loss_sum.detach().float(), count])}
-        for name, term in report_terms.items():
-            report[name] = torch.stack([torch.where(mask, term, zero).sum().detach().float(), count])
-        report["ppo clip fraction"] = torch.stack([clipped.sum().float(), count])
-        return loss_sum, num_tokens, report
+        return _loss_and_report(per_token, mask, counted, report_terms, clipped)
 
-    def finalize_step(self) -> dict[str, float]:
-        """The step's `mismatch/` metrics (empty when rollout IS is off); last-stage ranks only."""
+    def finalize_step(self) -> dict:
+        """The step's correction metrics (empty when correction is off); last-stage ranks only."""
         self._step += 1
         self._diagnosed = False
         return self.rollout_is.finalize() if self.rollout_is is not None else {}
+
+    def _token_log_probs(self, batch, logits):
+        cfg = self.loss_config
+        outputs = vocab_parallel_token_log_probs(
+            logits, batch["labels"].t(), self.groups.tp, cfg.temperature, return_entropy=cfg.entropy_coef > 0
+        )
+        if cfg.entropy_coef > 0:
+            return outputs[0].t(), outputs[1].t()
+        return outputs.t(), None
+
+    def _rollout_log_probs(self, batch) -> Optional[torch.Tensor]:
+        rollout = batch.get("rollout_log_prob")
+        if rollout is None and self.plan is not None:
+            raise ValueError("the micro-batch has no rollout_log_prob; rollout correction is on: return log-probs "
+                             "from the rollout engine.")
+        return rollout
+
+    def _old_log_probs(self, batch, log_probs, rollout, shape) -> torch.Tensor:
+        """pi_old of the PPO ratio: recorded, the detached current policy, or the rollout's."""
+        if self.loss_config.bypass:
+            return log_probs.detach()
+        if self.plan is not None and self.plan.bypass:
+            return _per_token({"rollout_log_prob": rollout}, "rollout_log_prob", shape).to(log_probs.dtype)
+        fix = "pass it, or use a bypass mode (--rollout-bypass-mode, or --rollout-is-bypass with verl 0.6.0 keys)"
+        return _required(batch, "old_log_prob", shape, fix).to(log_probs.dtype)
+
+    def _corrected_mask(self, batch, log_probs, old, rollout, mask):
+        """The weights, the tokens trained on, and the tokens the loss is averaged over."""
+        trained = mask & torch.isfinite(old)
+        if self.plan is None:
+            return None, trained, trained
+        # The correction compares the policy the rollout is scored against: pi_old, or pi_theta in bypass.
+        policy = log_probs.detach() if self.bypass else old
+        correction = batch.get("rollout_correction")
+        if correction is None:
+            correction = self._correct(batch, policy, rollout, mask)
+        self._diagnose(policy, rollout, mask)
+        if not self.plan.criteria and (self.plan.weights is None or not self.plan.weights.applied):
+            return None, trained, trained  # monitoring: the rollout's values never enter the loss
+        valid = trained & torch.isfinite(rollout)
+        counted = correction.keep if self.loss_config.loss_denominator == "kept" else valid
+        return correction.weights, correction.keep, counted
+
+    def _correct(self, batch, policy, rollout, mask) -> Correction:
+        # Shapes are checked by the sharded correction, where the CP ranks agree on valid inputs: a
+        # rank with a bad tensor then fails its peers too instead of leaving them waiting.
+        if "local_cu_seqlens" in batch:
+            return self.rollout_is.micro_batch_thd(policy, rollout, mask, batch["local_cu_seqlens"])
+        return self.rollout_is.micro_batch(policy, rollout, mask)
+
+    def _policy_term(self, log_probs, old, advantages, mask):
+        """Per-token policy loss and where PPO clipping is active."""
+        cfg = self.loss_config
+        if self.plan is not None and self.plan.bypass and self.plan.loss_type == "reinforce":
+            return -advantages * log_probs, torch.zeros_like(mask)
+        log_ratio = torch.where(mask, log_probs - old, torch.zeros_like(log_probs))
+        ratio = torch.exp(log_ratio)
+        clipped_ratio = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+        per_token = torch.maximum(-advantages * ratio, -advantages * clipped_ratio)
+        clipped = (-advantages * clipped_ratio > -advantages * ratio) & mask
+        return per_token, clipped
 
     def _diagnose(self, old, rollout, mask) -> None:
         if self._warner is None or self._diagnosed or self._step % self.loss_config.diagnose_interval:
@@ -153,10 +232,17 @@ class RolloutISPolicyLoss:
         self._diagnosed = True
         self._warner(old.detach(), rollout, mask, step=self._step)
 
-    def _weights(self, batch, old, rollout, mask) -> torch.Tensor:
-        if "local_cu_seqlens" in batch:
-            return self.rollout_is.micro_batch_weights_thd(old, rollout, mask, batch["local_cu_seqlens"])
-        return self.rollout_is.micro_batch_weights(old, rollout, mask)
+
+def _loss_and_report(per_token, mask, counted, report_terms, clipped):
+    zero = torch.zeros_like(per_token)
+    loss_sum = torch.where(mask, per_token, zero).sum()
+    num_tokens = counted.sum().to(torch.int)
+    count = num_tokens.to(torch.float32).detach()
+    report = {"loss": torch.stack([loss_sum.detach().float(), count])}
+    for name, term in report_terms.items():
+        report[name] = torch.stack([torch.where(mask, term, zero).sum().detach().float(), count])
+    report["ppo clip fraction"] = torch.stack([clipped.sum().float(), count])
+    return loss_sum, num_tokens, report
 
 
 def _per_token(batch: Mapping[str, Any], key: str, shape: torch.Size) -> torch.Tensor:

@@ -79,20 +79,42 @@ def split_for_cp(
     return tensor.index_select(seq_dim, index)
 
 
-def _document_lengths(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
-    """Validated per-document lengths (int64, on CPU) of a ``cu_seqlens`` tensor."""
+def validate_cu_seqlens(
+    cu_seqlens: torch.Tensor, name: str = "cu_seqlens", total_tokens: int = None
+) -> torch.Tensor:
+    """Per-document lengths (int64, on CPU) of a ``[num_docs + 1]`` cumulative-length tensor.
+
+    Args:
+        cu_seqlens: integer, 1-D, starting at 0, non-decreasing.
+        name: how errors name the tensor.
+        total_tokens: when given, the last entry must equal it (the packed token count).
+
+    Raises:
+        TypeError / ValueError naming ``name`` and what is wrong.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be an integer tensor [num_docs + 1], got {type(cu_seqlens).__name__}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(
-            f"cu_seqlens must be a 1-D tensor [num_docs + 1], got shape {tuple(cu_seqlens.shape)}"
-        )
+        raise ValueError(f"{name} must be a 1-D tensor [num_docs + 1], got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
-        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+        raise TypeError(f"{name} must be an integer tensor, got {cu_seqlens.dtype}")
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     if cu[0].item() != 0:
-        raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
+        raise ValueError(f"{name} must start at 0, got {cu[0].item()}")
     lengths = cu[1:] - cu[:-1]
     if (lengths < 0).any():
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+        raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()}")
+    if total_tokens is not None and int(cu[-1]) != total_tokens:
+        raise ValueError(
+            f"{name} ends at {int(cu[-1])} but there are {total_tokens} packed tokens; it must describe exactly "
+            "the packed tokens (for a CP rank's share: context_parallel.local_cu_seqlens)"
+        )
+    return lengths
+
+
+def _document_lengths(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
+    """Validated per-document lengths (int64, on CPU), each divisible by ``2 * cp_size``."""
+    lengths = validate_cu_seqlens(cu_seqlens)
     bad = (lengths % (2 * cp_size)).nonzero().flatten()
     if bad.numel() > 0:
         doc = bad[0].item()

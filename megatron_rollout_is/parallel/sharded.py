@@ -1,54 +1,64 @@
-"""Rollout IS on tokens sharded by context and data parallelism, exact against one process.
+"""Rollout correction on tokens sharded by context and data parallelism, exact against one process.
 
 Who calls what (pipeline parallelism: only the last stage has log-probs):
 
-* every rank of the LAST pipeline stage calls `micro_batch_weights` (or `micro_batch_weights_thd`)
-  once per micro-batch, all context-parallel ranks of a sequence together, and `finalize` once per
-  step; ranks of other stages call neither, so no rank waits on a collective that others skip;
+* every rank of the LAST pipeline stage calls, per step, either `prepare_step` once with all its
+  micro-batches (decoupled mode: pi_old is known before the training forward) or `micro_batch`
+  (`micro_batch_thd`) once per micro-batch (bypass mode: the correction needs pi_theta), all
+  context-parallel ranks of a sequence together, and `finalize` once after the step; ranks of other
+  stages call nothing, so no rank waits on a collective that others skip;
 * the metrics come back on every last-stage rank, the last global rank (Megatron's logging rank)
   included.
 
-Communication per micro-batch: ONE all-reduce(SUM) over the CP group of the `[b, NUM_PARTIALS]`
-per-sequence partials, before any exp, bound or veto, and only when the weights need it (sequence and
-geometric levels, or the veto); plus, when `check_layout` is on, one 5-integer all-reduce(MAX) that
-turns bad inputs on one rank, or a CP split whose ranks disagree on the batch shape, into an error on
-every rank instead of a hang. Nothing per token is ever gathered: the traffic is O(batch), independent of sequence length.
+Communication per call of `micro_batch` / `prepare_step` (`prepare_step` covers the whole step):
+one 5-integer all-reduce(MAX) over the CP group so that bad inputs on one rank raise on all ranks
+instead of hanging (`check_layout`); when a decision needs whole sequences (sequence or geometric
+weights, the veto, sequence rejection criteria), ONE collective over the CP group of the
+`[b, columns]` per-sequence partials before anything is exponentiated, bounded or compared: an
+all-reduce(SUM), or an all-gather when a `seq_max_*` criterion needs a MAX too (so at most 2 CP
+collectives); with batch normalisation one all-reduce(SUM) of 2 float64 over DP x CP. Nothing per
+token is ever gathered: the traffic is O(batch), independent of the sequence length.
 
-Communication per step (`finalize`): at most one CP all-reduce of the deferred partials (token level
-without veto), one all-reduce(SUM) and one all-reduce(MAX) of small float64 vectors over the DP x CP
-group, and the exact-quantile rounds (3 SUMs of `[10, 2048]` int64 histograms for float32 weights,
-6 for float64).
+Communication per step (`finalize`): at most one CP reduction of the deferred partials, one
+all-reduce(SUM) and one all-reduce(MAX) of small float64 vectors over DP x CP, and the exact-quantile
+rounds of the verl 0.6.0 metrics (3 SUMs of `[10, 2048]` int64 histograms for float32 weights, 6 for
+float64).
 """
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
-from ..config import RolloutISConfig
-from ..core.rollout_is import micro_batch_weights, reduces_per_micro_batch
+from ..config import RolloutCorrectionConfig
+from ..core.correction import Correction, correct_micro_batch
+from ..core.inputs import check_inputs
+from ..core.plan import CorrectionPlan
 from ..core.statistics import StepStatistics
-from ..core.weights import check_inputs
+from .context_parallel import validate_cu_seqlens
 from .groups import RolloutISGroups, all_reduce, group_rank, group_size
 
 
-class ShardedRolloutIS:
-    """Per-micro-batch weights and per-step global metrics under CP x DP sharding.
+class ShardedRolloutCorrection:
+    """Per-micro-batch (or per-step) weights and rejection masks, and per-step global metrics.
 
     Args:
-        config: an enabled `RolloutISConfig`.
+        config: an enabled `RolloutCorrectionConfig`, or its `CorrectionPlan`.
         groups: this rank's process groups (`RolloutISGroups.from_parallel_state()` in Megatron).
-        check_layout: per micro-batch, let the CP ranks agree that every rank's inputs are valid and
-            of one shape before the partials are reduced.
+        check_layout: per call, let the CP ranks agree that every rank's inputs are valid and of
+            one shape before the partials are reduced.
     """
 
-    def __init__(self, config: RolloutISConfig, groups: RolloutISGroups, check_layout: bool = True):
-        if not config.enabled:
-            raise ValueError("ShardedRolloutIS needs rollout_is_threshold set; rollout IS is off in this config.")
-        self.config = config
+    def __init__(self, config: Union[RolloutCorrectionConfig, CorrectionPlan], groups: RolloutISGroups,
+                 check_layout: bool = True):
+        plan = config.plan if isinstance(config, RolloutCorrectionConfig) else config
+        if plan is None:
+            raise ValueError("rollout correction is off in this config (verl 0.6.0 keys: rollout_is_threshold is "
+                             "null); set a threshold, or do not build a ShardedRolloutCorrection.")
+        self.plan = plan
         self.groups = groups
         self.check_layout = check_layout
-        self.statistics = StepStatistics(config)
+        self.statistics = StepStatistics(plan)
         # Where collectives need their tensors: NCCL reduces device tensors only, gloo CPU ones.
         self._device = _collective_device(groups.cp if groups.cp is not None else groups.dp_cp)
         # Looked up once: the groups never change, and the sizes decide per call whether to reduce at all.
@@ -56,37 +66,38 @@ class ShardedRolloutIS:
         self._dp_cp_size = group_size(groups.dp_cp)
         self._owns_sequences = group_rank(groups.cp) == 0
 
-    def micro_batch_weights(
-        self, old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Weights of this rank's share of a padded micro-batch.
+    def micro_batch(self, old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
+                    response_mask: torch.Tensor) -> Correction:
+        """Weights and keep mask of this rank's share of a padded micro-batch.
 
         Args:
-            old_log_prob: `[b, s/cp]` training log-probs of this CP rank's tokens (zigzag split).
+            old_log_prob: `[b, s/cp]` training log-probs of this CP rank's tokens (zigzag split);
+                pi_theta (detached) in bypass mode.
             rollout_log_prob: `[b, s/cp]` rollout log-probs split with the same index.
             response_mask: `[b, s/cp]` mask split with the same index.
 
         Returns:
-            `[b, s/cp]` detached weights of this rank's tokens.
-        """
-        try:
-            check_inputs(old_log_prob, rollout_log_prob, response_mask)
-        except (TypeError, ValueError) as error:
-            self._agree_on_inputs(None, error)
-        self._agree_on_inputs(old_log_prob, None)
-        reduce_partials = self._reduce_partials if self._cp_size > 1 else None
-        return micro_batch_weights(
-            old_log_prob, rollout_log_prob, response_mask, self.config, self.statistics, reduce_partials
-        )
+            The `Correction` of this rank's tokens (`[b, s/cp]` tensors).
 
-    def micro_batch_weights_thd(
-        self,
-        old_log_prob: torch.Tensor,
-        rollout_log_prob: torch.Tensor,
-        response_mask: torch.Tensor,
-        local_cu_seqlens: torch.Tensor,
-    ) -> torch.Tensor:
-        """Weights of this rank's share of a packed (THD) micro-batch.
+        Raises:
+            ValueError: batch normalisation in decoupled mode, which needs the whole step
+                (`prepare_step`); bad or disagreeing inputs on any CP rank.
+        """
+        weights = self.plan.weights
+        if weights is not None and weights.batch_normalize and not self.plan.bypass:
+            raise ValueError(
+                "rollout_is_batch_normalize needs the whole step's weights before the first backward: call "
+                "prepare_step(micro_batches) once per step after the old-log-prob pass instead of micro_batch."
+            )
+        return self._correct(old_log_prob, rollout_log_prob, response_mask)
+
+    def micro_batch_weights(self, old_log_prob, rollout_log_prob, response_mask) -> Optional[torch.Tensor]:
+        """`micro_batch(...).weights` (verl 0.6.0 plans: the IS weights of the micro-batch)."""
+        return self.micro_batch(old_log_prob, rollout_log_prob, response_mask).weights
+
+    def micro_batch_thd(self, old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
+                        response_mask: torch.Tensor, local_cu_seqlens: torch.Tensor) -> Correction:
+        """Weights and keep mask of this rank's share of a packed (THD) micro-batch.
 
         Args:
             old_log_prob: `[t]` or `[1, t]` this rank's packed tokens (each document split zigzag).
@@ -95,36 +106,95 @@ class ShardedRolloutIS:
             local_cu_seqlens: `[docs + 1]` cumulative per-document token counts on THIS rank.
 
         Returns:
-            Weights in the layout of `old_log_prob`.
+            The `Correction`, in the layout of `old_log_prob`.
         """
-        try:
-            padded, document, position = _unpack_documents(
-                (old_log_prob, rollout_log_prob, response_mask), local_cu_seqlens
-            )
-        except (TypeError, ValueError) as error:
-            self._agree_on_inputs(None, error)
-        weights = self.micro_batch_weights(*padded)
-        return weights[document, position].reshape(old_log_prob.shape)
+        packed = self._unpack((old_log_prob, rollout_log_prob, response_mask), local_cu_seqlens)
+        correction = self.micro_batch(*packed.rows)
+        return packed.repack(correction, old_log_prob.shape)
 
-    def finalize(self) -> dict[str, float]:
-        """The step's `mismatch/` metrics over all DP x CP ranks and micro-batches; resets the step.
+    def micro_batch_weights_thd(self, old_log_prob, rollout_log_prob, response_mask, local_cu_seqlens):
+        """`micro_batch_thd(...).weights`."""
+        return self.micro_batch_thd(old_log_prob, rollout_log_prob, response_mask, local_cu_seqlens).weights
+
+    def prepare_step(self, micro_batches: Sequence[tuple]) -> list:
+        """The corrections of all this rank's micro-batches of a step, computed together.
+
+        Decoupled mode knows pi_old before the training forward, so the whole step is corrected at
+        once: one CP reduction of all partials instead of one per micro-batch, and the step's global
+        batch-normalisation factor (one all-reduce over DP x CP) before the first backward.
+
+        Args:
+            micro_batches: per micro-batch `(old_log_prob, rollout_log_prob, response_mask)` padded
+                `[b, s/cp]`, or with a fourth entry `local_cu_seqlens` for a packed one (`[1, t]`).
+
+        Returns:
+            One `Correction` per micro-batch, in its layout.
+        """
+        packed = [self._unpack(mb[:3], mb[3]) if len(mb) == 4 else _Rows(mb) for mb in micro_batches]
+        rows = [_concatenate_rows([p.rows[i] for p in packed]) for i in range(3)]
+        correction = self._correct(*rows, normalize_over=self._dp_cp_sum)
+        corrections, start = [], 0
+        for one, original in zip(packed, micro_batches):
+            count, width = one.rows[0].shape
+            piece = Correction(*(None if t is None else t[start:start + count, :width] for t in correction))
+            corrections.append(one.repack(piece, original[0].shape))
+            start += count
+        return corrections
+
+    def finalize(self) -> dict:
+        """The step's metrics over all DP x CP ranks and micro-batches; resets the step.
 
         Call once per step on every last-stage rank, after the last micro-batch.
         """
-        deferred = None if reduces_per_micro_batch(self.config) or self._cp_size == 1 else self._reduce_partials
+        deferred = None if self.plan.decides_per_sequence or self._cp_size == 1 else self._reduce_partials
         if self._dp_cp_size == 1:
             # No reducers at all: the statistics then take their one-process paths (same results).
             return self.statistics.finalize(reduce_partials=deferred, owns_sequences=self._owns_sequences)
-        dp_cp = self.groups.dp_cp
         return self.statistics.finalize(
             reduce_partials=deferred,
             owns_sequences=self._owns_sequences,
-            all_reduce_sum=lambda t: self._all_reduce(t, dist.ReduceOp.SUM, dp_cp),
-            all_reduce_max=lambda t: self._all_reduce(t, dist.ReduceOp.MAX, dp_cp),
+            all_reduce_sum=self._dp_cp_sum,
+            all_reduce_max=lambda t: self._all_reduce(t, dist.ReduceOp.MAX, self.groups.dp_cp),
         )
 
+    def _correct(self, old_log_prob, rollout_log_prob, response_mask, normalize_over=None) -> Correction:
+        try:
+            check_inputs(old_log_prob, rollout_log_prob, response_mask)
+        except (TypeError, ValueError) as error:
+            self._agree_on_inputs(None, error)
+        self._agree_on_inputs(old_log_prob, None)
+        if normalize_over is None and self.plan.bypass:
+            normalize_over = self._dp_cp_sum  # bypass: one factor per micro-batch, over DP x CP
+        return correct_micro_batch(
+            old_log_prob, rollout_log_prob, response_mask, self.plan, self.statistics,
+            reduce_partials=self._reduce_partials if self._cp_size > 1 else None,
+            normalize_over=normalize_over if self._dp_cp_size > 1 else None,
+            owns_sequences=self._owns_sequences,
+        )
+
+    def _unpack(self, tensors, local_cu_seqlens) -> "_Documents":
+        try:
+            return _Documents(tensors, local_cu_seqlens)
+        except (TypeError, ValueError) as error:
+            self._agree_on_inputs(None, error)
+
+    def _dp_cp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(tensor, dist.ReduceOp.SUM, self.groups.dp_cp)
+
     def _reduce_partials(self, partials: torch.Tensor) -> torch.Tensor:
-        return self._all_reduce(partials, dist.ReduceOp.SUM, self.groups.cp)
+        """SUM (and MAX on the max columns) of `[b, columns]` over the CP group, in place."""
+        max_columns = self.statistics.max_columns
+        if not max_columns:
+            return self._all_reduce(partials, dist.ReduceOp.SUM, self.groups.cp)
+        # SUM and MAX columns in one collective: gather every rank's partials, reduce in rank order
+        # (the same order on every rank, so every rank gets bit-identical sums).
+        staged = partials.to(self._device).contiguous()
+        gathered = [torch.empty_like(staged) for _ in range(self._cp_size)]
+        dist.all_gather(gathered, staged, group=self.groups.cp)
+        stacked = torch.stack(gathered)
+        reduced = stacked.sum(dim=0)
+        reduced[:, max_columns] = stacked[:, :, max_columns].amax(dim=0)
+        return partials.copy_(reduced)
 
     def _all_reduce(self, tensor: torch.Tensor, op, group) -> torch.Tensor:
         # NCCL only reduces device tensors; the step's small accumulators live on the CPU.
@@ -139,7 +209,7 @@ class ShardedRolloutIS:
         """Lets every CP rank learn whether any rank's inputs failed validation or disagree in shape.
 
         A rank whose inputs are bad still joins this one collective (then raises its own error), so
-        its peers raise too instead of waiting forever in the partials all-reduce.
+        its peers raise too instead of waiting forever in the partials reduction.
         """
         group = self.groups.cp
         if not self.check_layout or self._cp_size == 1:
@@ -147,13 +217,14 @@ class ShardedRolloutIS:
                 raise error
             return
         rows, columns = (0, 0) if error is not None else (old_log_prob.shape[0], old_log_prob.shape[-1])
-        layout = torch.tensor([rows, columns, -rows, -columns, int(error is not None)], dtype=torch.long, device=self._device)
+        layout = torch.tensor([rows, columns, -rows, -columns, int(error is not None)], dtype=torch.long,
+                              device=self._device)
         all_reduce(layout, dist.ReduceOp.MAX, group)
         if error is not None:
             raise error
         if int(layout[4]):
             raise ValueError(
-                f"another context-parallel rank rejected its rollout IS inputs for this micro-batch (CP rank "
+                f"another context-parallel rank rejected its rollout correction inputs for this micro-batch (CP rank "
                 f"{group_rank(group)} stops too, instead of waiting on it); see that rank's error."
             )
         if int(layout[0]) != -int(layout[2]) or int(layout[1]) != -int(layout[3]):
@@ -166,36 +237,62 @@ class ShardedRolloutIS:
             )
 
 
+ShardedRolloutIS = ShardedRolloutCorrection
+"""The same class under its verl 0.6.0-era name."""
+
+
 def _collective_device(group) -> torch.device:
     if group is not None and dist.get_backend(group) == dist.Backend.NCCL:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def _unpack_documents(tensors, local_cu_seqlens: torch.Tensor):
-    """Packed `[t]`/`[1, t]` tensors to `[docs, longest]` rows, with the (row, column) of each token."""
-    if not all(isinstance(tensor, torch.Tensor) for tensor in (*tensors, local_cu_seqlens)):
-        raise TypeError("packed old_log_prob, rollout_log_prob, response_mask and local_cu_seqlens must be tensors.")
-    flat = [tensor.reshape(-1) for tensor in tensors]
-    count = flat[0].numel()
-    if any(tensor.numel() != count for tensor in flat):
-        raise ValueError(
-            f"packed old_log_prob, rollout_log_prob and response_mask must hold the same number of tokens, got "
-            f"{[tensor.numel() for tensor in flat]}."
-        )
-    cu = local_cu_seqlens.to(device=flat[0].device, dtype=torch.long)
-    if cu.dim() != 1 or cu.numel() < 1 or int(cu[0]) != 0 or int(cu[-1]) != count or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(
-            f"local_cu_seqlens must be [docs + 1], non-decreasing, start at 0 and end at this rank's token "
-            f"count {count}; got {cu.tolist()} (use context_parallel.local_cu_seqlens)."
-        )
-    lengths = cu[1:] - cu[:-1]
-    document = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
-    position = torch.arange(count, device=cu.device) - cu[document]
-    rows, width = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
-    padded = []
-    for tensor in flat:
-        grid = torch.zeros(rows, width, dtype=tensor.dtype, device=tensor.device)
-        grid[document, position] = tensor
-        padded.append(grid)
-    return padded, document, position
+class _Rows:
+    """A padded micro-batch: its `[b, s]` tensors are already one row per sequence."""
+
+    def __init__(self, tensors):
+        self.rows = tuple(tensors[:3])
+
+    def repack(self, correction: Correction, shape) -> Correction:
+        return correction
+
+
+class _Documents:
+    """A packed `[t]`/`[1, t]` micro-batch as `[docs, longest]` rows, and the way back."""
+
+    def __init__(self, tensors, local_cu_seqlens: torch.Tensor):
+        if not all(isinstance(tensor, torch.Tensor) for tensor in (*tensors, local_cu_seqlens)):
+            raise TypeError("packed old_log_prob, rollout_log_prob, response_mask and local_cu_seqlens must be "
+                            "tensors.")
+        flat = [tensor.reshape(-1) for tensor in tensors]
+        count = flat[0].numel()
+        if any(tensor.numel() != count for tensor in flat):
+            raise ValueError(f"packed old_log_prob, rollout_log_prob and response_mask must hold the same number of "
+                             f"tokens, got {[tensor.numel() for tensor in flat]}.")
+        lengths = validate_cu_seqlens(local_cu_seqlens, "local_cu_seqlens", total_tokens=count).to(flat[0].device)
+        self.document = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+        self.position = torch.arange(count, device=lengths.device) - (lengths.cumsum(0) - lengths)[self.document]
+        width = int(lengths.max()) if lengths.numel() else 0
+        grids = []
+        for tensor in flat:
+            grid = torch.zeros(lengths.numel(), width, dtype=tensor.dtype, device=tensor.device)
+            grid[self.document, self.position] = tensor
+            grids.append(grid)
+        self.rows = tuple(grids)
+
+    def repack(self, correction: Correction, shape) -> Correction:
+        return Correction(*(None if t is None else t[self.document, self.position].reshape(shape)
+                            for t in correction))
+
+
+def _concatenate_rows(grids: list) -> torch.Tensor:
+    """`[r_i, w_i]` grids stacked into `[sum r_i, max w_i]`, zero-padded (padding is masked out)."""
+    width = max((grid.shape[1] for grid in grids), default=0)
+    if all(grid.shape[1] == width for grid in grids):
+        return torch.cat(grids)
+    stacked = grids[0].new_zeros(sum(grid.shape[0] for grid in grids), width)
+    start = 0
+    for grid in grids:
+        stacked[start:start + grid.shape[0], :grid.shape[1]] = grid
+        start += grid.shape[0]
+    return stacked
