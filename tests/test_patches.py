@@ -5,14 +5,16 @@ files that compile, and its GRPO loss must weight the policy term by exactly the
 of the float64 oracle (verl 0.6.0 keys: `tests/oracle.py`; verl HEAD keys: the package's
 single-process drop-in `compute_rollout_correction_and_rejection_mask`, itself checked against the
 oracle), train on the tokens rejection keeps, average over the configured denominator and report the
-step's metrics. The patched `calculate_grpo_loss` and every top-level definition the patch adds to
-`rl_utils.py` (`GRPORolloutCorrection` and its helpers) are loaded ALONE (with `ast`); only the
-Megatron-LM names they touch (`mpu`, the rank-0 loggers) are stubbed, while the `megatron_rollout_is`
-imports are the patch's own, executed for real.
+step's metrics. The patched `calculate_grpo_loss`, every top-level definition the patch adds to
+`rl_utils.py` (`GRPORolloutCorrection` and its helpers) and train_rl.py's `loss_func` are loaded
+ALONE (with `ast`); only the Megatron-LM names they touch (`mpu`, the rank-0 loggers, `get_args`, the
+rerun state machine) are stubbed, while the `megatron_rollout_is` imports are the patch's own,
+executed for real.
 """
 
 import argparse
 import ast
+import functools
 import logging
 import py_compile
 import shutil
@@ -20,7 +22,7 @@ import subprocess
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -44,8 +46,8 @@ EPS_LOW, EPS_HIGH, KL_BETA, ENTROPY_WEIGHT = 0.2, 0.28, 0.05, 0.01
 # level -> (rollout_is_threshold, rollout_is_threshold_lower) sized so that both bounds bite.
 THRESHOLDS = {"token": (1.5, None), "sequence": (2.5, 0.3), "geometric": (1.1, None)}
 VETO = 0.01
-# verl HEAD settings (keys, or a preset with overrides) sized so that every bound and criterion bites
-# on `make_batch`; together they cover TIS, IcePop, clamp, the geometric level, batch normalisation,
+# verl HEAD settings (keys, or a preset with overrides) sized so that the upper bound and the rejection
+# bite on `make_batch` (the test checks); together they cover TIS, IcePop, clamp, the geometric level, batch normalisation,
 # token and sequence (sum, mean, max) criteria and the off-policy metrics alone.
 HEAD_CASES = {
     "token_tis_batch_normalised": dict(rollout_is="token", rollout_is_threshold=1.5, rollout_is_batch_normalize=True),
@@ -138,19 +140,6 @@ def test_train_rl_wiring_matches_the_patched_signatures(patched_tree):
     [parse_call] = _calls(train_rl, "parse_and_validate_args")
     provider = next(keyword.value for keyword in parse_call.keywords if keyword.arg == "extra_args_provider")
     assert "add_rollout_is_args" in ast.unparse(provider)
-
-
-def test_the_loss_counts_the_correction_tokens_and_reports_every_call(patched_tree):
-    """loss_func (CUDA-only, so read, not run) averages over token_count_mask and reports on every call."""
-    loss_func = _function(ast.parse((patched_tree / "train_rl.py").read_text()), "loss_func")
-    counted = [node for node in ast.walk(loss_func) if isinstance(node, ast.Assign)
-               and ast.unparse(node.targets[0]) == "total_tokens" and "token_count_mask" in ast.unparse(node.value)]
-    assert len(counted) == 1
-    [report] = _calls(loss_func, "report")
-    assert ast.unparse(report.func.value) == "rollout_correction"
-    # Not under any condition but "correction on": no counting of calls per step.
-    assert "get_num_microbatches" not in (patched_tree / "megatron/rl/rl_utils.py").read_text().split(
-        "class GRPORolloutCorrection")[1].split("def calculate_grpo_loss")[0]
 
 
 def test_the_collection_is_corrected_where_pi_old_is_known_on_the_last_stage(patched_tree):
@@ -271,14 +260,18 @@ def expected_loss(batch: dict, weights: torch.Tensor, advantages_per_token: torc
     return -weights * surrogate + KL_BETA * kl - ENTROPY_WEIGHT * entropy
 
 
-def grpo_loss(calculate_grpo_loss, batch: dict, rows: slice, weights, **packed):
-    loss, *_ = calculate_grpo_loss(
+def grpo_terms(calculate_grpo_loss, batch: dict, rows: slice, weights, **packed) -> tuple:
+    """The patched `calculate_grpo_loss` on `rows` of `batch`: (loss, kl, ratios, entropy, above, below)."""
+    return calculate_grpo_loss(
         current_logprobs=batch["current"][rows], old_logprobs=batch["old"][rows], ref_logprobs=batch["ref"][rows],
         advantages=batch["advantages"][rows], clamp_eps_lower=EPS_LOW, clamp_eps_upper=EPS_HIGH,
         kl_beta=KL_BETA, entropy_weight=ENTROPY_WEIGHT, inference_logprobs=batch["inference"][rows],
         rollout_is_weights=None if weights is None else weights[rows], **packed,
     )
-    return loss
+
+
+def grpo_loss(calculate_grpo_loss, batch: dict, rows: slice, weights, **packed) -> torch.Tensor:
+    return grpo_terms(calculate_grpo_loss, batch, rows, weights, **packed)[0]
 
 
 def step_loss(calculate_grpo_loss, batch: dict, columns: tuple, micro_batches) -> torch.Tensor:
@@ -293,10 +286,35 @@ def step_loss(calculate_grpo_loss, batch: dict, columns: tuple, micro_batches) -
     return total / count
 
 
-def megatron_mean(reports: list) -> dict:
-    """What train_step logs for report entries: `[value, count]` summed over calls (and DP ranks), divided."""
-    return {key: sum(r[key][0].item() for r in reports) / sum(r[key][1].item() for r in reports)
-            for key in reports[0]}
+class _SaysCuda(torch.Tensor):
+    """A CPU tensor that calls itself a CUDA one, so that loss_func skips its `.cuda()` moves here."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def load_patched_loss_func(train_rl: Path, rollout_correction_class) -> Callable:
+    """The patched train_rl.py `loss_func` alone; Megatron-LM's `get_args` and rerun machine stubbed
+    (NaN and spiky-loss checks off)."""
+    args = SimpleNamespace(check_for_nan_in_loss_and_grad=False, check_for_spiky_loss=False)
+    namespace = {"torch": torch, "partial": functools.partial, "get_args": lambda: args,
+                 "get_rerun_state_machine": lambda: None, "GRPORolloutCorrection": rollout_correction_class}
+    exec(compile(_function_source(train_rl, "loss_func"), str(train_rl), "exec"), namespace)
+    return namespace["loss_func"]
+
+
+def logged_step(patched: dict, loss_func, batch: dict, columns: tuple, micro_batches, rollout_correction) -> dict:
+    """One step as train_rl.py runs it on the last stage (forward_step hands the correction's columns
+    to calculate_grpo_loss and loss_func), then train_step's reduction of the loss dicts: every
+    `[sum, count]` entry summed over the calls and divided."""
+    weights, trained, counted = columns
+    dicts = []
+    for rows in micro_batches:
+        loss, *terms = grpo_terms(patched["calculate_grpo_loss"], batch, rows, weights)
+        *_, output = loss_func(trained[rows], *terms, counted[rows], rollout_correction, loss.as_subclass(_SaysCuda))
+        dicts.append(output)
+    return {key: (sum(d[key][0].item() for d in dicts) / sum(d[key][1].item() for d in dicts)) for key in dicts[0]}
 
 
 def valid_tokens(batch: dict) -> torch.Tensor:
@@ -439,41 +457,55 @@ def test_verl_head_keys_weight_reject_and_report_like_the_drop_in(patched_tree, 
     assert_report_matches(report, metrics)
 
 
-def test_response_denominator_averages_over_every_valid_response_token(patched_tree):
+@pytest.mark.parametrize("denominator", ["kept", "response"])
+def test_loss_func_averages_over_the_denominator_and_logs_the_metrics(patched_tree, denominator):
+    """The real loss_func: its `lm loss` is the token mean over the kept tokens (or over every valid
+    response token), and the step logs exactly the drop-in's metrics."""
     patched = load_patched_rl_utils(patched_tree / "megatron/rl/rl_utils.py")
+    loss_func = load_patched_loss_func(patched_tree / "train_rl.py", patched["GRPORolloutCorrection"])
     config = head_config("decoupled_geo_rs_seq_tis")
-    batch = make_batch(seed=41)
-    weights, kept, _ = drop_in(batch, config)
-    valid = valid_tokens(batch)
-    rollout_correction = patched["GRPORolloutCorrection"](config, loss_denominator="response")
+    batch = make_batch(seed=43)
+    weights, kept, metrics = drop_in(batch, config)
+    counted = kept if denominator == "kept" else valid_tokens(batch)
+    assert kept.sum() < counted.sum() or denominator == "kept"
+    rollout_correction = patched["GRPORolloutCorrection"](config, loss_denominator=denominator)
     columns = _correct(rollout_correction, batch)
-    assert torch.equal(columns[1], kept) and torch.equal(columns[2], valid) and kept.sum() < valid.sum()
-    loss = step_loss(patched["calculate_grpo_loss"], batch, columns, MICRO_BATCHES)
-    want = (expected_loss(batch, weights, batch["advantages"][:, None]) * kept).sum() / valid.sum()
-    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(columns[1], kept) and torch.equal(columns[2], counted)
+    logged = logged_step(patched, loss_func, batch, columns, MICRO_BATCHES, rollout_correction)
+    tokens = counted.sum()
+    per_token = expected_loss(batch, weights, batch["advantages"][:, None])
+    assert logged["lm loss"] == pytest.approx(((per_token * kept).sum() / tokens).item(), rel=1e-5)
+    kl = torch.exp(batch["ref"] - batch["current"]) - (batch["ref"] - batch["current"]) - 1
+    assert logged["rl/kl_term"] == pytest.approx(((kl * kept).sum() / tokens).item(), rel=1e-5)
+    for name, value in metrics.items():
+        assert logged[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
 
 
 def test_an_extra_forward_only_call_does_not_shift_the_metrics(patched_tree):
-    """Every loss_func call reports its collection's `[value, 1]`: a forward-only call between steps
-    (evaluation, a rerun) leaves the next steps' logged means alone, whatever the call counts."""
+    """Every loss_func call reports its collection's `[value, 1]`: however many calls a step makes, and
+    with a forward-only call (evaluation, a rerun) in between, each step logs its own collection's
+    metrics."""
     patched = load_patched_rl_utils(patched_tree / "megatron/rl/rl_utils.py")
+    loss_func = load_patched_loss_func(patched_tree / "train_rl.py", patched["GRPORolloutCorrection"])
     config = head_config("geometric_clamp_batch_normalised_token_k2_seq_max_k3")
     rollout_correction = patched["GRPORolloutCorrection"](config)
     first, second = make_batch(seed=51), make_batch(seed=52)
-    cpu = torch.device("cpu")
 
-    _correct(rollout_correction, first)
-    step_1 = [rollout_correction.report(cpu) for _ in range(2)]  # two micro-batches
-    extra = [rollout_correction.report(cpu)]  # a forward-only call before the next step
-    step_2 = [rollout_correction.report(cpu) for _ in range(3)]  # the same collection, one more micro-batch
-    _correct(rollout_correction, second)
-    step_3 = [rollout_correction.report(cpu) for _ in range(2)]
+    def step(batch, columns, micro_batches):
+        return logged_step(patched, loss_func, batch, columns, micro_batches, rollout_correction)
 
-    for reports, batch in ((step_1, first), (extra, first), (step_2, first), (step_3, second)):
-        logged, want = megatron_mean(reports), drop_in(batch, config)[2]
-        assert logged.keys() == want.keys()
-        for name, value in logged.items():
-            assert value == pytest.approx(want[name], rel=1e-9, abs=1e-12), name
+    columns = _correct(rollout_correction, first)
+    logged = [(step(first, columns, MICRO_BATCHES), first),  # two micro-batches
+              (step(first, columns, [slice(0, 6)]), first),  # a forward-only call before the next step
+              (step(first, columns, [slice(0, 2), slice(2, 4), slice(4, 6)]), first)]  # the same collection
+    columns = _correct(rollout_correction, second)
+    logged.append((step(second, columns, MICRO_BATCHES), second))
+
+    for values, batch in logged:
+        want = drop_in(batch, config)[2]
+        assert want.keys() <= values.keys()
+        for name, value in want.items():
+            assert values[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
 
 
 # ---------------------------------------------------------------------------------------------
