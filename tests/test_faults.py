@@ -14,7 +14,7 @@
   cores, 12-14 s on 2 busy ones):
 
   - CP=2: the faulty rank still joins the CP ranks' agreement all-reduce before it raises, so its
-    peer raises too ("another context-parallel rank rejected its rollout IS inputs"); nothing waits.
+    peer raises too ("another context-parallel rank rejected its rollout correction inputs"); nothing waits.
     Both print their traceback; torchrun's agent then stops whichever is still exiting (SIGTERM).
   - DP=2: the faulty rank raises before the step's DP collective, the gradient all-reduce of
     ``finalize_model_grads``, in which its peer already waits. The peer either gets gloo's
@@ -156,7 +156,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_identical_metrics(tm
 
 
 @pytest.mark.parametrize("layout, peer_error", [
-    (["--context-parallel-size", "2"], "ValueError: another context-parallel rank rejected its rollout IS inputs"),
+    (["--context-parallel-size", "2"], "ValueError: another context-parallel rank rejected its rollout correction inputs"),
     ([], None),
 ], ids=["cp2", "dp2"])
 def test_an_is_fault_on_one_rank_stops_the_whole_job_with_its_error(tmp_path, layout, peer_error):

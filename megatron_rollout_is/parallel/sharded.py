@@ -130,7 +130,12 @@ class ShardedRolloutCorrection:
         Returns:
             One `Correction` per micro-batch, in its layout.
         """
-        packed = [self._unpack(mb[:3], mb[3]) if len(mb) == 4 else _Rows(mb) for mb in micro_batches]
+        try:
+            for micro_batch in micro_batches:
+                check_inputs(*micro_batch[:3])  # before concatenation could promote a bad dtype away
+            packed = [_Documents(mb[:3], mb[3]) if len(mb) == 4 else _Rows(mb) for mb in micro_batches]
+        except (TypeError, ValueError) as error:
+            self._agree_on_inputs(None, error)
         rows = [_concatenate_rows([p.rows[i] for p in packed]) for i in range(3)]
         correction = self._correct(*rows, normalize_over=self._dp_cp_sum)
         corrections, start = [], 0
