@@ -34,7 +34,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_rollout_is.parallel.context_parallel import thd_partitioned_indices, zigzag_indices
+from megatron_rollout_is.parallel.context_parallel import (
+    check_cu_seqlens,
+    thd_partitioned_indices,
+    zigzag_indices,
+)
 
 _CAUSAL_MASK_TYPES = (
     AttnMaskType.causal,
@@ -106,14 +110,14 @@ def build_cp_attention_mask(
     """
     device = device if device is not None else torch.device("cpu")
     if cu_seqlens is not None:
+        check_cu_seqlens(
+            cu_seqlens,
+            num_local * cp_size,
+            cp_size if cp_size > 1 else None,
+            fix=f"the packed stream holds {num_local} local tokens x cp {cp_size}: pass the GLOBAL (padded) "
+            "document boundaries in packed_seq_params, not the per-rank ones",
+        )
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.long)
-        total = num_local * cp_size
-        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
-            raise ValueError(
-                f"cu_seqlens must be a 1-D tensor from 0 to the global packed length {total} "
-                f"({num_local} local tokens x cp {cp_size}); got {cu_seqlens.tolist()}. Pass the "
-                "GLOBAL (padded) boundaries in packed_seq_params, not the per-rank ones."
-            )
     query_pos = _local_token_positions(num_local, cp_size, cp_rank, cu_seqlens, device)
     key_pos = torch.cat(
         [_local_token_positions(num_local, cp_size, r, cu_seqlens, device) for r in range(cp_size)]

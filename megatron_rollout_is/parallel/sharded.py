@@ -29,6 +29,7 @@ from ..config import RolloutISConfig
 from ..core.rollout_is import micro_batch_weights, reduces_per_micro_batch
 from ..core.statistics import StepStatistics
 from ..core.weights import check_inputs
+from .context_parallel import check_cu_seqlens
 from .groups import RolloutISGroups, all_reduce, group_rank, group_size
 
 
@@ -183,12 +184,8 @@ def _unpack_documents(tensors, local_cu_seqlens: torch.Tensor):
             f"packed old_log_prob, rollout_log_prob and response_mask must hold the same number of tokens, got "
             f"{[tensor.numel() for tensor in flat]}."
         )
+    check_cu_seqlens(local_cu_seqlens, count, name="local_cu_seqlens", fix="use context_parallel.local_cu_seqlens")
     cu = local_cu_seqlens.to(device=flat[0].device, dtype=torch.long)
-    if cu.dim() != 1 or cu.numel() < 1 or int(cu[0]) != 0 or int(cu[-1]) != count or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(
-            f"local_cu_seqlens must be [docs + 1], non-decreasing, start at 0 and end at this rank's token "
-            f"count {count}; got {cu.tolist()} (use context_parallel.local_cu_seqlens)."
-        )
     lengths = cu[1:] - cu[:-1]
     document = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
     position = torch.arange(count, device=cu.device) - cu[document]
