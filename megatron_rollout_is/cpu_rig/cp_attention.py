@@ -21,7 +21,7 @@ Memory is O(s_local * s) per head, which is fine for the CPU tests and small mod
 """
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -224,21 +224,7 @@ class ContextParallelDotProductAttention(MegatronModule):
             raise ValueError("ContextParallelDotProductAttention does not take attention_bias.")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         cp_size, cp_rank = self._cp_size_and_rank()
-
-        cu_seqlens = None
-        if packed_seq_params is not None:
-            if packed_seq_params.qkv_format != "thd":
-                raise ValueError(
-                    f"packed_seq_params.qkv_format must be 'thd', got "
-                    f"{packed_seq_params.qkv_format!r}; pass packed_seq_params=None for [s, b] "
-                    "batches."
-                )
-            cu_seqlens = packed_seq_params.cu_seqlens_q_padded
-            if cu_seqlens is None:
-                cu_seqlens = packed_seq_params.cu_seqlens_q
-            if cu_seqlens is None:
-                raise ValueError("THD packed_seq_params needs cu_seqlens_q (global document ends).")
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        cu_seqlens = _packed_cu_seqlens(packed_seq_params)
         if attention_mask is not None and (cp_size > 1 or cu_seqlens is not None):
             raise ValueError(
                 "attention_mask must be None with context parallelism or packed (THD) batches: the "
@@ -246,27 +232,39 @@ class ContextParallelDotProductAttention(MegatronModule):
             )
         if mask_type == AttnMaskType.arbitrary and attention_mask is None:
             raise ValueError("attn_mask_type=arbitrary needs an explicit attention_mask.")
+        if cu_seqlens is not None:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
 
-        num_local = query.size(0)
+        masked = None
+        if mask_type != AttnMaskType.arbitrary:
+            causal = mask_type in _CAUSAL_MASK_TYPES
+            masked = build_cp_attention_mask(query.size(0), cp_size, cp_rank, causal, cu_seqlens, query.device)
+        if attention_mask is not None:
+            masked = attention_mask if masked is None else masked | attention_mask
+        key, value = self._keys_values_of_whole_sequence(key, value, query.size(2), cp_size)
+        probs = self._attention_probs(query, key, masked)
+        context = torch.einsum("bnqk,kbnh->qbnh", probs.to(value.dtype), value)
+        context = context.reshape(context.size(0), context.size(1), -1)
+        return context.squeeze(1) if cu_seqlens is not None else context
+
+    def _keys_values_of_whole_sequence(
+        self, key: Tensor, value: Tensor, heads: int, cp_size: int
+    ) -> Tuple[Tensor, Tensor]:
+        """Keys and values of every CP rank (gather order), one per query head (GQA expanded)."""
         if cp_size > 1:
             key_value = torch.cat([key, value], dim=-1)
             key_value = _GatherSequenceFromContextParallel.apply(key_value, self.cp_group)
             key, value = key_value.split([key.size(-1), value.size(-1)], dim=-1)
-        heads_per_group = query.size(2) // key.size(2)
+        heads_per_group = heads // key.size(2)
         if heads_per_group > 1:
             key = key.repeat_interleave(heads_per_group, dim=2)
             value = value.repeat_interleave(heads_per_group, dim=2)
+        return key, value
 
-        # [b, np, sq, sk] in fp32.
+    def _attention_probs(self, query: Tensor, key: Tensor, masked: Optional[Tensor]) -> Tensor:
+        """Attention probabilities ``[b, np, sq, sk]`` in fp32; ``masked`` (True = hidden) keys get
+        probability 0 (a row with every key hidden gets uniform ones, finite)."""
         scores = torch.einsum("qbnh,kbnh->bnqk", query.float(), key.float()) * self.softmax_scale
-        masked = None
-        if mask_type != AttnMaskType.arbitrary:
-            causal = mask_type in _CAUSAL_MASK_TYPES
-            masked = build_cp_attention_mask(
-                num_local, cp_size, cp_rank, causal, cu_seqlens, query.device
-            )
-        if attention_mask is not None:
-            masked = attention_mask if masked is None else masked | attention_mask
         if masked is not None:
             # A finite fill keeps fully masked rows (e.g. padding queries) finite, as megatron does.
             scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
@@ -274,9 +272,22 @@ class ContextParallelDotProductAttention(MegatronModule):
         if self.training and self.attention_dropout.p > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 probs = self.attention_dropout(probs)
+        return probs
 
-        context = torch.einsum("bnqk,kbnh->qbnh", probs.to(value.dtype), value)
-        context = context.reshape(context.size(0), context.size(1), -1)
-        if cu_seqlens is not None:
-            context = context.squeeze(1)
-        return context
+
+def _packed_cu_seqlens(packed_seq_params: Optional[PackedSeqParams]) -> Optional[Tensor]:
+    """The global document boundaries of a THD batch (the padded ones when given); None for
+    padded ``[s, b]`` batches."""
+    if packed_seq_params is None:
+        return None
+    if packed_seq_params.qkv_format != "thd":
+        raise ValueError(
+            f"packed_seq_params.qkv_format must be 'thd', got {packed_seq_params.qkv_format!r}; pass "
+            "packed_seq_params=None for [s, b] batches."
+        )
+    cu_seqlens = packed_seq_params.cu_seqlens_q_padded
+    if cu_seqlens is None:
+        cu_seqlens = packed_seq_params.cu_seqlens_q
+    if cu_seqlens is None:
+        raise ValueError("THD packed_seq_params needs cu_seqlens_q (global document ends).")
+    return cu_seqlens
