@@ -119,14 +119,13 @@ def plot_runs(runs: Dict[str, Sequence[Dict[str, float]]], path: Union[str, Path
         title (str): figure title.
         panels: ``(panel title, metric names)`` pairs; metrics a run lacks are skipped.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API (no pyplot): nothing process-wide changes, and savefig picks the PNG writer.
+    from matplotlib.figure import Figure
 
     columns = 3
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
+    figure = Figure(figsize=(5 * columns, 3.4 * rows), layout="tight")
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis, (panel_title, names) in zip(axes.flat, panels):
         for label, records in runs.items():
             for name in names:
@@ -143,9 +142,7 @@ def plot_runs(runs: Dict[str, Sequence[Dict[str, float]]], path: Union[str, Path
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
     figure.suptitle(title)
-    figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path
