@@ -20,6 +20,7 @@ import time
 import warnings
 
 import torch
+
 from harness import synchronize
 
 IS_FLAGS = ["--rollout-is", "--rollout-is-threshold", "2.0"]

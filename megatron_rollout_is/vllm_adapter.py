@@ -30,8 +30,9 @@ upwards by ``-log(kept mass)``). For rollout IS use ``raw_logprobs`` and score t
 the same temperature (1 when raw log-probs are used).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 

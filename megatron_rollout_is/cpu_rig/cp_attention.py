@@ -21,7 +21,6 @@ Memory is O(s_local * s) per head, which is fine for the CPU tests and small mod
 """
 
 import math
-from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -74,7 +73,7 @@ def _local_token_positions(
     num_local: int,
     cp_size: int,
     cp_rank: int,
-    cu_seqlens: Optional[Tensor],
+    cu_seqlens: Tensor | None,
     device: torch.device,
 ) -> Tensor:
     """Global positions (padded) or packed-stream indices (THD) of one CP rank's local tokens."""
@@ -90,8 +89,8 @@ def build_cp_attention_mask(
     cp_size: int,
     cp_rank: int,
     causal: bool,
-    cu_seqlens: Optional[Tensor] = None,
-    device: Optional[torch.device] = None,
+    cu_seqlens: Tensor | None = None,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Mask of local queries against the CP-gathered keys.
 
@@ -156,10 +155,10 @@ class ContextParallelDotProductAttention(MegatronModule):
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(config=config)
         if config.softmax_type != "vanilla":
@@ -198,10 +197,10 @@ class ContextParallelDotProductAttention(MegatronModule):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        attention_mask: Optional[Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> Tensor:
         """Attend the local queries to all keys of their sequence (or document).
 
@@ -249,7 +248,7 @@ class ContextParallelDotProductAttention(MegatronModule):
 
     def _keys_values_of_whole_sequence(
         self, key: Tensor, value: Tensor, heads: int, cp_size: int
-    ) -> Tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor]:
         """Keys and values of every CP rank (gather order), one per query head (GQA expanded)."""
         if cp_size > 1:
             key_value = torch.cat([key, value], dim=-1)
@@ -261,7 +260,7 @@ class ContextParallelDotProductAttention(MegatronModule):
             value = value.repeat_interleave(heads_per_group, dim=2)
         return key, value
 
-    def _attention_probs(self, query: Tensor, key: Tensor, masked: Optional[Tensor]) -> Tensor:
+    def _attention_probs(self, query: Tensor, key: Tensor, masked: Tensor | None) -> Tensor:
         """Attention probabilities ``[b, np, sq, sk]`` in fp32; ``masked`` (True = hidden) keys get
         probability 0 (a row with every key hidden gets uniform ones, finite)."""
         scores = torch.einsum("qbnh,kbnh->bnqk", query.float(), key.float()) * self.softmax_scale
@@ -275,7 +274,7 @@ class ContextParallelDotProductAttention(MegatronModule):
         return probs
 
 
-def _packed_cu_seqlens(packed_seq_params: Optional[PackedSeqParams]) -> Optional[Tensor]:
+def _packed_cu_seqlens(packed_seq_params: PackedSeqParams | None) -> Tensor | None:
     """The global document boundaries of a THD batch (the padded ones when given); None for
     padded ``[s, b]`` batches."""
     if packed_seq_params is None:

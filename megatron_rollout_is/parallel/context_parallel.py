@@ -16,7 +16,7 @@ what :func:`split_for_cp` and :func:`split_thd_for_cp` do. All functions here ar
 no communication.
 """
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -210,7 +210,7 @@ def local_cu_seqlens(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
 
 def thd_global_positions(
     cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Document id and position within the document of a rank's local THD tokens.
 
     Args:
