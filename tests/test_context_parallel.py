@@ -193,10 +193,10 @@ def test_padded_split_equals_megatron_under_reinitialised_layouts():
     layouts = [(1, 4), (1, 2), (2, 2)]
     reports = run_distributed(4, _megatron_split_worker, layouts, timeout=180)
     for rank, report in enumerate(reports):
-        for entry, (tp, cp) in zip(report, layouts):
+        for entry, (_, cp) in zip(report, layouts):
             assert entry["equal_group"] and entry["equal_state"], (rank, entry)
             assert len(entry["cp_members"]) == cp and rank in entry["cp_members"]
-    for index, (tp, cp) in enumerate(layouts):
+    for index, (_, cp) in enumerate(layouts):
         # every CP group holds each CP rank exactly once
         groups = {tuple(r[index]["cp_members"]) for r in reports}
         for members in groups:
