@@ -7,6 +7,12 @@ generation is never timed and both do exactly the same work apart from IS. Steps
 the two trainers, so machine load hits both alike; the figure is the ratio of median step times.
 Because a 1% difference drowns in the noise of a shared machine, the time spent inside the IS calls
 themselves (`ShardedRolloutIS.micro_batch_weights` and `finalize`) is also recorded per step.
+
+On CUDA the device is synchronised on entry to and exit from each IS call, so that its time covers
+the call's own work and not model kernels still queued before it (a `.tolist()` inside `finalize`
+would otherwise wait for the whole backward). Those syncs take from the IS-on trainer the overlap of
+its IS launches with queued GPU work, so on CUDA its step time, and the time ratio, are upper bounds.
+The same flags run on CUDA when a GPU is visible (the demo's fp32 model, megatron's local layer spec).
 """
 
 import statistics
@@ -15,17 +21,22 @@ import warnings
 
 import torch
 
+from harness import synchronize
+
 IS_FLAGS = ["--rollout-is", "--rollout-is-threshold", "2.0"]
 
 
-def _timed_calls(obj, names, totals: dict) -> None:
-    """Replaces the bound methods `names` of `obj` (this instance only) by timed pass-throughs."""
+def _timed_calls(obj, names, totals: dict, device: torch.device) -> None:
+    """Replaces the bound methods `names` of `obj` (this instance only) by timed pass-throughs
+    (synchronising a CUDA device around each call, see the module docstring)."""
     for name in names:
         original = getattr(obj, name)
 
         def timed(*args, _original=original, **kwargs):
+            synchronize(device)
             start = time.perf_counter()
             result = _original(*args, **kwargs)
+            synchronize(device)
             totals["seconds"] += time.perf_counter() - start
             return result
 
@@ -55,7 +66,7 @@ def demo_worker(rank: int, world_size: int, device: torch.device, flags: list[st
         if trainers["on"].loss.rollout_is is None or trainers["off"].loss.rollout_is is not None:
             raise RuntimeError("the demo did not switch rollout IS on and off as the flags ask")
         inside_is = {"seconds": 0.0}
-        _timed_calls(trainers["on"].loss.rollout_is, ("micro_batch_weights", "finalize"), inside_is)
+        _timed_calls(trainers["on"].loss.rollout_is, ("micro_batch_weights", "finalize"), inside_is, device)
         batch = trainers["off"].rollout(1, False)
         for trainer in trainers.values():
             trainer.rollout = lambda step, evaluate: batch
@@ -70,10 +81,12 @@ def demo_worker(rank: int, world_size: int, device: torch.device, flags: list[st
         if not any(key.startswith("mismatch/") for key in metrics):
             raise RuntimeError("the IS-on trainer logged no mismatch/ metrics")
         off_s, on_s = statistics.median(times["off"]), statistics.median(times["on"])
+        parameters = sum(param.numel() for param in trainers["on"].model.parameters())
         responses = batch["response_mask"]
         return {
             "flags": " ".join(flags + IS_FLAGS), "steps": steps, "sequences": responses.shape[0],
-            "model": f"{args.num_layers} layers x {args.hidden_size} hidden",
+            "model": f"{args.num_layers} layers x {args.hidden_size} hidden, {parameters / 1e6:,.1f} M parameters",
+            "parameters": parameters, "device": str(device),
             "response_tokens": int(responses.sum()),
             "off_step_s": off_s, "on_step_s": on_s, "time_ratio": on_s / off_s,
             "time_ratio_of_minimums": min(times["on"]) / min(times["off"]),

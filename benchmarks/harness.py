@@ -25,8 +25,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any, Callable, Iterator, List
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,8 +52,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def interleaved_times(
-    functions: List[Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
-) -> List[List[float]]:
+    functions: list[Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+) -> list[list[float]]:
     """Wall-clock seconds of each of `repeats` runs of each function, run round-robin so that load
     from other processes on the machine hits every function alike; `warmup` untimed rounds first."""
     for _ in range(warmup):
@@ -185,7 +186,7 @@ def _worker_entry(rank: int, world_size: int, port: int, backend: str, fn, args,
             dist.destroy_process_group()
 
 
-def launch(world_size: int, fn: Callable[..., Any], *args: Any) -> List[Any]:
+def launch(world_size: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
     """Runs `fn(rank, world_size, device, *args)` in `world_size` fresh processes; returns per-rank results.
 
     One thread per process (the ranks share the machine's cores); NCCL with one GPU per rank when

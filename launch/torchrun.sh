@@ -10,7 +10,8 @@
 # Environment (defaults in brackets):
 #   ENTRYPOINT      a Python module name or a path to a .py file [megatron_rollout_is.demo]
 #   PYTHON          interpreter that has torch and this package [python3]
-#   NPROC_PER_NODE  processes on this node [the GPUs of nvidia-smi; on CPU, TP*PP*CP]
+#   NPROC_PER_NODE  processes on this node [the visible GPUs: nvidia-smi's, narrowed by
+#                   CUDA_VISIBLE_DEVICES when set; on CPU, TP*PP*CP]
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   torchrun rendezvous [1, 0, localhost, 6000]
 #   TP, PP, CP      tensor/pipeline/context-parallel sizes, passed as --tensor-model-parallel-size,
 #                   --pipeline-model-parallel-size, --context-parallel-size [1]; the same flags among
@@ -79,14 +80,37 @@ positive_int "the pipeline-parallel size (PP / --pipeline-model-parallel-size)" 
 positive_int "the context-parallel size (CP / --context-parallel-size)" "$CP"
 MODEL_PARALLEL=$((TP * PP * CP))
 
-GPUS=0
-if command -v nvidia-smi >/dev/null 2>&1; then
-    GPUS=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
-fi
+# The GPUs this node's processes can use. nvidia-smi lists every GPU of the machine; a set
+# CUDA_VISIBLE_DEVICES narrows that to its entries up to the first invalid one, as CUDA does (set
+# but empty: none, and the entry point then runs on CPU with gloo).
+visible_gpus() {
+    local listed=0 visible=0 entry
+    local -a entries
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        listed=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    if [[ -z "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+        echo "$listed"
+        return
+    fi
+    IFS=',' read -r -a entries <<<"$CUDA_VISIBLE_DEVICES"
+    for entry in "${entries[@]}"; do
+        [[ "$entry" =~ ^[[:space:]]*([0-9]+|GPU-.+|MIG-.+)[[:space:]]*$ ]] || break
+        visible=$((visible + 1))
+    done
+    echo $((visible < listed ? visible : listed))
+}
+
+GPUS=$(visible_gpus)
 if ((GPUS > 0)); then
     export CUDA_DEVICE_MAX_CONNECTIONS=1
     NPROC_PER_NODE=${NPROC_PER_NODE:-$GPUS}
     device="GPU (NCCL), $GPUS visible"
+    # NCCL refuses two ranks on one GPU; stop here rather than in every launched process.
+    if [[ "$NPROC_PER_NODE" =~ ^[0-9]+$ ]] && ((NPROC_PER_NODE > GPUS)); then
+        die "NPROC_PER_NODE=$NPROC_PER_NODE but this node has $GPUS visible GPU(s); NCCL needs one GPU per" \
+            "process: launch at most $GPUS per node (or hide the GPUs with CUDA_VISIBLE_DEVICES= to run on CPU)."
+    fi
 else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     NPROC_PER_NODE=${NPROC_PER_NODE:-$MODEL_PARALLEL}

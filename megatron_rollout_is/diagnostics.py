@@ -9,6 +9,23 @@ computed (pure torch, no torch.distributed, one device sync on a clean batch):
 - a positive bias with the shape of top-p/top-k renormalised ("processed") log-probs, which add
   ``-log(kept mass)`` to every token (trl #6789).
 
+Decision rules (thresholds are the keyword arguments of ``diagnose_log_probs``):
+
+- off-by-one: with ``mean|old[t] - rollout[t + s]|`` over neighbouring valid pairs for ``s = +1``
+  and ``s = -1`` and the unshifted mean ``|old - rollout|``, report when the better shift is at most
+  ``shift_ratio`` times the unshifted gap and the unshifted gap is at least ``min_unshifted_gap``
+  nats. Mean absolute differences (not medians) because most sampled tokens are near-certain, with
+  log-probs near 0 at any shift; the informative ones dominate a mean. Correct alignment leaves the
+  unshifted gap at noise level and the shifted ones at the spread of log-probs, so the rule has a
+  wide margin both ways.
+- processed bias: the gap ``rollout - old`` is studied on "truncation-prone" tokens, whose
+  probability ``exp((old + rollout) / 2)`` is below ``truncation_prob`` (the midpoint keeps
+  symmetric noise from biasing the selection); there a top-p/top-k filter removes tail mass and
+  renormalisation adds ``-log(kept mass) > 0``. Report when at least ``min_positive_fraction`` of
+  them have ``rollout > old``, their median gap (the estimated bias) is at least ``min_bias`` nats,
+  and the gap on near-certain tokens (probability at least ``confident_prob``, where little can be
+  cut) is at most half of it, i.e. the gap is concentrated where truncation bites.
+
 ``MismatchWarner`` runs it whenever a trainer calls it (the loss hook: every ``diagnose_interval``
 steps) and emits each finding code at most once per N steps, through ``warnings.warn`` or a
 ``logging.Logger``.
@@ -86,31 +103,16 @@ def diagnose_log_probs(
 ) -> list[Finding]:
     """Finds non-finite values, off-by-one alignment and processed-log-prob bias in one batch.
 
-    Decision rules (each on valid tokens where both log-probs are finite; nothing beyond the
-    non-finite check is judged on fewer than ``min_tokens`` tokens):
-
-    - off-by-one: with ``mean|old[t] - rollout[t + s]|`` over neighbouring valid pairs for
-      ``s = +1`` and ``s = -1`` and the unshifted mean ``|old - rollout|``, report when the better
-      shift is at most ``shift_ratio`` times the unshifted gap and the unshifted gap is at least
-      ``min_unshifted_gap`` nats. Mean absolute differences (not medians) because most sampled
-      tokens are near-certain, with log-probs near 0 at any shift; the informative ones dominate a
-      mean. Correct alignment leaves the unshifted gap at noise level and the shifted ones at the
-      spread of log-probs, so the rule has a wide margin both ways.
-    - processed bias: the gap ``rollout - old`` is studied on "truncation-prone" tokens, whose
-      probability ``exp((old + rollout) / 2)`` is below ``truncation_prob`` (the midpoint keeps
-      symmetric noise from biasing the selection); there a top-p/top-k filter removes tail mass
-      and renormalisation adds ``-log(kept mass) > 0``. Report when at least
-      ``min_positive_fraction`` of them have ``rollout > old``, their median gap (the estimated
-      bias) is at least ``min_bias`` nats, and the gap on near-certain tokens (probability at
-      least ``confident_prob``, where little can be cut) is at most half of it, i.e. the gap is
-      concentrated where truncation bites. Not checked when an off-by-one was found.
+    The decision rules are in the module docstring. Each is judged on valid tokens where both
+    log-probs are finite; nothing beyond the non-finite check is judged on fewer than
+    ``min_tokens`` tokens, and the bias is not checked once an off-by-one was found.
 
     Args:
         old_log_prob: ``[b, s]`` trainer log-probs of the sampled tokens.
         rollout_log_prob: ``[b, s]`` engine log-probs of the same tokens.
         response_mask: ``[b, s]`` nonzero on valid tokens (bool or numeric).
         min_tokens: fewest valid tokens (or neighbouring pairs) needed to judge alignment/bias.
-        shift_ratio: off-by-one margin (see above).
+        shift_ratio: off-by-one margin (see the module docstring).
         min_unshifted_gap: off-by-one floor on the unshifted mean absolute gap, in nats.
         truncation_prob: probability below which a token counts as truncation-prone.
         confident_prob: probability from which a token counts as near-certain.
@@ -122,12 +124,35 @@ def diagnose_log_probs(
         The findings, errors first; empty when nothing was found.
     """
     check_inputs(old_log_prob, rollout_log_prob, response_mask)
+    valid = response_mask.detach() != 0
+    stats, bad = _batch_statistics(old_log_prob, rollout_log_prob, valid, truncation_prob, confident_prob)
+    findings = [
+        _nonfinite_finding(code, name, bad[name], int(stats[f"bad_{name}"]), max_positions)
+        for code, name in ((NONFINITE_ROLLOUT, "rollout_log_prob"), (NONFINITE_OLD, "old_log_prob"))
+        if stats[f"bad_{name}"]
+    ]
+    if stats["tokens"] < min_tokens or stats["pairs"] < min_tokens:
+        return findings
+    off_by_one = _off_by_one_check(stats, shift_ratio, min_unshifted_gap)
+    if off_by_one is not None:
+        return findings + [off_by_one]
+    if stats["prone"] < min_tokens:
+        return findings
+    bias = _processed_bias_check(stats, min_positive_fraction, min_bias, truncation_prob, confident_prob)
+    return findings + ([bias] if bias is not None else [])
+
+
+def _batch_statistics(old_log_prob, rollout_log_prob, valid, truncation_prob, confident_prob):
+    """Every sum the rules read, as Python floats, with one device sync.
+
+    Returns:
+        ``(stats, bad)``: ``stats`` maps names to floats; ``bad`` maps ``"rollout_log_prob"`` and
+        ``"old_log_prob"`` to ``[b, s]`` bool masks of valid tokens whose value is NaN/inf.
+    """
     old = _at_least_float32(old_log_prob)
     rollout = _at_least_float32(rollout_log_prob).to(old.dtype)
-    valid = response_mask.detach() != 0
-    bad_rollout = valid & ~torch.isfinite(rollout)
-    bad_old = valid & ~torch.isfinite(old)
-    usable = valid & ~bad_rollout & ~bad_old
+    bad = {"rollout_log_prob": valid & ~torch.isfinite(rollout), "old_log_prob": valid & ~torch.isfinite(old)}
+    usable = valid & ~bad["rollout_log_prob"] & ~bad["old_log_prob"]
     old = torch.where(usable, old, torch.zeros_like(old))
     rollout = torch.where(usable, rollout, torch.zeros_like(rollout))
 
@@ -138,8 +163,8 @@ def diagnose_log_probs(
     confident = usable & (midpoint >= math.log(confident_prob))
     prone_gap_median = torch.where(prone, gap, torch.full_like(gap, math.nan)).nanmedian()
     sums = {
-        "bad_rollout": bad_rollout.sum(),
-        "bad_old": bad_old.sum(),
+        "bad_rollout_log_prob": bad["rollout_log_prob"].sum(),
+        "bad_old_log_prob": bad["old_log_prob"].sum(),
         "tokens": usable.sum(),
         "abs_gap": gap.abs().sum(),
         "pairs": pairs.sum(),
@@ -154,47 +179,36 @@ def diagnose_log_probs(
     }
     # One stack, one device sync for the whole clean-batch path.
     values = torch.stack([value.to(old.dtype) for value in sums.values()]).tolist()
-    stats = dict(zip(sums, values))
-    n_tokens, n_pairs, n_prone = stats["tokens"], stats["pairs"], stats["prone"]
+    return dict(zip(sums, values)), bad
 
-    findings = []
-    for code, name, bad, count in (
-        (NONFINITE_ROLLOUT, "rollout_log_prob", bad_rollout, stats["bad_rollout"]),
-        (NONFINITE_OLD, "old_log_prob", bad_old, stats["bad_old"]),
-    ):
-        if count:
-            findings.append(_nonfinite_finding(code, name, bad, int(count), max_positions))
-    if n_tokens < min_tokens or n_pairs < min_tokens:
-        return findings
 
-    unshifted = stats["abs_gap"] / n_tokens
-    late, early = stats["late_abs_gap"] / n_pairs, stats["early_abs_gap"] / n_pairs
+def _off_by_one_check(stats: dict, shift_ratio: float, min_unshifted_gap: float) -> Finding | None:
+    """The off-by-one rule of the module docstring on the batch statistics."""
+    unshifted = stats["abs_gap"] / stats["tokens"]
+    late, early = stats["late_abs_gap"] / stats["pairs"], stats["early_abs_gap"] / stats["pairs"]
     if unshifted >= min_unshifted_gap and min(late, early) <= shift_ratio * unshifted:
-        findings.append(_off_by_one_finding(unshifted, late, early, int(n_tokens)))
-        return findings
+        return _off_by_one_finding(unshifted, late, early, int(stats["tokens"]))
+    return None
 
-    if n_prone < min_tokens:
-        return findings
+
+def _processed_bias_check(
+    stats: dict, min_positive_fraction: float, min_bias: float, truncation_prob: float, confident_prob: float
+) -> Finding | None:
+    """The processed-log-prob rule of the module docstring on the batch statistics."""
     bias = stats["prone_median"]
-    positive_fraction = stats["prone_positive"] / n_prone
+    positive_fraction = stats["prone_positive"] / stats["prone"]
     confident_gap = stats["confident_gap"] / stats["confident"] if stats["confident"] else 0.0
-    if (
-        positive_fraction >= min_positive_fraction
-        and bias >= min_bias
-        and confident_gap <= 0.5 * bias
-    ):
-        findings.append(
-            _processed_bias_finding(
-                bias,
-                positive_fraction,
-                int(n_prone),
-                confident_gap,
-                stats["gap"] / n_tokens,
-                truncation_prob,
-                confident_prob,
-            )
-        )
-    return findings
+    if positive_fraction < min_positive_fraction or bias < min_bias or confident_gap > 0.5 * bias:
+        return None
+    return _processed_bias_finding(
+        bias,
+        positive_fraction,
+        int(stats["prone"]),
+        confident_gap,
+        stats["gap"] / stats["tokens"],
+        truncation_prob,
+        confident_prob,
+    )
 
 
 def _off_by_one_finding(unshifted, late, early, n_tokens) -> Finding:

@@ -30,8 +30,9 @@ upwards by ``-log(kept mass)``). For rollout IS use ``raw_logprobs`` and score t
 the same temperature (1 when raw log-probs are used).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -79,6 +80,15 @@ class RolloutLogProbs:
     prompt_mask: torch.Tensor | None
     request_ids: list[str]
     sample_indices: list[int]
+
+
+class _Row(NamedTuple):
+    """One selected completion: where it came from (for messages) and its generated tokens."""
+
+    where: str
+    request_id: str
+    sample_index: int
+    token_ids: list[int]
 
 
 def _sampled_log_probs_flat(logprobs, token_ids: Sequence[int], where: str) -> list[float]:
@@ -186,89 +196,97 @@ def rollout_log_probs_from_vllm(
             log-prob and token counts disagree, a log-prob is NaN/inf, or an argument is invalid.
             Each message names the request (index and request_id), the sample and the fix.
     """
-    request_output_cls, flat_logprobs_cls = _import_vllm_output_classes()
+    output_classes = _import_vllm_output_classes()
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-
-    rows, values, prompts = [], [], []
-    for request_index, request, sample_index, completion in _select_samples(
-        request_outputs, sample, request_output_cls
-    ):
-        where = (
-            f"request_outputs[{request_index}] (request_id={request.request_id!r}), "
-            f"sample {sample_index}"
-        )
-        token_ids = list(completion.token_ids)
-        if completion.logprobs is None:
-            raise ValueError(
-                f"{where} has no log-probs: generate with SamplingParams(logprobs=0) (the "
-                "sampled token only) or logprobs=k, and keep vLLM's default "
-                "logprobs_mode='raw_logprobs'"
-            )
-        if len(completion.logprobs) != len(token_ids):
-            raise ValueError(
-                f"{where}: {len(completion.logprobs)} log-prob entries for {len(token_ids)} "
-                "generated tokens; they must pair one to one (was the output truncated or "
-                "streamed with delta outputs? collect the final RequestOutput)"
-            )
-        if isinstance(completion.logprobs, flat_logprobs_cls):
-            row_values = _sampled_log_probs_flat(completion.logprobs, token_ids, where)
-        else:
-            row_values = _sampled_log_probs_dicts(completion.logprobs, token_ids, where)
-        rows.append((where, request.request_id, sample_index, token_ids))
-        values.extend(row_values)
-        prompts.append(request.prompt_token_ids)
-
-    if not rows:
-        raise ValueError(
-            "request_outputs hold no completions (every RequestOutput.outputs is empty)"
-        )
-    lengths = torch.tensor([len(row[3]) for row in rows], dtype=torch.int64)
-    width = int(lengths.max())
-    if pad_to is not None:
-        if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < width:
-            raise ValueError(
-                f"pad_to={pad_to!r} is shorter than the longest response ({width} tokens); "
-                f"use pad_to >= {width} or None"
-            )
-        width = pad_to
-
+    rows, values, prompts = _collect_rows(request_outputs, sample, *output_classes)
+    lengths = torch.tensor([len(row.token_ids) for row in rows], dtype=torch.int64)
+    width = _response_width(int(lengths.max()), pad_to)
     flat_values = torch.tensor(values, dtype=torch.float64)
     _check_finite(flat_values, rows, lengths)
-
     # Boolean indexing fills row-major, matching the order in which `values` was concatenated.
     valid = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)
     rollout_log_prob = torch.zeros(len(rows), width, dtype=dtype)
     rollout_log_prob[valid] = flat_values.to(dtype)
-    token_tensor = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
-    token_tensor[valid] = torch.tensor(
-        [token for row in rows for token in row[3]], dtype=torch.int64
-    )
-
-    prompt_token_ids = prompt_mask = None
-    if all(prompt is not None for prompt in prompts):
-        prompt_width = max(len(prompt) for prompt in prompts)
-        prompt_lengths = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.int64)
-        prompt_valid = torch.arange(prompt_width).unsqueeze(0) >= (
-            prompt_width - prompt_lengths
-        ).unsqueeze(1)
-        prompt_token_ids = torch.full((len(rows), prompt_width), pad_token_id, dtype=torch.int64)
-        prompt_token_ids[prompt_valid] = torch.tensor(
-            [token for prompt in prompts for token in prompt], dtype=torch.int64
-        )
-        prompt_mask = prompt_valid.to(torch.int64).to(device)
-        prompt_token_ids = prompt_token_ids.to(device)
-
+    token_ids = [token for row in rows for token in row.token_ids]
+    prompt_token_ids, prompt_mask = _left_padded_prompts(prompts, pad_token_id)
     return RolloutLogProbs(
         rollout_log_prob=rollout_log_prob.to(device),
         response_mask=valid.to(dtype).to(device),
-        response_token_ids=token_tensor.to(device),
+        response_token_ids=_fill(valid, token_ids, pad_token_id).to(device),
         response_lengths=lengths.to(device),
-        prompt_token_ids=prompt_token_ids,
-        prompt_mask=prompt_mask,
-        request_ids=[row[1] for row in rows],
-        sample_indices=[row[2] for row in rows],
+        prompt_token_ids=prompt_token_ids.to(device) if prompt_token_ids is not None else None,
+        prompt_mask=prompt_mask.to(device) if prompt_mask is not None else None,
+        request_ids=[row.request_id for row in rows],
+        sample_indices=[row.sample_index for row in rows],
     )
+
+
+def _collect_rows(request_outputs, sample, request_output_cls, flat_logprobs_cls) -> tuple[list, list[float], list]:
+    """The selected completions in row order: ``(rows, log-probs of all rows concatenated, prompts)``."""
+    rows, values, prompts = [], [], []
+    for request_index, request, sample_index, completion in _select_samples(
+        request_outputs, sample, request_output_cls
+    ):
+        where = f"request_outputs[{request_index}] (request_id={request.request_id!r}), sample {sample_index}"
+        token_ids = list(completion.token_ids)
+        values.extend(_completion_log_probs(completion, token_ids, where, flat_logprobs_cls))
+        rows.append(_Row(where, request.request_id, sample_index, token_ids))
+        prompts.append(request.prompt_token_ids)
+    if not rows:
+        raise ValueError("request_outputs hold no completions (every RequestOutput.outputs is empty)")
+    return rows, values, prompts
+
+
+def _completion_log_probs(completion, token_ids: list[int], where: str, flat_logprobs_cls) -> list[float]:
+    """The sampled tokens' log-probs of one ``CompletionOutput``, checked against its tokens."""
+    if completion.logprobs is None:
+        raise ValueError(
+            f"{where} has no log-probs: generate with SamplingParams(logprobs=0) (the "
+            "sampled token only) or logprobs=k, and keep vLLM's default "
+            "logprobs_mode='raw_logprobs'"
+        )
+    if len(completion.logprobs) != len(token_ids):
+        raise ValueError(
+            f"{where}: {len(completion.logprobs)} log-prob entries for {len(token_ids)} "
+            "generated tokens; they must pair one to one (was the output truncated or "
+            "streamed with delta outputs? collect the final RequestOutput)"
+        )
+    if isinstance(completion.logprobs, flat_logprobs_cls):
+        return _sampled_log_probs_flat(completion.logprobs, token_ids, where)
+    return _sampled_log_probs_dicts(completion.logprobs, token_ids, where)
+
+
+def _response_width(longest: int, pad_to: int | None) -> int:
+    """The response width ``r``: ``pad_to`` when given (checked), else the longest response."""
+    if pad_to is None:
+        return longest
+    if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < longest:
+        raise ValueError(
+            f"pad_to={pad_to!r} is shorter than the longest response ({longest} tokens); "
+            f"use pad_to >= {longest} or None"
+        )
+    return pad_to
+
+
+def _fill(where: torch.Tensor, tokens: list[int], pad_token_id: int) -> torch.Tensor:
+    """An int64 tensor shaped like the bool ``where``: ``tokens`` in row-major order on its True
+    entries, ``pad_token_id`` elsewhere."""
+    filled = torch.full(where.shape, pad_token_id, dtype=torch.int64)
+    filled[where] = torch.tensor(tokens, dtype=torch.int64)
+    return filled
+
+
+def _left_padded_prompts(prompts: list, pad_token_id: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(prompt_token_ids, prompt_mask)`` ``[b, p]``, LEFT-padded; ``(None, None)`` when a request
+    carries no prompt token ids."""
+    if any(prompt is None for prompt in prompts):
+        return None, None
+    prompt_width = max(len(prompt) for prompt in prompts)
+    prompt_lengths = torch.tensor([len(prompt) for prompt in prompts], dtype=torch.int64)
+    prompt_valid = torch.arange(prompt_width).unsqueeze(0) >= (prompt_width - prompt_lengths).unsqueeze(1)
+    tokens = [token for prompt in prompts for token in prompt]
+    return _fill(prompt_valid, tokens, pad_token_id), prompt_valid.to(torch.int64)
 
 
 def _check_finite(flat_values: torch.Tensor, rows, lengths: torch.Tensor) -> None:
@@ -281,8 +299,8 @@ def _check_finite(flat_values: torch.Tensor, rows, lengths: torch.Tensor) -> Non
     row = int(torch.searchsorted(ends, first, right=True))
     position = first - (int(ends[row - 1]) if row > 0 else 0)
     raise ValueError(
-        f"{rows[row][0]}: log-prob {float(flat_values[first])} at response position {position} "
-        f"(token {rows[row][3][position]}); {bad.numel()} non-finite log-prob(s) in the batch. "
+        f"{rows[row].where}: log-prob {float(flat_values[first])} at response position {position} "
+        f"(token {rows[row].token_ids[position]}); {bad.numel()} non-finite log-prob(s) in the batch. "
         "A sampled token always has a finite log-prob: this is an engine or transfer bug "
         "(NaN logits, bf16 overflow, or values lost in serialisation); drop these samples or "
         "fix the engine instead of training on them"

@@ -66,8 +66,8 @@ def find_free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker_entry(rank, world_size, port, timeout_s, fn, args, result_queue):
-    """Child process body: init gloo, run ``fn``, report ``("ok"|"error", payload)``, tear down."""
+def _worker_entry(rank, world_size, port, timeout_s, fn, args, result_queue, backend):
+    """Child process body: init the backend, run ``fn``, report ``("ok"|"error", payload)``, tear down."""
     torch.set_num_threads(1)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -77,8 +77,10 @@ def _worker_entry(rank, world_size, port, timeout_s, fn, args, result_queue):
         WORLD_SIZE=str(world_size),
     )
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # NCCL: one GPU per rank
         torch.distributed.init_process_group(
-            backend="gloo",
+            backend=backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world_size,
@@ -116,11 +118,11 @@ def _kill_all(processes):
 
 
 def run_distributed(
-    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S, backend: str = "gloo"
 ) -> List[Any]:
-    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes on gloo.
+    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes on gloo (or NCCL).
 
-    Each child initialises the default ``torch.distributed`` process group (gloo, a free
+    Each child initialises the default ``torch.distributed`` process group (``backend``, a free
     localhost port, collective timeout = ``timeout``), calls ``fn``, sends its return value to
     the parent, then destroys Megatron's model-parallel state (if initialised) and the process
     group.
@@ -131,6 +133,7 @@ def run_distributed(
             picklable.
         *args: picklable extra arguments, the same for every rank.
         timeout: seconds the whole call may take; past it every child is killed.
+        backend: "gloo" (CPU tensors), or "nccl" with rank ``r`` on GPU ``r`` (the GPU suite).
 
     Returns:
         The per-rank return values, indexed by rank.
@@ -151,7 +154,7 @@ def run_distributed(
     processes = [
         context.Process(
             target=_worker_entry,
-            args=(rank, world_size, port, timeout, fn, args, result_queue),
+            args=(rank, world_size, port, timeout, fn, args, result_queue, backend),
             daemon=True,
         )
         for rank in range(world_size)

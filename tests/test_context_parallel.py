@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megatron_rollout_is.parallel.context_parallel import (
+    check_cu_seqlens,
     gather_cp_shards,
     local_cu_seqlens,
     split_for_cp,
@@ -124,7 +125,7 @@ def test_bad_lengths_and_ranks_raise_clear_errors():
         thd_partitioned_indices(_cu_seqlens([4, 6]), 10, cp_size=2, cp_rank=0)
     with pytest.raises(ValueError, match="document 0 has length 6"):
         local_cu_seqlens(_cu_seqlens([6]), cp_size=2)
-    with pytest.raises(ValueError, match=r"total_tokens = 12 but cu_seqlens\[-1\] = 8"):
+    with pytest.raises(ValueError, match="cu_seqlens ends at 8 but the packed token dim holds 12 tokens"):
         split_thd_for_cp(torch.zeros(1, 12), _cu_seqlens([8]), cp_size=2, cp_rank=1)
     with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
         thd_partitioned_indices(torch.tensor([4, 8]), 8, cp_size=1, cp_rank=0)
@@ -134,6 +135,18 @@ def test_bad_lengths_and_ranks_raise_clear_errors():
         zigzag_indices(8, cp_size=2, cp_rank=2)
     with pytest.raises(ValueError, match="cover every global position exactly once"):
         gather_cp_shards([torch.zeros(1, 4)], [zigzag_indices(8, 2, 0)])
+
+
+def test_check_cu_seqlens_returns_lengths_and_names_the_tensor_and_the_fix():
+    assert check_cu_seqlens(torch.tensor([0, 4, 4, 12], dtype=torch.int32), 12, cp_size=2).tolist() == [4, 0, 8]
+    assert check_cu_seqlens(torch.tensor([0, 3, 8])).tolist() == [3, 5]  # no CP: any lengths
+    fix = "use context_parallel.local_cu_seqlens"
+    with pytest.raises(ValueError, match=rf"local_cu_seqlens must be non-decreasing, got \[0, 6, 4\]; {fix}"):
+        check_cu_seqlens(torch.tensor([0, 6, 4]), name="local_cu_seqlens", fix=fix)
+    with pytest.raises(ValueError, match=r"must be a 1-D tensor \[num_docs \+ 1\], got shape \(1, 3\)"):
+        check_cu_seqlens(torch.tensor([[0, 2, 4]]))
+    with pytest.raises(TypeError, match="cu_seqlens must be an integer tensor"):
+        check_cu_seqlens([0, 2, 4])
 
 
 def _megatron_split_worker(rank, world_size, layouts):
@@ -180,10 +193,10 @@ def test_padded_split_equals_megatron_under_reinitialised_layouts():
     layouts = [(1, 4), (1, 2), (2, 2)]
     reports = run_distributed(4, _megatron_split_worker, layouts, timeout=180)
     for rank, report in enumerate(reports):
-        for entry, (tp, cp) in zip(report, layouts):
+        for entry, (_, cp) in zip(report, layouts):
             assert entry["equal_group"] and entry["equal_state"], (rank, entry)
             assert len(entry["cp_members"]) == cp and rank in entry["cp_members"]
-    for index, (tp, cp) in enumerate(layouts):
+    for index, (_, cp) in enumerate(layouts):
         # every CP group holds each CP rank exactly once
         groups = {tuple(r[index]["cp_members"]) for r in reports}
         for members in groups:

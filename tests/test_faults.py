@@ -45,7 +45,7 @@ TINY_FLAGS = [
 # A torchrun job that fails has this long to exit; its collectives time out after a minute.
 JOB_BUDGET_S = 90
 TIMEOUT_FLAGS = ["--distributed-timeout-minutes", "1"]
-# The message of the faulty rank's own error (core.weights.check_inputs).
+# The message of the faulty rank's own error (core.inputs.check_inputs).
 ORIGINAL_ERROR = "TypeError: rollout_log_prob must be a floating-point tensor of log-probs, got torch.int32"
 
 

@@ -65,6 +65,12 @@ def bin_dir(tmp_path) -> Path:
     return directory
 
 
+def _fake_gpus(bin_dir: Path, count: int) -> None:
+    """An `nvidia-smi` on PATH that lists `count` GPUs (the launchers' GPU branch)."""
+    lines = "".join(f"echo 'GPU {i}: H100 (UUID: GPU-{i})'\n" for i in range(count))
+    _executable(bin_dir / "nvidia-smi", "#!/usr/bin/env bash\n" + lines)
+
+
 def _recording_python(bin_dir: Path) -> Path:
     """A stand-in interpreter that records its environment and arguments instead of launching."""
     record = bin_dir / "launched.json"
@@ -211,11 +217,12 @@ def test_torchrun_command_on_cpu_runs_one_model_replica_by_default(bin_dir, tmp_
 
 
 def test_torchrun_command_on_gpu_and_with_another_entry_point(bin_dir, tmp_path):
-    _executable(bin_dir / "nvidia-smi", "#!/usr/bin/env bash\nfor i in 0 1 2 3; do echo \"GPU $i: H100 (UUID: GPU-$i)\"; done\n")
+    _fake_gpus(bin_dir, 4)
     script = tmp_path / "my_train.py"
     script.write_text("")
     env = _environment(bin_dir, PYTHON=_recording_python(bin_dir), ENTRYPOINT=script, TP=2, MASTER_ADDR="10.0.0.1",
                        MASTER_PORT=7000)
+    env.pop("CUDA_VISIBLE_DEVICES")  # every GPU nvidia-smi lists
     result = _torchrun(["--rollout-is-threshold", "3", "--context-parallel-size=2"], env, tmp_path)
     assert result.returncode == 0, result.stderr
     [launch] = _launched(bin_dir)
@@ -227,6 +234,22 @@ def test_torchrun_command_on_gpu_and_with_another_entry_point(bin_dir, tmp_path)
         "--rollout-is-threshold", "3", "--context-parallel-size=2",
     ]
     assert "DP 1 x TP 2 x PP 1 x CP 2" in result.stderr
+
+
+def test_torchrun_counts_the_gpus_cuda_visible_devices_leaves_and_one_process_each(bin_dir, tmp_path):
+    _fake_gpus(bin_dir, 4)
+    env = _environment(bin_dir, PYTHON=_recording_python(bin_dir), CUDA_VISIBLE_DEVICES="3,1")
+    result = _torchrun([], env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "GPU (NCCL), 2 visible, world size 2 = DP 2" in result.stderr
+    assert _launched(bin_dir)[0]["argv"][2:4] == ["--nproc-per-node", "2"]
+    # CUDA stops at the first invalid entry; hidden GPUs leave one here, which can take one process.
+    env.update(CUDA_VISIBLE_DEVICES="2,-1,0", NPROC_PER_NODE="2")
+    result = _torchrun([], env, tmp_path)
+    assert result.returncode == 2
+    assert ("torchrun.sh: error: NPROC_PER_NODE=2 but this node has 1 visible GPU(s); NCCL needs one GPU per "
+            "process") in result.stderr
+    assert len(_launched(bin_dir)) == 1
 
 
 def test_sbatch_user_errors_fail_before_srun(bin_dir, tmp_path):
@@ -249,7 +272,7 @@ def test_sbatch_user_errors_fail_before_srun(bin_dir, tmp_path):
 
 
 def test_sbatch_command_per_node(bin_dir, tmp_path):
-    _executable(bin_dir / "nvidia-smi", "#!/usr/bin/env bash\nfor i in 0 1; do echo \"GPU $i: H100 (UUID: GPU-$i)\"; done\n")
+    _fake_gpus(bin_dir, 2)
     env = _environment(bin_dir, PYTHON=_recording_python(bin_dir), **_fake_slurm(bin_dir, tmp_path, 31337),
                        TP=1, CP=2, EXTRA_ARGS="--seed 5 --lr 1e-3")
     env.pop("MASTER_PORT")

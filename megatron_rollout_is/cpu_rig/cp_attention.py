@@ -21,7 +21,6 @@ Memory is O(s_local * s) per head, which is fine for the CPU tests and small mod
 """
 
 import math
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -34,7 +33,11 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_rollout_is.parallel.context_parallel import thd_partitioned_indices, zigzag_indices
+from megatron_rollout_is.parallel.context_parallel import (
+    check_cu_seqlens,
+    thd_partitioned_indices,
+    zigzag_indices,
+)
 
 _CAUSAL_MASK_TYPES = (
     AttnMaskType.causal,
@@ -70,7 +73,7 @@ def _local_token_positions(
     num_local: int,
     cp_size: int,
     cp_rank: int,
-    cu_seqlens: Optional[Tensor],
+    cu_seqlens: Tensor | None,
     device: torch.device,
 ) -> Tensor:
     """Global positions (padded) or packed-stream indices (THD) of one CP rank's local tokens."""
@@ -86,8 +89,8 @@ def build_cp_attention_mask(
     cp_size: int,
     cp_rank: int,
     causal: bool,
-    cu_seqlens: Optional[Tensor] = None,
-    device: Optional[torch.device] = None,
+    cu_seqlens: Tensor | None = None,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Mask of local queries against the CP-gathered keys.
 
@@ -106,14 +109,14 @@ def build_cp_attention_mask(
     """
     device = device if device is not None else torch.device("cpu")
     if cu_seqlens is not None:
+        check_cu_seqlens(
+            cu_seqlens,
+            num_local * cp_size,
+            cp_size if cp_size > 1 else None,
+            fix=f"the packed stream holds {num_local} local tokens x cp {cp_size}: pass the GLOBAL (padded) "
+            "document boundaries in packed_seq_params, not the per-rank ones",
+        )
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.long)
-        total = num_local * cp_size
-        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
-            raise ValueError(
-                f"cu_seqlens must be a 1-D tensor from 0 to the global packed length {total} "
-                f"({num_local} local tokens x cp {cp_size}); got {cu_seqlens.tolist()}. Pass the "
-                "GLOBAL (padded) boundaries in packed_seq_params, not the per-rank ones."
-            )
     query_pos = _local_token_positions(num_local, cp_size, cp_rank, cu_seqlens, device)
     key_pos = torch.cat(
         [_local_token_positions(num_local, cp_size, r, cu_seqlens, device) for r in range(cp_size)]
@@ -152,10 +155,10 @@ class ContextParallelDotProductAttention(MegatronModule):
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(config=config)
         if config.softmax_type != "vanilla":
@@ -194,10 +197,10 @@ class ContextParallelDotProductAttention(MegatronModule):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        attention_mask: Optional[Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> Tensor:
         """Attend the local queries to all keys of their sequence (or document).
 
@@ -220,21 +223,7 @@ class ContextParallelDotProductAttention(MegatronModule):
             raise ValueError("ContextParallelDotProductAttention does not take attention_bias.")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         cp_size, cp_rank = self._cp_size_and_rank()
-
-        cu_seqlens = None
-        if packed_seq_params is not None:
-            if packed_seq_params.qkv_format != "thd":
-                raise ValueError(
-                    f"packed_seq_params.qkv_format must be 'thd', got "
-                    f"{packed_seq_params.qkv_format!r}; pass packed_seq_params=None for [s, b] "
-                    "batches."
-                )
-            cu_seqlens = packed_seq_params.cu_seqlens_q_padded
-            if cu_seqlens is None:
-                cu_seqlens = packed_seq_params.cu_seqlens_q
-            if cu_seqlens is None:
-                raise ValueError("THD packed_seq_params needs cu_seqlens_q (global document ends).")
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        cu_seqlens = _packed_cu_seqlens(packed_seq_params)
         if attention_mask is not None and (cp_size > 1 or cu_seqlens is not None):
             raise ValueError(
                 "attention_mask must be None with context parallelism or packed (THD) batches: the "
@@ -242,27 +231,39 @@ class ContextParallelDotProductAttention(MegatronModule):
             )
         if mask_type == AttnMaskType.arbitrary and attention_mask is None:
             raise ValueError("attn_mask_type=arbitrary needs an explicit attention_mask.")
+        if cu_seqlens is not None:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
 
-        num_local = query.size(0)
+        masked = None
+        if mask_type != AttnMaskType.arbitrary:
+            causal = mask_type in _CAUSAL_MASK_TYPES
+            masked = build_cp_attention_mask(query.size(0), cp_size, cp_rank, causal, cu_seqlens, query.device)
+        if attention_mask is not None:
+            masked = attention_mask if masked is None else masked | attention_mask
+        key, value = self._keys_values_of_whole_sequence(key, value, query.size(2), cp_size)
+        probs = self._attention_probs(query, key, masked)
+        context = torch.einsum("bnqk,kbnh->qbnh", probs.to(value.dtype), value)
+        context = context.reshape(context.size(0), context.size(1), -1)
+        return context.squeeze(1) if cu_seqlens is not None else context
+
+    def _keys_values_of_whole_sequence(
+        self, key: Tensor, value: Tensor, heads: int, cp_size: int
+    ) -> tuple[Tensor, Tensor]:
+        """Keys and values of every CP rank (gather order), one per query head (GQA expanded)."""
         if cp_size > 1:
             key_value = torch.cat([key, value], dim=-1)
             key_value = _GatherSequenceFromContextParallel.apply(key_value, self.cp_group)
             key, value = key_value.split([key.size(-1), value.size(-1)], dim=-1)
-        heads_per_group = query.size(2) // key.size(2)
+        heads_per_group = heads // key.size(2)
         if heads_per_group > 1:
             key = key.repeat_interleave(heads_per_group, dim=2)
             value = value.repeat_interleave(heads_per_group, dim=2)
+        return key, value
 
-        # [b, np, sq, sk] in fp32.
+    def _attention_probs(self, query: Tensor, key: Tensor, masked: Tensor | None) -> Tensor:
+        """Attention probabilities ``[b, np, sq, sk]`` in fp32; ``masked`` (True = hidden) keys get
+        probability 0 (a row with every key hidden gets uniform ones, finite)."""
         scores = torch.einsum("qbnh,kbnh->bnqk", query.float(), key.float()) * self.softmax_scale
-        masked = None
-        if mask_type != AttnMaskType.arbitrary:
-            causal = mask_type in _CAUSAL_MASK_TYPES
-            masked = build_cp_attention_mask(
-                num_local, cp_size, cp_rank, causal, cu_seqlens, query.device
-            )
-        if attention_mask is not None:
-            masked = attention_mask if masked is None else masked | attention_mask
         if masked is not None:
             # A finite fill keeps fully masked rows (e.g. padding queries) finite, as megatron does.
             scores = scores.masked_fill(masked, torch.finfo(scores.dtype).min)
@@ -270,9 +271,22 @@ class ContextParallelDotProductAttention(MegatronModule):
         if self.training and self.attention_dropout.p > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 probs = self.attention_dropout(probs)
+        return probs
 
-        context = torch.einsum("bnqk,kbnh->qbnh", probs.to(value.dtype), value)
-        context = context.reshape(context.size(0), context.size(1), -1)
-        if cu_seqlens is not None:
-            context = context.squeeze(1)
-        return context
+
+def _packed_cu_seqlens(packed_seq_params: PackedSeqParams | None) -> Tensor | None:
+    """The global document boundaries of a THD batch (the padded ones when given); None for
+    padded ``[s, b]`` batches."""
+    if packed_seq_params is None:
+        return None
+    if packed_seq_params.qkv_format != "thd":
+        raise ValueError(
+            f"packed_seq_params.qkv_format must be 'thd', got {packed_seq_params.qkv_format!r}; pass "
+            "packed_seq_params=None for [s, b] batches."
+        )
+    cu_seqlens = packed_seq_params.cu_seqlens_q_padded
+    if cu_seqlens is None:
+        cu_seqlens = packed_seq_params.cu_seqlens_q
+    if cu_seqlens is None:
+        raise ValueError("THD packed_seq_params needs cu_seqlens_q (global document ends).")
+    return cu_seqlens

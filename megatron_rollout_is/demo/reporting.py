@@ -12,8 +12,8 @@ break the bar), which is what a torchrun or SLURM log shows::
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
 
 # Panels of the training plot: (title, metric names drawn in it).
 PLOT_PANELS = (
@@ -42,13 +42,13 @@ STEP_LINE_KEYS = (
 )
 
 
-def read_metrics(path: Union[str, Path]) -> List[Dict[str, float]]:
+def read_metrics(path: str | Path) -> list[dict[str, float]]:
     """The records of a ``metrics.jsonl``, in file order."""
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def format_step_line(step: int, total_steps: int, record: Dict[str, float]) -> str:
+def format_step_line(step: int, total_steps: int, record: dict[str, float]) -> str:
     """One step as ``step 3/10 | reward 0.412 | loss ... | mismatch/... `` (5 significant digits)."""
     fields = [f"step {step}/{total_steps}"]
     fields += [f"{label} {record[name]:.5g}" for label, name in STEP_LINE_KEYS if name in record]
@@ -66,7 +66,7 @@ class MetricsLog:
         progress (bool): show the tqdm bar.
     """
 
-    def __init__(self, output_dir: str, tensorboard_dir: Optional[str], total_steps: int, start_step: int = 0,
+    def __init__(self, output_dir: str, tensorboard_dir: str | None, total_steps: int, start_step: int = 0,
                  progress: bool = True):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ class MetricsLog:
         self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="GRPO", unit="step",
                         dynamic_ncols=True)
 
-    def log(self, step: int, metrics: Dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float]) -> None:
         """Appends one step's metrics to every sink."""
         record = {"step": step, **{name: float(value) for name, value in sorted(metrics.items())}}
         with open(self.path, "a") as handle:
@@ -109,7 +109,7 @@ class MetricsLog:
         self.bar.close()
 
 
-def plot_runs(runs: Dict[str, Sequence[Dict[str, float]]], path: Union[str, Path], title: str,
+def plot_runs(runs: dict[str, Sequence[dict[str, float]]], path: str | Path, title: str,
               panels=PLOT_PANELS) -> Path:
     """Draws one line per (run, metric) in a grid of panels and saves a PNG.
 
@@ -119,14 +119,13 @@ def plot_runs(runs: Dict[str, Sequence[Dict[str, float]]], path: Union[str, Path
         title (str): figure title.
         panels: ``(panel title, metric names)`` pairs; metrics a run lacks are skipped.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The object API (no pyplot): nothing process-wide changes, and savefig picks the PNG writer.
+    from matplotlib.figure import Figure
 
     columns = 3
     rows = -(-len(panels) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.4 * rows), squeeze=False)
+    figure = Figure(figsize=(5 * columns, 3.4 * rows), layout="tight")
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis, (panel_title, names) in zip(axes.flat, panels):
         for label, records in runs.items():
             for name in names:
@@ -143,9 +142,7 @@ def plot_runs(runs: Dict[str, Sequence[Dict[str, float]]], path: Union[str, Path
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
     figure.suptitle(title)
-    figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return path

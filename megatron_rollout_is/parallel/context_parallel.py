@@ -16,7 +16,7 @@ what :func:`split_for_cp` and :func:`split_thd_for_cp` do. All functions here ar
 no communication.
 """
 
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
@@ -79,60 +79,62 @@ def split_for_cp(
     return tensor.index_select(seq_dim, index)
 
 
-def validate_cu_seqlens(
-    cu_seqlens: torch.Tensor, name: str = "cu_seqlens", total_tokens: int = None
+def check_cu_seqlens(
+    cu_seqlens: torch.Tensor,
+    total_tokens: int | None = None,
+    cp_size: int | None = None,
+    name: str = "cu_seqlens",
+    fix: str = "",
 ) -> torch.Tensor:
-    """Per-document lengths (int64, on CPU) of a ``[num_docs + 1]`` cumulative-length tensor.
+    """Validates document boundaries of a packed (THD) batch; returns the document lengths.
+
+    The one check of ``cu_seqlens`` in the package: the CP split here, the sharded rollout IS and
+    the CPU rig's CP attention all call it.
 
     Args:
-        cu_seqlens: integer, 1-D, starting at 0, non-decreasing.
-        name: how errors name the tensor.
-        total_tokens: when given, the last entry must equal it (the packed token count).
+        cu_seqlens: integer ``[num_docs + 1]``, cumulative document lengths: starts at 0, never
+            decreases.
+        total_tokens: when given, the size of the packed token dim; ``cu_seqlens[-1]`` must equal it.
+        cp_size: when given, every document length must be divisible by ``2 * cp_size`` (the
+            zigzag split cuts each document into ``2 * cp_size`` equal chunks).
+        name: what the caller calls the tensor, for the messages.
+        fix: advice appended to every message (e.g. which helper builds the right tensor).
+
+    Returns:
+        int64 ``[num_docs]`` document lengths, on the CPU.
 
     Raises:
-        TypeError / ValueError naming ``name`` and what is wrong.
+        TypeError: not an integer tensor.
+        ValueError: any other violation; the message names ``name``, the offending values and
+            the fix.
     """
+    suffix = f"; {fix}" if fix else ""
     if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"{name} must be an integer tensor [num_docs + 1], got {type(cu_seqlens).__name__}")
+        raise TypeError(f"{name} must be an integer tensor [num_docs + 1], got {type(cu_seqlens).__name__}{suffix}")
+    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {cu_seqlens.dtype}{suffix}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"{name} must be a 1-D tensor [num_docs + 1], got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor, got {cu_seqlens.dtype}")
+        raise ValueError(f"{name} must be a 1-D tensor [num_docs + 1], got shape {tuple(cu_seqlens.shape)}{suffix}")
     cu = cu_seqlens.detach().to("cpu", torch.int64)
     if cu[0].item() != 0:
-        raise ValueError(f"{name} must start at 0, got {cu[0].item()}")
+        raise ValueError(f"{name} must start at 0, got {cu.tolist()}{suffix}")
     lengths = cu[1:] - cu[:-1]
     if (lengths < 0).any():
-        raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()}")
-    if total_tokens is not None and int(cu[-1]) != total_tokens:
+        raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()}{suffix}")
+    if total_tokens is not None and cu[-1].item() != total_tokens:
         raise ValueError(
-            f"{name} ends at {int(cu[-1])} but there are {total_tokens} packed tokens; it must describe exactly "
-            "the packed tokens (for a CP rank's share: context_parallel.local_cu_seqlens)"
+            f"{name} ends at {cu[-1].item()} but the packed token dim holds {total_tokens} tokens; it must "
+            f"describe exactly the packed tokens{suffix}"
         )
+    if cp_size is not None:
+        bad = (lengths % (2 * cp_size)).nonzero().flatten()
+        if bad.numel() > 0:
+            doc = bad[0].item()
+            raise ValueError(
+                f"document {doc} has length {lengths[doc].item()}, not divisible by 2 * cp_size = {2 * cp_size}; "
+                f"pad every packed document to a multiple of {2 * cp_size} (pass the padded {name}){suffix}"
+            )
     return lengths
-
-
-def _document_lengths(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
-    """Validated per-document lengths (int64, on CPU), each divisible by ``2 * cp_size``."""
-    lengths = validate_cu_seqlens(cu_seqlens)
-    bad = (lengths % (2 * cp_size)).nonzero().flatten()
-    if bad.numel() > 0:
-        doc = bad[0].item()
-        raise ValueError(
-            f"document {doc} has length {lengths[doc].item()}, not divisible by "
-            f"2 * cp_size = {2 * cp_size}; pad every packed document to a multiple of "
-            f"{2 * cp_size} (pass the padded cu_seqlens)"
-        )
-    return lengths
-
-
-def _check_total_tokens(cu_seqlens: torch.Tensor, total_tokens: int) -> None:
-    packed = int(cu_seqlens[-1])
-    if total_tokens != packed:
-        raise ValueError(
-            f"total_tokens = {total_tokens} but cu_seqlens[-1] = {packed}; the packed token dim "
-            "must hold exactly the documents described by cu_seqlens"
-        )
 
 
 def thd_partitioned_indices(
@@ -154,8 +156,7 @@ def thd_partitioned_indices(
         order, its chunk ``cp_rank`` then its chunk ``2 * cp_size - 1 - cp_rank``.
     """
     _check_cp(cp_size, cp_rank)
-    lengths = _document_lengths(cu_seqlens, cp_size)
-    _check_total_tokens(cu_seqlens, total_tokens)
+    lengths = check_cu_seqlens(cu_seqlens, total_tokens, cp_size)
     starts = torch.cumsum(lengths, 0) - lengths
     chunks = lengths // (2 * cp_size)
     mirror = 2 * cp_size - 1 - cp_rank
@@ -203,13 +204,13 @@ def local_cu_seqlens(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
         ``[num_docs + 1]`` tensor, same dtype and device, equal to ``cu_seqlens / cp_size``.
     """
     _check_cp(cp_size, 0)
-    _document_lengths(cu_seqlens, cp_size)
+    check_cu_seqlens(cu_seqlens, cp_size=cp_size)
     return torch.div(cu_seqlens, cp_size, rounding_mode="floor")
 
 
 def thd_global_positions(
     cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Document id and position within the document of a rank's local THD tokens.
 
     Args:

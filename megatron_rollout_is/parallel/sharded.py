@@ -35,7 +35,7 @@ from ..core.correction import Correction, correct_micro_batch
 from ..core.inputs import check_inputs
 from ..core.plan import CorrectionPlan
 from ..core.statistics import StepStatistics
-from .context_parallel import validate_cu_seqlens
+from .context_parallel import check_cu_seqlens
 from .groups import RolloutISGroups, all_reduce, group_rank, group_size
 
 
@@ -274,7 +274,8 @@ class _Documents:
         if any(tensor.numel() != count for tensor in flat):
             raise ValueError(f"packed old_log_prob, rollout_log_prob and response_mask must hold the same number of "
                              f"tokens, got {[tensor.numel() for tensor in flat]}.")
-        lengths = validate_cu_seqlens(local_cu_seqlens, "local_cu_seqlens", total_tokens=count).to(flat[0].device)
+        lengths = check_cu_seqlens(local_cu_seqlens, total_tokens=count, name="local_cu_seqlens",
+                                   fix="use context_parallel.local_cu_seqlens").to(flat[0].device)
         self.document = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
         self.position = torch.arange(count, device=lengths.device) - (lengths.cumsum(0) - lengths)[self.document]
         width = int(lengths.max()) if lengths.numel() else 0

@@ -8,7 +8,6 @@ applies the guide's troubleshooting rules and the log-prob diagnostics, recommen
 
 import json
 from pathlib import Path
-from typing import Union
 
 from .analysis import analyze
 from .findings import report_payload
@@ -17,7 +16,7 @@ from .rules import SEED_EXAMPLES, recommend
 __all__ = ["SEED_EXAMPLES", "build_report", "recommend"]
 
 
-def build_report(dump_dir: Union[str, Path], out_dir: Union[str, Path], progress: bool = True) -> dict:
+def build_report(dump_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
     """Writes `report.md`, `report.json` and the plots of a run's dumps into `out_dir`.
 
     Args:

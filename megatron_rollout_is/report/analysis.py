@@ -2,7 +2,6 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -72,7 +71,7 @@ class Analysis:
         return [i for i, count in enumerate(self.tokens) if count > 0]
 
 
-def analyze(dump_dir: Union[str, Path], progress: bool = True) -> Analysis:
+def analyze(dump_dir: str | Path, progress: bool = True) -> Analysis:
     """Reads a run's dumps and computes every number of the report.
 
     Args:

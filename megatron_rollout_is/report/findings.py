@@ -1,7 +1,6 @@
 """The report's conclusions as plain data: findings, the recommendation, and the `report.json` payload."""
 
 import math
-from typing import Optional
 
 from .analysis import Analysis, Evaluation
 from .rules import (
@@ -162,7 +161,7 @@ def _evaluation_record(analysis: Analysis, evaluation: Evaluation) -> dict:
     }
 
 
-def report_payload(analysis: Analysis, plots: Optional[dict] = None) -> dict:
+def report_payload(analysis: Analysis, plots: dict | None = None) -> dict:
     """Everything `report.json` holds (JSON-ready; non-finite numbers become null)."""
     payload = {
         "dump_dir": analysis.dump_dir,

@@ -33,6 +33,11 @@ def _number(value) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def _mean_over_steps(per_step: list, name: str) -> str:
+    """The metric ``name`` averaged over a configuration's steps, formatted (n/a when there are none)."""
+    values = [metric(step["metrics"], name) for step in per_step]
+    return _number(sum(values) / len(values) if values else None)
+
 def _table(header, rows) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
@@ -153,15 +158,9 @@ def _sweep(payload: dict) -> list[str]:
     for record in payload["configurations"]:
         if record["kind"] != "grid":
             continue
-        per_step = record["per_step"]
-
-        def mean_of(name):
-            values = [metric(s["metrics"], name) for s in per_step]
-            return _number(sum(values) / len(values) if values else None)
-
-        rows.append((record["label"], mean_of("rollout_is_mean"), mean_of("rollout_is_std"),
-                     mean_of("rollout_is_eff_sample_size"), mean_of("rollout_is_clipped_fraction"),
-                     mean_of("rollout_is_veto_fraction")))
+        names = ("rollout_is_mean", "rollout_is_std", "rollout_is_eff_sample_size", "rollout_is_clipped_fraction",
+                 "rollout_is_veto_fraction")
+        rows.append((record["label"], *(_mean_over_steps(record["per_step"], name) for name in names)))
     return lines + _table(("configuration", "mean", "std", "ESS", "clipped fraction", "veto fraction"), rows)
 
 

@@ -1,4 +1,5 @@
-"""PNG figures of a report, drawn with matplotlib's Agg canvas (no pyplot, no global backend switch)."""
+"""PNG figures of a report, through matplotlib's object API (``Figure`` and ``Figure.savefig``: no pyplot, no
+global backend switch)."""
 
 import math
 from pathlib import Path
@@ -42,11 +43,9 @@ def require_matplotlib() -> None:
 
 def _figure(rows: int, columns: int, size: tuple, **kwargs):
     require_matplotlib()
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(figure)
     return figure, figure.subplots(rows, columns, squeeze=False, **kwargs)
 
 

@@ -18,16 +18,16 @@ estimator then describes the thresholds more than the data.
 Decision rule (`recommend`): each of the guide's four example configurations gets the key
 `(failing steps, violations, -round(mean ESS, 3), round(mean bounded fraction, 3), example number)`,
 where a failing step is a step on which any of the four rules (the three troubleshooting rules and
-`too_much_bounded`) fires, violations counts the (step, rule) pairs that fire, and the means are over steps; the smallest key wins. In words: pass
-every rule on every step; among those that do, take the highest effective sample size (compared at
-3 decimals, finer differences are noise); then the one that rewrites the fewest weights; then the
-earlier example (example 1, the guide's starting point, on a full tie). When no example passes
-everywhere, the one failing on the fewest steps, then breaking the fewest rules, is named, and
-flagged. Steps whose dump holds no valid token are not judged.
+`too_much_bounded`) fires, violations counts the (step, rule) pairs that fire, and the means are over
+steps; the smallest key wins. In words: pass every rule on every step; among those that do, take the
+highest effective sample size (compared at 3 decimals, finer differences are noise); then the one that
+rewrites the fewest weights; then the earlier example (example 1, the guide's starting point, on a
+full tie). When no example passes everywhere, the one failing on the fewest steps, then breaking the
+fewest rules, is named, and flagged. Steps whose dump holds no valid token are not judged.
 """
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
 
 from ..config import RolloutISConfig
 
@@ -73,9 +73,9 @@ class Candidate:
     level: str
     mode: str
     threshold: float
-    threshold_lower: Optional[float] = None
-    veto_threshold: Optional[float] = SEED_VETO_DEFAULT
-    example: Optional[int] = None
+    threshold_lower: float | None = None
+    veto_threshold: float | None = SEED_VETO_DEFAULT
+    example: int | None = None
     """The guide's example number (1-4), None for grid points and the run's own config."""
 
     def kwargs(self) -> dict:
