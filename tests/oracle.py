@@ -50,13 +50,26 @@ _TOKEN_KEYS = (
     "mismatch_ppl_ratio",
 )
 _CLIP_KEYS = ("rollout_is_clipped_fraction", "rollout_is_seq_clipped_fraction")
+# verl 0.6.0 reports the clip-mode fractions under these names; same values as the `clipped` ones.
+VERL_CLIP_ALIASES = {
+    "rollout_is_masked_fraction": "rollout_is_clipped_fraction",
+    "rollout_is_seq_masked_fraction": "rollout_is_seq_clipped_fraction",
+}
+_PERPLEXITY_KEYS = ("training_ppl", "training_log_ppl")
+_MISMATCH_KEYS = ("kl", "k3_kl", "rollout_ppl", "rollout_log_ppl", "log_ppl_diff", "log_ppl_abs_diff",
+                  "log_ppl_diff_max", "log_ppl_diff_min", "ppl_ratio")
 _QUANTILES = {"rollout_is_p25": 0.25, "rollout_is_p50": 0.50, "rollout_is_p75": 0.75,
               "rollout_is_p95": 0.95, "rollout_is_p99": 0.99}
 
 
-def expected_metric_keys(mode):
-    """Full metric names docs/metrics.md promises for `mode` ("truncate", "clip" or "mask")."""
+def expected_metric_keys(mode, verl_aliases=False):
+    """Full metric names docs/metrics.md promises for `mode` ("truncate", "clip" or "mask").
+
+    `verl_aliases` adds verl 0.6.0's names of the clip-mode fractions (`VERL_CLIP_ALIASES`).
+    """
     keys = _TOKEN_KEYS + (_CLIP_KEYS if mode in ("clip", "mask") else ())
+    if verl_aliases and mode in ("clip", "mask"):
+        keys += tuple(VERL_CLIP_ALIASES)
     return {"mismatch/" + key for key in keys}
 
 
@@ -81,7 +94,95 @@ def _clamp(x, low, high):
     return max(low, min(x, high))
 
 
-def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto):
+def float_rows(old, rollout, mask):
+    """The batch as Python float64 rows, which tokens are valid, and how many marked ones are not.
+
+    Args:
+        old: `[batch, response_len]` log-probs.
+        rollout: `[batch, response_len]` log-probs, or None (then only `old` must be finite).
+        mask: `[batch, response_len]`, non-zero marks a token.
+
+    Returns:
+        `(old_rows, rollout_rows, valid_rows, num_nonfinite)`: lists of rows (`rollout_rows` is
+        None without `rollout`); a token is valid when marked and its log-probs are finite;
+        `num_nonfinite` counts the marked tokens that are not valid.
+    """
+    old_rows = old.detach().to(torch.float64).tolist()
+    rollout_rows = rollout.detach().to(torch.float64).tolist() if rollout is not None else None
+    marked_rows = (mask.detach() != 0).tolist()
+    valid_rows = [
+        [marked and math.isfinite(o) and (r is None or math.isfinite(r)) for marked, o, r in zip(*rows)]
+        for rows in zip(marked_rows, old_rows, rollout_rows or [[None] * len(row) for row in old_rows])
+    ]
+    num_nonfinite = sum(m and not v for ms, vs in zip(marked_rows, valid_rows) for m, v in zip(ms, vs))
+    return old_rows, rollout_rows, valid_rows, num_nonfinite
+
+
+def perplexity_metrics(seq_mo, seq_mr, token_lr):
+    """Perplexity and mismatch metrics shared by verl 0.6.0 and verl HEAD, unprefixed HEAD names.
+
+    Args:
+        seq_mo: per non-empty sequence, the mean old log-prob `sum / (n_i + EPS)`.
+        seq_mr: the same for the rollout log-probs, or None (then only the training perplexity).
+        token_lr: per valid token, `old - rollout` (unused without `seq_mr`).
+
+    Returns:
+        `{name: float}` with `training_ppl`, `training_log_ppl` and, with `seq_mr`, `kl`, `k3_kl`,
+        `rollout_ppl`, `rollout_log_ppl`, `log_ppl_diff`, `log_ppl_abs_diff`, `log_ppl_diff_max`,
+        `log_ppl_diff_min`, `ppl_ratio`; all 0.0 when there is no valid token.
+    """
+    keys = _PERPLEXITY_KEYS + (_MISMATCH_KEYS if seq_mr is not None else ())
+    if not seq_mo:
+        return {key: 0.0 for key in keys}
+    num_seqs, num_tokens = len(seq_mo), len(token_lr)
+
+    def seq_mean(values):
+        return math.fsum(values) / num_seqs
+
+    m = {"training_ppl": seq_mean(_safe_exp(-mo) for mo in seq_mo),
+         "training_log_ppl": seq_mean(-mo for mo in seq_mo)}
+    if seq_mr is None:
+        return m
+    m["kl"] = math.fsum(-lr for lr in token_lr) / (num_tokens + EPS)
+    m["k3_kl"] = math.fsum(_safe_exp(lr) - lr - 1.0 for lr in token_lr) / (num_tokens + EPS)
+    m["rollout_ppl"] = seq_mean(_safe_exp(-mr) for mr in seq_mr)
+    m["rollout_log_ppl"] = seq_mean(-mr for mr in seq_mr)
+    diffs = [mr - mo for mo, mr in zip(seq_mo, seq_mr)]
+    m["log_ppl_diff"] = seq_mean(diffs)
+    m["log_ppl_abs_diff"] = seq_mean(abs(d) for d in diffs)
+    m["log_ppl_diff_max"] = max(diffs)
+    m["log_ppl_diff_min"] = min(diffs)
+    m["ppl_ratio"] = seq_mean(_safe_exp(d) for d in diffs)
+    return m
+
+
+def oracle_mismatch_metrics(old, rollout, mask):
+    """verl 0.6.0's `compute_mismatch_metrics`, as docs/metrics.md defines its values.
+
+    Args:
+        old: `[batch, response_len]` training log-probs.
+        rollout: `[batch, response_len]` rollout log-probs, or None (training perplexity only).
+        mask: `[batch, response_len]` response mask; tokens with a non-finite log-prob are dropped.
+
+    Returns:
+        `{"mismatch_...": float}`, unprefixed as verl returns them.
+    """
+    old_rows, rollout_rows, valid_rows, _ = float_rows(old, rollout, mask)
+    seq_mo, seq_mr, token_lr = [], [] if rollout is not None else None, []
+    for i, valid_row in enumerate(valid_rows):
+        n = sum(valid_row)
+        if n == 0:
+            continue
+        valid_old = [o for o, ok in zip(old_rows[i], valid_row) if ok]
+        seq_mo.append(math.fsum(valid_old) / (n + EPS))
+        if rollout is not None:
+            valid_rollout = [r for r, ok in zip(rollout_rows[i], valid_row) if ok]
+            seq_mr.append(math.fsum(valid_rollout) / (n + EPS))
+            token_lr.extend(o - r for o, r in zip(valid_old, valid_rollout))
+    return {"mismatch_" + key: value for key, value in perplexity_metrics(seq_mo, seq_mr, token_lr).items()}
+
+
+def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto, verl_aliases=False):
     """Rollout IS weights and metrics of one global batch, in float64.
 
     Args:
@@ -94,11 +195,15 @@ def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto):
         upper: upper threshold (`rollout_is_threshold`).
         lower: lower threshold, or None for `1 / upper`.
         veto: veto threshold `v` on per-token ratios, or None to disable the veto.
+        verl_aliases: also report the clip-mode fractions under verl 0.6.0's names.
 
     Returns:
         `(weights, metrics)`: `[batch, response_len]` float64 weights (0 on masked tokens) and a dict
-        of the full `mismatch/...` metric names to Python floats.
+        of the full `mismatch/...` metric names to Python floats; `(None, {})` when `upper` is None
+        (IS disabled, as verl 0.6.0 does).
     """
+    if upper is None:
+        return None, {}
     if level not in ("token", "sequence", "geometric"):
         raise ValueError(f"unknown level {level!r}")
     if mode not in ("truncate", "clip", "mask"):
@@ -108,14 +213,7 @@ def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto):
     upper = float(upper)
     log_veto = math.log(veto) if veto is not None else None
 
-    old_rows = old.detach().to(torch.float64).tolist()
-    rollout_rows = rollout.detach().to(torch.float64).tolist()
-    marked_rows = (mask.detach() != 0).tolist()
-    valid_rows = [
-        [marked and math.isfinite(o) and math.isfinite(r) for marked, o, r in zip(*rows)]
-        for rows in zip(marked_rows, old_rows, rollout_rows)
-    ]
-    num_nonfinite = sum(m and not v for ms, vs in zip(marked_rows, valid_rows) for m, v in zip(ms, vs))
+    old_rows, rollout_rows, valid_rows, num_nonfinite = float_rows(old, rollout, mask)
 
     weight_rows = []
     # Per valid token, in batch order.
@@ -159,7 +257,7 @@ def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto):
         seq_any_dropped.append(not all(lower <= w_t <= upper for w_t in valid_w))
 
     weights = torch.tensor(weight_rows, dtype=torch.float64).reshape(old.shape)
-    keys = expected_metric_keys(mode)
+    keys = expected_metric_keys(mode, verl_aliases)
     num_tokens = len(token_w)
     nonfinite_fraction = num_nonfinite / (num_nonfinite + num_tokens + EPS)
     if num_tokens == 0:
@@ -230,18 +328,11 @@ def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto):
         m["rollout_is_clipped_fraction"] = token_mean([0.0 if k else 1.0 for k in token_kept])
         m["rollout_is_seq_clipped_fraction"] = seq_share(seq_any_dropped)
 
-    m["mismatch_training_ppl"] = seq_mean(_safe_exp(-mo) for mo in seq_mo)
-    m["mismatch_rollout_ppl"] = seq_mean(_safe_exp(-mr) for mr in seq_mr)
-    m["mismatch_training_log_ppl"] = seq_mean(-mo for mo in seq_mo)
-    m["mismatch_rollout_log_ppl"] = seq_mean(-mr for mr in seq_mr)
-    m["mismatch_kl"] = token_mean([-lr for lr in token_lr])
-    m["mismatch_k3_kl"] = token_mean([_safe_exp(lr) - lr - 1.0 for lr in token_lr])
-    diffs = [mr - mo for mo, mr in zip(seq_mo, seq_mr)]
-    m["mismatch_log_ppl_diff"] = seq_mean(diffs)
-    m["mismatch_log_ppl_abs_diff"] = seq_mean(abs(d) for d in diffs)
-    m["mismatch_log_ppl_diff_max"] = max(diffs)
-    m["mismatch_log_ppl_diff_min"] = min(diffs)
-    m["mismatch_ppl_ratio"] = seq_mean(_safe_exp(d) for d in diffs)
+    for key, value in perplexity_metrics(seq_mo, seq_mr, token_lr).items():
+        m["mismatch_" + key] = value
+    if clip and verl_aliases:
+        for alias, key in VERL_CLIP_ALIASES.items():
+            m[alias] = m[key]
 
     metrics = {"mismatch/" + key: float(value) for key, value in m.items()}
     assert set(metrics) == keys
