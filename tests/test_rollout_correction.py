@@ -6,8 +6,9 @@ over every option: IS level (token, sequence, geometric and its alias sequence_m
 IcePop bands, the two-sided clamp, batch normalisation, each rejection criterion alone and chained
 with shared, per-criterion and list thresholds, k1 bands and numbers; batches hold empty rows, all
 masked batches, NaN/inf on valid tokens and |log-ratios| up to 1000, in float64, float32 and bf16
-with bool, float and integer masks. Thresholds are drawn between neighbouring data values so that
-every criterion bites and no decision sits within rounding of its threshold.
+with bool, float and integer masks. Batches and thresholds come from tests/correction_cases.py:
+thresholds sit between neighbouring data values, so every criterion bites and no decision sits
+within rounding of its threshold.
 
 Tolerances. The oracle is float64 with correctly rounded sums; the implementation computes in float64
 when a log-prob input is float64, else float32 (working epsilon `eps`). A log-weight carries an
@@ -23,14 +24,16 @@ import math
 import pytest
 import torch
 
-from oracle_correction import (
-    RS_CRITERIA,
-    SAFETY_BOUND,
-    oracle_offpolicy_metrics,
-    oracle_rollout_correction,
-    parse_is_threshold,
-    parse_rollout_rs,
+from correction_cases import (
+    cancellation_scale,
+    is_moment_std,
+    is_threshold,
+    random_batch,
+    rs_threshold,
+    std_clamp_bound,
+    valid_tokens,
 )
+from oracle_correction import RS_CRITERIA, SAFETY_BOUND, oracle_offpolicy_metrics, oracle_rollout_correction
 
 try:
     from megatron_rollout_is import compute_offpolicy_metrics, compute_rollout_correction_and_rejection_mask
@@ -45,128 +48,24 @@ _SAFETY = 8.0  # multiplies every eps-based bound
 
 
 # ---------------------------------------------------------------------------------------------
-# Random batches and thresholds.
+# Comparison with the oracle.
 # ---------------------------------------------------------------------------------------------
 
 def _make_batch(seed, dtype=torch.float64, mask_dtype=torch.bool, batch=8, length=48, huge=False):
-    """Rows with right/left padding, holes, full and empty rows; log-ratio scales log-uniform in
-    [1e-4, 2] nats with sparse outliers of 2..8 nats (2..1000 with `huge`)."""
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(batch, length, dtype=torch.bool)
-    for i in range(batch):
-        n = int(torch.randint(1, length + 1, (1,), generator=gen))
-        kind = int(torch.randint(0, 5, (1,), generator=gen))
-        if kind == 0:
-            mask[i, :n] = True
-        elif kind == 1:
-            mask[i, length - n:] = True
-        elif kind == 2:
-            mask[i] = torch.rand(length, generator=gen) < 0.6
-        elif kind == 3:
-            mask[i] = True
-        # kind 4: an empty row
-    rollout = -torch.empty(batch, length, dtype=torch.float64).exponential_(0.7, generator=gen)
-    scale = 10.0 ** (math.log10(2.0) - 4.3 * torch.rand(batch, 1, generator=gen, dtype=torch.float64))
-    noise = torch.randn(batch, length, generator=gen, dtype=torch.float64) * scale
-    outlier = torch.rand(batch, length, generator=gen) < (0.05 if huge else 0.02)
-    top = 1000.0 if huge else 8.0
-    size = 2.0 + (top - 2.0) * torch.rand(batch, length, generator=gen, dtype=torch.float64) ** (3 if huge else 1)
-    sign = torch.where(torch.rand(batch, length, generator=gen) < 0.5, -1.0, 1.0).double()
-    old = rollout + torch.where(outlier, sign * size, noise)
-    return old.to(dtype), rollout.to(dtype), mask.to(mask_dtype)
+    """Random batch of tests/correction_cases.py, empty rows included."""
+    return random_batch(torch.Generator().manual_seed(seed), batch, length, dtype, mask_dtype, huge=huge)
 
-
-def _between(values, gen, low_q, high_q):
-    """A value 37% of the way between two neighbouring distinct data values at a random quantile."""
-    distinct = sorted(set(values))
-    if len(distinct) < 2:
-        return (distinct[0] if distinct else 0.0) + 0.37
-    q = low_q + (high_q - low_q) * float(torch.rand(1, generator=gen))
-    i = min(int(q * (len(distinct) - 1)), len(distinct) - 2)
-    return distinct[i] + 0.37 * (distinct[i + 1] - distinct[i])
-
-
-def _valid(old, rollout, mask):
-    return (mask != 0) & old.double().isfinite() & rollout.double().isfinite()
-
-
-def _rows(values, valid):
-    return [values[i][valid[i]] for i in range(len(values)) if valid[i].any()]
-
-
-def _criterion_values(name, old, rollout, mask):
-    """The criterion's statistic per valid token or per non-empty sequence (for picking thresholds)."""
-    valid = _valid(old, rollout, mask)
-    lr = torch.where(valid, old.double() - rollout.double(), 0.0).clamp(-SAFETY_BOUND, SAFETY_BOUND)
-    term = {"k1": -lr, "k2": 0.5 * lr * lr, "k3": torch.expm1(lr) - lr}[name[-2:]]
-    if name.startswith("token_"):
-        return term[valid].tolist()
-    aggregate = {"seq_sum": torch.sum, "seq_mean": torch.mean, "seq_max": torch.max}[name.rsplit("_", 1)[0]]
-    return [float(aggregate(row)) for row in _rows(term, valid)]
-
-
-def rs_threshold(name, old, rollout, mask, gen):
-    """A k2/k3 bound, a k1 `"lo_hi"` band or a k1 number, cutting into this batch's statistic."""
-    values = _criterion_values(name, old, rollout, mask) or [0.0, 1.0]
-    if not name.endswith("k1"):
-        return max(_between(values, gen, 0.3, 0.95), 1e-12)
-    if float(torch.rand(1, generator=gen)) < 0.3:
-        return math.exp(_between([abs(v) for v in values], gen, 0.3, 0.95))
-    return f"{math.exp(_between(values, gen, 0.02, 0.4))!r}_{math.exp(_between(values, gen, 0.6, 0.98))!r}"
-
-
-def is_threshold(form, level, old, rollout, mask, gen):
-    """A `rollout_is_threshold` of the given form (number, string number, band) cutting into the raw weights."""
-    valid = _valid(old, rollout, mask)
-    lr = torch.where(valid, old.double() - rollout.double(), 0.0)
-    if level == "token":
-        logs = lr[valid].tolist()
-    else:
-        sums = [row.sum() / (len(row) if level == "geometric" else 1) for row in _rows(lr, valid)]
-        logs = [float(s) for s in sums]
-    logs = logs or [0.0, 1.0]
-    if form == "band":
-        low = min(_between(logs, gen, 0.02, 0.4), -1e-6)
-        return f"{math.exp(low)!r}_{math.exp(max(_between(logs, gen, 0.6, 0.98), 1e-6))!r}"
-    upper = math.exp(max(_between(logs, gen, 0.4, 0.95), 1e-6))
-    return repr(upper) if form == "string" else upper
-
-
-# ---------------------------------------------------------------------------------------------
-# Comparison with the oracle.
-# ---------------------------------------------------------------------------------------------
 
 def _error_model(old, rollout, mask):
     """(eps, base rel, amplitude A, log2 N, max |log-prob|) of this batch, per the module docstring."""
     wide = torch.float64 in (old.dtype, rollout.dtype)
     eps = torch.finfo(torch.float64 if wide else torch.float32).eps
-    valid = _valid(old, rollout, mask)
+    valid = valid_tokens(old, rollout, mask)
     lr = torch.where(valid, (old.double() - rollout.double()).abs().clamp(max=SAFETY_BOUND), 0.0)
     amplitude = float(lr.sum(-1).max()) if valid.any() else 0.0
     num_tokens = int(valid.sum())
     logprobs = torch.cat([old.double()[valid].abs(), rollout.double()[valid].abs()])
     return eps, (1e-9 if wide else 1e-5), amplitude, math.log2(num_tokens + 2), float(logprobs.max()) if num_tokens else 0.0
-
-
-def _family_scale(key, metrics):
-    """Magnitude before cancellation: the largest |value| among the key's max/min siblings."""
-    family = key
-    for suffix in ("_seq_max_deviation", "_seq_std", "_seq_mean", "_mean", "_seq_max", "_seq_min", "_max", "_min"):
-        if key.endswith(suffix):
-            family = key.removesuffix(suffix)
-            break
-    related = [abs(metrics.get(family + s, 0.0)) for s in ("_seq_max", "_seq_min", "_max", "_min")]
-    return 1.0 + abs(metrics[key]) + max(related)
-
-
-def _std_scale(key, options):
-    """Upper clamp bound of a moment-based std (its variance error scales with the square)."""
-    if key == "rollout_corr/rollout_is_std":
-        return parse_is_threshold(options["rollout_is_threshold"], options.get("rollout_is_mode"))[2]
-    for criterion in parse_rollout_rs(options["rollout_rs"], options["rollout_rs_threshold"]):
-        if key == f"rollout_corr/rollout_rs_{criterion.name}_std":
-            return max(abs(criterion.metric_low), abs(criterion.high))
-    raise KeyError(key)
 
 
 def assert_metrics_close(got, want, old, rollout, mask, options=None):
@@ -179,11 +78,11 @@ def assert_metrics_close(got, want, old, rollout, mask, options=None):
         if type(value) is not float or not math.isfinite(value):
             failures.append(f"{key}: {value!r} is not a finite Python float")
             continue
-        if key.endswith("_std") and not key.endswith("seq_std"):
-            scale = max(1.0, _std_scale(key, options))
+        if is_moment_std(key):
+            scale = max(1.0, std_clamp_bound(key, options))
             ok = abs(value ** 2 - expected ** 2) <= 2 * rel * expected ** 2 + _SAFETY * eps * log_n * scale ** 2
         else:
-            absolute = _SAFETY * eps * log_n * (_family_scale(key, want) + amplitude + logprob_max)
+            absolute = _SAFETY * eps * log_n * (cancellation_scale(key, want) + amplitude + logprob_max)
             ok = abs(value - expected) <= rel * abs(expected) + absolute
         if not ok:
             failures.append(f"{key}: got {value!r}, oracle {expected!r}")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Checks this project's float64 oracles against verl's real code (a tool, not part of the suite).
 
-    python tests/peers/compare_oracle_with_verl.py head  [--cases 600] [--seed 0]
-    python tests/peers/compare_oracle_with_verl.py 0.6.0 [--cases 300] [--seed 0]
+    python tests/peers/compare_oracle_with_verl.py head  [--cases 300] [--seed 0]
+    python tests/peers/compare_oracle_with_verl.py 0.6.0 [--cases 200] [--seed 0]
 
 Run it with a Python where `verl` (the 0.9.1 wheel for `head`, the 0.6.0 wheel for `0.6.0`) and
 torch import; `bash tests/peers/run_verl_tests.sh compare-head` sets one up. It never imports
@@ -37,9 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from correction_cases import (  # noqa: E402
+    cancellation_scale, is_moment_std, is_threshold, random_batch, rs_threshold, std_clamp_bound)
 from oracle import oracle_mismatch_metrics, oracle_rollout_is  # noqa: E402
-from oracle_correction import (  # noqa: E402
-    RS_CRITERIA, oracle_offpolicy_metrics, oracle_rollout_correction, parse_rollout_rs)
+from oracle_correction import RS_CRITERIA, oracle_offpolicy_metrics, oracle_rollout_correction  # noqa: E402
 
 MASK_DTYPES = (torch.bool, torch.float32, torch.float64, torch.int64)
 PROJECT_ONLY_KEYS = {"rollout_corr/nonfinite_token_fraction", "nonfinite_token_fraction"}
@@ -49,98 +50,27 @@ PROJECT_ONLY_KEYS = {"rollout_corr/nonfinite_token_fraction", "nonfinite_token_f
 # Random batches.
 # ---------------------------------------------------------------------------------------------
 
-def random_batch(gen, dtype=torch.float64, mask_dtype=torch.bool, empty_rows=False):
-    """`(old, rollout, mask)`: rows with right padding, left padding or holes, none empty by default.
-
-    Row noise scales are log-uniform in [1e-4, 2] nats so that thresholds fall inside the data;
-    sparse outliers of +-2..8 nats give long tails.
-    """
+def _random_batch(gen, dtype=torch.float64, mask_dtype=torch.bool, empty_rows=False):
+    """A batch of 1..8 rows of 1..48 tokens, without empty rows unless asked."""
     batch = int(torch.randint(1, 9, (1,), generator=gen))
     length = int(torch.randint(1, 49, (1,), generator=gen))
-    mask = torch.zeros(batch, length, dtype=torch.bool)
-    for i in range(batch):
-        n = int(torch.randint(1, length + 1, (1,), generator=gen))
-        kind = int(torch.randint(0, 4, (1,), generator=gen))
-        if kind == 0:
-            mask[i, :n] = True
-        elif kind == 1:
-            mask[i, length - n:] = True
-        elif kind == 2:
-            mask[i] = torch.rand(length, generator=gen) < 0.6
-            mask[i, int(torch.randint(0, length, (1,), generator=gen))] = True
-        else:
-            mask[i] = True
-    if empty_rows and batch > 1:
-        mask[int(torch.randint(0, batch, (1,), generator=gen))] = False
-    rollout = -torch.empty(batch, length, dtype=torch.float64).exponential_(0.7, generator=gen)
-    scale = 10.0 ** (math.log10(2.0) - 4.3 * torch.rand(batch, 1, generator=gen, dtype=torch.float64))
-    noise = torch.randn(batch, length, generator=gen, dtype=torch.float64) * scale
-    outlier = torch.rand(batch, length, generator=gen) < 0.02
-    size = (2.0 + 6.0 * torch.rand(batch, length, generator=gen, dtype=torch.float64))
-    sign = torch.where(torch.rand(batch, length, generator=gen) < 0.5, -1.0, 1.0).double()
-    old = rollout + torch.where(outlier, sign * size, noise)
-    return old.to(dtype), rollout.to(dtype), mask.to(mask_dtype)
-
-
-def _between(values, gen, low_q=0.1, high_q=0.9):
-    """A threshold strictly between two neighbouring distinct values at a random quantile.
-
-    Never equal to a data value, so float32 and float64 decisions agree.
-    """
-    distinct = sorted(set(values))
-    if len(distinct) < 2:
-        return distinct[0] * 1.5 + 1e-3 if distinct else 1.0
-    q = low_q + (high_q - low_q) * float(torch.rand(1, generator=gen))
-    i = min(int(q * (len(distinct) - 1)), len(distinct) - 2)
-    # Not the midpoint: with two tokens the midpoint is the row mean, a sequence statistic.
-    return distinct[i] + 0.37 * (distinct[i + 1] - distinct[i])
-
-
-def _statistic_values(name, old, rollout, mask):
-    """The criterion's statistic on valid tokens / non-empty sequences (only to pick thresholds)."""
-    lr = (old.double() - rollout.double()).clamp(-20, 20)
-    valid = mask != 0
-    term = {"k1": -lr, "k2": 0.5 * lr * lr, "k3": torch.expm1(lr) - lr}[name[-2:]]
-    if name.startswith("token_"):
-        return term[valid].tolist()
-    rows = [term[i][valid[i]] for i in range(len(term)) if valid[i].any()]
-    aggregate = {"seq_sum": torch.sum, "seq_mean": torch.mean, "seq_max": torch.max}[name.rsplit("_", 1)[0]]
-    return [float(aggregate(row)) for row in rows]
+    return random_batch(gen, batch, length, dtype, mask_dtype, empty_rows=empty_rows)
 
 
 def _rs_threshold(name, old, rollout, mask, gen):
-    """A threshold for one criterion: a k2/k3 upper bound, a k1 band or a symmetric k1 number.
-
-    float32 k3 thresholds stay >= 1e-3, above the cancellation of verl's `exp(lr) - 1 - lr`
-    (documented, and probed separately).
-    """
-    values = _statistic_values(name, old, rollout, mask)
-    if not name.endswith("k1"):
-        floor = 1e-3 if name.endswith("k3") and old.dtype != torch.float64 else 1e-12
-        return max(_between(values, gen, 0.3, 0.95), floor)
-    if float(torch.rand(1, generator=gen)) < 0.3:
-        return math.exp(_between([abs(v) for v in values], gen, 0.3, 0.95))
-    low = _between(values, gen, 0.02, 0.4)
-    high = _between(values, gen, 0.6, 0.98)
-    return f"{math.exp(low)!r}_{math.exp(high)!r}"
+    """float32 k3 bounds stay >= 1e-3, above the cancellation of verl's `exp(lr) - 1 - lr`
+    (documented, and probed separately)."""
+    floor = 1e-3 if name.endswith("k3") and old.dtype != torch.float64 else 1e-12
+    return rs_threshold(name, old, rollout, mask, gen, floor)
 
 
-def _is_threshold(rollout_is, old, rollout, mask, gen):
-    """A TIS number (float, int or string) or an IcePop band cutting into the raw weights."""
+def _is_threshold(level, old, rollout, mask, gen):
+    """Every spelling verl takes: an int, a string number, a float (TIS) or a `"lo_hi"` band (IcePop)."""
     pick = float(torch.rand(1, generator=gen))
     if pick < 0.15:
         return 2
-    if pick < 0.25:
-        return "2.0"
-    lr = (old.double() - rollout.double())
-    valid = mask != 0
-    if rollout_is == "token":
-        logs = lr[valid].tolist()
-    else:
-        logs = [float(lr[i][valid[i]].sum()) for i in range(len(lr)) if valid[i].any()]
-    if pick < 0.6:
-        return math.exp(max(_between(logs, gen, 0.4, 0.95), 1e-6))
-    return f"{math.exp(min(_between(logs, gen, 0.02, 0.4), 0.0))!r}_{math.exp(_between(logs, gen, 0.6, 0.98))!r}"
+    form = "string" if pick < 0.3 else "number" if pick < 0.6 else "band"
+    return is_threshold(form, level, old, rollout, mask, gen)
 
 
 def head_options(gen, old, rollout, mask):
@@ -148,7 +78,8 @@ def head_options(gen, old, rollout, mask):
     options = []
     for rollout_is in (None, "token", "sequence"):
         for normalize in (False, True):
-            options.append(dict(rollout_is=rollout_is, rollout_is_threshold=_is_threshold(rollout_is or "token", old, rollout, mask, gen),
+            threshold = _is_threshold(rollout_is or "token", old, rollout, mask, gen)
+            options.append(dict(rollout_is=rollout_is, rollout_is_threshold=threshold,
                                 rollout_is_batch_normalize=normalize))
     for name in RS_CRITERIA:
         options.append(dict(rollout_rs=name, rollout_rs_threshold=_rs_threshold(name, old, rollout, mask, gen)))
@@ -173,23 +104,12 @@ def _tolerance(key, mask_dtype, wide, want):
         rel, absolute = 1e-11, 1e-13
     else:
         # Where the 1e-8 sits differently: 1e-8 relative to the magnitude before any cancellation.
-        rel, absolute = 1e-7, 1e-8 * _uncancelled_scale(key, want)
+        rel, absolute = 1e-7, 1e-8 * cancellation_scale(key, want)
     if "fraction" in key:
         rel = max(rel, 1.2e-7)  # verl averages float32 flags (`.float().mean()`) even for float64 input
-    if key.endswith("_std") and not key.endswith("seq_std"):
+    if is_moment_std(key):
         return "variance", rel, 1e-8 if wide else 1e-5
     return "value", rel, absolute
-
-
-def _uncancelled_scale(key, want):
-    """Magnitude of the terms a metric may cancel (chi2 = mean - 1, |s_i - 1|, means of mixed signs)."""
-    family = key
-    for suffix in ("_seq_max_deviation", "_seq_std", "_seq_mean", "_mean", "_seq_max", "_seq_min", "_max", "_min"):
-        if key.endswith(suffix):
-            family = key.removesuffix(suffix)
-            break
-    related = [want.get(family + suffix, 0.0) for suffix in ("_seq_max", "_seq_min", "_max", "_min")]
-    return 1.0 + abs(want.get(key, 0.0)) + max(abs(value) for value in related)
 
 
 def compare_metrics(got, want, mask_dtype, wide, scales=None):
@@ -215,17 +135,9 @@ def compare_metrics(got, want, mask_dtype, wide, scales=None):
     return problems
 
 
-def _std_scales(options):
-    """Clamp bound of every moment-based std (the variance tolerance scales with its square)."""
-    scales = {}
-    threshold = options.get("rollout_is_threshold")
-    if threshold is not None:
-        scales["rollout_corr/rollout_is_std"] = float(str(threshold).split("_")[-1])
-    if options.get("rollout_rs"):
-        for criterion in parse_rollout_rs(options["rollout_rs"], options["rollout_rs_threshold"]):
-            scale = max(abs(criterion.metric_low), abs(criterion.high))
-            scales[f"rollout_corr/rollout_rs_{criterion.name}_std"] = scale
-    return scales
+def _std_scales(options, metrics):
+    """Clamp bound of every moment-based std in `metrics` (the variance tolerance scales with its square)."""
+    return {key: std_clamp_bound(key, options) for key in metrics if is_moment_std(key)}
 
 
 def compare_head_case(verl, old, rollout, mask, options):
@@ -249,7 +161,7 @@ def compare_head_case(verl, old, rollout, mask, options):
             problems.append(f"weights differ at {bad.nonzero()[:3].tolist()}")
     if verl_mask.dtype != oracle_mask.dtype or not torch.equal(verl_mask, oracle_mask):
         problems.append(f"modified mask differs ({verl_mask.dtype} vs {oracle_mask.dtype})")
-    problems += compare_metrics(verl_metrics, oracle_metrics, mask.dtype, wide, _std_scales(options))
+    problems += compare_metrics(verl_metrics, oracle_metrics, mask.dtype, wide, _std_scales(options, oracle_metrics))
     return problems, oracle_metrics
 
 
@@ -273,7 +185,7 @@ def run_head_random(verl, cases, seed):
     for case in range(cases):
         wide = case % 5 != 4
         mask_dtype = MASK_DTYPES[case % len(MASK_DTYPES)]
-        old, rollout, mask = random_batch(gen, torch.float64 if wide else torch.float32, mask_dtype)
+        old, rollout, mask = _random_batch(gen, torch.float64 if wide else torch.float32, mask_dtype)
         for options in head_options(gen, old, rollout, mask):
             problems, oracle_metrics = compare_head_case(verl, old, rollout, mask, options)
             compared += 1
@@ -302,9 +214,7 @@ def run_head_random(verl, cases, seed):
 def probe_empty_rows(verl):
     """Empty rows: the oracle equals verl on the batch without them; verl with them differs."""
     gen = torch.Generator().manual_seed(7)
-    old, rollout, mask = random_batch(gen, torch.float64, torch.bool)
-    while old.shape[0] < 3:
-        old, rollout, mask = random_batch(gen, torch.float64, torch.bool)
+    old, rollout, mask = random_batch(gen, 4, 12, empty_rows=False)
     mask[1] = False
     keep_rows = [i for i in range(len(mask)) if i != 1]
     options = dict(rollout_is="sequence", rollout_is_threshold=1.5, rollout_rs="token_k2,seq_mean_k1",
@@ -313,7 +223,7 @@ def probe_empty_rows(verl):
     _, _, verl_without = verl.compute_rollout_correction_and_rejection_mask(
         old[keep_rows], rollout[keep_rows], mask[keep_rows], **options)
     _, _, verl_with = verl.compute_rollout_correction_and_rejection_mask(old, rollout, mask, **options)
-    scales = _std_scales(options)
+    scales = _std_scales(options, oracle_metrics)
     same_without = compare_metrics(verl_without, oracle_metrics, torch.bool, True, scales)
     differing = sorted(problem.split(":")[0].removeprefix("rollout_corr/")
                        for problem in compare_metrics(verl_with, oracle_metrics, torch.bool, True, scales))
@@ -380,7 +290,7 @@ def probe_saturation(verl):
 
 def probe_nonfinite(verl):
     gen = torch.Generator().manual_seed(3)
-    old, rollout, mask = random_batch(gen, torch.float64, torch.bool)
+    old, rollout, mask = random_batch(gen, 4, 12, empty_rows=False)
     row, col = mask.nonzero()[0].tolist()
     old[row, col] = float("nan")
     _, verl_mask, vm = verl.compute_rollout_correction_and_rejection_mask(old, rollout, mask, rollout_is="token")
@@ -460,7 +370,7 @@ def run_060(helper, cases, seed):
     failures, compared = [], 0
     for case in range(cases):
         mask_dtype = MASK_DTYPES[case % len(MASK_DTYPES)]
-        old, rollout, mask = random_batch(gen, torch.float64, mask_dtype)
+        old, rollout, mask = _random_batch(gen, torch.float64, mask_dtype)
         for level in ("token", "sequence", "geometric"):
             for mode in ("truncate", "mask"):
                 upper = 1.0 + float(torch.rand(1, generator=gen)) * (0.01 if level == "geometric" else 3.0)
