@@ -8,6 +8,11 @@ batches: it is also the reference for the sharded (multi-process) computation. I
 
 Entry points: `oracle_rollout_correction` (weights, modified response mask, `rollout_corr/` metrics)
 and `oracle_offpolicy_metrics` (the unprefixed off-policy metrics).
+
+Every per-sequence mean is `row_mean_i = sum / (n_i + 1e-8)`, as the document's table defines it,
+also where the document writes `/ n_i` (the geometric log-weight `G_i`, the `seq_mean` statistic, the
+sequence-level batch-normalisation factor): verl computes all three with the same masked mean, and
+the 0.6.0 contract (docs/metrics.md) has `G_i = S_i / (n_i + 1e-8)`.
 """
 
 import math
@@ -209,11 +214,11 @@ def _is_metrics(level, mode, lower, upper, sequences, raw, bounded, seq_log):
 
 
 def _batch_norm_factor(level, bounded):
-    """Token level: mean weight over valid tokens; sequence levels: mean over sequences of w_i."""
+    """Token level: mean weight over valid tokens; sequence levels: mean over sequences of row means."""
     if level == "token":
         flat = [w for ws in bounded for w in ws]
         return _token_mean(flat, len(flat))
-    return math.fsum(ws[0] for ws in bounded) / len(bounded)
+    return math.fsum(_row_mean(ws, len(ws)) for ws in bounded) / len(bounded)
 
 
 def _is_keys(mode, batch_normalize):
@@ -240,7 +245,7 @@ def _is_weights(sequences, rollout_is, threshold, mode, batch_normalize):
         if level == "token":
             raw.append([math.exp(_clamp(lr, -SAFETY_BOUND, SAFETY_BOUND)) for lr in lrs])
         else:
-            y = math.fsum(lrs) if level == "sequence" else math.fsum(lrs) / seq.n
+            y = math.fsum(lrs) if level == "sequence" else _row_mean(lrs, seq.n)
             seq_log.append(y)
             raw.append([math.exp(_clamp(y, -SAFETY_BOUND, SAFETY_BOUND))] * seq.n)
     bounded = [[_bound(x, mode, lower, upper) for x in rs] for rs in raw]
@@ -337,7 +342,7 @@ def _statistic(criterion, seq):
     if criterion.aggregate == "sum":
         value = math.fsum(terms)
     elif criterion.aggregate == "mean":
-        value = math.fsum(terms) / seq.n
+        value = _row_mean(terms, seq.n)
     else:
         value = max(terms)
     return [value] * seq.n

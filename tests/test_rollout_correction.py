@@ -233,14 +233,15 @@ def test_batch_normalisation_by_hand(source, level):
     old = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
     rollout = torch.tensor([[-LN(2), 0.0], [LN(2), 5.0], [9.0, 9.0]], dtype=torch.float64)
     mask = torch.tensor([[1, 1], [1, 0], [0, 0]], dtype=torch.bool)
-    w0 = 2.0 if level == "sequence" else math.sqrt(2.0)
-    factor = (w0 + 0.5) / 2
+    w0 = 2.0 if level == "sequence" else math.exp(LN(2) / (2 + E))
+    w1 = 0.5 if level == "sequence" else math.exp(-LN(2) / (1 + E))
+    factor = (w0 * 2 / (2 + E) + w1 / (1 + E)) / 2  # the mean of the row means
     w, _, m = _run(source, old, rollout, mask, rollout_is=level, rollout_is_threshold=3.0,
                    rollout_is_batch_normalize=True)
-    want = torch.tensor([[w0, w0], [0.5, 0.0], [0.0, 0.0]], dtype=torch.float64) / factor
+    want = torch.tensor([[w0, w0], [w1, 0.0], [0.0, 0.0]], dtype=torch.float64) / factor
     torch.testing.assert_close(w.double(), want, rtol=1e-12, atol=0)
     assert m["rollout_corr/rollout_is_batch_norm_factor"] == pytest.approx(factor, rel=1e-12)
-    assert m["rollout_corr/rollout_is_mean"] == pytest.approx((2 * w0 + 0.5) / (3 + E), rel=1e-12)  # before it
+    assert m["rollout_corr/rollout_is_mean"] == pytest.approx((2 * w0 + w1) / (3 + E), rel=1e-12)  # before it
 
 
 def test_oracle_key_sets():
@@ -391,6 +392,19 @@ def test_huge_log_ratios_stay_finite(dtype):
         assert torch.isfinite(weights).all() and all(math.isfinite(v) for v in metrics.values())
     metrics = compute_offpolicy_metrics(old, rollout, mask)
     assert metrics["k3_kl"] > 1.0 and all(math.isfinite(v) for v in metrics.values())
+
+
+@requires_dropin
+@pytest.mark.parametrize("level", ["token", "sequence", "geometric"])
+def test_icepop_band_missing_every_weight_stays_finite(level):
+    """Every raw weight outside the band: verl divides by zero in the ESS; here ESS 0, factor 1."""
+    old, rollout, mask = _make_batch(12, batch=4, length=10)
+    rollout = old + 3.0 + torch.rand(old.shape, dtype=torch.float64)  # every ratio below exp(-3)
+    weights, _, metrics = assert_matches_oracle(old, rollout, mask, rollout_is=level, rollout_is_threshold="0.5_2.0",
+                                                rollout_is_batch_normalize=True)
+    assert not weights.any()
+    assert metrics["rollout_corr/rollout_is_eff_sample_size"] == 0.0
+    assert metrics["rollout_corr/rollout_is_batch_norm_factor"] == 1.0
 
 
 @requires_dropin

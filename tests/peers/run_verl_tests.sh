@@ -15,21 +15,22 @@
 #
 # --self-check runs the same tests against verl's own helper (nothing swapped): all should pass.
 # --verl-src DIR takes the tests from a verl checkout instead of the mirror.
-# The project under test is this script's repository (on PYTHONPATH, not installed).
-# Environment: PEER_VENV (default /tmp/verl-peer-venv, created on first use: torch 2.13.0 CPU and
-# verl's light imports), VERL_WHEELS (default /tmp/wheels: verl-0.6.0 and verl-0.9.1 wheels; else pip
-# downloads them), VERL_MIRROR (default /work/.mirror/verl-project+verl/repo), VERL_HEAD_REF
-# (default HEAD; verl 1dda039b carries the helper of the 0.9.1 wheel).
+# Environment: PEER_PROJECT (the checkout under test; default this script's repository, put on
+# PYTHONPATH, not installed), PEER_VENV (default /tmp/verl-peer-venv, created on first use: torch
+# 2.13.0 CPU and verl's light imports), VERL_WHEELS (default /tmp/wheels: verl-0.6.0 and verl-0.9.1
+# wheels; else pip downloads them), VERL_MIRROR (default /work/.mirror/verl-project+verl/repo),
+# VERL_HEAD_REF (default HEAD; verl 1dda039b carries the helper of the 0.9.1 wheel).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
+PROJECT=${PEER_PROJECT:-$REPO}
 PEER_VENV=${PEER_VENV:-/tmp/verl-peer-venv}
 VERL_WHEELS=${VERL_WHEELS:-/tmp/wheels}
 VERL_MIRROR=${VERL_MIRROR:-/work/.mirror/verl-project+verl/repo}
 VERL_HEAD_REF=${VERL_HEAD_REF:-HEAD}
 
 usage() {
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -70,7 +71,7 @@ VERL_DIR="$PEER_VENV/verl-$WHEEL_VERSION"
 if [ ! -d "$VERL_DIR/verl" ]; then
     "$PEER_VENV/bin/pip" install -q --no-deps --target "$VERL_DIR" --find-links "$VERL_WHEELS" "verl==$WHEEL_VERSION"
 fi
-export PYTHONPATH="$REPO:$VERL_DIR"
+export PYTHONPATH="$PROJECT:$VERL_DIR"
 
 if [[ $TARGET == compare-* ]]; then
     exec "$PEER_VENV/bin/python" "$REPO/tests/peers/compare_oracle_with_verl.py" "${TARGET#compare-}" "$@"
