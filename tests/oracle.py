@@ -49,27 +49,21 @@ _TOKEN_KEYS = (
     "mismatch_log_ppl_diff_min",
     "mismatch_ppl_ratio",
 )
-_CLIP_KEYS = ("rollout_is_clipped_fraction", "rollout_is_seq_clipped_fraction")
-# verl 0.6.0 reports the clip-mode fractions under these names; same values as the `clipped` ones.
-VERL_CLIP_ALIASES = {
-    "rollout_is_masked_fraction": "rollout_is_clipped_fraction",
-    "rollout_is_seq_masked_fraction": "rollout_is_seq_clipped_fraction",
-}
-_PERPLEXITY_KEYS = ("training_ppl", "training_log_ppl")
-_MISMATCH_KEYS = ("kl", "k3_kl", "rollout_ppl", "rollout_log_ppl", "log_ppl_diff", "log_ppl_abs_diff",
-                  "log_ppl_diff_max", "log_ppl_diff_min", "ppl_ratio")
+_CLIP_KEYS = ("rollout_is_clipped_fraction", "rollout_is_seq_clipped_fraction", "rollout_is_masked_fraction",
+              "rollout_is_seq_masked_fraction")
 _QUANTILES = {"rollout_is_p25": 0.25, "rollout_is_p50": 0.50, "rollout_is_p75": 0.75,
               "rollout_is_p95": 0.95, "rollout_is_p99": 0.99}
 
+# verl's unprefixed perplexity names (compute_mismatch_metrics adds `mismatch_`); the second group
+# needs the rollout log-probs.
+_PERPLEXITY_KEYS = ("training_ppl", "training_log_ppl")
+_MISMATCH_KEYS = ("kl", "k3_kl", "rollout_ppl", "rollout_log_ppl", "log_ppl_diff", "log_ppl_abs_diff",
+                  "log_ppl_diff_max", "log_ppl_diff_min", "ppl_ratio")
 
-def expected_metric_keys(mode, verl_aliases=False):
-    """Full metric names docs/metrics.md promises for `mode` ("truncate", "clip" or "mask").
 
-    `verl_aliases` adds verl 0.6.0's names of the clip-mode fractions (`VERL_CLIP_ALIASES`).
-    """
+def expected_metric_keys(mode):
+    """Full metric names docs/metrics.md promises for `mode` ("truncate", "clip" or "mask")."""
     keys = _TOKEN_KEYS + (_CLIP_KEYS if mode in ("clip", "mask") else ())
-    if verl_aliases and mode in ("clip", "mask"):
-        keys += tuple(VERL_CLIP_ALIASES)
     return {"mismatch/" + key for key in keys}
 
 
@@ -182,7 +176,7 @@ def oracle_mismatch_metrics(old, rollout, mask):
     return {"mismatch_" + key: value for key, value in perplexity_metrics(seq_mo, seq_mr, token_lr).items()}
 
 
-def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto, verl_aliases=False):
+def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto):
     """Rollout IS weights and metrics of one global batch, in float64.
 
     Args:
@@ -195,7 +189,6 @@ def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto, verl_
         upper: upper threshold (`rollout_is_threshold`).
         lower: lower threshold, or None for `1 / upper`.
         veto: veto threshold `v` on per-token ratios, or None to disable the veto.
-        verl_aliases: also report the clip-mode fractions under verl 0.6.0's names.
 
     Returns:
         `(weights, metrics)`: `[batch, response_len]` float64 weights (0 on masked tokens) and a dict
@@ -257,7 +250,7 @@ def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto, verl_
         seq_any_dropped.append(not all(lower <= w_t <= upper for w_t in valid_w))
 
     weights = torch.tensor(weight_rows, dtype=torch.float64).reshape(old.shape)
-    keys = expected_metric_keys(mode, verl_aliases)
+    keys = expected_metric_keys(mode)
     num_tokens = len(token_w)
     nonfinite_fraction = num_nonfinite / (num_nonfinite + num_tokens + EPS)
     if num_tokens == 0:
@@ -327,12 +320,12 @@ def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto, verl_
     if clip:
         m["rollout_is_clipped_fraction"] = token_mean([0.0 if k else 1.0 for k in token_kept])
         m["rollout_is_seq_clipped_fraction"] = seq_share(seq_any_dropped)
+        # verl 0.6.0's own names for the same two shares.
+        m["rollout_is_masked_fraction"] = m["rollout_is_clipped_fraction"]
+        m["rollout_is_seq_masked_fraction"] = m["rollout_is_seq_clipped_fraction"]
 
     for key, value in perplexity_metrics(seq_mo, seq_mr, token_lr).items():
         m["mismatch_" + key] = value
-    if clip and verl_aliases:
-        for alias, key in VERL_CLIP_ALIASES.items():
-            m[alias] = m[key]
 
     metrics = {"mismatch/" + key: float(value) for key, value in m.items()}
     assert set(metrics) == keys

@@ -378,7 +378,7 @@ def run_060(helper, cases, seed):
                 proto, got = helper.compute_rollout_importance_weights(
                     old, rollout, mask, rollout_is_level=level, rollout_is_mode=mode, rollout_is_threshold=upper,
                     rollout_is_threshold_lower=lower, rollout_is_veto_threshold=veto)
-                weights, want = oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto, verl_aliases=True)
+                weights, want = oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto)
                 compared += 1
                 want = {k: v for k, v in want.items() if "clipped_fraction" not in k and "nonfinite" not in k}
                 problems = compare_metrics(got, want, mask_dtype, True, {"mismatch/rollout_is_std": upper})
