@@ -149,8 +149,8 @@ def oracle_offpolicy_metrics(old, rollout, mask):
 def parse_is_threshold(spec, mode):
     """`(mode, lower, upper)` of `rollout_is_threshold` and the optional `rollout_is_mode`.
 
-    A number (or a string holding one) `U`: `truncate` by default, `lower = 1/U`; `mask` turns it
-    into the band `[1/U, U]`. A string `"lo_hi"`: the band, `mask` by default, or `clamp`.
+    A number (or a string holding one) `U`: `truncate` by default, `lower = 1/U`; `mask` and `clamp`
+    take the band `[1/U, U]`. A string `"lo_hi"`: the band, `mask` by default, or `clamp`.
     """
     if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
         raise TypeError(f"rollout_is_threshold must be a number or a string, got {spec!r}")
@@ -166,8 +166,6 @@ def parse_is_threshold(spec, mode):
     mode = mode or ("mask" if band else "truncate")
     if mode not in IS_MODES:
         raise ValueError(f"unknown rollout_is_mode {mode!r}")
-    if mode == "clamp" and not band:
-        raise ValueError("rollout_is_mode 'clamp' needs a 'lo_hi' band")
     if mode == "truncate" and band:
         raise ValueError("rollout_is_mode 'truncate' takes a number, not a band")
     return mode, lower, upper

@@ -193,7 +193,8 @@ def test_hand_computed(source, name):
 
 @pytest.mark.parametrize("source", SOURCES)
 def test_icepop_and_clamp_by_hand(source):
-    """Raw token ratios 0.4, 0.8, 6 against the band [0.5, 5]: IcePop zeroes, clamp bounds both ways."""
+    """Raw token ratios 0.4, 0.8, 6 against the band [0.5, 5]: IcePop zeroes, clamp bounds both ways
+    (a number U clamps to [1/U, U])."""
     old = torch.zeros(1, 3, dtype=torch.float64)
     rollout = -torch.tensor([[0.4, 0.8, 6.0]], dtype=torch.float64).log()
     mask = torch.ones(1, 3, dtype=torch.bool)
@@ -210,6 +211,8 @@ def test_icepop_and_clamp_by_hand(source):
     assert "rollout_corr/rollout_is_oob_ratio" not in m
     assert m["rollout_corr/rollout_is_ratio_fraction_high"] == pytest.approx(1 / n, rel=1e-12)
     assert m["rollout_corr/rollout_is_ratio_fraction_low"] == pytest.approx(1 / n, rel=1e-12)
+    w, _, _ = _run(source, old, rollout, mask, rollout_is="token", rollout_is_threshold=2.0, rollout_is_mode="clamp")
+    torch.testing.assert_close(w.double(), torch.tensor([[0.5, 0.8, 2.0]], dtype=torch.float64), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -419,7 +422,7 @@ BAD_ARGUMENTS = [
     (dict(rollout_is="token", rollout_is_threshold=True), "rollout_is_threshold"),
     (dict(rollout_is="token", rollout_is_threshold="2.0_0.5"), "rollout_is_threshold"),
     (dict(rollout_is="token", rollout_is_threshold=-1.0), "rollout_is_threshold"),
-    (dict(rollout_is="token", rollout_is_threshold=2.0, rollout_is_mode="clamp"), "rollout_is_mode"),
+    (dict(rollout_is="token", rollout_is_threshold="0.5_2.0", rollout_is_mode="truncate"), "rollout_is_mode"),
     (dict(rollout_is="bogus"), "rollout_is"),
     (dict(rollout_rs="token_k4", rollout_rs_threshold=2.0), "rollout_rs"),
     (dict(rollout_rs="token_k2", rollout_rs_threshold=None), "rollout_rs_threshold"),
