@@ -21,21 +21,13 @@ from typing import Optional
 
 import torch
 
-from oracle import EPS, SAFETY_BOUND, float_rows, perplexity_metrics
+from oracle import EPS, SAFETY_BOUND, _clamp, _safe_exp, float_rows, perplexity_metrics
 
 RS_CRITERIA = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
                "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
 IS_LEVELS = {"token": "token", "sequence": "sequence", "geometric": "geometric", "sequence_mean": "geometric"}
 IS_MODES = ("truncate", "mask", "clamp")
 BATCH_NORM_MIN = 1e-8
-
-
-def _clamp(x, low, high):
-    return max(low, min(x, high))
-
-
-def _safe_exp(x):
-    return math.exp(min(x, SAFETY_BOUND))
 
 
 def _std_from_moments(values):
