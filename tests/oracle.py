@@ -54,6 +54,12 @@ _CLIP_KEYS = ("rollout_is_clipped_fraction", "rollout_is_seq_clipped_fraction", 
 _QUANTILES = {"rollout_is_p25": 0.25, "rollout_is_p50": 0.50, "rollout_is_p75": 0.75,
               "rollout_is_p95": 0.95, "rollout_is_p99": 0.99}
 
+# verl's unprefixed perplexity names (compute_mismatch_metrics adds `mismatch_`); the second group
+# needs the rollout log-probs.
+_PERPLEXITY_KEYS = ("training_ppl", "training_log_ppl")
+_MISMATCH_KEYS = ("kl", "k3_kl", "rollout_ppl", "rollout_log_ppl", "log_ppl_diff", "log_ppl_abs_diff",
+                  "log_ppl_diff_max", "log_ppl_diff_min", "ppl_ratio")
+
 
 def expected_metric_keys(mode):
     """Full metric names docs/metrics.md promises for `mode` ("truncate", "clip" or "mask")."""
@@ -82,6 +88,94 @@ def _clamp(x, low, high):
     return max(low, min(x, high))
 
 
+def float_rows(old, rollout, mask):
+    """The batch as Python float64 rows, which tokens are valid, and how many marked ones are not.
+
+    Args:
+        old: `[batch, response_len]` log-probs.
+        rollout: `[batch, response_len]` log-probs, or None (then only `old` must be finite).
+        mask: `[batch, response_len]`, non-zero marks a token.
+
+    Returns:
+        `(old_rows, rollout_rows, valid_rows, num_nonfinite)`: lists of rows (`rollout_rows` is
+        None without `rollout`); a token is valid when marked and its log-probs are finite;
+        `num_nonfinite` counts the marked tokens that are not valid.
+    """
+    old_rows = old.detach().to(torch.float64).tolist()
+    rollout_rows = rollout.detach().to(torch.float64).tolist() if rollout is not None else None
+    marked_rows = (mask.detach() != 0).tolist()
+    valid_rows = [
+        [marked and math.isfinite(o) and (r is None or math.isfinite(r)) for marked, o, r in zip(*rows)]
+        for rows in zip(marked_rows, old_rows, rollout_rows or [[None] * len(row) for row in old_rows])
+    ]
+    num_nonfinite = sum(m and not v for ms, vs in zip(marked_rows, valid_rows) for m, v in zip(ms, vs))
+    return old_rows, rollout_rows, valid_rows, num_nonfinite
+
+
+def perplexity_metrics(seq_mo, seq_mr, token_lr):
+    """Perplexity and mismatch metrics shared by verl 0.6.0 and verl HEAD, unprefixed HEAD names.
+
+    Args:
+        seq_mo: per non-empty sequence, the mean old log-prob `sum / (n_i + EPS)`.
+        seq_mr: the same for the rollout log-probs, or None (then only the training perplexity).
+        token_lr: per valid token, `old - rollout` (unused without `seq_mr`).
+
+    Returns:
+        `{name: float}` with `training_ppl`, `training_log_ppl` and, with `seq_mr`, `kl`, `k3_kl`,
+        `rollout_ppl`, `rollout_log_ppl`, `log_ppl_diff`, `log_ppl_abs_diff`, `log_ppl_diff_max`,
+        `log_ppl_diff_min`, `ppl_ratio`; all 0.0 when there is no valid token.
+    """
+    keys = _PERPLEXITY_KEYS + (_MISMATCH_KEYS if seq_mr is not None else ())
+    if not seq_mo:
+        return {key: 0.0 for key in keys}
+    num_seqs, num_tokens = len(seq_mo), len(token_lr)
+
+    def seq_mean(values):
+        return math.fsum(values) / num_seqs
+
+    m = {"training_ppl": seq_mean(_safe_exp(-mo) for mo in seq_mo),
+         "training_log_ppl": seq_mean(-mo for mo in seq_mo)}
+    if seq_mr is None:
+        return m
+    m["kl"] = math.fsum(-lr for lr in token_lr) / (num_tokens + EPS)
+    m["k3_kl"] = math.fsum(_safe_exp(lr) - lr - 1.0 for lr in token_lr) / (num_tokens + EPS)
+    m["rollout_ppl"] = seq_mean(_safe_exp(-mr) for mr in seq_mr)
+    m["rollout_log_ppl"] = seq_mean(-mr for mr in seq_mr)
+    diffs = [mr - mo for mo, mr in zip(seq_mo, seq_mr)]
+    m["log_ppl_diff"] = seq_mean(diffs)
+    m["log_ppl_abs_diff"] = seq_mean(abs(d) for d in diffs)
+    m["log_ppl_diff_max"] = max(diffs)
+    m["log_ppl_diff_min"] = min(diffs)
+    m["ppl_ratio"] = seq_mean(_safe_exp(d) for d in diffs)
+    return m
+
+
+def oracle_mismatch_metrics(old, rollout, mask):
+    """verl 0.6.0's `compute_mismatch_metrics`, as docs/metrics.md defines its values.
+
+    Args:
+        old: `[batch, response_len]` training log-probs.
+        rollout: `[batch, response_len]` rollout log-probs, or None (training perplexity only).
+        mask: `[batch, response_len]` response mask; tokens with a non-finite log-prob are dropped.
+
+    Returns:
+        `{"mismatch_...": float}`, unprefixed as verl returns them.
+    """
+    old_rows, rollout_rows, valid_rows, _ = float_rows(old, rollout, mask)
+    seq_mo, seq_mr, token_lr = [], [] if rollout is not None else None, []
+    for i, valid_row in enumerate(valid_rows):
+        n = sum(valid_row)
+        if n == 0:
+            continue
+        valid_old = [o for o, ok in zip(old_rows[i], valid_row) if ok]
+        seq_mo.append(math.fsum(valid_old) / (n + EPS))
+        if rollout is not None:
+            valid_rollout = [r for r, ok in zip(rollout_rows[i], valid_row) if ok]
+            seq_mr.append(math.fsum(valid_rollout) / (n + EPS))
+            token_lr.extend(o - r for o, r in zip(valid_old, valid_rollout))
+    return {"mismatch_" + key: value for key, value in perplexity_metrics(seq_mo, seq_mr, token_lr).items()}
+
+
 def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto):
     """Rollout IS weights and metrics of one global batch, in float64.
 
@@ -98,8 +192,11 @@ def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto):
 
     Returns:
         `(weights, metrics)`: `[batch, response_len]` float64 weights (0 on masked tokens) and a dict
-        of the full `mismatch/...` metric names to Python floats.
+        of the full `mismatch/...` metric names to Python floats; `(None, {})` when `upper` is None
+        (IS disabled, as verl 0.6.0 does).
     """
+    if upper is None:
+        return None, {}
     if level not in ("token", "sequence", "geometric"):
         raise ValueError(f"unknown level {level!r}")
     if mode not in ("truncate", "clip", "mask"):
@@ -109,14 +206,7 @@ def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto):
     upper = float(upper)
     log_veto = math.log(veto) if veto is not None else None
 
-    old_rows = old.detach().to(torch.float64).tolist()
-    rollout_rows = rollout.detach().to(torch.float64).tolist()
-    marked_rows = (mask.detach() != 0).tolist()
-    valid_rows = [
-        [marked and math.isfinite(o) and math.isfinite(r) for marked, o, r in zip(*rows)]
-        for rows in zip(marked_rows, old_rows, rollout_rows)
-    ]
-    num_nonfinite = sum(m and not v for ms, vs in zip(marked_rows, valid_rows) for m, v in zip(ms, vs))
+    old_rows, rollout_rows, valid_rows, num_nonfinite = float_rows(old, rollout, mask)
 
     weight_rows = []
     # Per valid token, in batch order.
@@ -234,18 +324,8 @@ def oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto):
         m["rollout_is_masked_fraction"] = m["rollout_is_clipped_fraction"]
         m["rollout_is_seq_masked_fraction"] = m["rollout_is_seq_clipped_fraction"]
 
-    m["mismatch_training_ppl"] = seq_mean(_safe_exp(-mo) for mo in seq_mo)
-    m["mismatch_rollout_ppl"] = seq_mean(_safe_exp(-mr) for mr in seq_mr)
-    m["mismatch_training_log_ppl"] = seq_mean(-mo for mo in seq_mo)
-    m["mismatch_rollout_log_ppl"] = seq_mean(-mr for mr in seq_mr)
-    m["mismatch_kl"] = token_mean([-lr for lr in token_lr])
-    m["mismatch_k3_kl"] = token_mean([_safe_exp(lr) - lr - 1.0 for lr in token_lr])
-    diffs = [mr - mo for mo, mr in zip(seq_mo, seq_mr)]
-    m["mismatch_log_ppl_diff"] = seq_mean(diffs)
-    m["mismatch_log_ppl_abs_diff"] = seq_mean(abs(d) for d in diffs)
-    m["mismatch_log_ppl_diff_max"] = max(diffs)
-    m["mismatch_log_ppl_diff_min"] = min(diffs)
-    m["mismatch_ppl_ratio"] = seq_mean(_safe_exp(d) for d in diffs)
+    for key, value in perplexity_metrics(seq_mo, seq_mr, token_lr).items():
+        m["mismatch_" + key] = value
 
     metrics = {"mismatch/" + key: float(value) for key, value in m.items()}
     assert set(metrics) == keys
