@@ -129,8 +129,7 @@ def oracle_offpolicy_metrics(old, rollout, mask):
         chi2_token = chi2_seq = 0.0
     metrics["chi2_token"] = chi2_token
     metrics["chi2_seq"] = chi2_seq
-    total = num_nonfinite + num_tokens
-    metrics["nonfinite_token_fraction"] = num_nonfinite / total if total else 0.0
+    metrics["nonfinite_token_fraction"] = num_nonfinite / (num_nonfinite + num_tokens + EPS)
     return metrics
 
 

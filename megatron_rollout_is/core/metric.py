@@ -118,9 +118,9 @@ class Reduced:
         return math.sqrt(max(0.0, (self.values[square_key] - count * mean * mean) / (count - 1)))
 
     def effective_sample_size(self, sum_key: str, square_key: str) -> float:
-        """`1 / mm((c / (mm(c) + 1e-8))^2)` from the sums of c and c^2."""
-        mean = self.token_mean(sum_key)
-        return 1.0 / (self.token_mean(square_key) / (mean + MEAN_EPS) ** 2)
+        """`1 / mm((c / (mm(c) + 1e-8))^2)` from the sums of c and c^2; 0.0 when every c is 0."""
+        mean, square = self.token_mean(sum_key), self.token_mean(square_key)
+        return 1.0 / (square / (mean + MEAN_EPS) ** 2) if square > 0 else 0.0
 
 
 def metric(name: str, formula: str, value: Callable[[Reduced], float], *needs) -> Metric:
