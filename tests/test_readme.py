@@ -19,6 +19,13 @@ def test_readme_has_a_main_and_a_test_command_using_the_venv():
     assert "pytest" in tests
 
 
+def test_the_main_command_installs_the_demo_extra_and_the_tests_the_test_extra():
+    # The demo's packages (psutil, tensorboard, matplotlib, tqdm) are not library dependencies.
+    main, tests = _readme_commands()
+    assert "-e '.[demo]'" in main and main.endswith("megatron-rollout-is demo")
+    assert "-e '.[test]'" in tests
+
+
 def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _readme_commands()[1] in ci_lines

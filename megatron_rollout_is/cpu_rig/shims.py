@@ -1,4 +1,4 @@
-"""Run megatron-core 0.16.1 on CPU-only machines (gloo) by redirecting its CUDA assumptions.
+"""Run megatron-core (0.16.1 to 0.20) on CPU-only machines (gloo) by redirecting its CUDA assumptions.
 
 A plain Megatron-Core training step with CPU tensors still reaches a few CUDA-only calls. This
 module redirects exactly those call sites and nothing else; :func:`install_cpu_shims` applies it.
@@ -9,7 +9,8 @@ How: in each affected megatron module the module-global name ``torch`` is reboun
 * the tensor factories ``empty``, ``zeros``, ``ones`` and ``tensor``, which put a tensor that asks
   for a CUDA ``device`` on the CPU instead, and
 * ``torch.cuda``, replaced by :class:`_CpuCuda`: ``current_device()`` is the CPU,
-  ``synchronize()`` does nothing (CPU kernels are synchronous), and the RNG calls
+  ``synchronize()`` does nothing (CPU kernels are synchronous), ``current_stream()`` is a stream
+  whose waits do nothing (for the same reason), and the RNG calls
   ``get_rng_state``/``set_rng_state``/``manual_seed`` act on the default CPU generator.
 
 Code outside these modules (torch itself, the model, the project) keeps the real ``torch``, so the
@@ -39,6 +40,10 @@ inside ``megatron/core/``):
 * ``distributed/param_and_grad_buffer.py``: DDP's gradient buffer on
   ``torch.cuda.current_device()``; ``optimizer/optimizer.py``: the FP32 optimizer's ``_scale``;
   ``optimizer/clip_grads.py``: the grad-norm all-reduce buffer.
+
+megatron-core 0.20 (Megatron-LM main) moves these lines and adds one call site:
+``distributed/param_and_grad_buffer.py`` (0.20: :638, :697, :820) waits on
+``torch.cuda.current_stream()`` for CUDA-graph events before every gradient reduction.
 
 Not covered: parameters created on the GPU (build models with ``use_cpu_initialization=True``,
 as ``model.tiny_gpt_config`` does) and gradient clipping itself, which asserts CUDA gradient types
@@ -102,6 +107,22 @@ def _on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]
     return factory_on_cpu
 
 
+class _CpuStream:
+    """Stand-in for the current CUDA stream: CPU work is done when its call returns."""
+
+    def wait_event(self, event: Any) -> None:
+        """Nothing is pending on the CPU, so there is nothing to wait for."""
+
+    def wait_stream(self, stream: Any) -> None:
+        """Nothing is pending on the CPU, so there is nothing to wait for."""
+
+    def synchronize(self) -> None:
+        """Nothing is pending on the CPU, so there is nothing to wait for."""
+
+
+_CPU_STREAM = _CpuStream()
+
+
 class _CpuCuda(types.ModuleType):
     """Stand-in for ``torch.cuda`` inside the redirected megatron modules."""
 
@@ -119,6 +140,11 @@ class _CpuCuda(types.ModuleType):
     @staticmethod
     def synchronize(device: Any = None) -> None:
         """CPU kernels finish before they return: nothing to wait for."""
+
+    @staticmethod
+    def current_stream(device: Any = None) -> _CpuStream:
+        """The one CPU "stream" (megatron-core 0.20 waits on it before reducing gradients)."""
+        return _CPU_STREAM
 
     @staticmethod
     def get_rng_state(device: Any = "cuda") -> torch.Tensor:
@@ -195,7 +221,7 @@ def install_cpu_shims() -> bool:
         if bound is not torch:
             raise RuntimeError(
                 f"{module_name} no longer binds the global name 'torch' to the torch module; "
-                "this megatron-core version is not the one cpu_shims was written for (0.16.1)."
+                "this megatron-core version is not one the CPU rig was written for (0.16.1 to 0.20)."
             )
         module.torch = stand_in
     random_module = importlib.import_module("megatron.core.tensor_parallel.random")

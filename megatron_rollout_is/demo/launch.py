@@ -5,6 +5,7 @@
 makes a world of one on gloo itself; with CUDA available it uses NCCL and ``cuda:LOCAL_RANK``.
 """
 
+import logging
 import os
 import socket
 import sys
@@ -21,6 +22,13 @@ from .arguments import parse_args
 _EXPECTED_WARNINGS = (r".*(Apex|Transformer Engine).* not installed", r"full scope is deprecated")
 # A CUDA tuning hint megatron gives under TP; meaningless on CPU.
 _CUDA_ONLY_ADVICE = r".*CUDA_DEVICE_MAX_CONNECTIONS"
+# megatron-core 0.20 logs (not warns) for every GPTModel built that it is deprecated in favour of
+# HybridModel; the demo's tiny GPT is built on purpose and runs on 0.16.1 too.
+_GPT_MODEL_LOGGER = "megatron.core.models.gpt.gpt_model"
+
+
+def _not_the_gpt_model_deprecation(record: logging.LogRecord) -> bool:
+    return "GPTModel IS DEPRECATED" not in record.getMessage()
 
 
 def _free_port() -> int:
@@ -65,6 +73,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defau
         return 2
     for message in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    # addFilter skips a filter already there (main can run several times in one process).
+    logging.getLogger(_GPT_MODEL_LOGGER).addFilter(_not_the_gpt_model_deprecation)
     # Imported only now so that --help and flag errors come back without megatron's import time.
     from megatron.core import parallel_state
 
