@@ -59,6 +59,23 @@ def test_nan_in_padding_is_ignored():
     assert metrics["mismatch/rollout_is_nonfinite_token_fraction"] == 0.0
 
 
+SEQUENCE_VALUES = {"[B]": lambda t: t[:, 0], "[B, 1]": lambda t: t[:, :1]}
+
+
+@pytest.mark.parametrize("form", SEQUENCE_VALUES)
+@pytest.mark.parametrize("which", ["old_log_prob", "rollout_log_prob", "response_mask"])
+def test_a_per_sequence_tensor_is_not_broadcast(which, form):
+    """The README's row: `[B]` or `[B, 1]` where `[B, S]` is expected names the tensor, both shapes
+    and "no broadcasting"."""
+    inputs = dict(zip(("old_log_prob", "rollout_log_prob", "response_mask"), _batch()))
+    inputs[which] = SEQUENCE_VALUES[form](inputs[which])
+    with pytest.raises(ValueError) as caught:
+        compute_rollout_importance_weights(*inputs.values())
+    message = str(caught.value)
+    for word in (which, str(tuple(inputs[which].shape)), "(3, 6)", "no broadcasting"):
+        assert word in message, (word, message)
+
+
 @pytest.mark.parametrize(
     "change, error, words",
     [
@@ -76,23 +93,6 @@ def test_malformed_inputs_name_the_argument(change, error, words):
         compute_rollout_importance_weights(*change(*_batch()))
     for word in words:
         assert word in str(caught.value)
-
-
-SEQUENCE_VALUES = {"[B]": lambda t: t[:, 0], "[B, 1]": lambda t: t[:, :1]}
-
-
-@pytest.mark.parametrize("form", SEQUENCE_VALUES)
-@pytest.mark.parametrize("which", ["old_log_prob", "rollout_log_prob", "response_mask"])
-def test_a_per_sequence_tensor_is_not_broadcast(which, form):
-    """The README's row: `[B]` or `[B, 1]` where `[B, S]` is expected names the tensor, both shapes
-    and "no broadcasting"."""
-    inputs = dict(zip(("old_log_prob", "rollout_log_prob", "response_mask"), _batch()))
-    inputs[which] = SEQUENCE_VALUES[form](inputs[which])
-    with pytest.raises(ValueError) as caught:
-        compute_rollout_importance_weights(*inputs.values())
-    message = str(caught.value)
-    for word in (which, str(tuple(inputs[which].shape)), "(3, 6)", "no broadcasting"):
-        assert word in message, (word, message)
 
 
 def test_missing_threshold_is_a_clear_error():
