@@ -367,6 +367,7 @@ def _run_step(ddp_model, loss_fn, batches, packed):
         ``{global micro-batch index: report summed over CP}``: last stage; empty elsewhere.
     """
     import torch.distributed as dist
+
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -502,6 +503,7 @@ def _cpu_shims_checks():
 def _cp_attention_checks():
     """CP=2 core attention (padded causal, THD with GQA): outputs and input grads vs float64."""
     import torch.distributed as dist
+
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.enums import AttnMaskType
@@ -613,7 +615,8 @@ def _assert_grads_match(grads, reference_grads, where):
 
 
 def _global_reports(per_rank, layout, step):
-    """``{global micro-batch index: report}`` of a step from every last-stage rank, which must agree."""
+    """A step's reports in global micro-batch order, from the last-stage ranks (those holding the
+    same micro-batch must agree)."""
     merged = {}
     for rank, result in enumerate(per_rank):
         reports = result[layout][step]["reports"]

@@ -146,7 +146,8 @@ def test_asymmetric_clip_bounds_apply_low_below_and_high_above():
     total, report, grad, _ = _run(_loss(RolloutISConfig(), clip_eps_low=eps_low, clip_eps_high=eps_high),
                                   logits, batch, [2, 4])
     reference = logits.double().requires_grad_()
-    expected, count = _hand_loss(reference, batch, "token", 2.0, apply_weights=False, eps_low=eps_low, eps_high=eps_high)
+    bounds = dict(eps_low=eps_low, eps_high=eps_high)
+    expected, count = _hand_loss(reference, batch, "token", 2.0, apply_weights=False, **bounds)
     expected.backward()
     swapped, _ = _hand_loss(logits, batch, "token", 2.0, apply_weights=False, eps_low=eps_high, eps_high=eps_low)
     clipped = _clipped_tokens(logits, batch, eps_low, eps_high)
