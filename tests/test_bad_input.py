@@ -11,7 +11,7 @@ import torch
 
 from megatron_rollout_is import compute_rollout_importance_weights
 from megatron_rollout_is.config import RolloutISConfig
-from megatron_rollout_is.integration.loss import RolloutISPolicyLoss
+from megatron_rollout_is.integration.loss import PolicyLossConfig, RolloutISPolicyLoss
 from megatron_rollout_is.parallel.groups import RolloutISGroups
 from megatron_rollout_is.parallel.vocab_parallel import vocab_parallel_token_log_probs
 
@@ -59,13 +59,30 @@ def test_nan_in_padding_is_ignored():
     assert metrics["mismatch/rollout_is_nonfinite_token_fraction"] == 0.0
 
 
+SEQUENCE_VALUES = {"[B]": lambda t: t[:, 0], "[B, 1]": lambda t: t[:, :1]}
+
+
+@pytest.mark.parametrize("form", SEQUENCE_VALUES)
+@pytest.mark.parametrize("which", ["old_log_prob", "rollout_log_prob", "response_mask"])
+def test_a_per_sequence_tensor_is_not_broadcast(which, form):
+    """The README's row: `[B]` or `[B, 1]` where `[B, S]` is expected names the tensor, both shapes
+    and "no broadcasting"."""
+    inputs = dict(zip(("old_log_prob", "rollout_log_prob", "response_mask"), _batch()))
+    inputs[which] = SEQUENCE_VALUES[form](inputs[which])
+    with pytest.raises(ValueError) as caught:
+        compute_rollout_importance_weights(*inputs.values())
+    message = str(caught.value)
+    for word in (which, str(tuple(inputs[which].shape)), "(3, 6)", "no broadcasting"):
+        assert word in message, (word, message)
+
+
 @pytest.mark.parametrize(
     "change, error, words",
     [
         (lambda o, r, m: (o, r[:, :-1], m), ValueError, ["rollout_log_prob", "(3, 5)", "(3, 6)", "no broadcasting"]),
         (lambda o, r, m: (o, r, m[:, :1]), ValueError, ["response_mask", "(3, 1)", "no broadcasting"]),
-        (lambda o, r, m: (o[:, :1], r, m), ValueError, ["rollout_log_prob", "(3, 6)", "(3, 1)"]),
-        (lambda o, r, m: (o[:, 0], r[:, 0], m[:, 0]), ValueError, ["old_log_prob", "[batch, response_len]", "(3,)"]),
+        (lambda o, r, m: (o[:, 0], r[:, 0], m[:, 0]), ValueError,
+         ["old_log_prob", "[batch, response_len]", "(3,)", "no broadcasting"]),
         (lambda o, r, m: (o, r.long(), m), TypeError, ["rollout_log_prob", "floating-point"]),
         (lambda o, r, m: (o, None, m), TypeError, ["rollout_log_prob", "torch.Tensor"]),
         (lambda o, r, m: (o.to("meta"), r, m), ValueError, ["rollout_log_prob", "meta", "one device"]),
@@ -136,6 +153,21 @@ def test_loss_hook_rejects_missing_or_misshapen_tensors(overrides, words):
         loss(_loss_batch(**overrides), torch.randn(4, 2, 8))
     for word in words:
         assert word in str(caught.value)
+
+
+@pytest.mark.parametrize("form", SEQUENCE_VALUES)
+@pytest.mark.parametrize("key", ["loss_mask", "old_log_prob", "rollout_log_prob", "ref_log_prob"])
+def test_loss_hook_does_not_broadcast_per_sequence_tensors(key, form):
+    """`[b]` or `[b, 1]` for a per-token tensor of the loss hook: named, both shapes, "no broadcasting"."""
+    batch = _loss_batch(ref_log_prob=_batch(b=2, s=4)[0])
+    batch[key] = SEQUENCE_VALUES[form](batch[key])
+    loss = RolloutISPolicyLoss(RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0), RolloutISGroups(),
+                               PolicyLossConfig(kl_coef=0.1))
+    with pytest.raises(ValueError) as caught:
+        loss(batch, torch.randn(4, 2, 8))
+    message = str(caught.value)
+    for word in (key, str(tuple(batch[key].shape)), "(2, 4)", "no broadcasting"):
+        assert word in message, (word, message)
 
 
 def test_vocab_parallel_rejects_out_of_range_targets():

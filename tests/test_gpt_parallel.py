@@ -1,7 +1,10 @@
-"""One GPTModel training step under TP, PP, CP (padded and packed THD) and TP x PP on gloo.
+"""One GPTModel training step under TP, PP, CP (padded and packed THD), DP and their products on gloo.
 
-Every layout runs forward + backward through megatron's ``get_forward_backward_func()`` with two
-micro-batches, twice on the same weights:
+Every layout runs forward + backward as a Megatron trainer does: the model in megatron's
+``DistributedDataParallel``, ``get_forward_backward_func()`` over the DP rank's share of two global
+micro-batches, and the schedule's ``finalize_model_grads`` (``calculate_per_token_loss``: the
+gradients are summed over DP x CP, then divided by the step's token count summed over micro-batches
+and DP x CP). It does so twice on the same weights:
 
 * with a plain per-token policy-gradient loss ``-sum(mask * log p(label) * advantage)`` in the
   ``(loss_sum, num_tokens, report)`` contract;
@@ -9,13 +12,13 @@ micro-batches, twice on the same weights:
   (not bypass), sequence-level rollout IS applied (clip mode on padded batches, truncate on
   packed ones, veto on), one advantage per sequence.
 
-Its full gradients (TP shards concatenated, PP layers renumbered, summed over CP) must equal the
-gradients of an independent single-process reference: the same weights in megatron's own local
-spec (its ``DotProductAttention`` with an explicit causal mask), a float64 log-softmax, packed
-documents run one by one, the PPO objective written out here and the IS weights of
-``oracle.oracle_rollout_is`` on the whole global batch. The rollout IS step also checks every
-micro-batch's loss report (summed over CP) and the step's ``mismatch/`` metrics against the same
-reference.
+Its full gradients (TP shards concatenated, PP layers renumbered, as finalized) must equal the
+gradients of an independent single-process reference divided by the global count of valid tokens:
+the same weights in megatron's own local spec (its ``DotProductAttention`` with an explicit causal
+mask), a float64 log-softmax, packed documents run one by one, the PPO objective written out here
+and the IS weights of ``oracle.oracle_rollout_is`` on the whole global batch. The rollout IS step
+also checks every micro-batch's loss report (summed over CP) and the step's ``mismatch/`` metrics
+against the same reference.
 """
 
 from typing import NamedTuple
@@ -31,8 +34,8 @@ MAX_SEQ = 32
 SEQ = 16
 MICRO_BATCH_SIZE = 2
 SEED = 1234
-# Per micro-batch document lengths of the packed batches (each divisible by 2 * cp = 4).
-THD_DOCUMENTS = ((8, 4, 12), (4, 16, 4))
+# Per micro-batch document lengths of the packed batches (each divisible by 2 * the largest cp = 8).
+THD_DOCUMENTS = ((8, 16, 8), (16, 8, 8))
 REL_TOL = 1e-5
 
 # The rollout IS step: PPO clip range (asymmetric, so that a swapped bound shows), the noise that
@@ -53,31 +56,45 @@ DECISION_MARGIN = 1e-4
 
 
 class Layout(NamedTuple):
-    """A parallel layout; every layout uses all ranks of its spawn for model parallelism."""
+    """A parallel layout of a spawn of ``tp * pp * cp * dp`` ranks, and the data it trains on."""
 
     tp: int
     pp: int
     cp: int
+    dp: int
     packed: bool
     position_embedding: str
 
+    @property
+    def data(self):
+        """What the layout's global batch and reference depend on."""
+        return self.packed, self.position_embedding
+
 
 TWO_RANK_LAYOUTS = (
-    Layout(2, 1, 1, False, "learned_absolute"),
-    Layout(1, 2, 1, False, "rope"),
-    Layout(1, 1, 2, False, "learned_absolute"),
-    Layout(1, 1, 2, False, "rope"),
-    Layout(1, 1, 2, True, "learned_absolute"),
-    Layout(1, 1, 2, True, "rope"),
+    Layout(2, 1, 1, 1, False, "learned_absolute"),
+    Layout(1, 2, 1, 1, False, "rope"),
+    Layout(1, 1, 2, 1, False, "learned_absolute"),
+    Layout(1, 1, 2, 1, False, "rope"),
+    Layout(1, 1, 2, 1, True, "learned_absolute"),
+    Layout(1, 1, 2, 1, True, "rope"),
+    Layout(1, 1, 1, 2, False, "learned_absolute"),
 )
 FOUR_RANK_LAYOUTS = (
-    Layout(2, 2, 1, False, "learned_absolute"),
-    Layout(2, 1, 2, True, "rope"),
+    Layout(2, 2, 1, 1, False, "learned_absolute"),
+    Layout(2, 1, 2, 1, True, "rope"),
+    Layout(4, 1, 1, 1, False, "rope"),
+    Layout(1, 1, 4, 1, False, "rope"),
+    Layout(1, 1, 4, 1, True, "learned_absolute"),
+    Layout(2, 1, 1, 2, False, "rope"),
+    Layout(1, 2, 1, 2, False, "learned_absolute"),
+    Layout(1, 1, 2, 2, False, "learned_absolute"),
+    Layout(1, 1, 2, 2, True, "rope"),
 )
 
 
 def _layout_id(layout):
-    parts = [f"{name}{size}" for name, size in zip(("tp", "pp", "cp"), layout[:3]) if size > 1]
+    parts = [f"{name}{size}" for name, size in zip(("tp", "pp", "cp", "dp"), layout[:4]) if size > 1]
     parts.append("thd" if layout.packed else "padded")
     parts.append(layout.position_embedding)
     return "_".join(parts)
@@ -269,7 +286,12 @@ def _check_decision_margins(old, rollout, mask, is_batches, log_probs):
 
 
 def _reference(batches, packed, position_embedding):
-    """Full weights, and losses and gradients of both steps, of the single-process reference."""
+    """Full weights, and losses and gradients of both steps, of the single-process reference.
+
+    The gradients are those of the token-mean loss of the step (the loss summed over the global
+    batch, divided by its count of valid tokens), which is what a trainer with
+    ``calculate_per_token_loss`` gets after ``finalize_model_grads``.
+    """
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -294,12 +316,14 @@ def _reference(batches, packed, position_embedding):
     is_loss, is_reports, is_metrics, sequence_kinds = _reference_rollout_is_loss(
         is_batches, packed, log_probs
     )
-    plain_grads = torch.autograd.grad(plain_loss, params, retain_graph=True)
-    is_grads = torch.autograd.grad(is_loss, params)
+    plain_tokens = sum(batch["loss_mask"].sum().item() for batch in batches)
+    is_tokens = sum(report["tokens"] for report in is_reports)
+    plain_grads = torch.autograd.grad(plain_loss / plain_tokens, params, retain_graph=True)
+    is_grads = torch.autograd.grad(is_loss / is_tokens, params)
     return {
         "weights": {name: p.detach().clone() for name, p in zip(names, params)},
         "rollout_is_batches": is_batches,
-        "plain": {"loss": plain_loss.item(), "grads": dict(zip(names, plain_grads))},
+        "plain": {"loss": plain_loss.item(), "tokens": plain_tokens, "grads": dict(zip(names, plain_grads))},
         "rollout_is": {
             "loss": is_loss.item(),
             "grads": dict(zip(names, is_grads)),
@@ -333,9 +357,17 @@ def _split_for_cp(batch, cp, cp_rank, packed):
     return local
 
 
-def _run_step(model, loss_fn, batches, packed):
-    """Forward/backward of the global ``batches`` on this rank; CP-summed reports (last stage)."""
+def _run_step(ddp_model, loss_fn, batches, packed):
+    """One training step on this rank: forward/backward of its DP share of the global ``batches``.
+
+    The DP rank trains on micro-batches ``batches[dp_rank::dp]``; the schedule ends with the
+    config's ``finalize_model_grads``, which leaves the step's gradient in each ``main_grad``.
+
+    Returns:
+        ``{global micro-batch index: report summed over CP}``: last stage; empty elsewhere.
+    """
     import torch.distributed as dist
+
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -343,31 +375,44 @@ def _run_step(model, loss_fn, batches, packed):
 
     cp = parallel_state.get_context_parallel_world_size()
     cp_rank = parallel_state.get_context_parallel_rank()
-    for p in model.parameters():
-        p.grad = None
-    local = [_split_for_cp(batch, cp, cp_rank, packed) for batch in batches]
+    dp = parallel_state.get_data_parallel_world_size()
+    indices = range(parallel_state.get_data_parallel_rank(), len(batches), dp)
+    local = [_split_for_cp(batches[index], cp, cp_rank, packed) for index in indices]
+    ddp_model.zero_grad_buffer()
     reports = get_forward_backward_func()(
         forward_step_func=forward_step.make_gpt_forward_step(loss_fn),
         data_iterator=iter(local),
-        model=[model],
+        model=[ddp_model],
         num_microbatches=len(local),
         seq_length=batches[0]["tokens"].size(1),
         micro_batch_size=batches[0]["tokens"].size(0),
         forward_only=False,
     )
-    missing = [name for name, p in model.named_parameters() if p.grad is None]
-    assert not missing, f"no gradient for {missing}"
-    dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    for p in model.parameters():
-        dist.all_reduce(p.grad, group=dp_cp_group)
-    summed = []
-    for report in reports:
-        summed.append({})
+    summed = {}
+    for index, report in zip(indices, reports):
+        summed[index] = {}
         for name, value in report.items():
             value = value.double()
             dist.all_reduce(value, group=parallel_state.get_context_parallel_group())
-            summed[-1][name] = value.tolist()
+            summed[index][name] = value.tolist()
     return summed
+
+
+def _wrap_for_training(config, model):
+    """The model in megatron's DDP, its gradients finalized by the schedule as a trainer's are."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
+    ddp_model = DistributedDataParallel(config, ddp_config, model)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = ddp_model.no_sync
+    return ddp_model
 
 
 def _train_step(layout, reference, batches):
@@ -379,31 +424,32 @@ def _train_step(layout, reference, batches):
     from megatron_rollout_is.integration.loss import PolicyLossConfig, RolloutISPolicyLoss
     from megatron_rollout_is.parallel.groups import RolloutISGroups
 
-    tp, pp, cp, packed, position_embedding = layout
-    init_megatron(tp, pp, cp)
+    init_megatron(layout.tp, layout.pp, layout.cp)
+    assert parallel_state.get_data_parallel_world_size() == layout.dp
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)
+    config = gpt.tiny_gpt_config(layout.tp, layout.pp, layout.cp)
     model = gpt.build_gpt_model(
-        gpt.tiny_gpt_config(tp, pp, cp), VOCAB, MAX_SEQ, position_embedding_type=position_embedding
+        config, VOCAB, MAX_SEQ, position_embedding_type=layout.position_embedding
     )
     tp_group = parallel_state.get_tensor_model_parallel_group()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     gpt.load_full_state_dict(model, reference["weights"], tp_group)
+    ddp_model = _wrap_for_training(config, model)
 
     def full_grads():
-        local = {name: p.grad for name, p in model.named_parameters()}
+        # Copies: main_grad is a view of DDP's gradient buffer, which the next step overwrites.
+        local = {name: p.main_grad.clone() for name, p in model.named_parameters()}
         return gpt.unshard_named_tensors(model, local, tp_group, pp_group)
 
     last_stage = parallel_state.is_pipeline_last_stage()
-    reports = _run_step(model, _policy_loss, batches, packed)
-    plain = {"grads": full_grads(), "loss": None}
-    if last_stage:
-        plain["loss"] = sum(report["policy_loss"][0] for report in reports)
+    reports = _run_step(ddp_model, _policy_loss, batches, layout.packed)
+    plain = {"grads": full_grads(), "reports": reports if last_stage else None}
 
     is_config = RolloutISConfig(
         rollout_is=True,
         rollout_is_threshold=IS_UPPER,
         rollout_is_level="sequence",
-        rollout_is_mode=_is_mode(packed),
+        rollout_is_mode=_is_mode(layout.packed),
         rollout_is_veto_threshold=IS_VETO,
     )
     loss = RolloutISPolicyLoss(
@@ -411,7 +457,7 @@ def _train_step(layout, reference, batches):
         RolloutISGroups.from_parallel_state(),
         PolicyLossConfig(clip_eps_low=CLIP_EPS_LOW, clip_eps_high=CLIP_EPS_HIGH),
     )
-    reports = _run_step(model, loss, reference["rollout_is_batches"], packed)
+    reports = _run_step(ddp_model, loss, reference["rollout_is_batches"], layout.packed)
     rollout_is = {"grads": full_grads(), "reports": None, "metrics": None}
     if last_stage:
         rollout_is["reports"] = reports
@@ -457,6 +503,7 @@ def _cpu_shims_checks():
 def _cp_attention_checks():
     """CP=2 core attention (padded causal, THD with GQA): outputs and input grads vs float64."""
     import torch.distributed as dist
+
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.transformer.enums import AttnMaskType
@@ -535,14 +582,14 @@ def _worker(rank, world_size, layouts, unit_checks):
         results["shims"] = _cpu_shims_checks()
         results["attention"] = _cp_attention_checks()
     cpu_rig.activate()
-    for packed, position_embedding in sorted({layout[3:] for layout in layouts}):
+    for packed, position_embedding in sorted({layout.data for layout in layouts}):
         batches = _global_batches(packed)
         reference = _reference(batches, packed, position_embedding)
         results[("reference", packed, position_embedding)] = {
             step: reference[step] for step in ("plain", "rollout_is")
         }
         for layout in layouts:
-            if layout[3:] == (packed, position_embedding):
+            if layout.data == (packed, position_embedding):
                 results[layout] = _train_step(layout, reference, batches)
     return results
 
@@ -554,7 +601,7 @@ def two_rank_results():
 
 @pytest.fixture(scope="module")
 def four_rank_results():
-    return run_distributed(4, _worker, FOUR_RANK_LAYOUTS, False, timeout=240)
+    return run_distributed(4, _worker, FOUR_RANK_LAYOUTS, False, timeout=600)
 
 
 def _assert_grads_match(grads, reference_grads, where):
@@ -567,20 +614,30 @@ def _assert_grads_match(grads, reference_grads, where):
         assert rel < REL_TOL, f"{where}, {name}: relative error {rel:.2e}"
 
 
+def _global_reports(per_rank, layout, step):
+    """A step's reports in global micro-batch order, from the last-stage ranks (those holding the
+    same micro-batch must agree)."""
+    merged = {}
+    for rank, result in enumerate(per_rank):
+        reports = result[layout][step]["reports"]
+        for index, report in (reports or {}).items():
+            assert merged.setdefault(index, report) == report, f"{_layout_id(layout)}, rank {rank}, micro-batch {index}"
+    assert sorted(merged) == [0, 1], f"{_layout_id(layout)}: micro-batches {sorted(merged)} reported"
+    return [merged[index] for index in sorted(merged)]
+
+
 def _assert_matches_reference(per_rank, layout):
-    reference = per_rank[0][("reference",) + layout[3:]]["plain"]
-    losses = [r[layout]["plain"]["loss"] for r in per_rank]
-    losses = [loss for loss in losses if loss is not None]
-    assert losses, "no rank reported the loss (last pipeline stage missing)"
-    for loss in losses:
-        assert loss == pytest.approx(reference["loss"], rel=REL_TOL)
+    reference = per_rank[0][("reference",) + layout.data]["plain"]
+    reports = _global_reports(per_rank, layout, "plain")
+    assert sum(report["policy_loss"][0] for report in reports) == pytest.approx(reference["loss"], rel=REL_TOL)
+    assert sum(report["policy_loss"][1] for report in reports) == reference["tokens"]
     for rank, result in enumerate(per_rank):
         where = f"layout {_layout_id(layout)}, rank {rank}"
         _assert_grads_match(result[layout]["plain"]["grads"], reference["grads"], where)
 
 
 def _assert_rollout_is_step_matches_reference(per_rank, layout):
-    reference = per_rank[0][("reference",) + layout[3:]]["rollout_is"]
+    reference = per_rank[0][("reference",) + layout.data]["rollout_is"]
     for rank, result in enumerate(per_rank):
         step = result[layout]["rollout_is"]
         where = f"layout {_layout_id(layout)}, rank {rank}"
@@ -588,25 +645,22 @@ def _assert_rollout_is_step_matches_reference(per_rank, layout):
         if step["reports"] is None:
             assert step["metrics"] is None
             continue
-        # Per micro-batch reports, summed over CP: [loss sum, tokens], and the PPO-clipped tokens.
-        assert len(step["reports"]) == len(reference["reports"]), where
-        for index, (report, ref) in enumerate(zip(step["reports"], reference["reports"])):
-            at = f"{where}, micro-batch {index}"
-            assert report["loss"][0] == pytest.approx(ref["loss"], rel=REL_TOL), at
-            assert report["loss"][1] == ref["tokens"], at
-            expected = [ref["loss"], ref["tokens"]]
-            assert report["policy loss"] == pytest.approx(expected, rel=REL_TOL), at
-            assert report["ppo clip fraction"] == [ref["clipped"], ref["tokens"]], at
-        loss_sum = sum(report["loss"][0] for report in step["reports"])
-        tokens = sum(report["loss"][1] for report in step["reports"])
-        assert loss_sum == pytest.approx(reference["loss"], rel=REL_TOL), where
-        assert tokens == sum(ref["tokens"] for ref in reference["reports"]), where
         metrics = step["metrics"]
         assert set(metrics) == expected_metric_keys(_is_mode(layout.packed)), where
         for key, expected in reference["metrics"].items():
             assert metrics[key] == pytest.approx(expected, rel=REL_TOL), (
                 f"{where}, {key}: {metrics[key]!r} vs oracle {expected!r}"
             )
+    # Per micro-batch reports, summed over CP: [loss sum, tokens], and the PPO-clipped tokens.
+    reports = _global_reports(per_rank, layout, "rollout_is")
+    for index, (report, ref) in enumerate(zip(reports, reference["reports"])):
+        at = f"layout {_layout_id(layout)}, micro-batch {index}"
+        assert report["loss"][0] == pytest.approx(ref["loss"], rel=REL_TOL), at
+        assert report["loss"][1] == ref["tokens"], at
+        expected = [ref["loss"], ref["tokens"]]
+        assert report["policy loss"] == pytest.approx(expected, rel=REL_TOL), at
+        assert report["ppo clip fraction"] == [ref["clipped"], ref["tokens"]], at
+    assert sum(report["loss"][0] for report in reports) == pytest.approx(reference["loss"], rel=REL_TOL)
     last_stage_ranks = [r for r in per_rank if r[layout]["rollout_is"]["reports"] is not None]
     assert len(last_stage_ranks) == len(per_rank) // layout.pp, "a last-stage rank reported nothing"
 

@@ -12,6 +12,7 @@ import torch
 from megatron_rollout_is.config import RolloutISConfig
 from megatron_rollout_is.integration.loss import PolicyLossConfig, RolloutISPolicyLoss
 from megatron_rollout_is.parallel.groups import RolloutISGroups
+from oracle import oracle_rollout_is
 
 BATCH, SEQ, VOCAB = 6, 7, 11
 CLIP_EPS = 0.2
@@ -42,22 +43,28 @@ def _batch(seed=0):
     return logits, batch
 
 
-def _loss(config: RolloutISConfig, bypass=False):
-    return RolloutISPolicyLoss(config, RolloutISGroups(), PolicyLossConfig(
-        clip_eps_low=CLIP_EPS, clip_eps_high=CLIP_EPS, temperature=TEMPERATURE, bypass=bypass))
+def _loss(config: RolloutISConfig, bypass=False, **loss_settings):
+    settings = dict(clip_eps_low=CLIP_EPS, clip_eps_high=CLIP_EPS, temperature=TEMPERATURE, bypass=bypass)
+    settings.update(loss_settings)
+    return RolloutISPolicyLoss(config, RolloutISGroups(), PolicyLossConfig(**settings))
 
 
-def _hand_loss(logits, batch, level, upper, apply_weights=True, veto=VETO):
-    """Float64 sum over valid tokens of max(-A r, -A clip(r)) * w, and the valid token count."""
+def _reference_log_probs(logits, labels):
+    """Float64 ``[b, s]`` log-probs of the labels under the temperature-scaled softmax of ``[s, b, V]``."""
     log_probs = torch.log_softmax(logits.double() / TEMPERATURE, -1)
-    log_probs = log_probs.gather(-1, batch["labels"].t().unsqueeze(-1)).squeeze(-1).t()
+    return log_probs.gather(-1, labels.t().unsqueeze(-1)).squeeze(-1).t()
+
+
+def _hand_loss(logits, batch, level, upper, apply_weights=True, veto=VETO, eps_low=CLIP_EPS, eps_high=CLIP_EPS):
+    """Float64 sum over valid tokens of max(-A r, -A clip(r)) * w, and the valid token count."""
+    log_probs = _reference_log_probs(logits, batch["labels"])
     old, rollout = batch["old_log_prob"].double(), batch["rollout_log_prob"].double()
     valid = batch["loss_mask"].bool()
     if apply_weights:
         valid = valid & torch.isfinite(rollout)
     advantages = batch["advantages"].double().unsqueeze(1)
     ratio = torch.exp(log_probs - old)
-    per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - CLIP_EPS, 1 + CLIP_EPS))
+    per_token = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - eps_low, 1 + eps_high))
     if apply_weights:
         log_ratio = torch.where(valid, old - rollout, torch.zeros_like(old))
         if level == "token":
@@ -123,6 +130,120 @@ def test_monitoring_mode_does_not_change_the_loss():
     expected, count = _hand_loss(logits, batch, "token", upper=2.0, apply_weights=False)
     assert mon_total.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
     assert mon_report["loss"][1].item() == count
+
+
+def _clipped_tokens(logits, batch, eps_low, eps_high):
+    """Tokens whose clipped term is the active one: A > 0 above 1 + eps_high, A < 0 below 1 - eps_low."""
+    ratio = torch.exp(_reference_log_probs(logits, batch["labels"]) - batch["old_log_prob"].double())
+    advantages = batch["advantages"].double().unsqueeze(1)
+    active = ((advantages > 0) & (ratio > 1 + eps_high)) | ((advantages < 0) & (ratio < 1 - eps_low))
+    return int((active & batch["loss_mask"].bool()).sum())
+
+
+def test_asymmetric_clip_bounds_apply_low_below_and_high_above():
+    eps_low, eps_high = 0.1, 0.4
+    logits, batch = _batch(seed=5)
+    total, report, grad, _ = _run(_loss(RolloutISConfig(), clip_eps_low=eps_low, clip_eps_high=eps_high),
+                                  logits, batch, [2, 4])
+    reference = logits.double().requires_grad_()
+    bounds = dict(eps_low=eps_low, eps_high=eps_high)
+    expected, count = _hand_loss(reference, batch, "token", 2.0, apply_weights=False, **bounds)
+    expected.backward()
+    swapped, _ = _hand_loss(logits, batch, "token", 2.0, apply_weights=False, eps_low=eps_high, eps_high=eps_low)
+    clipped = _clipped_tokens(logits, batch, eps_low, eps_high)
+    # The batch tells the bounds apart: swapping them changes the loss and the clipped tokens.
+    assert abs(swapped.item() - expected.item()) > 1e-2 * abs(expected.item())
+    assert _clipped_tokens(logits, batch, eps_high, eps_low) != clipped
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad.double(), reference.grad, rtol=1e-4, atol=1e-6)
+    assert report["ppo clip fraction"].tolist() == [clipped, count]
+
+
+@pytest.mark.parametrize("level", [None, "token", "sequence"])
+def test_bypass_gradient_is_the_is_weighted_policy_gradient(level):
+    """Bypass: pi_old is the detached current log-prob, so every PPO ratio is 1 (inside the clip
+    range, whose terms then pass the gradient) and the loss's gradient is the REINFORCE-like
+    sum over valid tokens of -A w grad log pi, w the IS weights of the current log-probs."""
+    logits, batch = _batch(seed=6)
+    del batch["old_log_prob"]
+    # Rollout log-probs around the current ones (bypass's pi_old), drifting per sequence so that
+    # weights fall below and above the bound; the catastrophic token of sequence 2 stays.
+    generator = torch.Generator().manual_seed(9)
+    current = _reference_log_probs(logits, batch["labels"]).float()
+    drift = torch.tensor([0.4, -0.1, 0.0, 0.25, 0.0, -0.05]).unsqueeze(1)
+    rollout = current - drift - 0.3 * torch.randn(BATCH, SEQ, generator=generator)
+    rollout[2, 3] = current[2, 3] + 12.0
+    batch["rollout_log_prob"] = rollout
+    config = RolloutISConfig()
+    if level is not None:
+        config = RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0, rollout_is_level=level,
+                                 rollout_is_veto_threshold=VETO)
+    loss = _loss(config, bypass=True, clip_eps_low=0.1, clip_eps_high=0.3)
+    total, report, grad, metrics = _run(loss, logits, batch, [2, 4])
+
+    reference = logits.double().requires_grad_()
+    log_probs = _reference_log_probs(reference, batch["labels"])
+    valid = batch["loss_mask"].bool()
+    weights = torch.ones_like(log_probs)
+    if level is not None:
+        weights, expected_metrics = oracle_rollout_is(log_probs.detach(), batch["rollout_log_prob"], batch["loss_mask"],
+                                                      level, "truncate", 2.0, None, VETO)
+        # The weights matter here: some are bounded, one sequence is vetoed, the rest vary.
+        assert (weights[valid] == 2.0).any() and (weights[valid] == 0.0).any()
+        assert metrics.keys() == expected_metrics.keys()
+        for name, value in expected_metrics.items():
+            assert metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    advantages = batch["advantages"].double().unsqueeze(1)
+    surrogate = torch.where(valid, -advantages * weights * log_probs, 0.0).sum()
+    surrogate.backward()
+    assert reference.grad.norm() > 0
+    expected_value = torch.where(valid, -advantages * weights, 0.0).sum().item()
+    assert total.item() == pytest.approx(expected_value, rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(grad.double(), reference.grad, rtol=1e-4, atol=1e-6)
+    assert report["ppo clip fraction"].tolist() == [0.0, float(valid.sum())]
+
+
+@pytest.mark.parametrize("kl_coef, entropy_coef", [(0.3, 0.0), (0.0, 0.05), (0.3, 0.05)])
+def test_kl_penalty_and_entropy_bonus_match_float64(kl_coef, entropy_coef):
+    """loss = PPO-IS term + kl_coef * k3(ref, pi) - entropy_coef * H(pi), per valid token, where
+    k3 = exp(ref - log pi) - (ref - log pi) - 1 (an estimate of KL(pi || pi_ref)) and H is the entropy
+    of the temperature-scaled softmax."""
+    logits, batch = _batch(seed=7)
+    generator = torch.Generator().manual_seed(8)
+    batch["ref_log_prob"] = batch["old_log_prob"] + 0.5 * torch.randn(BATCH, SEQ, generator=generator)
+    config = RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0, rollout_is_veto_threshold=VETO)
+    loss = _loss(config, kl_coef=kl_coef, entropy_coef=entropy_coef)
+    total, report, grad, _ = _run(loss, logits, batch, [3, 3])
+
+    reference = logits.double().requires_grad_()
+    policy, count = _hand_loss(reference, batch, "token", upper=2.0)
+    valid = batch["loss_mask"].bool() & torch.isfinite(batch["rollout_log_prob"])
+    ref_minus_policy = batch["ref_log_prob"].double() - _reference_log_probs(reference, batch["labels"])
+    kl = torch.where(valid, torch.exp(ref_minus_policy) - ref_minus_policy - 1, 0.0).sum()
+    scaled = reference / TEMPERATURE
+    entropy = -(torch.softmax(scaled, -1) * torch.log_softmax(scaled, -1)).sum(-1).t()
+    entropy = torch.where(valid, entropy, 0.0).sum()
+    expected = policy + kl_coef * kl - entropy_coef * entropy
+    (policy_grad,) = torch.autograd.grad(policy, reference, retain_graph=True)
+    expected.backward()
+
+    # The penalty and bonus change the gradient well beyond the tolerance.
+    assert (reference.grad - policy_grad).norm() > 1e-2 * reference.grad.norm()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert report["loss"].tolist() == pytest.approx([expected.item(), count], rel=1e-5, abs=1e-6)
+    assert report["policy loss"].tolist() == pytest.approx([policy.item(), count], rel=1e-5, abs=1e-6)
+    for name, coef, value in (("kl", kl_coef, kl), ("entropy", entropy_coef, entropy)):
+        if coef:
+            assert report[name].tolist() == pytest.approx([value.item(), count], rel=1e-5, abs=1e-6), name
+        else:
+            assert name not in report
+    torch.testing.assert_close(grad.double(), reference.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_kl_penalty_without_ref_log_prob_is_a_clear_error():
+    logits, batch = _batch()
+    with pytest.raises(ValueError, match="ref_log_prob.*kl_coef"):
+        _loss(RolloutISConfig(), kl_coef=0.1)(batch, logits)
 
 
 def test_missing_rollout_log_prob_with_is_on_is_a_clear_error():

@@ -16,6 +16,7 @@ import argparse
 import ast
 import functools
 import logging
+import os
 import py_compile
 import shutil
 import subprocess
@@ -33,14 +34,11 @@ from mp_harness import run_distributed
 from oracle import expected_metric_keys, oracle_rollout_is
 
 REPO = Path(__file__).resolve().parents[1]
-UPSTREAM = Path(__file__).resolve().parents[2] / "shared" / "upstream" / "megatron-lm"
+# The pinned Megatron-LM files: shared/upstream/megatron-lm beside the clone, or wherever
+# MEGATRON_LM_FIXTURES points (e.g. from a git worktree that has no shared/ beside it).
+UPSTREAM = Path(os.environ.get("MEGATRON_LM_FIXTURES", REPO.parent / "shared" / "upstream" / "megatron-lm"))
 PATCH = REPO / "patches" / "megatron-lm-rollout-is.patch"
 PATCHED_FILES = ("train_rl.py", "megatron/rl/rl_utils.py", "megatron/training/arguments.py")
-
-pytestmark = pytest.mark.skipif(
-    not UPSTREAM.is_dir(),
-    reason=f"the upstream Megatron-LM fixtures are not at {UPSTREAM} (shared/upstream/ beside the clone)",
-)
 
 EPS_LOW, EPS_HIGH, KL_BETA, ENTROPY_WEIGHT = 0.2, 0.28, 0.05, 0.01
 # level -> (rollout_is_threshold, rollout_is_threshold_lower) sized so that both bounds bite.
@@ -76,7 +74,19 @@ def _run(command, cwd):
 
 @pytest.fixture(scope="module")
 def patched_tree(tmp_path_factory) -> Path:
-    """A copy of the upstream files with the patch applied by `git apply`."""
+    """A copy of the upstream files with the patch applied by `git apply`.
+
+    Every test of this module needs it, so missing fixtures are an error of each test, never a skip:
+    a run without them must not pass.
+    """
+    missing = [relative for relative in PATCHED_FILES if not (UPSTREAM / relative).is_file()]
+    if missing:
+        pytest.fail(
+            f"the upstream Megatron-LM fixtures are missing: {', '.join(missing)} not found under {UPSTREAM}. "
+            "Put the pinned snapshot at shared/upstream/megatron-lm beside the repository, or set "
+            "MEGATRON_LM_FIXTURES to its directory.",
+            pytrace=False,
+        )
     tree = _copy_upstream(tmp_path_factory.mktemp("megatron-lm"))
     # A repository of its own, so that git resolves the patch's paths here even under a work tree.
     assert _run(["git", "init", "-q"], tree).returncode == 0

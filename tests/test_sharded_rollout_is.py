@@ -30,15 +30,11 @@ from megatron_rollout_is.parallel.context_parallel import (
 )
 from megatron_rollout_is.parallel.groups import RolloutISGroups
 from megatron_rollout_is.parallel.sharded import ShardedRolloutIS
+from megatron_rollout_is.parallel.vocab_parallel import vocab_parallel_token_log_probs
 from mp_harness import init_megatron, run_distributed
 from oracle import expected_metric_keys, oracle_rollout_is
 
-try:
-    from megatron_rollout_is.parallel.vocab_parallel import vocab_parallel_token_log_probs
-except ImportError:  # written by another change; TP ranks then only duplicate the work
-    vocab_parallel_token_log_probs = None
-
-CASES = build_cases(with_vocab_parallel=vocab_parallel_token_log_probs is not None)
+CASES = build_cases(with_vocab_parallel=True)
 TRAFFIC_SEQ_LENS = (64, 512, 4096)
 TRAFFIC_ROWS, TRAFFIC_MICRO_BATCHES = 8, 2
 LAYOUT_CHECK_MAX_BYTES = 8 * 8  # the documented shape check per micro-batch: a few int64
@@ -96,21 +92,30 @@ def _micro_batch(sharded, case, batch, rows, layout, at, groups) -> torch.Tensor
     return sharded.micro_batch_weights_thd(*local, local_cu_seqlens(cu_seqlens, layout.cp))
 
 
-def _run_case(case: Case, layout: Layout, at: dict, groups: RolloutISGroups) -> dict:
+def _run_case(case: Case, layout: Layout, at: dict, groups: RolloutISGroups, log: "CollectiveLog") -> dict:
+    """Weights and metrics of one case, and the collectives it made: `{"tp": TP-group calls, "groups":
+    sorted global ranks of every group it communicated over}`."""
     batch = _cached_batch(case)
     sharded = ShardedRolloutIS(_config(case), groups)
+    log.take()
     weights = [
         _micro_batch(sharded, case, batch, rows, layout, at, groups)
         for rows in micro_batch_rows(case, layout.dp, at["dp"])
     ]
-    return {"weights": weights, "metrics": sharded.finalize()}
+    metrics = sharded.finalize()
+    calls = log.take()
+    collectives = {"tp": sum(call["group"] == "tp" for call in calls),
+                   "groups": sorted({call["ranks"] for call in calls})}
+    return {"weights": weights, "metrics": metrics, "collectives": collectives}
 
 
 class CollectiveLog:
     """Counting pass-throughs around torch.distributed's communication functions.
 
-    Each wrapper records (function, group label, reduce op, payload bytes of the first tensor
-    argument) and calls the real function: instrumentation, not a mock.
+    Each wrapper records (function, group label, the group's global ranks, reduce op, payload bytes
+    of the first tensor argument) and calls the real function: instrumentation, not a mock. With
+    `allowed_ranks`, a call over a group holding any other rank raises instead (such a collective
+    would wait for ranks that never join it: a clear error here rather than a hang).
     """
 
     NAMES = (
@@ -119,8 +124,9 @@ class CollectiveLog:
         "scatter", "reduce", "send", "recv", "isend", "irecv", "batch_isend_irecv",
     )
 
-    def __init__(self, labelled_groups):
+    def __init__(self, labelled_groups, allowed_ranks=None):
         self.labelled_groups = labelled_groups
+        self.allowed_ranks = allowed_ranks
         self.calls = []
         self._saved = []
 
@@ -153,8 +159,12 @@ class CollectiveLog:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             tensor = next((v for v in bound.arguments.values() if isinstance(v, torch.Tensor)), None)
+            group = bound.arguments.get("group")
+            ranks = tuple(dist.get_process_group_ranks(dist.group.WORLD if group is None else group))
+            if self.allowed_ranks is not None and not set(ranks) <= set(self.allowed_ranks):
+                raise AssertionError(f"{name} over ranks {ranks}, outside the allowed ranks {self.allowed_ranks}")
             self.calls.append({
-                "name": name, "group": self._label(bound.arguments.get("group")),
+                "name": name, "group": self._label(group), "ranks": ranks,
                 "op": str(bound.arguments.get("op", "")),
                 "bytes": 0 if tensor is None else tensor.numel() * tensor.element_size(),
             })
@@ -216,6 +226,13 @@ def _cp_disagreement(layout: Layout, at: dict, groups: RolloutISGroups) -> dict:
     return outcomes
 
 
+def _last_stage_ranks(at: dict) -> list:
+    """Global ranks of the last pipeline stage (a collective over the world: every rank calls it)."""
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, at["last_stage"])
+    return [rank for rank, last in enumerate(flags) if last]
+
+
 def _world_worker(rank: int, world_size: int) -> dict:
     report = {"layouts": {}, "traffic": {}, "disagreement": {}}
     for layout in layouts_for_world(world_size):
@@ -223,9 +240,11 @@ def _world_worker(rank: int, world_size: int) -> dict:
         at = _coordinates()
         groups = RolloutISGroups.from_parallel_state()
         results = {}
+        last_stage = _last_stage_ranks(at)
         if at["last_stage"]:  # other pipeline stages call nothing at all
-            for case in CASES:
-                results[case.name] = _run_case(case, layout, at, groups)
+            with CollectiveLog([(groups.tp, "tp")], allowed_ranks=last_stage) as log:
+                for case in CASES:
+                    results[case.name] = _run_case(case, layout, at, groups, log)
         is_pure_cp = layout.cp == world_size > 1
         if is_pure_cp:
             report["disagreement"][str(layout)] = _cp_disagreement(layout, at, groups)
@@ -322,19 +341,40 @@ def test_every_layout_matches_oracle(world_size):
     assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures[:40])
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_other_pipeline_stages_report_nothing(world_size):
-    for report in _world_report(world_size):
-        for layout in layouts_for_world(world_size):
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rollout_is_communicates_only_within_the_last_pipeline_stage(world_size):
+    """Only the last stage calls the IS (the worker's set-up); what is tested is that its collectives
+    then never need a rank of another stage, which would wait for them forever in a real trainer.
+    The worker's `CollectiveLog` raises on such a call, so a violation fails here at once (the
+    harness re-raises it with the group's ranks) instead of hanging until the timeout."""
+    for layout in layouts_for_world(world_size):
+        entries = [report["layouts"][str(layout)] for report in _world_report(world_size)]
+        last_stage = {entry["rank"] for entry in entries if entry["at"]["pp"] == layout.pp - 1}
+        assert {entry["rank"] for entry in entries if entry["at"]["last_stage"]} == last_stage, layout
+        used = {ranks for entry in entries for result in entry["cases"].values()
+                for ranks in result["collectives"]["groups"]}
+        assert all(set(ranks) <= last_stage for ranks in used), f"{layout}: groups {used}, last stage {last_stage}"
+        if len(last_stage) > 1:  # the stage's ranks do communicate, and it was recorded
+            assert any(len(ranks) > 1 for ranks in used), f"{layout}: no collective recorded"
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_vocab_parallel_cases_ran(world_size):
+    """The "vocab" cases computed their old log-probs from vocab-parallel logits on every TP > 1 layout:
+    each made TP-group collectives on every last-stage rank (their results are checked against the
+    oracle by `test_every_layout_matches_oracle`)."""
+    vocab_cases = [case.name for case in CASES if case.kind == "vocab"]
+    assert {case.level for case in CASES if case.kind == "vocab"} == {"token", "sequence", "geometric"}
+    tp_layouts = [layout for layout in layouts_for_world(world_size) if layout.tp > 1]
+    assert tp_layouts
+    for layout in tp_layouts:
+        for report in _world_report(world_size):
             entry = report["layouts"][str(layout)]
-            assert entry["at"]["last_stage"] == (entry["at"]["pp"] == layout.pp - 1)
-            assert bool(entry["cases"]) == entry["at"]["last_stage"]
-
-
-def test_vocab_parallel_cases_ran():
-    if vocab_parallel_token_log_probs is None:
-        pytest.skip("megatron_rollout_is.parallel.vocab_parallel is not available")
-    assert sum(case.kind == "vocab" for case in CASES) >= 3
+            if not entry["at"]["last_stage"]:
+                continue
+            for name in vocab_cases:
+                tp_calls = entry["cases"][name]["collectives"]["tp"]
+                assert tp_calls > 0, f"{layout} rank {entry['rank']} {name}: no TP collective"
 
 
 def _bytes(calls, group=None) -> int:

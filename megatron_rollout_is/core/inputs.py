@@ -46,14 +46,17 @@ def check_inputs(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, res
             raise TypeError(f"{name} must be a floating-point tensor of log-probs, got {tensor.dtype}.")
     if old_log_prob.dim() != 2:
         raise ValueError(
-            f"old_log_prob must be [batch, response_len], got shape {tuple(old_log_prob.shape)}; "
-            "pass one row per sequence and one column per response token."
+            f"old_log_prob must be [batch, response_len], got shape {tuple(old_log_prob.shape)} "
+            f"(rollout_log_prob has {tuple(rollout_log_prob.shape)}, response_mask "
+            f"{tuple(response_mask.shape)}); pass one row per sequence and one column per response "
+            "token (no broadcasting: a [batch] or [batch, 1] value must be repeated per token)."
         )
     for name, tensor in (("rollout_log_prob", rollout_log_prob), ("response_mask", response_mask)):
         if tensor.shape != old_log_prob.shape:
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)} but old_log_prob has {tuple(old_log_prob.shape)}; "
-                "all three must be [batch, response_len] with the same positions (no broadcasting)."
+                "all three must be [batch, response_len] with the same positions (no broadcasting: a "
+                "[batch] or [batch, 1] value must be repeated per token)."
             )
         if tensor.device != old_log_prob.device:
             raise ValueError(

@@ -250,7 +250,8 @@ def _per_token(batch: Mapping[str, Any], key: str, shape: torch.Size) -> torch.T
     if tensor.shape != shape:
         raise ValueError(
             f"{key} has shape {tuple(tensor.shape)} but labels have {tuple(shape)}; per-token tensors "
-            "must be split with the same CP index as the tokens (no broadcasting)."
+            "must be split with the same CP index as the tokens (no broadcasting: a [b] or [b, 1] "
+            "value must be repeated per token)."
         )
     return tensor
 
