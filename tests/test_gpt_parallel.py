@@ -28,6 +28,7 @@ import torch
 
 from mp_harness import init_megatron, run_distributed
 from oracle import expected_metric_keys, oracle_rollout_is
+from oracle_correction import oracle_rollout_correction
 
 VOCAB = 32
 MAX_SEQ = 32
@@ -53,6 +54,9 @@ IS_VETO = 1e-4
 CATASTROPHIC_LOG_RATIO = -10.0
 # Decisions (PPO clip, IS bounds) must not sit within float32 noise of their thresholds.
 DECISION_MARGIN = 1e-4
+# The verl-HEAD step: sequence TIS normalised over the step, geometric and k2 rejection.
+CORRECTION_KEYS = dict(rollout_is="sequence", rollout_is_threshold=IS_UPPER, rollout_is_batch_normalize=True,
+                       rollout_rs="seq_mean_k1,token_k2", rollout_rs_threshold="0.89_1.12,0.02")
 
 
 class Layout(NamedTuple):
@@ -260,6 +264,41 @@ def _reference_rollout_is_loss(is_batches, packed, log_probs):
     return sum(losses), reports, metrics, _sequence_kinds(*rows, _is_mode(packed))
 
 
+def _reference_correction_loss(is_batches, packed, log_probs):
+    """The verl-HEAD step in float64: oracle weights and kept tokens of the whole step, PPO-clipped loss."""
+    spans = _sequences(is_batches, packed)
+    rows = [_oracle_rows(is_batches, spans, key) for key in ("old_log_prob", "rollout_log_prob", "loss_mask")]
+    weight_rows, kept_rows, metrics = oracle_rollout_correction(*rows, **CORRECTION_KEYS)
+    _check_rejection_margins(*rows)
+    weights = [torch.zeros_like(logp) for logp in log_probs]
+    kept = [torch.zeros_like(logp) for logp in log_probs]
+    for i, (m, row, a, b) in enumerate(spans):
+        weights[m][row, a:b] = weight_rows[i, : b - a]
+        kept[m][row, a:b] = kept_rows[i, : b - a]
+    loss, tokens = 0.0, 0.0
+    for batch, logp, w, keep in zip(is_batches, log_probs, weights, kept):
+        advantage = batch["advantages"].double()
+        if advantage.dim() == 1:
+            advantage = advantage[:, None].expand_as(logp)
+        ratio = torch.exp(logp - batch["old_log_prob"].double())
+        per_token = torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - CLIP_EPS_LOW, 1 + CLIP_EPS_HIGH))
+        loss = loss + (keep * per_token * w).sum()
+        tokens += keep.sum().item()
+    rejected = sum(int(((b["loss_mask"] != 0) & (k == 0)).sum()) for b, k in zip(is_batches, kept))
+    return loss, tokens, metrics, rejected
+
+
+def _check_rejection_margins(old, rollout, mask):
+    """A float32 run must reject what the float64 reference rejects: statistics off the bounds."""
+    valid = mask != 0
+    log_ratio = torch.where(valid, old - rollout, torch.zeros_like(old))
+    geometric = -log_ratio.sum(1)[valid.any(1)] / valid.sum(1)[valid.any(1)]
+    bounds = torch.tensor([0.89, 1.12], dtype=torch.float64).log()
+    margin = (geometric[:, None] - bounds).abs().min().item()
+    k2_margin = (0.5 * log_ratio[valid].clamp(-20, 20).square() - 0.02).abs().min().item()
+    assert min(margin, k2_margin) > DECISION_MARGIN, f"a rejection statistic sits {min(margin, k2_margin):.1e} off"
+
+
 def _sequence_kinds(old, rollout, mask, mode):
     """How many sequences the IS weights keep, bound (clip: zero, truncate: cap) and veto."""
     log_ratio = torch.where(mask != 0, old - rollout, torch.zeros_like(old))
@@ -318,8 +357,12 @@ def _reference(batches, packed, position_embedding):
     )
     plain_tokens = sum(batch["loss_mask"].sum().item() for batch in batches)
     is_tokens = sum(report["tokens"] for report in is_reports)
+    correction_loss, correction_tokens, correction_metrics, rejected = _reference_correction_loss(
+        is_batches, packed, log_probs
+    )
     plain_grads = torch.autograd.grad(plain_loss / plain_tokens, params, retain_graph=True)
-    is_grads = torch.autograd.grad(is_loss / is_tokens, params)
+    is_grads = torch.autograd.grad(is_loss / is_tokens, params, retain_graph=True)
+    correction_grads = torch.autograd.grad(correction_loss / correction_tokens, params)
     return {
         "weights": {name: p.detach().clone() for name, p in zip(names, params)},
         "rollout_is_batches": is_batches,
@@ -330,6 +373,13 @@ def _reference(batches, packed, position_embedding):
             "reports": is_reports,
             "metrics": is_metrics,
             "sequence_kinds": sequence_kinds,
+        },
+        "correction": {
+            "loss": correction_loss.item(),
+            "tokens": correction_tokens,
+            "rejected": rejected,
+            "grads": dict(zip(names, correction_grads)),
+            "metrics": correction_metrics,
         },
     }
 
@@ -357,7 +407,7 @@ def _split_for_cp(batch, cp, cp_rank, packed):
     return local
 
 
-def _run_step(ddp_model, loss_fn, batches, packed):
+def _run_step(ddp_model, loss_fn, batches, packed, prepare=None):
     """One training step on this rank: forward/backward of its DP share of the global ``batches``.
 
     The DP rank trains on micro-batches ``batches[dp_rank::dp]``; the schedule ends with the
@@ -378,6 +428,8 @@ def _run_step(ddp_model, loss_fn, batches, packed):
     dp = parallel_state.get_data_parallel_world_size()
     indices = range(parallel_state.get_data_parallel_rank(), len(batches), dp)
     local = [_split_for_cp(batches[index], cp, cp_rank, packed) for index in indices]
+    if prepare is not None and parallel_state.is_pipeline_last_stage():
+        prepare(local)  # decoupled mode: the loss hook corrects the step's micro-batches at once
     ddp_model.zero_grad_buffer()
     reports = get_forward_backward_func()(
         forward_step_func=forward_step.make_gpt_forward_step(loss_fn),
@@ -419,7 +471,7 @@ def _train_step(layout, reference, batches):
     """Both steps of a layout on the reference weights; full gradients, reports and metrics."""
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_rollout_is.config import RolloutISConfig
+    from megatron_rollout_is.config import RolloutCorrectionConfig, RolloutISConfig
     from megatron_rollout_is.cpu_rig import model as gpt
     from megatron_rollout_is.integration.loss import PolicyLossConfig, RolloutISPolicyLoss
     from megatron_rollout_is.parallel.groups import RolloutISGroups
@@ -462,7 +514,19 @@ def _train_step(layout, reference, batches):
     if last_stage:
         rollout_is["reports"] = reports
         rollout_is["metrics"] = loss.finalize_step()
-    return {"plain": plain, "rollout_is": rollout_is}
+
+    correction_loss = RolloutISPolicyLoss(
+        RolloutCorrectionConfig(**CORRECTION_KEYS),
+        RolloutISGroups.from_parallel_state(),
+        PolicyLossConfig(clip_eps_low=CLIP_EPS_LOW, clip_eps_high=CLIP_EPS_HIGH),
+    )
+    reports = _run_step(ddp_model, correction_loss, reference["rollout_is_batches"], layout.packed,
+                        prepare=correction_loss.prepare_step)
+    correction = {"grads": full_grads(), "reports": None, "metrics": None}
+    if last_stage:
+        correction["reports"] = reports
+        correction["metrics"] = correction_loss.finalize_step()
+    return {"plain": plain, "rollout_is": rollout_is, "correction": correction}
 
 
 def _rejects_cuda(factory):
@@ -586,7 +650,7 @@ def _worker(rank, world_size, layouts, unit_checks):
         batches = _global_batches(packed)
         reference = _reference(batches, packed, position_embedding)
         results[("reference", packed, position_embedding)] = {
-            step: reference[step] for step in ("plain", "rollout_is")
+            step: reference[step] for step in ("plain", "rollout_is", "correction")
         }
         for layout in layouts:
             if layout.data == (packed, position_embedding):
@@ -596,12 +660,12 @@ def _worker(rank, world_size, layouts, unit_checks):
 
 @pytest.fixture(scope="module")
 def two_rank_results():
-    return run_distributed(2, _worker, TWO_RANK_LAYOUTS, True, timeout=240)
+    return run_distributed(2, _worker, TWO_RANK_LAYOUTS, True, timeout=400)
 
 
 @pytest.fixture(scope="module")
 def four_rank_results():
-    return run_distributed(4, _worker, FOUR_RANK_LAYOUTS, False, timeout=600)
+    return run_distributed(4, _worker, FOUR_RANK_LAYOUTS, False, timeout=900)
 
 
 def _assert_grads_match(grads, reference_grads, where):
@@ -663,6 +727,40 @@ def _assert_rollout_is_step_matches_reference(per_rank, layout):
     assert sum(report["loss"][0] for report in reports) == pytest.approx(reference["loss"], rel=REL_TOL)
     last_stage_ranks = [r for r in per_rank if r[layout]["rollout_is"]["reports"] is not None]
     assert len(last_stage_ranks) == len(per_rank) // layout.pp, "a last-stage rank reported nothing"
+
+
+def _assert_correction_step_matches_reference(per_rank, layout):
+    reference = per_rank[0][("reference",) + layout.data]["correction"]
+    for rank, result in enumerate(per_rank):
+        step = result[layout]["correction"]
+        where = f"layout {_layout_id(layout)}, rank {rank}, verl-HEAD step"
+        _assert_grads_match(step["grads"], reference["grads"], where)
+        if step["metrics"] is not None:
+            assert set(step["metrics"]) == set(reference["metrics"]), where
+            for key, expected in reference["metrics"].items():
+                assert step["metrics"][key] == pytest.approx(expected, rel=REL_TOL, abs=1e-6), f"{where}, {key}"
+    reports = _global_reports(per_rank, layout, "correction")
+    assert sum(report["loss"][1] for report in reports) == reference["tokens"]
+    assert sum(report["loss"][0] for report in reports) == pytest.approx(reference["loss"], rel=REL_TOL)
+
+
+@pytest.mark.parametrize("layout", TWO_RANK_LAYOUTS, ids=_layout_id)
+def test_two_rank_correction_step_matches_reference(two_rank_results, layout):
+    _assert_correction_step_matches_reference(two_rank_results, layout)
+
+
+@pytest.mark.parametrize("layout", FOUR_RANK_LAYOUTS, ids=_layout_id)
+def test_four_rank_correction_step_matches_reference(four_rank_results, layout):
+    _assert_correction_step_matches_reference(four_rank_results, layout)
+
+
+def test_correction_step_rejects_and_normalises(two_rank_results):
+    """The verl-HEAD step is not vacuous: it rejects tokens and normalises the weights."""
+    for key, result in two_rank_results[0].items():
+        if key[0] == "reference":
+            correction = result["correction"]
+            assert correction["rejected"] > 0 and correction["tokens"] > 0, key
+            assert correction["metrics"]["rollout_corr/rollout_is_batch_norm_factor"] != 1.0, key
 
 
 @pytest.mark.parametrize("layout", TWO_RANK_LAYOUTS, ids=_layout_id)
