@@ -276,6 +276,7 @@ def test_sbatch_command_per_node(bin_dir, tmp_path):
     env = _environment(bin_dir, PYTHON=_recording_python(bin_dir), **_fake_slurm(bin_dir, tmp_path, 31337),
                        TP=1, CP=2, EXTRA_ARGS="--seed 5 --lr 1e-3")
     env.pop("MASTER_PORT")
+    env.pop("CUDA_VISIBLE_DEVICES")  # every GPU nvidia-smi lists is visible
     result = subprocess.run(["bash", str(SBATCH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     [srun] = (bin_dir / "srun.calls").read_text().splitlines()
@@ -293,6 +294,27 @@ def test_sbatch_command_per_node(bin_dir, tmp_path):
         assert flags[flags.index(flag) + 1] == value
     assert "--rollout-is" in flags
     assert (tmp_path / "runs" / "rollout-is-31337").is_dir()
+
+
+def test_sbatch_passes_a_verl_head_preset_instead_of_the_rollout_is_block(bin_dir, tmp_path):
+    _fake_gpus(bin_dir, 2)
+    env = _environment(bin_dir, PYTHON=_recording_python(bin_dir), **_fake_slurm(bin_dir, tmp_path, 4242),
+                       TP=1, CP=2, ROLLOUT_CORRECTION_PRESET="decoupled_geo_rs_token_tis")
+    env.pop("CUDA_VISIBLE_DEVICES")
+    result = subprocess.run(["bash", str(SBATCH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    [launch] = _launched(bin_dir)
+    flags = launch["argv"][8:]
+    assert flags[flags.index("--rollout-correction-preset") + 1] == "decoupled_geo_rs_token_tis"
+    assert not any(flag.startswith("--rollout-is") for flag in flags), flags
+
+
+def test_sbatch_refuses_more_processes_than_visible_gpus(bin_dir, tmp_path):
+    _fake_gpus(bin_dir, 4)
+    env = _environment(bin_dir, **_fake_slurm(bin_dir, tmp_path, 5), TP=1, CP=1, NPROC_PER_NODE=3,
+                       CUDA_VISIBLE_DEVICES="0,1")
+    result = subprocess.run(["bash", str(SBATCH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "NPROC_PER_NODE=3 but a node has 2 visible GPU(s)" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
