@@ -37,33 +37,30 @@ def synthetic_batch(batch: int, length: int, noise: float, seed: int) -> dict[st
 
 
 def _compute(args: argparse.Namespace) -> int:
-    from .core import compute_rollout_importance_weights
+    from .core import StepStatistics, correct_micro_batch
 
     config = RolloutISConfig.from_yaml(args.config) if args.config else RolloutISConfig(
         rollout_is=True, rollout_is_threshold=2.0
     )
     if not config.enabled:
-        raise SystemExit(f"{args.config}: rollout_is_threshold is null, so rollout IS is off; set a threshold.")
+        raise SystemExit(f"{args.config}: rollout correction is off (verl 0.6.0 keys with rollout_is_threshold "
+                         "null); set a threshold, or use verl HEAD keys.")
     batch = load_batch(args.batch) if args.batch else synthetic_batch(16, 256, 0.05, seed=0)
-    weights, metrics = compute_rollout_importance_weights(
-        batch["old_log_prob"],
-        batch["rollout_log_prob"],
-        batch["response_mask"],
-        rollout_is_level=config.rollout_is_level,
-        rollout_is_mode=config.rollout_is_mode,
-        rollout_is_threshold=config.rollout_is_threshold,
-        rollout_is_threshold_lower=config.rollout_is_threshold_lower,
-        rollout_is_veto_threshold=config.rollout_is_veto_threshold,
-    )
+    statistics = StepStatistics(config.plan)
+    correction = correct_micro_batch(batch["old_log_prob"], batch["rollout_log_prob"], batch["response_mask"],
+                                     config.plan, statistics)
+    metrics = statistics.finalize()
     valid = batch["response_mask"] != 0
-    kept = weights[valid]
     source = args.batch or "a synthetic batch (16 x 256, rollout noise 0.05)"
-    print(f"rollout IS on {source}: {config}")
-    print(
-        f"weights {tuple(weights.shape)} {weights.dtype}: valid tokens {int(valid.sum())}, "
-        f"zeroed {int((kept == 0).sum())}, mean {kept.mean().item() if kept.numel() else 0.0:.6f}, "
-        f"min {kept.min().item() if kept.numel() else 0.0:.6f}, max {kept.max().item() if kept.numel() else 0.0:.6f}"
-    )
+    print(f"rollout correction on {source}: {config.describe()}")
+    print(f"tokens: valid {int(valid.sum())}, kept after rejection {int(correction.keep.sum())}")
+    if correction.weights is not None:
+        kept = correction.weights[valid]
+        print(
+            f"weights {tuple(correction.weights.shape)} {correction.weights.dtype}: zeroed {int((kept == 0).sum())}, "
+            f"mean {kept.mean().item() if kept.numel() else 0.0:.6f}, min {kept.min().item() if kept.numel() else 0.0:.6f}, "
+            f"max {kept.max().item() if kept.numel() else 0.0:.6f}"
+        )
     width = max(len(name) for name in metrics)
     for name, value in metrics.items():
         print(f"  {name:<{width}}  {value:.6g}")
@@ -77,20 +74,34 @@ DEMO_IS_PRESET = {"rollout_is": True, "rollout_is_threshold": 2.0}
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo.launch import main as demo_main
+    try:
+        from .demo.launch import main as demo_main
+    except ImportError as error:
+        raise SystemExit(f"the demo needs its extra: pip install 'megatron-rollout-is[demo]' ({error}).") from None
 
     preset = dict(DEMO_PRESET)
-    if not any(arg == "--rollout-is-config" or arg.startswith("--rollout-is-config=") for arg in args.demo_args):
-        # A YAML config must not be overridden by the preset's IS settings.
+    if not _sets_its_own_correction(args.demo_args):
         preset.update(DEMO_IS_PRESET)
     return demo_main(args.demo_args, prog="megatron-rollout-is demo", defaults=preset)
+
+
+def _sets_its_own_correction(demo_args: Sequence[str]) -> bool:
+    """Whether the flags bring a YAML, a preset or verl HEAD keys, which the demo's 0.6.0 preset
+    (token truncate 2.0) must not be mixed into."""
+    from .integration.arguments import add_rollout_is_args
+
+    given, _ = add_rollout_is_args(argparse.ArgumentParser(allow_abbrev=False)).parse_known_args(list(demo_args))
+    head_keys = ("rollout_rs", "rollout_rs_threshold", "rollout_is_batch_normalize", "bypass_mode", "loss_type")
+    return (given.rollout_is_config is not None or given.rollout_correction_preset is not None
+            or isinstance(given.rollout_is, str) or any(getattr(given, key) is not None for key in head_keys))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-rollout-is", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    compute = commands.add_parser("compute", help="weights and every mismatch/ metric of one batch")
-    compute.add_argument("--config", help="verl-style YAML (algorithm.rollout_is*); default: token truncate 2.0")
+    compute = commands.add_parser("compute", help="weights, rejection and every metric of one batch")
+    compute.add_argument("--config", help="verl YAML (algorithm.rollout_correction or algorithm.rollout_is*); "
+                         "default: verl 0.6.0 token truncate 2.0")
     compute.add_argument("--batch", help="file with old_log_prob, rollout_log_prob, response_mask; default: synthetic")
     compute.set_defaults(run=_compute)
     add_report_command(commands)
