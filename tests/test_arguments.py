@@ -155,3 +155,51 @@ def test_demo_task_flags_fail_at_parse_time():
 
     with pytest.raises(ValueError, match="--min-digits <= --max-digits"):
         validate_args(_demo_args("--min-digits", "5", "--max-digits", "3"), world_size=1)
+
+
+def test_verl_head_flags_round_trip():
+    from megatron_rollout_is.config import RolloutCorrectionConfig
+
+    config = _config("--rollout-is", "sequence", "--rollout-is-threshold", "0.5_2.0", "--rollout-is-mode", "clamp",
+                     "--rollout-is-batch-normalize", "--rollout-rs", "seq_mean_k1,seq_max_k3",
+                     "--rollout-rs-threshold", "0.99_1.01,0.05", "--rollout-bypass-mode",
+                     "--rollout-loss-type", "reinforce")
+    assert config == RolloutCorrectionConfig(
+        rollout_is="sequence", rollout_is_threshold="0.5_2.0", rollout_is_mode="clamp",
+        rollout_is_batch_normalize=True, rollout_rs="seq_mean_k1,seq_max_k3", rollout_rs_threshold="0.99_1.01,0.05",
+        bypass_mode=True, loss_type="reinforce")
+    assert config.plan.bypass and config.plan.loss_type == "reinforce" and len(config.plan.criteria) == 2
+
+
+def test_a_preset_flag_with_overrides():
+    config = _config("--rollout-correction-preset", "decoupled_k3_rs_token_tis", "--rollout-rs-threshold", "0.02")
+    assert (config.rollout_is, config.rollout_rs, config.rollout_rs_threshold) == ("token", "seq_mean_k3", "0.02")
+
+
+def test_a_verl_head_yaml_then_flags(tmp_path):
+    path = tmp_path / "corr.yaml"
+    path.write_text("algorithm:\n  rollout_correction:\n    rollout_is: token\n    rollout_is_threshold: 0.5_5.0\n")
+    assert _config("--rollout-is-config", str(path)).plan.weights.bound == "mask"
+    config = _config("--rollout-is-config", str(path), "--rollout-rs", "token_k2", "--rollout-rs-threshold", "0.1")
+    assert config.rollout_rs == "token_k2" and config.plan.weights.upper == 5.0
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--rollout-rs", "token_k9", "--rollout-rs-threshold", "1"], "--rollout-rs"),
+    (["--rollout-rs", "token_k1"], "--rollout-rs-threshold"),
+    (["--rollout-loss-type", "reinforce"], "--rollout-bypass-mode"),
+    (["--rollout-is-batch-normalize"], "--rollout-is-batch-normalize"),
+    (["--rollout-is", "token", "--rollout-is-level", "sequence"], "--rollout-is-level"),
+    (["--rollout-bypass-mode", "--rollout-is", "token"], "--rollout-loss-type"),
+])
+def test_verl_head_flag_errors_name_the_flag(flags, named):
+    with pytest.raises(ValueError) as error:
+        _config(*flags)
+    assert named in str(error.value), str(error.value)
+
+
+def test_preset_and_yaml_together_are_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("algorithm:\n  rollout_correction:\n    rollout_is: token\n")
+    with pytest.raises(ValueError, match="--rollout-correction-preset and --rollout-is-config"):
+        _config("--rollout-is-config", str(path), "--rollout-correction-preset", "decoupled_token_is")
