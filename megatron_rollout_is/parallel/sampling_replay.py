@@ -1,0 +1,492 @@
+"""Trainer-side replay of vLLM's sampling filters (min-p, top-k, top-p) on vocab-parallel logits.
+
+When vLLM samples with a temperature, min-p, top-k or top-p and reports ``processed_logprobs``, the
+rollout log-prob of a token is taken under the distribution that was actually sampled from: the
+softmax over the tokens the filters kept. Scoring the same token with the trainer's full-vocab
+softmax biases every ratio by the log of the kept mass. This module computes the trainer's
+log-prob under the same processed distribution, from the logits shard ``[s, b, V/tp]`` of each
+tensor-parallel rank, without gathering the vocabulary.
+
+What vLLM 0.33.0 does (read from ``vllm/v1/sample/sampler.py``, ``ops/topk_topp_sampler.py``,
+``ops/topk_topp_triton.py``, ``logits_processor/builtin.py`` and the model-runner-v2 sampler in
+``vllm/v1/worker/gpu/sample/``), in the order it is applied:
+
+1. The logits are cast to float32 and divided by the temperature (below 1e-5 vLLM samples
+   greedily and applies none of the filters). Logit bias, penalties and bad words come before
+   this and are not replayed here.
+2. min-p drops every token whose probability is below ``min_p`` times the largest probability,
+   which is the same as a scaled logit below ``max + log(min_p)``; a token exactly at that bound
+   stays. ``min_p = 0`` is off.
+3. top-k ranks the survivors by scaled logit (``k = 0``, ``-1`` or ``k >= vocab`` is off).
+4. top-p renormalises over the top-k survivors, walks them from the largest value down, and
+   keeps a token while the mass of the tokens before it is below ``p``: the shortest prefix whose
+   mass reaches ``p``; the top token always stays. ``p = 1`` is off.
+5. ``processed_logprobs`` is the log-softmax of the filtered, scaled logits (dropped tokens at
+   -inf, so the kept ones are renormalised); ``processed_logits`` are those logits themselves.
+   The default ``raw_logprobs`` is the model's log-softmax before temperature and filters.
+
+Ties at the cut, where the two implementations in vLLM 0.33.0 differ:
+
+* the Triton kernel (``apply_top_k_top_p_triton``; used whenever Triton has an active GPU
+  driver, so on CUDA and ROCm: the usual rollout engine) keeps exactly ``k`` tokens at the top-k
+  cut, and among tokens equal to the cut value it keeps the lowest token ids. At the top-p cut it
+  keeps as many of the tied tokens as the prefix rule needs, again the lowest ids first.
+* the PyTorch fallback (``apply_top_k_top_p_pytorch``; CPU builds without Triton) keeps every
+  token equal to the k-th largest value, so top-k may keep more than ``k``. Its top-p sorts the
+  values with an unstable sort, so how many tied tokens at the top-p cut survive is fixed by the
+  prefix rule but which ones is not (on CPU the order of equal values changes with the row).
+
+Here ``tie_rule="triton"`` replays the first exactly. ``tie_rule="pytorch"`` keeps all top-k
+ties and, at a top-p cut that splits a group of ``n`` equal tokens keeping ``j`` of them, counts
+each of them with weight ``j / n`` (the expected membership over tie orders): the normaliser is
+then exactly vLLM's, every tied token counts as sampleable, and the log-prob of a kept token is
+exactly vLLM's.
+
+Numerics: vLLM decides the cuts in float32 (a float32 cumulative sum, or a bisection on float32
+probabilities with at most 18 steps in the Triton kernel). This module decides them in exact
+arithmetic on the same float32 scaled logits (masses summed in float64), so the kept sets agree
+unless ``p`` lies within float32 rounding of a prefix mass.
+
+How the cut is found without gathering the vocabulary: a float32 value maps to an integer key
+that keeps its order, so a cut value can be found by bisection on the key, one pivot per token
+position at a time. Each step counts (top-k) or sums the mass of (top-p) the local values above
+the pivot and all-reduces those ``[s*b]`` partials over the TP group: about 32 small collectives
+per filter per call, independent of the vocabulary size. Ties at a Triton cut that straddle
+ranks are split with one more all-reduce of per-rank tie counts (ranks hold consecutive ids).
+Nothing of size ``V/tp`` is kept: the logits are read block by block and backward recomputes the
+kept set from the saved per-token cut.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.distributed
+from torch.autograd.function import once_differentiable
+
+from .groups import all_reduce, group_rank, group_size
+from .softmax_grad import softmax_to_grad_
+
+TIE_RULES = ("triton", "pytorch")
+GREEDY_TEMPERATURE = 1e-5
+"""vLLM samples greedily, without any filter, below this temperature."""
+
+_BLOCKS = 16
+_MIN_BLOCK_ELEMENTS = 1 << 20
+_SUM = torch.distributed.ReduceOp.SUM
+_MAX = torch.distributed.ReduceOp.MAX
+
+
+@dataclass(frozen=True)
+class SamplingFilter:
+    """The rollout engine's vocabulary filters, with vLLM 0.33.0 semantics (see the module doc)."""
+
+    top_k: Optional[int] = None
+    """Keep the ``top_k`` largest scaled logits. None, 0 or -1 (vLLM's values for off) or a value
+    at least the vocabulary size: no top-k."""
+
+    top_p: Optional[float] = None
+    """Keep the shortest most-probable prefix (of the top-k survivors) whose mass reaches
+    ``top_p``, in (0, 1]. None or 1.0: no top-p."""
+
+    min_p: Optional[float] = None
+    """Drop tokens whose probability is below ``min_p`` times the largest one, in [0, 1]. None or
+    0.0: no min-p."""
+
+    tie_rule: str = "triton"
+    """Which vLLM implementation's handling of equal values at a cut to replay: "triton" (GPU
+    engines: exactly k at top-k, lowest ids first) or "pytorch" (CPU engines: every top-k tie
+    kept; top-p ties counted with their expected membership)."""
+
+    def __post_init__(self):
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1):
+            raise ValueError(
+                f"top_k must be None, 0 or -1 (off) or a positive int, got {self.top_k!r}; pass the "
+                "rollout engine's top_k"
+            )
+        if self.top_p is not None and (
+            isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0
+        ):
+            raise ValueError(f"top_p must be None or a float in (0, 1] (1.0 is off), got {self.top_p!r}")
+        if self.min_p is not None and (
+            isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0.0 <= self.min_p <= 1.0
+        ):
+            raise ValueError(f"min_p must be None or a float in [0, 1] (0.0 is off), got {self.min_p!r}")
+        if self.tie_rule not in TIE_RULES:
+            raise ValueError(
+                f"tie_rule must be one of {TIE_RULES}, got {self.tie_rule!r}: 'triton' for an engine on a GPU "
+                "(vLLM's Triton top-k/top-p kernel), 'pytorch' for one without Triton"
+            )
+
+    def effective_top_k(self, vocab_size: int) -> Optional[int]:
+        """``top_k`` if it cuts a vocabulary of ``vocab_size`` tokens, else None."""
+        return self.top_k if self.top_k is not None and 0 < self.top_k < vocab_size else None
+
+    @property
+    def effective_top_p(self) -> Optional[float]:
+        """``top_p`` if it cuts (below 1), else None."""
+        return float(self.top_p) if self.top_p is not None and self.top_p < 1.0 else None
+
+    @property
+    def effective_min_p(self) -> Optional[float]:
+        """``min_p`` if it cuts (above 0), else None."""
+        return float(self.min_p) if self.min_p is not None and self.min_p > 0.0 else None
+
+    def is_active(self, vocab_size: int) -> bool:
+        """Whether any filter cuts a vocabulary of ``vocab_size`` tokens."""
+        return any(
+            value is not None
+            for value in (self.effective_top_k(vocab_size), self.effective_top_p, self.effective_min_p)
+        )
+
+
+def _keys(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 keys in the same order (both zeros map to 0, consecutive floats to consecutive keys)."""
+    bits = values.contiguous().view(torch.int32).long()
+    return torch.where(bits >= 0, bits, -(bits & 0x7FFFFFFF))
+
+
+def _values(keys: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_keys` (for keys of finite or infinite floats)."""
+    magnitude = keys.abs().to(torch.int32).view(torch.float32)
+    return torch.where(keys < 0, -magnitude, magnitude)
+
+
+class _Shard:
+    """This rank's logits as row blocks of float32 scaled logits, with the TP reductions.
+
+    Rows are the flattened token positions ``s*b``; columns at or past ``real`` are vocabulary
+    padding and are never read.
+    """
+
+    def __init__(self, logits, tp_group, temperature, vocab_size, chunk_size):
+        seq_len, batch, self.local_vocab = logits.shape
+        self.flat = logits.reshape(-1, self.local_vocab)
+        self.num_rows = self.flat.size(0)
+        self.tp_group = tp_group
+        self.tp_rank, self.tp_size = group_rank(tp_group), group_size(tp_group)
+        self.temperature = temperature
+        self.real = max(0, min(self.local_vocab, vocab_size - self.tp_rank * self.local_vocab))
+        self.exact_dtype = torch.float64
+        if chunk_size is not None:
+            self.step = max(1, chunk_size * batch)
+        else:
+            # One sixteenth of the rows keeps the block temporaries (about three fp32 copies of a
+            # block) under a fifth of one fp32 copy of the shard; tiny inputs use one block.
+            floor = -(-_MIN_BLOCK_ELEMENTS // max(1, self.local_vocab))
+            self.step = max(1, -(-self.num_rows // _BLOCKS), min(self.num_rows, floor))
+
+    def blocks(self):
+        """Yields ``(rows, z)``: a row slice and its float32 scaled logits ``[n, real]`` (read-only)."""
+        for start in range(0, self.num_rows, self.step):
+            rows = slice(start, min(start + self.step, self.num_rows))
+            yield rows, self.scaled(rows)
+
+    def scaled(self, rows) -> torch.Tensor:
+        """float32 ``logits / temperature`` of `rows`, as vLLM computes it (cast, then divide)."""
+        z = self.flat[rows, : self.real].float()
+        return z / self.temperature if self.temperature != 1.0 else z
+
+    def exact(self, rows, z) -> torch.Tensor:
+        """float64 scaled logits of `rows` for masses: of the float32 `z`, or of float64 logits."""
+        if self.flat.dtype == torch.float64:
+            return self.flat[rows, : self.real] / self.temperature
+        return z.double()
+
+    def row_sums(self, statistic: Callable, width: int) -> torch.Tensor:
+        """``[R, width]`` float64 sums over the TP group of ``statistic(rows, z)`` per block."""
+        out = torch.zeros(self.num_rows, width, dtype=torch.float64, device=self.flat.device)
+        for rows, z in self.blocks():
+            out[rows] = statistic(rows, z)
+        return all_reduce(out, _SUM, self.tp_group)
+
+    def extremes(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-row largest and smallest scaled logit over the whole vocabulary, float32 ``[R]``."""
+        out = torch.full((self.num_rows, 2), float("-inf"), device=self.flat.device)
+        if self.real > 0:
+            for rows, z in self.blocks():
+                out[rows, 0] = z.amax(dim=-1)
+                out[rows, 1] = -z.amin(dim=-1)
+        all_reduce(out, _MAX, self.tp_group)
+        return out[:, 0].contiguous(), (-out[:, 1]).contiguous()
+
+
+def _bisect(shard, lo, hi, stats_lo, stats_hi, statistic, go_up):
+    """Per-row bisection on float keys until ``hi == lo + 1``.
+
+    Invariant: ``go_up`` holds at ``lo`` and fails at ``hi`` (the caller's sentinels need not be
+    evaluated). Each step evaluates ``statistic(rows, z, pivot)`` at the midpoint, sums it over
+    the TP group (one all-reduce) and moves one end. All ranks see the same sums, so they take the
+    same number of steps.
+
+    Returns:
+        ``(lo, hi, stats_lo, stats_hi)``, the statistics being those last evaluated at each end
+        (the initial ones where an end never moved).
+    """
+    while True:
+        open_rows = hi - lo > 1
+        if not bool(open_rows.any()):
+            return lo, hi, stats_lo, stats_hi
+        mid = lo + (hi - lo) // 2
+        pivot = _values(mid)
+        stats = shard.row_sums(lambda rows, z: statistic(rows, z, pivot[rows]), stats_lo.size(1))
+        up = go_up(stats)
+        move_lo, move_hi = open_rows & up, open_rows & ~up
+        lo, hi = torch.where(move_lo, mid, lo), torch.where(move_hi, mid, hi)
+        stats_lo = torch.where(move_lo.unsqueeze(-1), stats, stats_lo)
+        stats_hi = torch.where(move_hi.unsqueeze(-1), stats, stats_hi)
+
+
+def _count_at_least(rows, z, pivot):
+    return (z >= pivot.unsqueeze(-1)).sum(dim=-1, keepdim=True).double()
+
+
+def _mass_above(shard, row_max):
+    """Statistic: ``[sum exp(z - max), count]`` over the values strictly above the pivot."""
+
+    def statistic(rows, z, pivot):
+        above = z > pivot.unsqueeze(-1)
+        mass = shard.exact(rows, z).sub_(row_max[rows].unsqueeze(-1)).exp_()
+        mass.masked_fill_(above.logical_not(), 0.0)
+        return torch.stack([mass.sum(dim=-1), above.sum(dim=-1).double()], dim=-1)
+
+    return statistic
+
+
+def _min_p_floor(row_max: torch.Tensor, min_p: float) -> torch.Tensor:
+    """The smallest float32 value at or above ``max + log(min_p)``: min-p keeps ``z >= floor``."""
+    bound = row_max.double() + math.log(min_p)
+    floor = bound.float()
+    return torch.where(floor.double() < bound, torch.nextafter(floor, torch.full_like(floor, math.inf)), floor)
+
+
+@dataclass
+class _Cut:
+    """Per-row kept set: every value above ``value``; of the ``ties`` values equal to it, ``keep``
+    (by the tie rule). ``[R]`` tensors; float64 counts."""
+
+    value: torch.Tensor
+    ties: torch.Tensor
+    keep: torch.Tensor
+
+
+def _top_k_cut(shard, floor, row_max, top_k, tie_rule) -> Tuple[_Cut, torch.Tensor]:
+    """The k-th largest value among ``z >= floor``; rows with fewer candidates keep them all.
+
+    Returns the cut and a per-row flag: whether the row has a top-k cut.
+    """
+    sentinel = _keys(floor) - 1
+    unknown = torch.full((shard.num_rows, 1), math.nan, dtype=torch.float64, device=floor.device)
+    lo, _, count_lo, count_hi = _bisect(
+        shard, sentinel, _keys(row_max) + 1, unknown, torch.zeros_like(unknown), _count_at_least,
+        lambda counts: counts[:, 0] >= top_k,
+    )
+    has_cut = lo > sentinel
+    ties = torch.where(has_cut, count_lo[:, 0] - count_hi[:, 0], 0.0)
+    keep = top_k - count_hi[:, 0] if tie_rule == "triton" else ties
+    return _Cut(torch.where(has_cut, _values(lo), floor), ties, torch.where(has_cut, keep, 0.0)), has_cut
+
+
+def _top_p_cut(shard, base: _Cut, row_max, top_p) -> _Cut:
+    """The top-p cut over the tokens `base` keeps (the min-p / top-k survivors)."""
+    at_floor = base.value
+
+    def floor_statistic(rows, z):
+        above = _mass_above(shard, row_max)(rows, z, at_floor[rows])
+        ties = (z == at_floor[rows].unsqueeze(-1)).sum(dim=-1, keepdim=True).double()
+        return torch.cat([above, ties], dim=-1)
+
+    mass_above, count_above, ties_at_floor = shard.row_sums(floor_statistic, 3).unbind(-1)
+    # `base.keep` limits the ties at a top-k cut; rows without a cut keep all of them.
+    kept_ties = torch.where(base.ties > 0, torch.minimum(ties_at_floor, base.keep), ties_at_floor)
+    unit = lambda value: torch.exp(value.double() - row_max.double())
+    total = mass_above + kept_ties * unit(at_floor)
+    needed = top_p * total
+    sentinel = _keys(at_floor) - 1
+    lo, hi, stats_lo, stats_hi = _bisect(
+        shard, sentinel, _keys(row_max), torch.stack([total, count_above + kept_ties], dim=-1),
+        torch.zeros(shard.num_rows, 2, dtype=torch.float64, device=total.device), _mass_above(shard, row_max),
+        lambda stats: stats[:, 0] >= needed,
+    )
+    value = _values(hi)
+    candidates = stats_lo[:, 1] - stats_hi[:, 1]
+    # The m-th tied token (1-based) stays while the mass before it, above + (m-1) * unit, is < needed.
+    keep = torch.minimum(candidates, torch.ceil((needed - stats_hi[:, 0]) / unit(value)))
+    ties = torch.where(lo == sentinel, ties_at_floor, candidates)
+    return _Cut(value, ties, keep)
+
+
+def find_cut(shard: "_Shard", sampling: SamplingFilter, vocab_size: int) -> Tuple[_Cut, torch.Tensor]:
+    """The per-row cut of min-p, then top-k, then top-p, and the per-row maximum scaled logit."""
+    row_max, row_min = shard.extremes()
+    floor = row_min
+    if sampling.effective_min_p is not None:
+        floor = torch.maximum(floor, _min_p_floor(row_max, sampling.effective_min_p))
+    zeros = torch.zeros(shard.num_rows, dtype=torch.float64, device=floor.device)
+    cut = _Cut(floor, zeros, zeros)
+    top_k = sampling.effective_top_k(vocab_size)
+    if top_k is not None:
+        cut, _ = _top_k_cut(shard, floor, row_max, top_k, sampling.tie_rule)
+    if sampling.effective_top_p is not None:
+        cut = _top_p_cut(shard, cut, row_max, sampling.effective_top_p)
+    return cut, row_max
+
+
+@dataclass
+class _KeptSet:
+    """Per-row description of the kept set on this rank, ``[R]`` tensors.
+
+    A value above ``value`` is kept with weight 1; a value equal to it in local columns
+    ``[col_lo, col_hi)`` with weight ``tie_weight``; everything else with weight 0.
+    """
+
+    value: torch.Tensor
+    col_lo: torch.Tensor
+    col_hi: torch.Tensor
+    tie_weight: torch.Tensor
+
+    def weights(self, rows, z: torch.Tensor) -> torch.Tensor:
+        """Membership weights of the block `z` ``[n, real]`` (same dtype as `z`)."""
+        value = self.value[rows].unsqueeze(-1)
+        columns = torch.arange(z.size(-1), device=z.device)
+        tie = (z == value) & (columns >= self.col_lo[rows].unsqueeze(-1)) & (columns < self.col_hi[rows].unsqueeze(-1))
+        weight = tie.to(z.dtype).mul_(self.tie_weight[rows].unsqueeze(-1).to(z.dtype))
+        return weight.masked_fill_(z > value, 1.0)
+
+
+def kept_set(shard: _Shard, cut: _Cut, tie_rule: str) -> _KeptSet:
+    """Turns the global cut into this rank's kept set (splitting Triton ties across ranks)."""
+    rows = shard.num_rows
+    device = cut.value.device
+    col_lo = torch.zeros(rows, dtype=torch.long, device=device)
+    col_hi = torch.full((rows,), shard.real, dtype=torch.long, device=device)
+    split = (cut.keep < cut.ties) & (cut.ties > 0)
+    if tie_rule == "pytorch" or not bool(split.any()):
+        weight = torch.where(split, cut.keep / cut.ties.clamp(min=1.0), 1.0)
+        return _KeptSet(cut.value, col_lo, col_hi, weight)
+    # Triton keeps the lowest ids: this rank keeps its first `keep - (ties on lower ranks)` ties.
+    per_rank = torch.zeros(rows, shard.tp_size, dtype=torch.float64, device=device)
+    value = cut.value
+    for block, z in shard.blocks():
+        per_rank[block, shard.tp_rank] = (z == value[block].unsqueeze(-1)).sum(dim=-1).double()
+    all_reduce(per_rank, _SUM, shard.tp_group)
+    local = per_rank[:, shard.tp_rank]
+    lower = per_rank[:, : shard.tp_rank].sum(dim=-1)
+    keep_here = torch.where(split, (cut.keep - lower).clamp(min=0.0), local).clamp(max=local.clamp(min=0.0))
+    col_hi = torch.where(keep_here <= 0, 0, col_hi)
+    partial = split & (keep_here > 0) & (keep_here < local)
+    if bool(partial.any()):
+        col_hi = _column_after_nth_tie(shard, value, keep_here, partial, col_hi)
+    return _KeptSet(value, col_lo, col_hi, torch.ones(rows, dtype=torch.float64, device=device))
+
+
+def _column_after_nth_tie(shard, value, nth, rows_needed, columns):
+    """For the flagged rows, the local column just past the ``nth`` value equal to ``value``."""
+    columns = columns.clone()
+    for block, z in shard.blocks():
+        needed = rows_needed[block].nonzero().squeeze(-1)
+        if needed.numel() == 0:
+            continue
+        ties = z[needed] == value[block][needed].unsqueeze(-1)
+        running = ties.cumsum(dim=-1)
+        target = nth[block][needed].long().unsqueeze(-1)
+        columns[block.start + needed] = (running < target).sum(dim=-1) + 1
+    return columns
+
+
+class _ReplayLogProbs(torch.autograd.Function):
+    """Autograd function behind :func:`replay_token_log_probs` (inputs validated)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, tp_group, temperature, sampling, vocab_size, chunk_size, with_entropy):
+        shard = _Shard(logits, tp_group, temperature, vocab_size, chunk_size)
+        cut, row_max = find_cut(shard, sampling, vocab_size)
+        kept = kept_set(shard, cut, sampling.tie_rule)
+        local_target = target.reshape(-1).long() - shard.tp_rank * shard.local_vocab
+        owned = (local_target >= 0) & (local_target < shard.real)
+        local_target = torch.where(owned, local_target, 0)
+        top = row_max.double()
+
+        def statistic(rows, z):
+            weight = kept.weights(rows, z)
+            exact = shard.exact(rows, z)
+            target_cols = local_target[rows].unsqueeze(-1)
+            target_z = torch.where(owned[rows], exact.gather(-1, target_cols).squeeze(-1) - top[rows], 0.0)
+            target_kept = torch.where(owned[rows], weight.gather(-1, target_cols).squeeze(-1).double(), 0.0)
+            mass = exact.sub_(top[rows].unsqueeze(-1)).exp_().mul_(weight)
+            parts = [mass.sum(dim=-1), target_z, target_kept]
+            if with_entropy:
+                parts.append(torch.special.xlogy(mass, mass).sum(dim=-1))
+            return torch.stack(parts, dim=-1)
+
+        sums = shard.row_sums(statistic, 4 if with_entropy else 3)
+        mass, target_z = sums[:, 0], sums[:, 1]
+        in_support = (sums[:, 2] > 0) & torch.isfinite(target_z)
+        log_mass = torch.log(mass)
+        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        log_probs = torch.where(in_support, target_z - log_mass, 0.0)
+        entropy = (log_mass - sums[:, 3] / mass) if with_entropy else None
+
+        ctx.set_materialize_grads(False)
+        ctx.shard_args = (tp_group, temperature, vocab_size, chunk_size)
+        ctx.save_for_backward(
+            logits, local_target, owned, in_support, top + log_mass, entropy,
+            kept.value, kept.col_lo, kept.col_hi, kept.tie_weight,
+        )
+        shape = target.shape
+        outputs = [log_probs.to(out_dtype).view(shape), in_support.view(shape)]
+        if with_entropy:
+            outputs.append(entropy.to(out_dtype).view(shape))
+        ctx.mark_non_differentiable(outputs[1])
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_log_probs, _grad_in_support, grad_entropy=None):
+        logits, local_target, owned, in_support, log_normalizer, entropy, *kept = ctx.saved_tensors
+        shard, kept = _Shard(logits, *ctx.shard_args), _KeptSet(*kept)
+        grad = torch.zeros_like(shard.flat)
+        wide = logits.dtype == torch.float64
+        if grad_log_probs is not None:
+            # Out-of-support positions return a constant: no gradient through them.
+            grad_log_probs = torch.where(in_support, grad_log_probs.reshape(-1), 0.0)
+        if grad_entropy is not None:
+            grad_entropy = grad_entropy.reshape(-1).to(log_normalizer.dtype if wide else torch.float32)
+            entropy = entropy if wide else entropy.float()
+        if grad_log_probs is not None and not wide:
+            grad_log_probs = grad_log_probs.float()
+        normalizer = log_normalizer if wide else log_normalizer.float()
+        for rows, z in shard.blocks():
+            # Membership is decided on the float32 values, as in forward, whatever the logits' dtype.
+            values = shard.exact(rows, z) if wide else z
+            probs = (values - normalizer[rows].unsqueeze(-1)).exp_().mul_(kept.weights(rows, z))
+            softmax_to_grad_(probs, rows, grad_log_probs, grad_entropy, entropy, local_target, owned, shard.temperature)
+            grad[rows, : shard.real] = probs
+        return grad.view(logits.shape), None, None, None, None, None, None, None
+
+
+def replay_token_log_probs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    tp_group: Optional[torch.distributed.ProcessGroup],
+    temperature: float,
+    sampling: SamplingFilter,
+    vocab_size: int,
+    chunk_size: Optional[int] = None,
+    return_entropy: bool = False,
+):
+    """Log-prob of each target token under vLLM's processed (filtered) distribution.
+
+    Inputs are validated by :func:`..vocab_parallel.vocab_parallel_token_log_probs`, the public
+    entry point; see it for the arguments.
+
+    Returns:
+        ``(log_probs, in_support)`` or ``(log_probs, in_support, entropy)``, ``[s, b]``: log-probs
+        (float32; float64 for float64 logits) that are 0.0 with no gradient where ``in_support``
+        is False (the target is outside the kept set), and the entropy of the processed
+        distribution.
+    """
+    return _ReplayLogProbs.apply(
+        logits, target, tp_group, float(temperature), sampling, vocab_size, chunk_size, return_entropy
+    )
