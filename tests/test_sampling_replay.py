@@ -1,0 +1,277 @@
+"""Sampling replay (temperature, min-p, top-k, top-p as vLLM 0.33.0 samples) against a float64 oracle.
+
+The oracle below is written from the rules (sort each row, walk it), one row at a time in float64,
+and shares no code with `megatron_rollout_is.parallel.sampling_replay`, which never sorts and
+works on vocabulary shards. Cases are built so that ties sit at the cuts (logits drawn from a few
+discrete values) and so that no prefix mass lies within 1e-6 of a top-p bound or value within
+1e-5 of a min-p bound (where float32 and float64 could legitimately disagree); targets are drawn
+at the cut (last kept, first dropped, a tied token) to probe the boundary.
+"""
+
+import ast
+import importlib.util
+import itertools
+import math
+import pathlib
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+import torch.distributed
+
+from megatron_rollout_is.parallel.vocab_parallel import vocab_parallel_token_log_probs
+from mp_harness import run_distributed
+
+VOCAB, REAL_VOCAB = 48, 45  # divisible by TP = 1, 2, 4; the last 3 columns are padding
+DOC_LENGTHS = (5, 3, 7)  # packed THD layout [t, 1]
+PADDED_SHAPE = (6, 3)  # padded layout [s, b]; the last two positions of each sequence are padding
+MARGIN_P, MARGIN_MIN_P = 1e-6, 1e-5
+
+
+@dataclass(frozen=True)
+class Filters:
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None
+
+
+FILTERS = [
+    Filters(top_k=5), Filters(top_p=0.7), Filters(top_k=9, top_p=0.8), Filters(min_p=0.15),
+    Filters(top_k=12, top_p=0.9, min_p=0.05), Filters(top_k=1), Filters(top_p=0.3),
+]
+
+
+# ----------------------------------------------------------------------------- oracle
+
+
+def oracle_weights(z: torch.Tensor, filters: Filters, tie_rule: str) -> tuple[torch.Tensor, float]:
+    """Kept weight of each real token of one row of float64 scaled logits, and the safety margin.
+
+    Weights are 1 (kept), 0 (dropped) or, for the "pytorch" rule at a top-p cut that splits a group
+    of n equal values keeping j, j / n each. The margin is the smallest distance of a top-p prefix
+    mass to its bound (relative to the kept mass, in units of MARGIN_P) or of a value to the min-p
+    bound (in units of MARGIN_MIN_P): above 1, float32 and float64 cannot disagree on the row.
+    """
+    vocab = z.numel()
+    alive = torch.ones(vocab, dtype=torch.bool)
+    margin = math.inf
+    if filters.min_p:
+        bound = z.max() + math.log(filters.min_p)
+        alive &= z >= bound
+        margin = (z - bound).abs().min().item() / MARGIN_MIN_P
+    order = sorted((v for v in range(vocab) if alive[v]), key=lambda v: (-z[v].item(), v))
+    if filters.top_k and len(order) > filters.top_k:
+        kth = z[order[filters.top_k - 1]]
+        order = order[: filters.top_k] if tie_rule == "triton" else [v for v in order if z[v] >= kth]
+    weights = torch.zeros(vocab, dtype=torch.float64)
+    weights[order] = 1.0
+    if filters.top_p and filters.top_p < 1.0:
+        weights, p_margin = _top_p_walk(z, order, filters.top_p, tie_rule)
+        margin = min(margin, p_margin)
+    return weights, margin
+
+
+def _top_p_walk(z, order, top_p, tie_rule):
+    """Walks the survivors from the largest value down, group of equal values by group."""
+    mass = torch.exp(z - z.max())
+    total = mass[order].sum().item()
+    weights = torch.zeros(z.numel(), dtype=torch.float64)
+    before, margin = 0.0, math.inf
+    for _, group in itertools.groupby(order, key=lambda v: z[v].item()):
+        group = list(group)
+        kept = 0
+        for member in group:
+            margin = min(margin, abs(before - top_p * total) / total / MARGIN_P)
+            if before >= top_p * total:
+                break
+            kept += 1
+            before += mass[member].item()
+        if tie_rule == "triton":
+            weights[group[:kept]] = 1.0
+        else:
+            weights[group] = kept / len(group)
+        if kept < len(group):
+            break
+    return weights, margin
+
+
+def oracle(logits, target, temperature, filters, tie_rule, grad_lp, grad_h):
+    """float64 reference: (log_probs, in_support, entropy, grad) for logits ``[s, b, V]``."""
+    x = logits.detach().double().requires_grad_()
+    z = x[..., :REAL_VOCAB] / temperature
+    rows = z.reshape(-1, REAL_VOCAB)
+    weights = torch.stack([oracle_weights(row.detach(), filters, tie_rule)[0] for row in rows])
+    kept = weights > 0
+    log_normalizer = torch.logsumexp(rows + weights.log(), dim=-1)  # weights 0: terms at -inf
+    flat_target = target.reshape(-1).unsqueeze(-1)
+    in_support = kept.gather(-1, flat_target).squeeze(-1)
+    # vLLM reports z_t - log(kept mass) for the token it sampled (a kept token), tied or not.
+    log_probs = torch.where(in_support, rows.gather(-1, flat_target).squeeze(-1) - log_normalizer, 0.0)
+    # Entropy of q = w exp(z) / sum(w exp(z)), summed over kept tokens only (no 0 * -inf).
+    log_q = torch.where(kept, rows + weights.log() - log_normalizer.unsqueeze(-1), 0.0)
+    entropy = -(kept * log_q.exp() * log_q).sum(dim=-1)
+    objective = (log_probs * grad_lp.reshape(-1)).sum() + (entropy * grad_h.reshape(-1)).sum()
+    (grad,) = torch.autograd.grad(objective, x)
+    shape = target.shape
+    return log_probs.detach().view(shape), in_support.view(shape), entropy.detach().view(shape), grad
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    seed: int
+    filters: Filters
+    tie_rule: str
+    layout: str  # "padded" [s, b] or "thd" [t, 1]
+    dtype: torch.dtype
+    temperature: float
+    tied: bool  # logits from a few discrete values (ties at every cut) or continuous
+    chunk_size: Optional[int]
+
+
+def build_cases() -> list[Case]:
+    cases = []
+    combos = itertools.product(FILTERS, ("triton", "pytorch"), ("padded", "thd"))
+    for seed, (filters, tie_rule, layout) in enumerate(combos):
+        cases.append(Case(
+            seed=seed, filters=filters, tie_rule=tie_rule, layout=layout,
+            dtype=(torch.float32, torch.bfloat16)[seed % 2], temperature=(1.0, 0.7, 1.3)[seed % 3],
+            tied=seed % 4 != 3, chunk_size=(None, 2, None, 1)[seed % 4],
+        ))
+    return cases
+
+
+def case_tensors(case: Case):
+    """Global logits ``[s, b, V]``, targets ``[s, b]``, upstream gradients, adjusted filters."""
+    generator = torch.Generator().manual_seed(1000 + case.seed)
+    shape = (sum(DOC_LENGTHS), 1) if case.layout == "thd" else PADDED_SHAPE
+    if case.tied:
+        logits = torch.randint(-6, 7, (*shape, VOCAB), generator=generator).double() / 2
+    else:
+        logits = 2 * torch.randn(*shape, VOCAB, generator=generator, dtype=torch.float64)
+    logits[..., REAL_VOCAB:] = 50.0  # padding columns must never enter a cut
+    if case.layout == "padded":
+        logits[-2:] = 0.0  # padded positions: every value tied
+    logits = logits.to(case.dtype)
+    filters = _safe_filters(logits, case)
+    target = _boundary_targets(logits, case, filters, generator)
+    grad_lp = torch.randn(shape, generator=generator, dtype=torch.float64)
+    grad_h = torch.randn(shape, generator=generator, dtype=torch.float64)
+    return logits, target, grad_lp, grad_h, filters
+
+
+def _scaled_rows(logits, temperature):
+    return (logits.double()[..., :REAL_VOCAB] / temperature).reshape(-1, REAL_VOCAB)
+
+
+def _safe_filters(logits, case) -> Filters:
+    """Nudges top-p / min-p until no row has a bound within the float32 ambiguity margin."""
+    filters = case.filters
+    for _ in range(50):
+        margins = [oracle_weights(row, filters, case.tie_rule)[1] for row in _scaled_rows(logits, case.temperature)]
+        if min(margins) > 1.0:
+            return filters
+        filters = Filters(
+            filters.top_k, filters.top_p and min(0.99, filters.top_p + 0.013), filters.min_p and filters.min_p * 1.07
+        )
+    raise AssertionError(f"no unambiguous filters found for {case}")
+
+
+def _boundary_targets(logits, case, filters, generator):
+    """Per position: the last kept token, the first dropped one, a token tied with the cut, or any."""
+    targets = []
+    for index, row in enumerate(_scaled_rows(logits, case.temperature)):
+        weights, _ = oracle_weights(row, filters, case.tie_rule)
+        order = sorted(range(REAL_VOCAB), key=lambda v: (-row[v].item(), v))
+        kept = [v for v in order if weights[v] > 0]
+        dropped = [v for v in order if weights[v] == 0]
+        cut_value = row[kept[-1]]
+        tied = [v for v in order if row[v] == cut_value]
+        pool = [kept[-1:], dropped[:1], tied, list(range(REAL_VOCAB))][index % 4] or kept
+        targets.append(pool[int(torch.randint(len(pool), (1,), generator=generator))])
+    shape = (sum(DOC_LENGTHS), 1) if case.layout == "thd" else PADDED_SHAPE
+    return torch.tensor(targets).view(shape)
+
+
+def _split_tie_rows(logits, case, filters) -> int:
+    """Rows whose kept set takes only part of the tokens equal to the cut value."""
+    count = 0
+    for row in _scaled_rows(logits, case.temperature):
+        weights, _ = oracle_weights(row, filters, case.tie_rule)
+        cut_value = row[weights > 0].min()
+        tied = row == cut_value
+        count += bool((weights[tied] < 1).any())
+    return count
+
+
+CASES = build_cases()
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def _run(case, logits, target, filters, grad_lp, grad_h, tp_group=None):
+    """Forward + backward through the function under test on a shard."""
+    shard = logits.detach().clone().requires_grad_()
+    log_probs, entropy, in_support = vocab_parallel_token_log_probs(
+        shard, target, tp_group, case.temperature, return_entropy=True, chunk_size=case.chunk_size,
+        top_k=filters.top_k, top_p=filters.top_p, min_p=filters.min_p, tie_rule=case.tie_rule,
+        vocab_size=REAL_VOCAB, return_in_support=True,
+    )
+    objective = (log_probs * grad_lp.to(log_probs.dtype)).sum() + (entropy * grad_h.to(entropy.dtype)).sum()
+    objective.backward()
+    return dict(lp=log_probs.detach(), support=in_support, h=entropy.detach(), grad=shard.grad)
+
+
+def _tp_worker(rank, world_size, cases, prepared):
+    """TP = 4 (the world), TP = 2 (two pairs) and TP = 1 (each rank alone), every case each."""
+    pairs = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
+    singles = [torch.distributed.new_group([r]) for r in range(world_size)]
+    groups = {4: torch.distributed.group.WORLD, 2: pairs[rank // 2], 1: singles[rank]}
+    results = []
+    for tp, group in groups.items():
+        tp_rank = torch.distributed.get_rank(group)
+        for index, (case, (logits, target, grad_lp, grad_h, filters)) in enumerate(zip(cases, prepared)):
+            shard = logits.chunk(tp, dim=-1)[tp_rank].clone()
+            before = shard.clone()
+            result = _run(case, shard, target, filters, grad_lp, grad_h, tp_group=group)
+            assert torch.equal(shard, before)
+            results.append(dict(tp=tp, tp_rank=tp_rank, group=rank // tp, case=index, **result))
+    return results
+
+
+def test_tensor_parallel_replay_matches_the_oracle():
+    prepared = [case_tensors(case) for case in CASES]
+    results = run_distributed(4, _tp_worker, CASES, prepared, timeout=600)
+    by_run = {}
+    for rank_results in results:
+        for r in rank_results:
+            by_run.setdefault((r["tp"], r["group"], r["case"]), []).append(r)
+    assert len(by_run) == (1 + 2 + 4) * len(CASES)
+    split_rows = out_of_support = 0
+    for (tp, _, index), shards in by_run.items():
+        case = CASES[index]
+        logits, target, grad_lp, grad_h, filters = prepared[index]
+        ref_lp, ref_support, ref_h, ref_grad = oracle(logits, target, case.temperature, filters, case.tie_rule, grad_lp, grad_h)
+        shards.sort(key=lambda r: r["tp_rank"])
+        first = shards[0]
+        for r in shards:  # every TP rank holds the same, fully reduced result
+            assert torch.equal(r["lp"], first["lp"]) and torch.equal(r["support"], first["support"])
+            assert torch.equal(r["h"], first["h"])
+        assert torch.equal(first["support"], ref_support), (tp, case)
+        torch.testing.assert_close(first["lp"].double(), ref_lp, rtol=1e-5, atol=2e-5)
+        torch.testing.assert_close(first["h"].double(), ref_h, rtol=1e-5, atol=2e-5)
+        grad = torch.cat([r["grad"] for r in shards], dim=-1)
+        assert grad.dtype == case.dtype
+        if case.dtype == torch.bfloat16:
+            torch.testing.assert_close(grad, ref_grad.to(grad.dtype))
+        else:
+            torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+        if tp == 1:
+            split_rows += _split_tie_rows(logits, case, filters)
+            out_of_support += int((~ref_support).sum())
+    # The cases did put ties across the cut and targets outside the kept set.
+    assert split_rows >= 20 and out_of_support >= 20, (split_rows, out_of_support)
