@@ -164,7 +164,8 @@ def case_tensors(case: Case):
 
 
 def _scaled_rows(logits, temperature):
-    return (logits.double()[..., :REAL_VOCAB] / temperature).reshape(-1, REAL_VOCAB)
+    real = logits.double()[..., :REAL_VOCAB] / temperature
+    return real.reshape(-1, real.size(-1))
 
 
 def _safe_filters(logits, case) -> Filters:
@@ -275,3 +276,157 @@ def test_tensor_parallel_replay_matches_the_oracle():
             out_of_support += int((~ref_support).sum())
     # The cases did put ties across the cut and targets outside the kept set.
     assert split_rows >= 20 and out_of_support >= 20, (split_rows, out_of_support)
+
+
+# ----------------------------------------------------------------------------- vLLM's own code
+
+
+def _vllm_functions():
+    """vLLM 0.33.0's PyTorch top-k/top-p and min-p code, compiled from its installed source.
+
+    Importing vllm on a CPU-only machine pulls in dozens of server packages; the three functions
+    themselves only need torch, so they are read from the source files with `ast` and compiled
+    alone. Returns None when vllm is not installed.
+    """
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = pathlib.Path(list(spec.submodule_search_locations)[0])
+    wanted = {
+        root / "v1/sample/ops/topk_topp_sampler.py": ["apply_top_k_top_p_pytorch", "apply_top_k_only"],
+        root / "v1/sample/logits_processor/builtin.py": ["apply"],
+    }
+    namespace = {"torch": torch}
+    for path, names in wanted.items():
+        tree = ast.parse(path.read_text())
+        nodes = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name in names]
+        if path.name == "builtin.py":  # the `apply` of MinPLogitsProcessor only
+            min_p_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MinPLogitsProcessor")
+            nodes = [n for n in min_p_class.body if isinstance(n, ast.FunctionDef) and n.name == "apply"]
+        assert sorted(n.name for n in nodes) == sorted(names), f"vLLM source changed: {path} lacks {names}"
+        exec(compile(ast.Module(body=nodes, type_ignores=[]), str(path), "exec"), namespace)
+    return namespace
+
+
+def _vllm_processed_log_probs(functions, rows, temperature, filters):
+    """What vLLM's CPU sampler reports as processed_logprobs for float32 logits ``[R, V]``."""
+    logits = rows.float() / torch.tensor(temperature, dtype=torch.float32)
+    if filters.min_p:
+        state = type("MinPState", (), {})()
+        state.min_p_count, state.min_p = 1, torch.full((rows.size(0), 1), filters.min_p, dtype=torch.float32)
+        logits = functions["apply"](state, logits)
+    k = None if filters.top_k is None else torch.full((rows.size(0),), filters.top_k, dtype=torch.long)
+    p = None if filters.top_p is None else torch.full((rows.size(0),), filters.top_p, dtype=torch.float32)
+    logits = functions["apply_top_k_top_p_pytorch"](logits, k, p, allow_cpu_sync=True)
+    return logits.log_softmax(dim=-1, dtype=torch.float32)
+
+
+def test_pytorch_rule_matches_vllm_cpu_sampler_code():
+    functions = _vllm_functions()
+    if functions is None:
+        pytest.skip("vllm is not installed")
+    generator = torch.Generator().manual_seed(7)
+    vocab, num_rows = 40, 12
+    compared = boundary_ties_beyond_vllm = 0
+    for tied, filters in itertools.product((True, False), FILTERS):
+        if tied:
+            rows = torch.randint(-6, 7, (num_rows, vocab), generator=generator).float() / 2
+        else:
+            rows = 2 * torch.randn(num_rows, vocab, generator=generator)
+        case = Case(0, filters, "pytorch", "padded", torch.float32, 0.8, tied, None)
+        filters = _safe_filters(rows.unsqueeze(1), case)
+        expected = _vllm_processed_log_probs(functions, rows, 0.8, filters)
+        # Every token of every row as a target: logits [V, R, V], target[s, b] = s.
+        logits = rows.unsqueeze(0).expand(vocab, num_rows, vocab).contiguous()
+        target = torch.arange(vocab).unsqueeze(-1).expand(vocab, num_rows)
+        log_probs, in_support = vocab_parallel_token_log_probs(
+            logits, target, temperature=0.8, top_k=filters.top_k, top_p=filters.top_p, min_p=filters.min_p,
+            tie_rule="pytorch", return_in_support=True,
+        )
+        vllm_kept = torch.isfinite(expected).t()  # [V, R] like ours
+        assert not (vllm_kept & ~in_support).any(), filters
+        torch.testing.assert_close(log_probs[vllm_kept], expected.t()[vllm_kept], rtol=1e-5, atol=1e-5)
+        # Ours may also admit the tied tokens at the top-p cut that this sort order happened to drop.
+        extra = in_support & ~vllm_kept
+        cut_values = torch.where(vllm_kept, rows.t(), math.inf).amin(dim=0)
+        assert torch.equal(rows.t()[extra], cut_values.expand_as(rows.t())[extra])
+        assert filters.top_p is not None or not extra.any()
+        compared += int(vllm_kept.sum())
+        boundary_ties_beyond_vllm += int(extra.sum())
+    assert compared > 500 and boundary_ties_beyond_vllm > 0, (compared, boundary_ties_beyond_vllm)
+
+
+def _vllm_triton_top_k_top_p(directory: pathlib.Path):
+    """vLLM 0.33.0's Triton top-k/top-p kernel run by Triton's CPU interpreter, or None.
+
+    The kernel source is read with `ast` from the installed vllm and written to `directory` as a
+    module (Triton's interpreter reads a kernel's source back from its file); one cast that the
+    interpreter cannot apply to a Python loop index, ``row_id.to(tl.int64)``, is spelled
+    ``tl.cast(row_id, tl.int64)``. Needs TRITON_INTERPRET=1 before the kernel is defined.
+    """
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "v1/sample/ops/topk_topp_triton.py"
+    tree = ast.parse(path.read_text().replace("row_id.to(tl.int64)", "tl.cast(row_id, tl.int64)"))
+    names = {"_update_min_larger_stats", "_topk_topp_kernel", "_NORMAL_CDF_TO_SIGMA_TABLE", "_PERCENTILE_TO_STD_TABLE"}
+    nodes = [
+        node for node in tree.body
+        if (isinstance(node, ast.FunctionDef) and node.name in names)
+        or (isinstance(node, ast.Assign) and any(getattr(t, "id", None) in names for t in node.targets))
+    ]
+    assert len(nodes) == len(names), f"vLLM source changed: {path}"
+    module_path = directory / "vllm_topk_topp_kernel.py"
+    header = "import torch\nimport triton\nimport triton.language as tl\n"
+    module_path.write_text(header + ast.unparse(ast.Module(body=nodes, type_ignores=[])))
+    module_spec = importlib.util.spec_from_file_location("vllm_topk_topp_kernel", module_path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+
+    def apply(logits, k, p):
+        logits = logits.float().contiguous().clone()
+        rows, vocab = logits.shape
+        tables = [torch.tensor(getattr(module, name), dtype=torch.float32)
+                  for name in ("_PERCENTILE_TO_STD_TABLE", "_NORMAL_CDF_TO_SIGMA_TABLE")]
+        module._topk_topp_kernel[(rows,)](
+            logits, logits.stride(0), torch.empty_like(logits), *tables,
+            logits if k is None else k, logits if p is None else p, rows,
+            VOCAB_SIZE=vocab, MASK_VALUE=float("-inf"), BLOCK_SIZE=256, BLOCK_SIZE_TRUNC=128,
+            TOPK_ENABLED=k is not None, TOPP_ENABLED=p is not None, SPLIT_COVERS_PONLY=False,
+        )
+        return logits
+
+    return apply
+
+
+def test_triton_rule_matches_vllm_triton_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernel = _vllm_triton_top_k_top_p(tmp_path)
+    if kernel is None:
+        pytest.skip("vllm or triton is not installed")
+    generator = torch.Generator().manual_seed(11)
+    vocab, num_rows, temperature = 40, 8, 0.8
+    compared = 0
+    for tied, filters in itertools.product((True, False), [f for f in FILTERS if f.min_p is None]):
+        if tied:
+            rows = torch.randint(-6, 7, (num_rows, vocab), generator=generator).float() / 2
+        else:
+            rows = 2 * torch.randn(num_rows, vocab, generator=generator)
+        case = Case(0, filters, "triton", "padded", torch.float32, temperature, tied, None)
+        filters = _safe_filters(rows.unsqueeze(1), case)
+        k = None if filters.top_k is None else torch.full((num_rows,), filters.top_k, dtype=torch.int32)
+        p = None if filters.top_p is None else torch.full((num_rows,), filters.top_p, dtype=torch.float32)
+        expected = kernel(rows / torch.tensor(temperature), k, p).log_softmax(dim=-1)
+        logits = rows.unsqueeze(0).expand(vocab, num_rows, vocab).contiguous()
+        target = torch.arange(vocab).unsqueeze(-1).expand(vocab, num_rows)
+        log_probs, in_support = vocab_parallel_token_log_probs(
+            logits, target, temperature=temperature, top_k=filters.top_k, top_p=filters.top_p,
+            tie_rule="triton", return_in_support=True,
+        )
+        vllm_kept = torch.isfinite(expected).t()
+        assert torch.equal(in_support, vllm_kept), (tied, filters)
+        torch.testing.assert_close(log_probs[vllm_kept], expected.t()[vllm_kept], rtol=1e-5, atol=1e-5)
+        compared += int(vllm_kept.sum())
+    assert compared > 200, compared
