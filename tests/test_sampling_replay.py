@@ -430,3 +430,40 @@ def test_triton_rule_matches_vllm_triton_kernel(tmp_path, monkeypatch):
         torch.testing.assert_close(log_probs[vllm_kept], expected.t()[vllm_kept], rtol=1e-5, atol=1e-5)
         compared += int(vllm_kept.sum())
     assert compared > 200, compared
+
+
+# ----------------------------------------------------------------------------- which policy to train
+
+
+def test_replay_removes_the_kept_mass_bias_and_centres_the_score():
+    """The two facts behind training the processed distribution (docs: the design note).
+
+    1. Against processed rollout log-probs, the replayed log-prob gives log-ratio 0 on every
+       token; the full-vocab one gives log(kept mass) < 0, a bias on every token.
+    2. Under the sampling distribution q, the replayed score has mean zero, sum_a q(a) d log q(a)
+       = 0, so a policy gradient with it estimates the gradient of the sampled policy's return;
+       the full-vocab score has mean q - p != 0, a drift that is there even with zero advantage.
+    """
+    generator = torch.Generator().manual_seed(5)
+    vocab, filters, temperature = 32, Filters(top_k=12, top_p=0.8), 0.9
+    row = 2 * torch.randn(vocab, generator=generator, dtype=torch.float64)
+    weights, _ = oracle_weights(row / temperature, filters, "triton")
+    kept = torch.nonzero(weights).squeeze(-1)
+    engine = torch.log_softmax(row / temperature + weights.log(), dim=-1)  # the engine's processed log-probs
+    logits = row.expand(kept.numel(), 1, vocab).clone().requires_grad_()
+    target = kept.unsqueeze(-1)
+    replayed = vocab_parallel_token_log_probs(
+        logits, target, temperature=temperature, top_k=filters.top_k, top_p=filters.top_p
+    )
+    full = vocab_parallel_token_log_probs(logits, target, temperature=temperature)
+    torch.testing.assert_close(replayed.squeeze(-1), engine[kept], rtol=0, atol=1e-12)
+    kept_mass = torch.softmax(row / temperature, dim=-1)[kept].sum()
+    torch.testing.assert_close(full.squeeze(-1) - engine[kept], kept_mass.log().expand(kept.numel()))
+    assert kept_mass.log() < -0.2
+    q = engine[kept].exp().unsqueeze(-1)
+    (replayed_score,) = torch.autograd.grad((q * replayed).sum(), logits)
+    (full_score,) = torch.autograd.grad((q * full).sum(), logits)
+    assert replayed_score.sum(dim=(0, 1)).abs().max() < 1e-12
+    expected_drift = (engine.exp() - torch.softmax(row / temperature, dim=-1)) / temperature
+    torch.testing.assert_close(full_score.sum(dim=(0, 1)), expected_drift)
+    assert expected_drift.abs().max() > 0.05
