@@ -73,6 +73,8 @@ GREEDY_TEMPERATURE = 1e-5
 """vLLM samples greedily, without any filter, below this temperature."""
 
 _BLOCKS = 16
+CANDIDATES_PER_RANK = 256
+"""How many of its largest values per position each rank contributes to the exact fast path."""
 _MIN_BLOCK_ELEMENTS = 1 << 20
 _SUM = torch.distributed.ReduceOp.SUM
 _MAX = torch.distributed.ReduceOp.MAX
@@ -201,16 +203,6 @@ class _Shard:
             out[rows] = statistic(rows, z)
         return all_reduce(out, _SUM, self.tp_group)
 
-    def extremes(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-row largest and smallest scaled logit over the whole vocabulary, float32 ``[R]``."""
-        out = torch.full((self.num_rows, 2), float("-inf"), device=self.flat.device)
-        if self.real > 0:
-            for rows, z in self.blocks():
-                out[rows, 0] = z.amax(dim=-1)
-                out[rows, 1] = -z.amin(dim=-1)
-        all_reduce(out, _MAX, self.tp_group)
-        return out[:, 0].contiguous(), (-out[:, 1]).contiguous()
-
 
 def _bisect(shard, lo, hi, stats_lo, stats_hi, statistic, go_up):
     """Per-row bisection on float keys until ``hi == lo + 1``.
@@ -317,20 +309,123 @@ def _top_p_cut(shard, base: _Cut, row_max, top_p) -> _Cut:
     return _Cut(value, ties, keep)
 
 
+@dataclass
+class _Candidates:
+    """Each rank's largest values per row, gathered over the TP group (identical on every rank).
+
+    ``values`` ``[R, W]`` float32 in descending order; every value strictly above
+    ``complete_above`` ``[R]`` is in it with all its copies (it is the largest, over ranks, of the
+    smallest value a rank sent; -inf when every rank sent all its values).
+    """
+
+    values: torch.Tensor
+    complete_above: torch.Tensor
+    per_rank: int
+
+
+def _gather_candidates(shard: _Shard) -> _Candidates:
+    width = min(CANDIDATES_PER_RANK, shard.local_vocab)
+    local = torch.full((shard.num_rows, width), float("-inf"), device=shard.flat.device)
+    for rows, z in shard.blocks():
+        count = min(width, z.size(-1))
+        local[rows, :count] = z.topk(count, dim=-1).values
+    pieces = [local]
+    if shard.tp_size > 1:
+        pieces = [torch.empty_like(local) for _ in range(shard.tp_size)]
+        torch.distributed.all_gather(pieces, local, group=shard.tp_group)
+    gathered = torch.stack(pieces, dim=1)  # [R, tp, W]
+    complete_above = gathered[..., -1].amax(dim=-1)
+    values = gathered.flatten(1).sort(dim=-1, descending=True).values
+    return _Candidates(values, complete_above, width)
+
+
+def _tie_counts(shard: _Shard, value: torch.Tensor) -> torch.Tensor:
+    """``[R, tp]`` counts of values equal to ``value`` ``[R]`` on each rank (one all-reduce)."""
+    counts = torch.zeros(shard.num_rows, shard.tp_size, dtype=torch.float64, device=value.device)
+    for rows, z in shard.blocks():
+        counts[rows, shard.tp_rank] = (z == value[rows].unsqueeze(-1)).sum(dim=-1).double()
+    return all_reduce(counts, _SUM, shard.tp_group)
+
+
+def _top_k_from_candidates(shard, candidates, floor, top_k, tie_rule) -> Tuple[_Cut, torch.Tensor]:
+    """The top-k cut read off the candidates (exact when each rank sent at least ``top_k`` values).
+
+    All values above the k-th largest are among the candidates, and so are enough copies of it;
+    only the total number of its copies needs a count over the vocabulary.
+    """
+    value = candidates.values[:, top_k - 1]
+    has_cut = value >= floor
+    above = (candidates.values > value.unsqueeze(-1)).sum(dim=-1).double()
+    ties = _tie_counts(shard, value).sum(dim=-1)
+    keep = top_k - above if tie_rule == "triton" else ties
+    zero = torch.zeros_like(ties)
+    return _Cut(torch.where(has_cut, value, floor), torch.where(has_cut, ties, zero), torch.where(has_cut, keep, zero)), has_cut
+
+
+def _top_p_walk(shard, candidates, base: _Cut, has_cut, row_max, top_p) -> Tuple[_Cut, torch.Tensor]:
+    """The top-p cut by walking the candidates from the top; returns it and the rows it cannot settle.
+
+    On rows with a top-k cut every value above it is a candidate and its own copies are counted
+    (``base.keep`` of them survive top-k), so the walk is exact. Elsewhere the survivors' mass comes
+    from one pass over the vocabulary, and the walk is exact when the cut lands above
+    ``complete_above``; other rows are returned for the bisection.
+    """
+    values = candidates.values
+    floor = base.value.unsqueeze(-1)
+    unit = torch.exp(values.double() - row_max.double().unsqueeze(-1))
+    copies = (values > floor).double()
+    # Rows with a top-k cut: the cut value's copies become one entry of multiplicity `keep`.
+    first_at_floor = torch.zeros_like(copies).scatter_(
+        -1, (values > floor).sum(dim=-1, keepdim=True).clamp(max=values.size(-1) - 1), 1.0
+    ).bool() & (values == floor)
+    group = torch.where(has_cut, base.keep, 0.0).unsqueeze(-1)
+    copies = torch.where(first_at_floor & has_cut.unsqueeze(-1), group, copies)
+    copies = torch.where(~has_cut.unsqueeze(-1) & (values >= floor), 1.0, copies)
+    mass = unit * copies
+    total = mass.sum(dim=-1)
+    if not bool(has_cut.all()):
+        everything = shard.row_sums(lambda rows, z: _mass_above(shard, row_max)(rows, z, torch.nextafter(
+            base.value[rows], torch.full_like(base.value[rows], -math.inf))), 2)[:, 0]
+        total = torch.where(has_cut, total, everything)
+    needed = (top_p * total).unsqueeze(-1)
+    before = mass.cumsum(dim=-1) - mass
+    kept = torch.where(copies > 0, torch.ceil((needed - before) / unit).clamp(min=0.0), 0.0).minimum(copies)
+    last = torch.where(kept > 0, torch.arange(values.size(-1), device=values.device), -1).amax(dim=-1)
+    value = values.gather(-1, last.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    same = values == value.unsqueeze(-1)
+    keep = (kept * same).sum(dim=-1)
+    ties = torch.where(has_cut & (value == base.value), base.ties, (copies * same).sum(dim=-1))
+    unsettled = ~has_cut & ((last < 0) | (value <= candidates.complete_above))
+    return _Cut(value, ties, keep), unsettled
+
+
 def find_cut(shard: "_Shard", sampling: SamplingFilter, vocab_size: int) -> Tuple[_Cut, torch.Tensor]:
     """The per-row cut of min-p, then top-k, then top-p, and the per-row maximum scaled logit."""
-    row_max, row_min = shard.extremes()
-    floor = row_min
+    candidates = _gather_candidates(shard)
+    row_max = candidates.values[:, 0].contiguous()
+    floor = torch.full_like(row_max, float("-inf"))
     if sampling.effective_min_p is not None:
-        floor = torch.maximum(floor, _min_p_floor(row_max, sampling.effective_min_p))
+        floor = _min_p_floor(row_max, sampling.effective_min_p)
     zeros = torch.zeros(shard.num_rows, dtype=torch.float64, device=floor.device)
-    cut = _Cut(floor, zeros, zeros)
+    cut, has_cut = _Cut(floor, zeros, zeros), torch.zeros_like(row_max, dtype=torch.bool)
     top_k = sampling.effective_top_k(vocab_size)
-    if top_k is not None:
-        cut, _ = _top_k_cut(shard, floor, row_max, top_k, sampling.tie_rule)
-    if sampling.effective_top_p is not None:
-        cut = _top_p_cut(shard, cut, row_max, sampling.effective_top_p)
-    return cut, row_max
+    walkable = True
+    if top_k is not None and top_k <= candidates.per_rank:
+        cut, has_cut = _top_k_from_candidates(shard, candidates, floor, top_k, sampling.tie_rule)
+    elif top_k is not None:
+        cut, has_cut = _top_k_cut(shard, floor, row_max, top_k, sampling.tie_rule)
+        walkable = False  # the values above this cut may not all be candidates
+    top_p = sampling.effective_top_p
+    if top_p is None:
+        return cut, row_max
+    if not walkable:
+        return _top_p_cut(shard, cut, row_max, top_p), row_max
+    walked, unsettled = _top_p_walk(shard, candidates, cut, has_cut, row_max, top_p)
+    if bool(unsettled.any()):
+        searched = _top_p_cut(shard, cut, row_max, top_p)
+        walked = _Cut(*(torch.where(unsettled, b, a) for a, b in
+                        ((walked.value, searched.value), (walked.ties, searched.ties), (walked.keep, searched.keep))))
+    return walked, row_max
 
 
 @dataclass
@@ -366,11 +461,8 @@ def kept_set(shard: _Shard, cut: _Cut, tie_rule: str) -> _KeptSet:
         weight = torch.where(split, cut.keep / cut.ties.clamp(min=1.0), 1.0)
         return _KeptSet(cut.value, col_lo, col_hi, weight)
     # Triton keeps the lowest ids: this rank keeps its first `keep - (ties on lower ranks)` ties.
-    per_rank = torch.zeros(rows, shard.tp_size, dtype=torch.float64, device=device)
     value = cut.value
-    for block, z in shard.blocks():
-        per_rank[block, shard.tp_rank] = (z == value[block].unsqueeze(-1)).sum(dim=-1).double()
-    all_reduce(per_rank, _SUM, shard.tp_group)
+    per_rank = _tie_counts(shard, value)
     local = per_rank[:, shard.tp_rank]
     lower = per_rank[:, : shard.tp_rank].sum(dim=-1)
     keep_here = torch.where(split, (cut.keep - lower).clamp(min=0.0), local).clamp(max=local.clamp(min=0.0))
