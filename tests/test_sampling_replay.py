@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed
 
+from megatron_rollout_is.parallel import sampling_replay
 from megatron_rollout_is.parallel.vocab_parallel import vocab_parallel_token_log_probs
 from mp_harness import run_distributed
 
@@ -227,20 +228,27 @@ def _run(case, logits, target, filters, grad_lp, grad_h, tp_group=None):
     return dict(lp=log_probs.detach(), support=in_support, h=entropy.detach(), grad=shard.grad)
 
 
+# Each rank's candidates for the fast path: all its values (the default on this small vocabulary,
+# so every cut is read off the gathered values) or 2 (top-k above 2 and most top-p cuts then go
+# through the search on float keys).
+CANDIDATE_BUDGETS = (sampling_replay.CANDIDATES_PER_RANK, 2)
+
+
 def _tp_worker(rank, world_size, cases, prepared):
     """TP = 4 (the world), TP = 2 (two pairs) and TP = 1 (each rank alone), every case each."""
     pairs = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
     singles = [torch.distributed.new_group([r]) for r in range(world_size)]
     groups = {4: torch.distributed.group.WORLD, 2: pairs[rank // 2], 1: singles[rank]}
     results = []
-    for tp, group in groups.items():
+    for budget, (tp, group) in itertools.product(CANDIDATE_BUDGETS, groups.items()):
+        sampling_replay.CANDIDATES_PER_RANK = budget
         tp_rank = torch.distributed.get_rank(group)
         for index, (case, (logits, target, grad_lp, grad_h, filters)) in enumerate(zip(cases, prepared)):
             shard = logits.chunk(tp, dim=-1)[tp_rank].clone()
             before = shard.clone()
             result = _run(case, shard, target, filters, grad_lp, grad_h, tp_group=group)
             assert torch.equal(shard, before)
-            results.append(dict(tp=tp, tp_rank=tp_rank, group=rank // tp, case=index, **result))
+            results.append(dict(budget=budget, tp=tp, tp_rank=tp_rank, group=rank // tp, case=index, **result))
     return results
 
 
@@ -250,10 +258,10 @@ def test_tensor_parallel_replay_matches_the_oracle():
     by_run = {}
     for rank_results in results:
         for r in rank_results:
-            by_run.setdefault((r["tp"], r["group"], r["case"]), []).append(r)
-    assert len(by_run) == (1 + 2 + 4) * len(CASES)
+            by_run.setdefault((r["budget"], r["tp"], r["group"], r["case"]), []).append(r)
+    assert len(by_run) == len(CANDIDATE_BUDGETS) * (1 + 2 + 4) * len(CASES)
     split_rows = out_of_support = 0
-    for (tp, _, index), shards in by_run.items():
+    for (budget, tp, _, index), shards in by_run.items():
         case = CASES[index]
         logits, target, grad_lp, grad_h, filters = prepared[index]
         ref_lp, ref_support, ref_h, ref_grad = oracle(logits, target, case.temperature, filters, case.tie_rule, grad_lp, grad_h)
@@ -262,7 +270,7 @@ def test_tensor_parallel_replay_matches_the_oracle():
         for r in shards:  # every TP rank holds the same, fully reduced result
             assert torch.equal(r["lp"], first["lp"]) and torch.equal(r["support"], first["support"])
             assert torch.equal(r["h"], first["h"])
-        assert torch.equal(first["support"], ref_support), (tp, case)
+        assert torch.equal(first["support"], ref_support), (budget, tp, case)
         torch.testing.assert_close(first["lp"].double(), ref_lp, rtol=1e-5, atol=2e-5)
         torch.testing.assert_close(first["h"].double(), ref_h, rtol=1e-5, atol=2e-5)
         grad = torch.cat([r["grad"] for r in shards], dim=-1)
@@ -271,7 +279,7 @@ def test_tensor_parallel_replay_matches_the_oracle():
             torch.testing.assert_close(grad, ref_grad.to(grad.dtype))
         else:
             torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
-        if tp == 1:
+        if tp == 1 and budget == CANDIDATE_BUDGETS[0]:
             split_rows += _split_tie_rows(logits, case, filters)
             out_of_support += int((~ref_support).sum())
     # The cases did put ties across the cut and targets outside the kept set.

@@ -239,9 +239,12 @@ def _mass_above(shard, row_max):
 
     def statistic(rows, z, pivot):
         above = z > pivot.unsqueeze(-1)
-        mass = shard.exact(rows, z).sub_(row_max[rows].unsqueeze(-1)).exp_()
-        mass.masked_fill_(above.logical_not(), 0.0)
-        return torch.stack([mass.sum(dim=-1), above.sum(dim=-1).double()], dim=-1)
+        # float32 exp (float64 for float64 logits), summed in float64: this runs once per search step.
+        values = z if shard.flat.dtype != torch.float64 else shard.exact(rows, z)
+        mass = (values - row_max[rows].to(values.dtype).unsqueeze(-1)).exp_()
+        count = above.sum(dim=-1).double()
+        mass.masked_fill_(above.logical_not_(), 0.0)
+        return torch.stack([mass.sum(dim=-1, dtype=torch.float64), count], dim=-1)
 
     return statistic
 
