@@ -9,7 +9,9 @@ Cases (see benchmarks/README.md for the method and the last measured table):
    sequence-level reduction against the all-gather design of peer frameworks;
 3. token log-probs from vocab-parallel logits (tp = 1, 2): peak extra memory in units of one fp32
    copy of the local logits, and time against `log_softmax(...).gather` on the full logits;
-4. one training step of the CPU GRPO demo with rollout IS on against off.
+4. one training step of the CPU GRPO demo with rollout IS on against off;
+5. sampling replay (vLLM's top-k/top-p) on vocab-parallel logits (tp = 1, 2): peak extra memory and
+   time against the same log-probs without filters.
 
 The device is CUDA when a GPU is visible (multi-process cases use NCCL when there is one GPU per
 rank, else gloo on the CPU). Timings on a shared machine are noisy; ratios compare runs that were
@@ -23,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import case_replay
 import case_weights
 import torch
 from case_demo import demo_worker
@@ -36,6 +39,7 @@ SIZES = {
         "parallel": {"cp_sizes": [2, 4], "cp_lengths": [1024, 8192], "cp_batch": 8, "tp_sizes": [1, 2],
                      "tp_seq": 32, "tp_batch": 2, "tp_vocab": 32768, "repeats": 2},
         "demo_flags": [["--global-batch-size", "16", "--micro-batch-size", "8"]], "demo_steps": 3,
+        "replay": {"tp_sizes": [1, 2], "seq": 32, "flat_seq": 8, "batch": 2, "vocab": 32768, "repeats": 1},
     },
     "full": {
         "weights_batch": (256, 8192), "weights_check_batch": (16, 1024), "weights_repeats": 7,
@@ -43,13 +47,14 @@ SIZES = {
                      "tp_seq": 512, "tp_batch": 2, "tp_vocab": 32768, "repeats": 9},
         "demo_flags": [DEMO_FULL_BATCH, DEMO_FULL_BATCH + ["--num-layers", "4", "--hidden-size", "256"]],
         "demo_steps": 21,
+        "replay": {"tp_sizes": [1, 2], "seq": 512, "flat_seq": 32, "batch": 2, "vocab": 32768, "repeats": 5},
     },
 }
 DEMO_COMMON_FLAGS = ["--no-progress", "--eval-interval", "0", "--seed", "1234"]
 
 
 def run_cases(size: dict) -> dict:
-    """Runs the four cases; returns their rows and the wall time of each."""
+    """Runs the five cases; returns their rows and the wall time of each."""
     cases, wall = {}, {}
     start = time.perf_counter()
     device = default_device()
@@ -68,6 +73,10 @@ def run_cases(size: dict) -> dict:
         launch(1, demo_worker, DEMO_COMMON_FLAGS + flags, size["demo_steps"])[0] for flags in size["demo_flags"]
     ]
     wall["demo"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    cases["sampling_replay"] = launch(max(size["replay"]["tp_sizes"]), case_replay.replay_worker, size["replay"])[0]
+    wall["sampling_replay"] = time.perf_counter() - start
     return {"cases": cases, "wall_seconds": wall}
 
 
@@ -89,6 +98,9 @@ def goals(cases: dict) -> list[dict]:
                           row["peak_forward_backward_over_fp32_copy"], "<=", 1.25))
     for row in cases["demo"]:
         rows.append(_goal(f"demo ({row['model']}) step time IS on / off", row["time_ratio"], "<=", 1.01))
+    for row in cases["sampling_replay"]:
+        rows.append(_goal(f"replay TP={row['tp']} {row['logits']} {row['filters']}: peak fwd+bwd / one fp32 copy",
+                          row["peak_forward_backward_over_fp32_copy"], "<=", 1.25))
     return rows
 
 
@@ -141,6 +153,7 @@ def format_report(result: dict) -> str:
           f"{d['time_ratio']:.3f}", _ms(d["is_seconds_per_step"]), f"{100 * d['is_share_of_step']:.1f}%"]
          for d in cases["demo"]],
     )
+    table(*case_replay.table(cases["sampling_replay"]))
     title = "goals"
     if result["mode"] == "quick":
         title += " (set for the full sizes; at --quick sizes fixed costs dominate)"

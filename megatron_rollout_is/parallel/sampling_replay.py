@@ -72,10 +72,10 @@ TIE_RULES = ("triton", "pytorch")
 GREEDY_TEMPERATURE = 1e-5
 """vLLM samples greedily, without any filter, below this temperature."""
 
-_BLOCKS = 16
+_BLOCKS = 32
 CANDIDATES_PER_RANK = 256
 """How many of its largest values per position each rank contributes to the exact fast path."""
-_MIN_BLOCK_ELEMENTS = 1 << 20
+_MIN_BLOCK_ELEMENTS = 1 << 15
 _SUM = torch.distributed.ReduceOp.SUM
 _MAX = torch.distributed.ReduceOp.MAX
 
@@ -170,12 +170,12 @@ class _Shard:
         self.tp_rank, self.tp_size = group_rank(tp_group), group_size(tp_group)
         self.temperature = temperature
         self.real = max(0, min(self.local_vocab, vocab_size - self.tp_rank * self.local_vocab))
-        self.exact_dtype = torch.float64
         if chunk_size is not None:
             self.step = max(1, chunk_size * batch)
         else:
-            # One sixteenth of the rows keeps the block temporaries (about three fp32 copies of a
-            # block) under a fifth of one fp32 copy of the shard; tiny inputs use one block.
+            # A 32nd of the rows keeps the block temporaries (at most about three fp32 copies of a
+            # block) near a tenth of one fp32 copy of the shard; blocks of fewer than ~32k values
+            # only add kernel launches, so small inputs use fewer, larger blocks.
             floor = -(-_MIN_BLOCK_ELEMENTS // max(1, self.local_vocab))
             self.step = max(1, -(-self.num_rows // _BLOCKS), min(self.num_rows, floor))
 
@@ -195,6 +195,12 @@ class _Shard:
         if self.flat.dtype == torch.float64:
             return self.flat[rows, : self.real] / self.temperature
         return z.double()
+
+    def exact_at(self, rows, z, columns) -> torch.Tensor:
+        """float64 scaled logits at ``columns`` ``[n, c]`` of `rows` (see `exact`)."""
+        if self.flat.dtype == torch.float64:
+            return self.flat[rows].gather(-1, columns) / self.temperature
+        return z.gather(-1, columns).double()
 
     def row_sums(self, statistic: Callable, width: int) -> torch.Tensor:
         """``[R, width]`` float64 sums over the TP group of ``statistic(rows, z)`` per block."""
@@ -444,13 +450,25 @@ class _KeptSet:
     col_hi: torch.Tensor
     tie_weight: torch.Tensor
 
-    def weights(self, rows, z: torch.Tensor) -> torch.Tensor:
-        """Membership weights of the block `z` ``[n, real]`` (same dtype as `z`)."""
+    def weigh_(self, rows, z: torch.Tensor, out: torch.Tensor, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Multiplies ``out`` in place by the membership weights of the values ``z`` (same shape).
+
+        ``z`` is ``[n, m]`` float32 of the rows ``rows``; ``columns`` their local columns (default
+        ``0..m-1``). Returns ``out``.
+        """
         value = self.value[rows].unsqueeze(-1)
-        columns = torch.arange(z.size(-1), device=z.device)
-        tie = (z == value) & (columns >= self.col_lo[rows].unsqueeze(-1)) & (columns < self.col_hi[rows].unsqueeze(-1))
-        weight = tie.to(z.dtype).mul_(self.tie_weight[rows].unsqueeze(-1).to(z.dtype))
-        return weight.masked_fill_(z > value, 1.0)
+        if columns is None:
+            columns = torch.arange(z.size(-1), device=z.device)
+        tie = z == value
+        tie &= columns >= self.col_lo[rows].unsqueeze(-1)
+        tie &= columns < self.col_hi[rows].unsqueeze(-1)
+        member = z > value
+        member |= tie
+        out.masked_fill_(member.logical_not_(), 0.0)
+        tie_weight = self.tie_weight[rows]
+        if bool((tie_weight != 1.0).any()):
+            out.mul_(torch.where(tie, tie_weight.unsqueeze(-1).to(out.dtype), 1.0))
+        return out
 
 
 def kept_set(shard: _Shard, cut: _Cut, tie_rule: str) -> _KeptSet:
@@ -504,15 +522,19 @@ class _ReplayLogProbs(torch.autograd.Function):
         top = row_max.double()
 
         def statistic(rows, z):
-            weight = kept.weights(rows, z)
-            exact = shard.exact(rows, z)
-            target_cols = local_target[rows].unsqueeze(-1)
-            target_z = torch.where(owned[rows], exact.gather(-1, target_cols).squeeze(-1) - top[rows], 0.0)
-            target_kept = torch.where(owned[rows], weight.gather(-1, target_cols).squeeze(-1).double(), 0.0)
-            mass = exact.sub_(top[rows].unsqueeze(-1)).exp_().mul_(weight)
-            parts = [mass.sum(dim=-1), target_z, target_kept]
+            columns = local_target[rows].unsqueeze(-1)
+            target_z = shard.exact_at(rows, z, columns).squeeze(-1) - top[rows]
+            target_kept = kept.weigh_(rows, z.gather(-1, columns), torch.ones_like(target_z).unsqueeze(-1), columns)
+            # float32 exp for float32/bf16 logits (float64 for float64 ones), summed in float64.
+            values = shard.exact(rows, z) if shard.flat.dtype == torch.float64 else z
+            mass = kept.weigh_(rows, z, (values - top[rows].to(values.dtype).unsqueeze(-1)).exp_())
+            parts = [
+                mass.sum(dim=-1, dtype=torch.float64),
+                torch.where(owned[rows], target_z, 0.0),
+                torch.where(owned[rows], target_kept.squeeze(-1), 0.0),
+            ]
             if with_entropy:
-                parts.append(torch.special.xlogy(mass, mass).sum(dim=-1))
+                parts.append(torch.special.xlogy(mass, mass).sum(dim=-1, dtype=torch.float64))
             return torch.stack(parts, dim=-1)
 
         sums = shard.row_sums(statistic, 4 if with_entropy else 3)
@@ -552,12 +574,18 @@ class _ReplayLogProbs(torch.autograd.Function):
         if grad_log_probs is not None and not wide:
             grad_log_probs = grad_log_probs.float()
         normalizer = log_normalizer if wide else log_normalizer.float()
+        compute_dtype = torch.float64 if wide else torch.float32
         for rows, z in shard.blocks():
-            # Membership is decided on the float32 values, as in forward, whatever the logits' dtype.
+            # The gradient is built in its own block where the dtypes allow: no block temporary.
+            block = grad[rows, : shard.real]
+            probs = block if block.dtype == compute_dtype else torch.empty(block.shape, dtype=compute_dtype, device=z.device)
             values = shard.exact(rows, z) if wide else z
-            probs = (values - normalizer[rows].unsqueeze(-1)).exp_().mul_(kept.weights(rows, z))
+            torch.sub(values, normalizer[rows].unsqueeze(-1), out=probs).exp_()
+            # Membership is decided on the float32 values, as in forward, whatever the logits' dtype.
+            kept.weigh_(rows, z, probs)
             softmax_to_grad_(probs, rows, grad_log_probs, grad_entropy, entropy, local_target, owned, shard.temperature)
-            grad[rows, : shard.real] = probs
+            if probs is not block:
+                block.copy_(probs)
         return grad.view(logits.shape), None, None, None, None, None, None, None
 
 
