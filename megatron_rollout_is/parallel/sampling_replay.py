@@ -43,18 +43,29 @@ then exactly vLLM's, every tied token counts as sampleable, and the log-prob of 
 exactly vLLM's.
 
 Numerics: vLLM decides the cuts in float32 (a float32 cumulative sum, or a bisection on float32
-probabilities with at most 18 steps in the Triton kernel). This module decides them in exact
-arithmetic on the same float32 scaled logits (masses summed in float64), so the kept sets agree
-unless ``p`` lies within float32 rounding of a prefix mass.
+probabilities with at most 18 steps in the Triton kernel). This module decides them on the same float32 scaled logits with
+exact comparisons and float64 sums, so the kept sets agree unless ``p`` (or the min-p bound)
+lies within float32 rounding of a prefix mass (or of a value). With ``processed_logprobs`` vLLM
+never uses its FlashInfer sampler (it cannot return processed log-probs), so one of the two
+implementations above did the sampling.
 
-How the cut is found without gathering the vocabulary: a float32 value maps to an integer key
-that keeps its order, so a cut value can be found by bisection on the key, one pivot per token
-position at a time. Each step counts (top-k) or sums the mass of (top-p) the local values above
-the pivot and all-reduces those ``[s*b]`` partials over the TP group: about 32 small collectives
-per filter per call, independent of the vocabulary size. Ties at a Triton cut that straddle
-ranks are split with one more all-reduce of per-rank tie counts (ranks hold consecutive ids).
-Nothing of size ``V/tp`` is kept: the logits are read block by block and backward recomputes the
-kept set from the saved per-token cut.
+How the cut is found without gathering the vocabulary:
+
+* Fast path: each rank sends its ``CANDIDATES_PER_RANK`` (256) largest values per position, one
+  all-gather over the TP group. Every value above the largest of the ranks' smallest sent values
+  is then known with all its copies. The k-th largest value is read off directly when
+  ``k <= 256``; the top-p cut is found by walking the gathered values from the top, which is
+  exact whenever the cut lies among the complete ones (always after such a top-k, and for a
+  next-token distribution whose top-p set is a few hundred tokens at most).
+* Otherwise a search on the value: a float32 value maps to an integer key that keeps its order,
+  so each cut is found by bisection on the key, one pivot per position and step. A step counts
+  (top-k) or sums the mass of (top-p) the local values above the pivot and all-reduces those
+  ``[s*b]`` partials over the TP group: about 32 small collectives and passes over the logits.
+* Ties at a Triton cut that straddle ranks are split with one all-reduce of per-rank tie counts
+  (ranks hold consecutive ids, so rank r keeps its first ``keep - (ties on lower ranks)``).
+
+Nothing of size ``V/tp`` is kept between forward and backward: the logits are read block by
+block and backward recomputes the kept set from the saved per-position cut.
 """
 
 import math
@@ -77,7 +88,6 @@ CANDIDATES_PER_RANK = 256
 """How many of its largest values per position each rank contributes to the exact fast path."""
 _MIN_BLOCK_ELEMENTS = 1 << 15
 _SUM = torch.distributed.ReduceOp.SUM
-_MAX = torch.distributed.ReduceOp.MAX
 
 
 @dataclass(frozen=True)
@@ -377,19 +387,18 @@ def _top_p_walk(shard, candidates, base: _Cut, has_cut, row_max, top_p) -> Tuple
     On rows with a top-k cut every value above it is a candidate and its own copies are counted
     (``base.keep`` of them survive top-k), so the walk is exact. Elsewhere the survivors' mass comes
     from one pass over the vocabulary, and the walk is exact when the cut lands above
-    ``complete_above``; other rows are returned for the bisection.
+    ``complete_above``; other rows are returned for the search on the key.
     """
     values = candidates.values
     floor = base.value.unsqueeze(-1)
     unit = torch.exp(values.double() - row_max.double().unsqueeze(-1))
-    copies = (values > floor).double()
-    # Rows with a top-k cut: the cut value's copies become one entry of multiplicity `keep`.
-    first_at_floor = torch.zeros_like(copies).scatter_(
-        -1, (values > floor).sum(dim=-1, keepdim=True).clamp(max=values.size(-1) - 1), 1.0
-    ).bool() & (values == floor)
-    group = torch.where(has_cut, base.keep, 0.0).unsqueeze(-1)
-    copies = torch.where(first_at_floor & has_cut.unsqueeze(-1), group, copies)
-    copies = torch.where(~has_cut.unsqueeze(-1) & (values >= floor), 1.0, copies)
+    above = values > floor
+    copies = torch.where(has_cut.unsqueeze(-1), above, values >= floor).double()
+    # On rows with a top-k cut the first candidate equal to the cut value (there is one) stands for
+    # the `keep` copies that survive top-k; its other candidate copies count 0.
+    first_tie = above.sum(dim=-1, keepdim=True).clamp(max=values.size(-1) - 1)
+    group = torch.where(has_cut, base.keep, copies.gather(-1, first_tie).squeeze(-1))
+    copies.scatter_(-1, first_tie, group.unsqueeze(-1))
     mass = unit * copies
     total = mass.sum(dim=-1)
     if not bool(has_cut.all()):
