@@ -39,7 +39,7 @@ class Filters:
 
 FILTERS = [
     Filters(top_k=5), Filters(top_p=0.7), Filters(top_k=9, top_p=0.8), Filters(min_p=0.15),
-    Filters(top_k=12, top_p=0.9, min_p=0.05), Filters(top_k=1), Filters(top_p=0.3),
+    Filters(top_k=12, top_p=0.9, min_p=0.05), Filters(top_k=1), Filters(top_k=2, top_p=0.3),
 ]
 
 
@@ -375,8 +375,6 @@ def _vllm_triton_top_k_top_p(directory: pathlib.Path):
     spec = importlib.util.find_spec("vllm")
     if spec is None or importlib.util.find_spec("triton") is None:
         return None
-    import triton
-
     path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "v1/sample/ops/topk_topp_triton.py"
     tree = ast.parse(path.read_text().replace("row_id.to(tl.int64)", "tl.cast(row_id, tl.int64)"))
     names = {"_update_min_larger_stats", "_topk_topp_kernel", "_NORMAL_CDF_TO_SIGMA_TABLE", "_PERCENTILE_TO_STD_TABLE"}
