@@ -173,7 +173,7 @@ class _Shard:
     """
 
     def __init__(self, logits, tp_group, temperature, vocab_size, chunk_size):
-        seq_len, batch, self.local_vocab = logits.shape
+        _, batch, self.local_vocab = logits.shape
         self.flat = logits.reshape(-1, self.local_vocab)
         self.num_rows = self.flat.size(0)
         self.tp_group = tp_group
@@ -340,14 +340,26 @@ class _Candidates:
     values: torch.Tensor
     complete_above: torch.Tensor
     per_rank: int
+    local_max: torch.Tensor
+    local_mass: Optional[torch.Tensor] = None
+    """``[R]`` float64 sum over this rank's values of ``exp(z - local_max)``, if asked for."""
+
+    def total_mass(self, shard: _Shard, row_max: torch.Tensor) -> torch.Tensor:
+        """``[R]`` sum of ``exp(z - row_max)`` over the whole vocabulary (one all-reduce)."""
+        scale = torch.exp(self.local_max.double() - row_max.double())
+        return all_reduce(torch.where(scale > 0, self.local_mass * scale, 0.0), _SUM, shard.tp_group)
 
 
-def _gather_candidates(shard: _Shard) -> _Candidates:
+def _gather_candidates(shard: _Shard, with_mass: bool) -> _Candidates:
+    """Gathers each rank's largest values; ``with_mass`` also sums each rank's exp-mass on the way."""
     width = min(CANDIDATES_PER_RANK, shard.local_vocab)
     local = torch.full((shard.num_rows, width), float("-inf"), device=shard.flat.device)
+    local_mass = torch.zeros(shard.num_rows, dtype=torch.float64, device=local.device) if with_mass else None
     for rows, z in shard.blocks():
         count = min(width, z.size(-1))
         local[rows, :count] = z.topk(count, dim=-1).values
+        if with_mass and count > 0:
+            local_mass[rows] = (z - local[rows, :1]).exp_().sum(dim=-1, dtype=torch.float64)
     pieces = [local]
     if shard.tp_size > 1:
         pieces = [torch.empty_like(local) for _ in range(shard.tp_size)]
@@ -355,7 +367,7 @@ def _gather_candidates(shard: _Shard) -> _Candidates:
     gathered = torch.stack(pieces, dim=1)  # [R, tp, W]
     complete_above = gathered[..., -1].amax(dim=-1)
     values = gathered.flatten(1).sort(dim=-1, descending=True).values
-    return _Candidates(values, complete_above, width)
+    return _Candidates(values, complete_above, width, local[:, 0].contiguous(), local_mass)
 
 
 def _tie_counts(shard: _Shard, value: torch.Tensor) -> torch.Tensor:
@@ -370,12 +382,16 @@ def _top_k_from_candidates(shard, candidates, floor, top_k, tie_rule) -> Tuple[_
     """The top-k cut read off the candidates (exact when each rank sent at least ``top_k`` values).
 
     All values above the k-th largest are among the candidates, and so are enough copies of it;
-    only the total number of its copies needs a count over the vocabulary.
+    the total number of its copies needs a count over the vocabulary only when it is not above
+    ``complete_above``.
     """
     value = candidates.values[:, top_k - 1]
     has_cut = value >= floor
     above = (candidates.values > value.unsqueeze(-1)).sum(dim=-1).double()
-    ties = _tie_counts(shard, value).sum(dim=-1)
+    ties = (candidates.values == value.unsqueeze(-1)).sum(dim=-1).double()
+    incomplete = value <= candidates.complete_above
+    if bool(incomplete.any()):  # some copies of the cut value may not have been sent
+        ties = torch.where(incomplete, _tie_counts(shard, value).sum(dim=-1), ties)
     keep = top_k - above if tie_rule == "triton" else ties
     zero = torch.zeros_like(ties)
     return _Cut(torch.where(has_cut, value, floor), torch.where(has_cut, ties, zero), torch.where(has_cut, keep, zero)), has_cut
@@ -401,10 +417,13 @@ def _top_p_walk(shard, candidates, base: _Cut, has_cut, row_max, top_p) -> Tuple
     copies.scatter_(-1, first_tie, group.unsqueeze(-1))
     mass = unit * copies
     total = mass.sum(dim=-1)
-    if not bool(has_cut.all()):
-        everything = shard.row_sums(lambda rows, z: _mass_above(shard, row_max)(rows, z, torch.nextafter(
-            base.value[rows], torch.full_like(base.value[rows], -math.inf))), 2)[:, 0]
-        total = torch.where(has_cut, total, everything)
+    if candidates.local_mass is not None:  # no min-p: rows without a top-k cut keep everything
+        total = torch.where(has_cut, total, candidates.total_mass(shard, row_max))
+    elif not bool(has_cut.all()):
+        at_least_floor = lambda rows, z: _mass_above(shard, row_max)(
+            rows, z, torch.nextafter(base.value[rows], torch.full_like(base.value[rows], -math.inf))
+        )
+        total = torch.where(has_cut, total, shard.row_sums(at_least_floor, 2)[:, 0])
     needed = (top_p * total).unsqueeze(-1)
     before = mass.cumsum(dim=-1) - mass
     kept = torch.where(copies > 0, torch.ceil((needed - before) / unit).clamp(min=0.0), 0.0).minimum(copies)
@@ -419,14 +438,16 @@ def _top_p_walk(shard, candidates, base: _Cut, has_cut, row_max, top_p) -> Tuple
 
 def find_cut(shard: "_Shard", sampling: SamplingFilter, vocab_size: int) -> Tuple[_Cut, torch.Tensor]:
     """The per-row cut of min-p, then top-k, then top-p, and the per-row maximum scaled logit."""
-    candidates = _gather_candidates(shard)
+    top_k = sampling.effective_top_k(vocab_size)
+    # Without min-p, a top-p over rows without a top-k cut needs the mass of the whole row.
+    with_mass = sampling.effective_top_p is not None and sampling.effective_min_p is None
+    candidates = _gather_candidates(shard, with_mass)
     row_max = candidates.values[:, 0].contiguous()
     floor = torch.full_like(row_max, float("-inf"))
     if sampling.effective_min_p is not None:
         floor = _min_p_floor(row_max, sampling.effective_min_p)
     zeros = torch.zeros(shard.num_rows, dtype=torch.float64, device=floor.device)
     cut, has_cut = _Cut(floor, zeros, zeros), torch.zeros_like(row_max, dtype=torch.bool)
-    top_k = sampling.effective_top_k(vocab_size)
     walkable = True
     if top_k is not None and top_k <= candidates.per_rank:
         cut, has_cut = _top_k_from_candidates(shard, candidates, floor, top_k, sampling.tie_rule)
@@ -459,6 +480,10 @@ class _KeptSet:
     col_hi: torch.Tensor
     tie_weight: torch.Tensor
 
+    def keeps_every_tie(self, rows, width: int) -> bool:
+        """Whether every row of `rows` keeps all its ties with weight 1 (membership is ``z >= value``)."""
+        return bool(((self.col_lo[rows] == 0) & (self.col_hi[rows] >= width) & (self.tie_weight[rows] == 1.0)).all())
+
     def weigh_(self, rows, z: torch.Tensor, out: torch.Tensor, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Multiplies ``out`` in place by the membership weights of the values ``z`` (same shape).
 
@@ -466,7 +491,10 @@ class _KeptSet:
         ``0..m-1``). Returns ``out``.
         """
         value = self.value[rows].unsqueeze(-1)
+        tie_weight = self.tie_weight[rows]
         if columns is None:
+            if self.keeps_every_tie(rows, z.size(-1)):
+                return out.masked_fill_(z < value, 0.0)
             columns = torch.arange(z.size(-1), device=z.device)
         tie = z == value
         tie &= columns >= self.col_lo[rows].unsqueeze(-1)
@@ -474,7 +502,6 @@ class _KeptSet:
         member = z > value
         member |= tie
         out.masked_fill_(member.logical_not_(), 0.0)
-        tie_weight = self.tie_weight[rows]
         if bool((tie_weight != 1.0).any()):
             out.mul_(torch.where(tie, tie_weight.unsqueeze(-1).to(out.dtype), 1.0))
         return out
