@@ -417,7 +417,8 @@ def _top_p_walk(shard, candidates, base: _Cut, has_cut, row_max, top_p) -> Tuple
     copies.scatter_(-1, first_tie, group.unsqueeze(-1))
     mass = unit * copies
     total = mass.sum(dim=-1)
-    if candidates.local_mass is not None:  # no min-p: rows without a top-k cut keep everything
+    if candidates.local_mass is not None and not bool(has_cut.all()):
+        # No min-p: rows without a top-k cut keep the whole row before top-p.
         total = torch.where(has_cut, total, candidates.total_mass(shard, row_max))
     elif not bool(has_cut.all()):
         at_least_floor = lambda rows, z: _mass_above(shard, row_max)(
