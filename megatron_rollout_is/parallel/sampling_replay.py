@@ -523,8 +523,8 @@ def kept_set(shard: _Shard, cut: _Cut, tie_rule: str) -> _KeptSet:
     per_rank = _tie_counts(shard, value)
     local = per_rank[:, shard.tp_rank]
     lower = per_rank[:, : shard.tp_rank].sum(dim=-1)
-    keep_here = torch.where(split, (cut.keep - lower).clamp(min=0.0), local).clamp(max=local.clamp(min=0.0))
-    col_hi = torch.where(keep_here <= 0, 0, col_hi)
+    keep_here = torch.minimum(torch.where(split, (cut.keep - lower).clamp(min=0.0), local), local)
+    col_hi = torch.where(split & (keep_here <= 0), 0, col_hi)
     partial = split & (keep_here > 0) & (keep_here < local)
     if bool(partial.any()):
         col_hi = _column_after_nth_tie(shard, value, keep_here, partial, col_hi)
