@@ -10,7 +10,9 @@ Cases (see benchmarks/README.md for the method and the last measured table):
 3. token log-probs from vocab-parallel logits (tp = 1, 2): peak extra memory in units of one fp32
    copy of the local logits, and time against `log_softmax(...).gather` on the full logits;
 4. one training step of the CPU GRPO demo with rollout IS on against off (with a GPU, also a ~1B-parameter
-   model on CUDA).
+   model on CUDA);
+5. sampling replay (vLLM's top-k/top-p) on vocab-parallel logits (tp = 1, 2): peak extra memory and
+   time against the same log-probs without filters.
 
 The device is CUDA when a GPU is visible (multi-process cases use NCCL when there is one GPU per
 rank, else gloo on the CPU). Timings on a shared machine are noisy; ratios compare runs that were
@@ -24,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import case_replay
 import case_weights
 import torch
 from case_demo import demo_worker
@@ -37,6 +40,7 @@ SIZES = {
         "parallel": {"cp_sizes": [2, 4], "cp_lengths": [1024, 8192], "cp_batch": 8, "tp_sizes": [1, 2],
                      "tp_seq": 32, "tp_batch": 2, "tp_vocab": 32768, "repeats": 2},
         "demo_flags": [["--global-batch-size", "16", "--micro-batch-size", "8"]], "demo_steps": 3,
+        "replay": {"tp_sizes": [1, 2], "seq": 32, "flat_seq": 8, "batch": 2, "vocab": 32768, "repeats": 1},
     },
     "full": {
         "weights_batch": (256, 8192), "weights_check_batch": (16, 1024), "weights_repeats": 7,
@@ -44,6 +48,7 @@ SIZES = {
                      "tp_seq": 512, "tp_batch": 2, "tp_vocab": 32768, "repeats": 9},
         "demo_flags": [DEMO_FULL_BATCH, DEMO_FULL_BATCH + ["--num-layers", "4", "--hidden-size", "256"]],
         "demo_steps": 21,
+        "replay": {"tp_sizes": [1, 2], "seq": 512, "flat_seq": 32, "batch": 2, "vocab": 32768, "repeats": 5},
     },
 }
 DEMO_COMMON_FLAGS = ["--no-progress", "--eval-interval", "0", "--seed", "1234"]
@@ -55,7 +60,7 @@ DEMO_CUDA_1B = {"steps": 9, "flags": ["--num-layers", "20", "--hidden-size", "20
 
 
 def run_cases(size: dict) -> dict:
-    """Runs the four cases; returns their rows and the wall time of each."""
+    """Runs the five cases; returns their rows and the wall time of each."""
     cases, wall = {}, {}
     start = time.perf_counter()
     device = default_device()
@@ -75,6 +80,10 @@ def run_cases(size: dict) -> dict:
         runs.append((DEMO_CUDA_1B["flags"], DEMO_CUDA_1B["steps"]))
     cases["demo"] = [launch(1, demo_worker, DEMO_COMMON_FLAGS + flags, steps)[0] for flags, steps in runs]
     wall["demo"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    cases["sampling_replay"] = launch(max(size["replay"]["tp_sizes"]), case_replay.replay_worker, size["replay"])[0]
+    wall["sampling_replay"] = time.perf_counter() - start
     return {"cases": cases, "wall_seconds": wall}
 
 
@@ -97,6 +106,9 @@ def goals(cases: dict) -> list[dict]:
     for row in cases["demo"]:
         rows.append(_goal(f"demo ({row['model']}) step time IS on / off", row["time_ratio"], "<=", 1.01))
         rows.append(_goal(f"demo ({row['model']}) IS share of step", row["is_share_of_step"], "<=", 0.01))
+    for row in cases["sampling_replay"]:
+        rows.append(_goal(f"replay TP={row['tp']} {row['logits']} {row['filters']}: peak fwd+bwd / one fp32 copy",
+                          row["peak_forward_backward_over_fp32_copy"], "<=", 1.25))
     return rows
 
 
@@ -150,6 +162,7 @@ def format_report(result: dict) -> str:
           f"{d['time_ratio']:.3f}", _ms(d["is_seconds_per_step"]), f"{100 * d['is_share_of_step']:.1f}%"]
          for d in cases["demo"]],
     )
+    table(*case_replay.table(cases["sampling_replay"]))
     title = "goals"
     if result["mode"] == "quick":
         title += " (set for the full sizes; at --quick sizes fixed costs dominate)"

@@ -212,3 +212,70 @@ def test_tensor_parallel_matches_single_process():
             torch.testing.assert_close(grad, ref_grad.to(dtype))
         else:
             torch.testing.assert_close(grad.double(), ref_grad, **tolerance)
+
+
+def test_vocabulary_padding_is_excluded_from_the_softmax():
+    logits, target, grad_lp, grad_h = _case(8, torch.float32)
+    real = VOCAB - 3
+    logits[..., real:] = 40.0  # padding columns that would dominate the softmax
+    target = target.clamp(max=real - 1)
+    x = logits.clone().requires_grad_()
+    log_probs, entropy = vocab_parallel_token_log_probs(x, target, temperature=0.8, return_entropy=True, vocab_size=real)
+    ((log_probs * grad_lp.float()).sum() + (entropy * grad_h.float()).sum()).backward()
+    ref_lp, ref_h, ref_grad = _oracle(logits[..., :real], target, 0.8, grad_lp, grad_h)
+    torch.testing.assert_close(log_probs.double(), ref_lp, **_tolerances(torch.float32))
+    torch.testing.assert_close(entropy.double(), ref_h, **_tolerances(torch.float32))
+    torch.testing.assert_close(x.grad[..., :real].double(), ref_grad, **_tolerances(torch.float32))
+    assert torch.equal(x.grad[..., real:], torch.zeros(SEQ, BATCH, 3))
+    # bf16 logits recompute the softmax in backward: the padding must stay out there too.
+    x = logits.bfloat16().requires_grad_()
+    (vocab_parallel_token_log_probs(x, target, vocab_size=real) * grad_lp.float()).sum().backward()
+    assert torch.equal(x.grad[..., real:], torch.zeros(SEQ, BATCH, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"target ids must be in \[0, 13\)"):
+        vocab_parallel_token_log_probs(logits, torch.full_like(target, real), vocab_size=real)
+
+
+def test_in_support_without_filters_flags_only_impossible_tokens():
+    logits, target, _, _ = _case(9, torch.float32)
+    logits[0, 0, target[0, 0]] = float("-inf")
+    log_probs, in_support = vocab_parallel_token_log_probs(logits, target, return_in_support=True)
+    expected = torch.ones(SEQ, BATCH, dtype=torch.bool)
+    expected[0, 0] = False
+    assert torch.equal(in_support, expected)
+    torch.testing.assert_close(log_probs, vocab_parallel_token_log_probs(logits, target))
+
+
+def test_filters_that_cut_nothing_give_the_plain_log_probs():
+    logits, target, _, _ = _case(10, torch.float32)
+    plain = vocab_parallel_token_log_probs(logits, target, temperature=0.9)
+    for off in (dict(top_k=0), dict(top_k=-1), dict(top_k=VOCAB), dict(top_p=1.0), dict(min_p=0.0)):
+        assert torch.equal(vocab_parallel_token_log_probs(logits, target, temperature=0.9, **off), plain), off
+
+
+def test_sampling_arguments_raise_clear_errors():
+    logits, target, _, _ = _case(11, torch.float32)
+    call = vocab_parallel_token_log_probs
+    with pytest.raises(ValueError, match="top_k must be None, 0 or -1 .off. or a positive int, got -2"):
+        call(logits, target, top_k=-2)
+    with pytest.raises(ValueError, match="top_k must be .* got 2.5"):
+        call(logits, target, top_k=2.5)
+    with pytest.raises(ValueError, match=r"top_p must be None or a float in \(0, 1\]"):
+        call(logits, target, top_p=0.0)
+    with pytest.raises(ValueError, match=r"min_p must be None or a float in \[0, 1\]"):
+        call(logits, target, min_p=1.5)
+    with pytest.raises(ValueError, match="tie_rule must be one of .*'triton' for an engine on a GPU"):
+        call(logits, target, top_k=3, tie_rule="stable")
+    with pytest.raises(ValueError, match=r"vocab_size must be None or an int in \[1, 16\]"):
+        call(logits, target, vocab_size=17)
+    with pytest.raises(ValueError, match="vLLM samples greedily .* pass the filters as None"):
+        call(logits, target, temperature=1e-6, top_p=0.9)
+    # A target outside the kept set: an error naming the count and the way out...
+    top = logits.argmax(dim=-1)
+    with pytest.raises(ValueError, match=r"14 of 14 target tokens lie outside .*top_k=1.*return_in_support=True"):
+        call(logits, (top + 1) % VOCAB, top_k=1)
+    # ...or, on request, a mask, a 0.0 placeholder and no gradient through those positions.
+    x = logits.clone().requires_grad_()
+    log_probs, in_support = call(x, (top + 1) % VOCAB, top_k=1, return_in_support=True)
+    assert not in_support.any() and torch.equal(log_probs, torch.zeros(SEQ, BATCH))
+    log_probs.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
