@@ -251,9 +251,11 @@ def _processed_bias_finding(
             f"but only by {confident_gap:.3g} on tokens above {confident_prob:g}: the signature "
             "of top-p/top-k renormalised ('processed') log-probs, which add -log(kept mass) to "
             f"every token. Each IS log-ratio is shifted by about {-mean_gap:.3g} per token (a "
-            "sequence of n tokens by n times that). Use vLLM's logprobs_mode='raw_logprobs' "
-            "(its default) or compute rollout log-probs without top-p/top-k, at the temperature "
-            "the trainer scores with"
+            "sequence of n tokens by n times that). Replay the engine's filters in the trainer "
+            "(--rollout-top-p / --rollout-top-k / --rollout-min-p with its values, i.e. "
+            "PolicyLossConfig.rollout_top_p ...), so that it scores the same processed "
+            "distribution; or use vLLM's logprobs_mode='raw_logprobs' (its default), at the "
+            "temperature the trainer scores with"
         ),
         numbers={
             "estimated_bias": bias,

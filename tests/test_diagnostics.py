@@ -126,6 +126,7 @@ def test_processed_log_probs_are_caught_with_their_bias(truncation):
     assert numbers["mean_gap"] == pytest.approx(true_bias[mask.bool()].mean().item(), rel=0.25)
     assert numbers["positive_fraction"] >= 0.75
     assert "logprobs_mode='raw_logprobs'" in findings[0].message
+    assert "--rollout-top-p" in findings[0].message  # names the trainer-side replay setting
 
 
 def test_top_p_close_to_one_is_below_the_reporting_floor():

@@ -198,3 +198,61 @@ def test_prepare_step_in_bypass_mode_is_a_clear_error():
     loss = RolloutISPolicyLoss(RolloutCorrectionConfig.bypass_pg_is(), RolloutISGroups())
     with pytest.raises(ValueError, match="bypass"):
         loss.prepare_step(_micro_batches(_batch()[1]))
+
+
+def _processed_log_probs(logits, labels, temperature, top_k):
+    """float64 top-k processed log-probs `[b, s]` (no ties in random logits) and the in-support mask."""
+    z = logits / temperature
+    kept = z >= z.topk(top_k, dim=-1).values[..., -1:]
+    log_normalizer = torch.logsumexp(z.masked_fill(~kept, -math.inf), dim=-1)
+    target = labels.t().unsqueeze(-1)
+    in_support = kept.gather(-1, target).squeeze(-1).t()
+    return torch.where(in_support, (z.gather(-1, target).squeeze(-1) - log_normalizer).t(), 0.0), in_support
+
+
+def test_sampling_replay_trains_the_processed_distribution_and_drops_unsupported_tokens():
+    from oracle import oracle_rollout_is
+
+    temperature, top_k = 0.8, 4
+    generator = torch.Generator().manual_seed(9)
+    logits = torch.randn(SEQ, BATCH, VOCAB, generator=generator, dtype=torch.float64) * 2
+    old_logits = logits + 0.3 * torch.randn(logits.shape, generator=generator, dtype=torch.float64)
+    # Labels of rank 4 or 5 under pi_old: some lie outside a top-4 set (pi_old's, pi_theta's or both).
+    candidates = (old_logits / temperature).topk(top_k + 1, dim=-1).indices[..., -2:].transpose(0, 1)
+    labels = candidates.gather(-1, torch.randint(0, 2, (BATCH, SEQ, 1), generator=generator)).squeeze(-1)
+    old, old_in = _processed_log_probs(old_logits, labels, temperature, top_k)
+    batch = {"labels": labels, "loss_mask": torch.ones(BATCH, SEQ), "advantages": torch.randn(BATCH, generator=generator,
+             dtype=torch.float64), "rollout_log_prob": old + 0.2 * torch.randn(BATCH, SEQ, generator=generator,
+                                                                            dtype=torch.float64)}
+    config = RolloutCorrectionConfig(rollout_is=True, rollout_is_threshold=2.0, rollout_is_veto_threshold=None)
+    loss = RolloutISPolicyLoss(config, RolloutISGroups(), PolicyLossConfig(
+        clip_eps_low=CLIP_LOW, clip_eps_high=CLIP_HIGH, temperature=temperature, rollout_top_k=top_k,
+        diagnose_interval=0))
+    with torch.no_grad():
+        loss.record_old_log_prob(batch, old_logits)
+    torch.testing.assert_close(torch.where(old_in, batch["old_log_prob"], 0.0), old, rtol=1e-12, atol=1e-12)
+    assert torch.equal(batch["old_in_support"], old_in)
+    trained_logits = logits.clone().requires_grad_()
+    loss_sum, num_tokens, report = loss(batch, trained_logits)
+    loss_sum.backward()
+
+    reference = logits.clone().requires_grad_()
+    current, current_in = _processed_log_probs(reference, labels, temperature, top_k)
+    keep = old_in & current_in
+    assert 0 < int(keep.sum()) < BATCH * SEQ, "some tokens should fall outside a kept set"
+    weights, _ = oracle_rollout_is(old, batch["rollout_log_prob"], keep, "token", "truncate", 2.0, None, None)
+    per_token = _ppo(current, old, batch["advantages"].unsqueeze(1)) * weights
+    expected = torch.where(keep, per_token, 0.0).sum()
+    expected.backward()
+    assert int(num_tokens) == int(keep.sum())
+    assert loss_sum.item() == pytest.approx(expected.item(), rel=1e-10)
+    torch.testing.assert_close(trained_logits.grad, reference.grad, rtol=1e-9, atol=1e-12)
+    dropped, marked = report["replay out-of-support fraction"].tolist()
+    assert (dropped, marked) == (BATCH * SEQ - int(keep.sum()), BATCH * SEQ)
+
+
+def test_bad_sampling_settings_name_the_setting():
+    with pytest.raises(ValueError, match="rollout_top_p must be None or a float in"):
+        PolicyLossConfig(rollout_top_p=1.5)
+    with pytest.raises(ValueError, match="rollout_tie_rule must be one of"):
+        PolicyLossConfig(rollout_top_k=5, rollout_tie_rule="gpu")

@@ -60,6 +60,7 @@ def add_rollout_is_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group = parser.add_argument_group(title="rollout correction (importance sampling and rejection)")
     _add_weight_flags(group)
     _add_rejection_and_mode_flags(group)
+    _add_sampling_replay_flags(group)
     group.add_argument("--rollout-is-config", default=None, metavar="YAML",
                        help="verl-style YAML: verl HEAD's algorithm.rollout_correction section (a `preset:` key "
                        "allowed) or verl 0.6.0's algorithm.rollout_is* keys; flags given explicitly override it.")
@@ -113,6 +114,25 @@ def _add_rejection_and_mode_flags(group) -> None:
     group.add_argument("--rollout-loss-denominator", choices=("kept", "response"), default="kept",
                        help="Token count the loss is averaged over: kept tokens (after rejection, the default) or all "
                        "response tokens (verl HEAD's bypass mode).")
+
+
+def _add_sampling_replay_flags(group) -> None:
+    group.add_argument("--rollout-top-k", type=int, default=None, metavar="K",
+                       help="The rollout engine's top-k: the trainer scores the processed distribution it sampled "
+                       "from (with vLLM's logprobs_mode=processed_logprobs). Default: off.")
+    group.add_argument("--rollout-top-p", type=float, default=None, metavar="P",
+                       help="The rollout engine's top-p in (0, 1], replayed as --rollout-top-k. Default: off.")
+    group.add_argument("--rollout-min-p", type=float, default=None, metavar="P",
+                       help="The rollout engine's min-p in [0, 1], replayed as --rollout-top-k. Default: off.")
+    group.add_argument("--rollout-tie-rule", choices=("triton", "pytorch"), default="triton",
+                       help="Which vLLM top-k/top-p implementation sampled: triton (an engine on a GPU, the default) "
+                       "or pytorch (without Triton); they keep different tokens among ties at the cut.")
+
+
+def sampling_replay_settings(args: argparse.Namespace) -> dict:
+    """The `PolicyLossConfig` keywords of the sampling-replay flags."""
+    return {"rollout_top_k": args.rollout_top_k, "rollout_top_p": args.rollout_top_p,
+            "rollout_min_p": args.rollout_min_p, "rollout_tie_rule": args.rollout_tie_rule}
 
 
 def rollout_is_config_from_args(args: argparse.Namespace) -> RolloutCorrectionConfig:

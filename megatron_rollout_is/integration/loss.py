@@ -18,6 +18,7 @@ from ..config import RolloutCorrectionConfig
 from ..core.correction import Correction
 from ..diagnostics import MismatchWarner
 from ..parallel.groups import RolloutISGroups, group_rank
+from ..parallel.sampling_replay import SamplingFilter
 from ..parallel.sharded import ShardedRolloutCorrection
 from ..parallel.vocab_parallel import vocab_parallel_token_log_probs
 
@@ -43,6 +44,25 @@ class PolicyLossConfig:
     temperature: float = 1.0
     """Sampling temperature of the rollouts; logits are divided by it before the softmax."""
 
+    rollout_top_k: Optional[int] = None
+    """The rollout engine's top-k (None: off). With any of the three filters set, pi_theta and pi_old
+    are the processed distribution the engine sampled from (temperature, min-p, top-k, top-p, as
+    vLLM: `parallel.sampling_replay`), to match vLLM's `logprobs_mode="processed_logprobs"`; a token
+    outside the kept set is dropped from the loss and counted in the report."""
+
+    rollout_top_p: Optional[float] = None
+    """The rollout engine's top-p in (0, 1] (None: off)."""
+
+    rollout_min_p: Optional[float] = None
+    """The rollout engine's min-p in [0, 1] (None: off)."""
+
+    rollout_tie_rule: str = "triton"
+    """Which vLLM top-k/top-p implementation sampled: `triton` (an engine on a GPU) or `pytorch`."""
+
+    vocab_size: Optional[int] = None
+    """The tokenizer's vocabulary size; logits columns past it (Megatron's padding) are excluded
+    from every softmax. None: every column is a token."""
+
     bypass: bool = False
     """verl 0.6.0 keys: pi_old is the detached current log-prob (no separate old-log-prob pass); the IS
     weights are then computed from it per micro-batch. (With verl HEAD keys use `bypass_mode`.)"""
@@ -59,6 +79,16 @@ class PolicyLossConfig:
     def __post_init__(self):
         if self.loss_denominator not in DENOMINATORS:
             raise ValueError(f"loss_denominator must be one of {DENOMINATORS}, got {self.loss_denominator!r}.")
+        try:
+            self.sampling_filter = SamplingFilter(self.rollout_top_k, self.rollout_top_p, self.rollout_min_p,
+                                                  self.rollout_tie_rule)
+        except ValueError as error:
+            raise ValueError(f"rollout_{error}") from None
+
+    @property
+    def replays_sampling(self) -> bool:
+        """Whether a top-k / top-p / min-p filter of the rollout is replayed."""
+        return self.sampling_filter.is_active(self.vocab_size or 2**62)
 
 
 class RolloutISPolicyLoss:
@@ -129,6 +159,19 @@ class RolloutISPolicyLoss:
         for batch, correction in zip(micro_batches, self.rollout_is.prepare_step(items)):
             batch["rollout_correction"] = correction
 
+    def record_old_log_prob(self, batch: dict, logits: torch.Tensor):
+        """The loss function of the forward-only pi_old pass: stores `old_log_prob` `[b, s]`.
+
+        pi_old is scored exactly as pi_theta will be (temperature, sampling replay, padding), and
+        with replay the tokens outside pi_old's kept set are stored as `old_in_support`. Use it as
+        the `loss_fn` of `make_gpt_forward_step` under `torch.no_grad()` with `forward_only=True`.
+        """
+        log_probs, _, in_support = self._token_log_probs(batch, logits, with_entropy=False)
+        batch["old_log_prob"] = log_probs.detach()
+        if in_support is not None:
+            batch["old_in_support"] = in_support
+        return logits.new_zeros(()), torch.zeros((), dtype=torch.int, device=logits.device), {}
+
     def __call__(self, batch: Mapping[str, Any], logits: torch.Tensor):
         """Loss of one micro-batch from the last stage's logits `[s, b, V/tp]`.
 
@@ -138,8 +181,9 @@ class RolloutISPolicyLoss:
         """
         cfg = self.loss_config
         shape = batch["labels"].shape
-        log_probs, entropy = self._token_log_probs(batch, logits)
-        mask = _per_token(batch, "loss_mask", shape) != 0
+        log_probs, entropy, in_support = self._token_log_probs(batch, logits, with_entropy=cfg.entropy_coef > 0)
+        marked = _per_token(batch, "loss_mask", shape) != 0
+        mask = marked if in_support is None else marked & in_support & batch.get("old_in_support", in_support)
         advantages = _advantages(batch["advantages"], shape).to(log_probs.dtype)
         rollout = self._rollout_log_probs(batch)
         old = self._old_log_probs(batch, log_probs, rollout, shape)
@@ -157,7 +201,11 @@ class RolloutISPolicyLoss:
         if entropy is not None:
             per_token = per_token - cfg.entropy_coef * entropy
             report_terms["entropy"] = entropy
-        return _loss_and_report(per_token, mask, counted, report_terms, clipped)
+        loss_sum, num_tokens, report = _loss_and_report(per_token, mask, counted, report_terms, clipped)
+        if in_support is not None:
+            dropped = (marked & ~mask).sum().float()
+            report["replay out-of-support fraction"] = torch.stack([dropped, marked.sum().float()])
+        return loss_sum, num_tokens, report
 
     def finalize_step(self) -> dict:
         """The step's correction metrics (empty when correction is off); last-stage ranks only."""
@@ -165,14 +213,19 @@ class RolloutISPolicyLoss:
         self._diagnosed = False
         return self.rollout_is.finalize() if self.rollout_is is not None else {}
 
-    def _token_log_probs(self, batch, logits):
+    def _token_log_probs(self, batch, logits, with_entropy: bool):
+        """`[b, s]` log-probs, entropy (or None) and, with sampling replay, the in-support mask (or None)."""
         cfg = self.loss_config
+        replay = cfg.replays_sampling
         outputs = vocab_parallel_token_log_probs(
-            logits, batch["labels"].t(), self.groups.tp, cfg.temperature, return_entropy=cfg.entropy_coef > 0
+            logits, batch["labels"].t(), self.groups.tp, cfg.temperature, return_entropy=with_entropy,
+            top_k=cfg.rollout_top_k, top_p=cfg.rollout_top_p, min_p=cfg.rollout_min_p,
+            tie_rule=cfg.rollout_tie_rule, vocab_size=cfg.vocab_size, return_in_support=replay,
         )
-        if cfg.entropy_coef > 0:
-            return outputs[0].t(), outputs[1].t()
-        return outputs.t(), None
+        outputs = [t.t() for t in (outputs if isinstance(outputs, tuple) else (outputs,))]
+        log_probs = outputs.pop(0)
+        entropy = outputs.pop(0) if with_entropy else None
+        return log_probs, entropy, outputs.pop(0) if replay else None
 
     def _rollout_log_probs(self, batch) -> Optional[torch.Tensor]:
         rollout = batch.get("rollout_log_prob")
