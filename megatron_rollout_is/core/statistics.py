@@ -65,6 +65,11 @@ class StepStatistics:
         self.columns = list(columns.values())
         self.column_index = {column.key: index for index, column in enumerate(self.columns)}
         self.max_columns = [i for i, column in enumerate(self.columns) if column.op == "max"]
+        # Which stacked sequence sums are per token (times n_i; the counts N, K come last), and the
+        # sign of each stacked extreme (MIN is the MAX of the negation).
+        self._per_token = torch.tensor([stat.per_token for stat in self.sequence_sums] + [False, False])
+        self._extreme_signs = torch.tensor([1.0 if stat.op == "max" else -1.0 for stat in self.sequence_extremes],
+                                           dtype=torch.float64)
         self.reset()
 
     def reset(self) -> None:
@@ -156,17 +161,23 @@ class StepStatistics:
                 for m in self.metrics}
 
     def _local_vectors(self, sequences: SequenceTerms, owns_sequences: bool, dtype: torch.dtype):
-        """This rank's SUM vector (token sums, sequence sums, N, K, float64 flag) and MAX vector."""
-        sequence_sums = [_sequence_sum(stat, sequences) for stat in self.sequence_sums]
-        sequence_extremes = [_extreme(stat.value(sequences), stat.op) for stat in self.sequence_extremes]
-        counts = [sequences.tokens.sum(), sequences.tokens.new_tensor(float(sequences.tokens.numel()))]
-        seq = torch.stack(sequence_sums + counts).cpu() if owns_sequences else torch.zeros(len(sequence_sums) + 2,
-                                                                                           dtype=torch.float64)
+        """This rank's SUM vector (token sums, sequence sums, N, K, float64 flag) and MAX vector.
+
+        The sequence statistics are stacked into one `[statistics, K]` matrix each for SUM and
+        MAX, so their reductions cost a few ops whatever their number.
+        """
+        tokens = sequences.tokens
+        seq_sums = torch.zeros(len(self.sequence_sums) + 2, dtype=torch.float64)
+        seq_extremes = torch.full((len(self.sequence_extremes),), -math.inf, dtype=torch.float64)
+        if owns_sequences:
+            values = torch.stack([stat.value(sequences) for stat in self.sequence_sums] + [tokens, torch.ones_like(tokens)])
+            multiplier = torch.where(self._per_token.to(tokens.device).unsqueeze(1), tokens, 1.0)
+            seq_sums = (values * multiplier).sum(dim=1).cpu()
+            if self.sequence_extremes and tokens.numel():
+                values = torch.stack([stat.value(sequences) for stat in self.sequence_extremes])
+                seq_extremes = (values * self._extreme_signs.to(tokens.device).unsqueeze(1)).amax(dim=1).cpu()
         wide = any(v.dtype == torch.float64 for v in self.quantile_values) or dtype == torch.float64
-        sums = torch.cat([self._token_sums, seq, torch.tensor([float(wide)], dtype=torch.float64)])
-        seq_extremes = torch.full((len(sequence_extremes),), -math.inf, dtype=torch.float64)
-        if owns_sequences and sequence_extremes:
-            seq_extremes = torch.stack(sequence_extremes).cpu()
+        sums = torch.cat([self._token_sums, seq_sums, torch.tensor([float(wide)], dtype=torch.float64)])
         return sums, torch.cat([self._token_extremes, seq_extremes])
 
     def _quantiles(self, sequences, owns_sequences, count, wide, dtype, all_reduce_sum) -> dict:
@@ -182,12 +193,6 @@ class StepStatistics:
         found = exact_quantiles(values.to(value_dtype), list(stat.quantiles), count, all_reduce_sum, multiplicity)
         return {f"{stat.key}@{q}": value for q, value in zip(stat.quantiles, found)}
 
-
-def _sequence_sum(stat: SequenceStat, sequences: SequenceTerms) -> torch.Tensor:
-    value = stat.value(sequences).double()
-    if stat.per_token:
-        value = value * sequences.tokens
-    return value.sum()
 
 
 def _extreme(values: torch.Tensor, op: str) -> torch.Tensor:

@@ -144,13 +144,14 @@ class SequenceTerms:
     """
 
     def __init__(self, partials: torch.Tensor, columns: dict, plan: CorrectionPlan):
-        self.partials = partials
-        self.columns = columns
         self.plan = plan
+        # Split once: per step, every small op counts.
+        self._columns = dict(zip(columns, partials.unbind(dim=1)))
+        self._means = {}
 
     def column(self, key: str) -> torch.Tensor:
         """One reduced column `[n]`."""
-        return self.partials[:, self.columns[key]]
+        return self._columns[key]
 
     @cached_property
     def tokens(self) -> torch.Tensor:
@@ -162,9 +163,16 @@ class SequenceTerms:
         """`S_i`: sum of the log ratios."""
         return self.column("log_ratio_sum")
 
+    @cached_property
+    def inverse_count(self) -> torch.Tensor:
+        """`1 / (n_i + 1e-8)`, the factor of verl's masked row mean."""
+        return 1.0 / (self.tokens + MEAN_EPS)
+
     def mean_of(self, key: str) -> torch.Tensor:
         """A summed column divided by `n_i + 1e-8` (verl's masked row mean)."""
-        return self.column(key) / (self.tokens + MEAN_EPS)
+        if key not in self._means:
+            self._means[key] = self.column(key) * self.inverse_count
+        return self._means[key]
 
     @cached_property
     def log_weight(self) -> torch.Tensor:
@@ -191,7 +199,7 @@ class SequenceTerms:
     @cached_property
     def rollout_log_ppl(self) -> torch.Tensor:
         """`-mr_i`: minus the mean rollout log-prob (old sum minus log-ratio sum)."""
-        return (self.log_ratio_sum - self.column("old_sum")) / (self.tokens + MEAN_EPS)
+        return self.mean_of("log_ratio_sum") + self.training_log_ppl
 
     @cached_property
     def log_ppl_diff(self) -> torch.Tensor:
