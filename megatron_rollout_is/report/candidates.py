@@ -10,8 +10,9 @@
 * Rejection sweep: per criterion of `SWEEP_CRITERIA`, one threshold per quantile level of
   `SWEEP_LEVELS` of the criterion's own statistic pooled over the run (so the sweep always runs from
   "rejects about 75%" to "rejects nothing"), each alone and with token TIS 2.0 (the IS half of verl's
-  `*_token_tis` presets). Thresholds are rounded up to 3 significant digits (k1 bands below 2:
-  `x - 1`), so the configuration printed is the one evaluated and the top level still rejects nothing.
+  `*_token_tis` presets). Thresholds are the quantile plus small margins (`QUANTILE_MARGIN`,
+  `LOG_RATIO_RESOLUTION`) rounded up to 3 significant digits (k1 bands below 2: `x - 1`), so the
+  configuration printed is the one evaluated and the top level still rejects nothing.
 """
 
 import math
@@ -36,8 +37,11 @@ SWEEP_CRITERIA = {
 }
 SWEEP_IS = {"rollout_is": "token", "rollout_is_threshold": 2.0}
 SIGNIFICANT_DIGITS = 3
-QUANTILE_MARGIN = 1e-5  # above float32 rounding of the statistic, so the top level rejects nothing
-MIN_THRESHOLD = 1e-9  # k2/k3 thresholds must be > 0
+QUANTILE_MARGIN = 1e-5
+"""Relative margin above a quantile: the threshold clears float32 rounding of the statistic."""
+LOG_RATIO_RESOLUTION = 1e-5
+"""Absolute margin (nats) of k1 thresholds, squared over 2 for k2/k3: float32 log-probs of tens of
+nats carry ~1e-6 of rounding, so finer thresholds would judge noise (and k2/k3 bounds stay > 0)."""
 CONFIG_KEYS = ("rollout_is", "rollout_is_threshold", "rollout_is_mode", "rollout_is_batch_normalize", "rollout_rs",
                "rollout_rs_threshold")
 
@@ -165,8 +169,8 @@ def sweep_threshold(criterion: str, quantile_value: float) -> float:
     `repr` is exact, so the label and the YAML show the value evaluated."""
     value = quantile_value * (1.0 + QUANTILE_MARGIN)
     if not criterion.endswith("k1"):
-        return max(ceil_significant(value), MIN_THRESHOLD)
-    excess = math.expm1(value)
+        return ceil_significant(value + LOG_RATIO_RESOLUTION**2 / 2)
+    excess = math.expm1(value + LOG_RATIO_RESOLUTION)
     if excess >= 1.0:
         return ceil_significant(math.exp(value))
     rounded = ceil_significant(excess)
@@ -182,19 +186,18 @@ def rs_sweep(statistics: Mapping[str, np.ndarray]) -> list[CorrectionCandidate]:
             with (`|lr|` per token for token_k1, per-sequence values for the others).
 
     Returns:
-        For each criterion and distinct threshold: the RS-only candidate, then the one with token TIS 2.0.
+        For each criterion and distinct threshold (rising): the RS-only candidate, then the one with
+        token TIS 2.0.
     """
     candidates = []
     for criterion in SWEEP_CRITERIA:
         values = np.asarray(statistics[criterion], dtype=np.float64)
         if values.size == 0:
             continue
-        seen = set()
-        for level, quantile in zip(SWEEP_LEVELS, np.quantile(values, SWEEP_LEVELS)):
-            threshold = sweep_threshold(criterion, float(quantile))
-            if threshold in seen:
-                continue
-            seen.add(threshold)
+        # Equal thresholds (few or tied values) are one point, labelled with the highest level.
+        levels = {sweep_threshold(criterion, float(q)): level for level, q in zip(SWEEP_LEVELS, np.quantile(
+            values, SWEEP_LEVELS))}
+        for threshold, level in levels.items():
             label = f"RS {criterion} {threshold!r} (q{level:g})"
             point = dict(rollout_rs=criterion, rollout_rs_threshold=threshold, quantile=level)
             candidates.append(CorrectionCandidate(label=label, **point))
