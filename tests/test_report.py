@@ -29,6 +29,7 @@ from megatron_rollout_is.dumps import read_step_dumps, write_step_dump
 from megatron_rollout_is.report import build_report, mismatch_regime
 from megatron_rollout_is.report.analysis import analyze
 from megatron_rollout_is.report.findings import report_payload
+from megatron_rollout_is.report.markdown import render
 from megatron_rollout_is.report.regime import run_regime
 
 BATCH, LENGTH, VOCAB, STEPS = 32, 24, 16, 3
@@ -295,10 +296,12 @@ HEAD_KEYS = ("rollout_is", "rollout_is_threshold", "rollout_is_batch_normalize",
 
 
 def hand_level(k3_kl, chi2_token=None) -> int:
-    """0 negligible, 1 moderate, 2 severe: the more severe reading of k3 KL and chi2_token."""
+    """0 negligible, 1 moderate, 2 severe: the more severe reading of k3 KL and chi2_token (a negative
+    chi2 reads as (1 - sqrt(1 + chi2))^2)."""
     level = sum(k3_kl >= limit for limit in K3_KL_LIMITS)
     if chi2_token is not None:
-        level = max(level, sum(chi2_token >= limit for limit in CHI2_TOKEN_LIMITS))
+        chi2 = chi2_token if chi2_token >= 0 else (1 - math.sqrt(1 + chi2_token)) ** 2
+        level = max(level, sum(chi2 >= limit for limit in CHI2_TOKEN_LIMITS))
     return level
 
 
@@ -331,7 +334,7 @@ def hand_step(dump, everything, keys) -> tuple:
     total, count = valid.sum(), keep.sum()
     w = np.where(keep, weights.double().numpy() if weights is not None else 1.0, 0.0)
     kept = compute_offpolicy_metrics(old, rollout, kept_mask)
-    reduction = max(1 - kept[name] / everything[name] if everything[name] > 1e-12 else 0.0
+    reduction = max(1 - abs(kept[name]) / everything[name] if everything[name] > 1e-12 else 0.0
                     for name in ("k3_kl", "chi2_token"))
     fails = []
     if keys["rollout_is"] is not None:
@@ -398,7 +401,9 @@ def stale_policy(directory, drift=1.0, seed=0):
 def test_mismatch_regime_labels_hand_made_metrics():
     cases = [
         ({"rollout_corr/k3_kl": 1e-4, "rollout_corr/chi2_token": 2e-4}, "negligible"),
-        ({"rollout_corr/k3_kl": 1e-4, "rollout_corr/chi2_token": -0.3}, "negligible"),  # a one-sided bias: chi2 < 0
+        ({"rollout_corr/k3_kl": 1e-4, "rollout_corr/chi2_token": -0.009}, "negligible"),  # (1 - sqrt(.991))^2 ~ 2e-5
+        ({"rollout_corr/k3_kl": 1e-4, "rollout_corr/chi2_token": -0.19}, "moderate"),  # (1 - 0.9)^2 = 0.01
+        ({"rollout_corr/k3_kl": 1e-4, "rollout_corr/chi2_token": -0.37}, "severe"),  # (1 - 0.794)^2 = 0.0425
         ({"rollout_corr/k3_kl": 1.25e-3, "rollout_corr/chi2_token": 0.0}, "moderate"),
         ({"rollout_corr/k3_kl": 1e-3, "rollout_corr/chi2_token": 3e-3}, "moderate"),  # chi2 decides
         ({"rollout_corr/k3_kl": 5e-3, "rollout_corr/chi2_token": 0.05}, "severe"),
@@ -561,7 +566,7 @@ def test_negligible_mismatch_needs_no_correction(tmp_path):
     assert "correction is not needed" in payload["regime"]["sentence"]
     chosen = payload["correction"]
     assert chosen["label"] == "none (disabled)" == hand_correction(tmp_path, payload)
-    assert not chosen["needed"] and chosen["family"] == "none"
+    assert not chosen["needed"] and chosen["family"] == "none" and chosen["warned_by"] == []
     assert "no correction is needed" in chosen["justification"]
 
 
@@ -586,6 +591,18 @@ def test_outliers_are_rejected_not_weighted(tmp_path):
     ranking = {r["label"]: r for r in payload["correction"]["ranking"]}
     catches = [r for r in ranking.values() if r["family"] == "RS only" and r["failing_steps"] == 0]
     assert catches and all(r["means"]["mismatch_reduction"] > 0.9 for r in catches)
+
+
+def processed(old, mask, g):
+    # top-p renormalised rollout log-probs: -log(0.8) added where the trainer's probability is below 0.9
+    return clean(old, mask, g) + torch.where(old < math.log(0.9), -math.log(0.8), 0.0)
+
+
+def test_a_diagnosed_cause_is_named_next_to_the_correction(tmp_path):
+    payload = _payload(_write(tmp_path, processed))
+    assert payload["correction"]["warned_by"] == ["processed_log_prob_bias"]
+    assert payload["correction"]["label"] == hand_correction(tmp_path, payload)
+    assert "**The log-prob diagnostics name a cause** (processed_log_prob_bias" in render(payload)
 
 
 def test_head_run_config_is_evaluated_in_bypass_mode_on_pi_old(tmp_path):

@@ -221,11 +221,16 @@ def _evaluate_corrections(dump: StepDump, analysis: Analysis, index: int) -> Non
     old, rollout, mask = dump.old_log_prob, dump.rollout_log_prob, dump.response_mask
     valid = mask & torch.isfinite(old) & torch.isfinite(rollout)
     everything = analysis.offpolicy[index]
+    # The kept tokens depend on the rejection settings only: one off-policy pass per distinct mask.
+    kept_by_rejection = {(None, None): {name.removeprefix("rollout_corr/"): v for name, v in everything.items()}}
     for evaluation in analysis.corrections:
         candidate: CorrectionCandidate = evaluation.candidate
         weights, kept_mask, metrics = compute_rollout_correction_and_rejection_mask(
             old, rollout, mask, **candidate.kwargs())
-        kept = compute_offpolicy_metrics(old, rollout, kept_mask)
+        rejection = (candidate.rollout_rs, candidate.rollout_rs_threshold)
+        if rejection not in kept_by_rejection:
+            kept_by_rejection[rejection] = compute_offpolicy_metrics(old, rollout, kept_mask)
+        kept = kept_by_rejection[rejection]
         factor = metrics.get("rollout_corr/rollout_is_batch_norm_factor", 1.0)
         per_criterion = f"rollout_corr/rollout_rs_{candidate.rollout_rs}_" if evaluation.kind == "sweep" else None
         metrics = {k: v for k, v in metrics.items()
@@ -257,8 +262,9 @@ def kept_metrics(weights: torch.Tensor | None, keep: torch.Tensor, valid: torch.
         `kept/bounded_share` the share of kept tokens whose `v` sits at a bound (truncate: at the
         upper threshold, relative tolerance `BOUND_TOLERANCE`; mask: 0; clamp: at either end);
         `kept/k3_kl`, `kept/kl`, `kept/chi2_token`, `kept/chi2_seq` the off-policy metrics of the
-        kept tokens; `kept/mismatch_reduction`, the larger relative reduction `1 - kept / all` of
-        k3 KL and of chi2_token (each 0 when its all-token value is below `REDUCTION_FLOOR`).
+        kept tokens; `kept/mismatch_reduction`, the larger relative reduction `1 - |kept| / all` of
+        k3 KL and of chi2_token (each 0 when its all-token value is below `REDUCTION_FLOOR`; |.|
+        because chi2_token can turn negative, which is a mismatch too).
         Shares and moments are 0.0 when nothing is kept.
     """
     kept_valid = keep & valid
@@ -268,8 +274,8 @@ def kept_metrics(weights: torch.Tensor | None, keep: torch.Tensor, valid: torch.
     first, second = w.sum().item(), w.square().sum().item()
     mean = factor * first / count if count else 0.0
     reductions = [
-        1.0 - kept[name] / everything[f"rollout_corr/{name}"] if everything[f"rollout_corr/{name}"] > REDUCTION_FLOOR
-        else 0.0
+        1.0 - abs(kept[name]) / everything[f"rollout_corr/{name}"]
+        if everything[f"rollout_corr/{name}"] > REDUCTION_FLOOR else 0.0
         for name in ("k3_kl", "chi2_token")
     ]
     return {

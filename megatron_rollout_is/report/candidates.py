@@ -51,12 +51,19 @@ class CorrectionCandidate:
     """One verl HEAD correction (decoupled mode) the report evaluates."""
 
     label: str
+    """How the report names it (the preset name, the sweep point, `run config: ...`)."""
     rollout_is: str | None = None
+    """Weight level (`token`, `sequence`, `geometric`); None: no weights."""
     rollout_is_threshold: float | str | None = None
+    """TIS upper bound, or an IcePop `"lo_hi"` band."""
     rollout_is_mode: str | None = None
+    """This project's bounding override (`truncate`, `mask`, `clamp`); None: verl's default."""
     rollout_is_batch_normalize: bool = False
+    """Divide the weights by their batch mean."""
     rollout_rs: str | None = None
+    """Comma-separated rejection criteria; None: no rejection."""
     rollout_rs_threshold: float | str | None = None
+    """One threshold for all criteria or one per criterion."""
     preset: str | None = None
     """verl HEAD's preset name, None for sweep points and the run's config."""
     quantile: float | None = None

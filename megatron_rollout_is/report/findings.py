@@ -213,6 +213,7 @@ def correction_recommendation(analysis: Analysis, regime_label: str) -> dict:
         "needed": regime_label != regime_rules.NEGLIGIBLE,
         "passes_all_rules": chosen.failing_steps == 0,
         "blocked_by": _blocking_errors(analysis),
+        "warned_by": _diagnostics_codes(analysis, "warning"),
         "failing_steps": chosen.failing_steps,
         "violations": chosen.violations,
         "means": chosen.means,
@@ -235,7 +236,11 @@ def correction_recommendation(analysis: Analysis, regime_label: str) -> dict:
 
 
 def _blocking_errors(analysis: Analysis) -> list:
-    return sorted({f.code for step in analysis.diagnostics for f in step if f.severity == "error"})
+    return _diagnostics_codes(analysis, "error")
+
+
+def _diagnostics_codes(analysis: Analysis, severity: str) -> list:
+    return sorted({f.code for step in analysis.diagnostics for f in step if f.severity == severity})
 
 
 def _correction_record(analysis: Analysis, evaluation: Evaluation) -> dict:

@@ -18,7 +18,7 @@ PLOT_CAPTIONS = {
     "mismatch_regime": "k3 KL and chi2_token per step against the regime limits (shaded: moderate, darker: "
     "severe); the verdict is the most severe band that at least a tenth of the steps reach.",
     "rs_sweep": "Rejection sweep, per criterion (columns): rejected token share, the kept tokens' k3 KL and "
-    "chi2_token relative to all tokens, and the effective share (RS alone and with token TIS 2) against the "
+    "|chi2_token| relative to all tokens', and the effective share (RS alone and with token TIS 2) against the "
     "threshold's quantile level; dashed: the rules' limits. Means over steps.",
 }
 STEP_COLUMNS = (
@@ -125,6 +125,9 @@ def _correction(payload: dict) -> list[str]:
     if chosen["blocked_by"]:
         lines += [f"**Fix the log-prob errors first** ({', '.join(chosen['blocked_by'])}, see Findings): no "
                   "configuration chosen from these dumps is meaningful until then.", ""]
+    if chosen["warned_by"]:
+        lines += [f"**The log-prob diagnostics name a cause** ({', '.join(chosen['warned_by'])}, see Findings): a "
+                  "correction only compensates it; removing the cause as the finding says is the better fix.", ""]
     lines += [f"**{chosen['label']}** ({verdict}).", "", "```yaml", chosen["yaml"], "```", ""]
     if chosen["bypass_preset"]:
         lines += [f"In bypass mode the same correction is verl's `{chosen['bypass_preset']}`.", ""]

@@ -271,8 +271,8 @@ def _rs_sweep(analysis: Analysis):
         rejected.axhline(REJECTED_FRACTION_MAX, color="tab:red", linestyle="--", linewidth=1, label="rule limit")
         for name, color in (("k3_kl", "tab:purple"), ("chi2_token", "tab:green")):
             if totals[name] > 0:
-                mismatch.plot(x, [p[f"kept/{name}"] / totals[name] for p in alone], marker="o", color=color,
-                              label=f"kept {name} / all tokens'")
+                mismatch.plot(x, [abs(p[f"kept/{name}"]) / totals[name] for p in alone], marker="o", color=color,
+                              label=f"{name}: |kept| / all tokens")
         mismatch.plot(x, [1 - 2 * p["rollout_corr/rollout_rs_masked_fraction"] for p in alone], color="tab:red",
                       linestyle="--", linewidth=1, label="rule: at most 1 - 2 x rejected")
         for weighted, label in ((False, "RS only"), (True, "+ token TIS 2")):

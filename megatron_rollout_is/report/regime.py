@@ -7,22 +7,27 @@ Pure Python on the off-policy metrics every trainer step already logs, so a trai
 
 Labels (`classify`), per step, from `lr = log pi_train - log pi_rollout` per token:
 
-| label | k3 KL `mm(exp(lr) - 1 - lr)` | and chi2_token `mm(exp(2 lr)) - 1` |
+| label | k3 KL `mm(exp(lr) - 1 - lr)` | and chi2 reading `D` |
 |---|---|---|
-| `negligible` | < 1.25e-3 | < 2.5e-3 (or not logged) |
+| `negligible` | < 1.25e-3 | < 2.5e-3 (or chi2_token not logged) |
 | `moderate` | otherwise | otherwise |
 | `severe` | >= 2e-2 | or >= 4e-2 |
 
-The label is the more severe of the two readings. Why these numbers: if the rollout sampled from the
-distribution its log-probs describe, `E_rollout[rho] = 1` for `rho = exp(lr)`, so `chi2_token` is
-the variance of the token IS weights, and for any per-token gradient term `g` the bias of ignoring
-the mismatch obeys `|E_rollout[(rho - 1) g]| <= sqrt(chi2_token) * sqrt(E_rollout[g^2])`: `sqrt(chi2)`
-bounds the uncorrected gradient's bias relative to its RMS. Below 5% (`chi2 < 0.05^2`) that bias is
-lost in the gradient's own noise: negligible. At or above 20% (`chi2 >= 0.2^2`, PPO's usual clip
-range) the rollout is as far from the trainer as one trust-region step: severe. For small `lr`,
-`k3 ~ lr^2 / 2 ~ chi2 / 2`, which gives the k3 KL limits; k3 is the robust reading (every token's
-term is >= 0, so a bias in either direction shows, e.g. processed top-p log-probs, where `chi2` can
-even be negative), chi2 the one that reacts first to a heavy tail of tokens the trainer prefers.
+with `D = chi2_token = mm(exp(2 lr)) - 1` when it is >= 0, else `D = (1 - sqrt(1 + chi2_token))^2`.
+The label is the more severe of the two readings. Why these numbers: for `rho = exp(lr)` and any
+per-token gradient term `g`, the bias of ignoring the mismatch obeys
+`|E_rollout[(rho - 1) g]| <= sqrt(E_rollout[(rho - 1)^2]) * sqrt(E_rollout[g^2])`, so
+`sqrt(E[(rho - 1)^2])` bounds the uncorrected gradient's bias relative to its RMS. If the rollout
+sampled from the distribution its log-probs describe, `E[rho] = 1` and `E[(rho - 1)^2] = chi2_token`
+(the variance of the token IS weights). A negative chi2_token means `E[rho^2] < 1`, so `E[rho] < 1`
+(the trainer puts mass where the rollout never samples, e.g. processed top-p log-probs), and
+`E[(rho - 1)^2] >= (1 - E[rho])^2 >= (1 - sqrt(1 + chi2))^2`: the second form of `D` is the
+smallest mismatch such a chi2 allows. Below 5% (`D < 0.05^2`) the bias is lost in the gradient's
+own noise: negligible. At or above 20% (`D >= 0.2^2`, PPO's usual clip range) the rollout is as
+far from the trainer as one trust-region step: severe. For small `lr`, `k3 ~ lr^2 / 2 ~ chi2 / 2`,
+which gives the k3 KL limits; k3 is the robust reading (every token's term is >= 0, so a bias in
+either direction shows), chi2 the one that reacts first to a heavy tail of tokens the trainer
+prefers.
 The sentence's "nats per token" is the measured mean `|lr|` when the metrics carry it
 (`mean_abs_log_ratio`, which the report adds), else `arccosh(1 + k3)`: the `+-x` log ratio whose k3
 KL is the one measured (`cosh(x) - 1 = k3`; `~ sqrt(2 k3)` for a small mismatch).
@@ -79,11 +84,19 @@ def _level(value: float | None, limits: tuple) -> int:
     return sum(value >= limit for limit in limits)
 
 
+def chi2_reading(chi2_token: float) -> float:
+    """`D` of the module docstring: a lower bound of `E_rollout[(rho - 1)^2]` from chi2_token."""
+    if chi2_token >= 0:
+        return chi2_token
+    return (1.0 - math.sqrt(max(1.0 + chi2_token, 0.0))) ** 2
+
+
 def classify(k3_kl: float, chi2_token: float | None = None) -> str:
     """The regime label of one step's k3 KL and (if logged) chi2_token (see the module docstring)."""
-    if not math.isfinite(k3_kl) or (chi2_token is not None and math.isnan(chi2_token)):
+    if math.isnan(k3_kl) or (chi2_token is not None and math.isnan(chi2_token)):
         raise ValueError(f"mismatch metrics must be numbers, got k3_kl={k3_kl}, chi2_token={chi2_token}.")
-    return REGIMES[max(_level(k3_kl, K3_KL_LIMITS), _level(chi2_token, CHI2_TOKEN_LIMITS))]
+    chi2 = None if chi2_token is None else chi2_reading(chi2_token)
+    return REGIMES[max(_level(k3_kl, K3_KL_LIMITS), _level(chi2, CHI2_TOKEN_LIMITS))]
 
 
 def equivalent_log_ratio(k3_kl: float) -> float:
