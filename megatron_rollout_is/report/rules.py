@@ -405,7 +405,7 @@ def recommend_correction(
         if not nones:
             raise ValueError("recommend_correction needs the `none` candidate (preset `disabled`) among its inputs.")
         return nones[0], ranking
-    correcting = [s for s in ranking if s.candidate.weighted or s.max_rejected > 0]
+    correcting = [s for s in ranking if _changes(s)]
     if not correcting:
         raise ValueError("recommend_correction: no candidate weights or rejects anything on these dumps.")
     return correcting[0], ranking
@@ -425,17 +425,26 @@ def correction_justification(chosen: CorrectionScore, ranking: Sequence[Correcti
         text += (" No candidate passes every rule on every step, so this is the least-failing one; fix the findings "
                  "below before trusting any configuration.")
     for family in FAMILIES:
-        best = next((s for s in ranking if s.candidate.family == family and s is not chosen), None)
-        if best is None:
-            continue
-        text += f" Best {family}: {best.candidate.label}, {_why_not(best, chosen)}."
+        shown = (s for s in ranking if s.candidate.family == family and s is not chosen
+                 and (family == NONE or regime_label == NEGLIGIBLE or _changes(s)))
+        best = next(shown, None)
+        if best is not None:
+            text += f" Best {family}: {best.candidate.label}, {_why_not(best, chosen, regime_label)}."
     return text
 
 
-def _why_not(other: CorrectionScore, chosen: CorrectionScore) -> str:
+def _changes(score: CorrectionScore) -> bool:
+    """Whether the candidate weights, or rejects something on some step (else it is `none` renamed)."""
+    return score.candidate.weighted or score.max_rejected > 0
+
+
+def _why_not(other: CorrectionScore, chosen: CorrectionScore, regime_label: str) -> str:
+    codes = ", ".join(sorted({code for codes in other.failed.values() for code in codes}))
+    failures = f"fails on {other.failing_steps} step(s), {other.violations} violation(s) ({codes})"
+    if regime_label != NEGLIGIBLE and not _changes(other):
+        return f"changes nothing on these dumps, which need correction; {failures}"
     if (other.failing_steps, other.violations) > (chosen.failing_steps, chosen.violations):
-        codes = sorted({code for codes in other.failed.values() for code in codes})
-        return f"fails on {other.failing_steps} step(s), {other.violations} violation(s) ({', '.join(codes)})"
+        return failures
     if (other.failing_steps, other.violations) < (chosen.failing_steps, chosen.violations):
         return f"fails on fewer steps ({other.failing_steps}), but the run needs no correction"
     share, best = (round(s.means["effective_share"], EFFECTIVE_SHARE_DECIMALS) for s in (other, chosen))
