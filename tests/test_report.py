@@ -425,6 +425,20 @@ def test_mismatch_regime_labels_hand_made_metrics():
         mismatch_regime({"rollout_corr/kl": 0.1})
 
 
+def test_the_verdict_imports_without_the_report_extra():
+    # A training loop calls mismatch_regime; numpy, matplotlib and tqdm are the report extra's.
+    script = """
+import sys
+for name in ("numpy", "matplotlib", "tqdm"):
+    sys.modules[name] = None
+from megatron_rollout_is.report import mismatch_regime
+print(mismatch_regime({"rollout_corr/k3_kl": 0.03})[0])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "severe"
+
+
 def test_run_regime_needs_a_tenth_of_the_steps():
     quiet, loud = {"rollout_corr/k3_kl": 1e-5}, {"rollout_corr/k3_kl": 0.1}
     assert run_regime(range(10), [quiet] * 9 + [loud]).label == "severe"  # 1 of 10 steps

@@ -15,8 +15,8 @@ the same verdict for one training step's logged metrics.
 import json
 from pathlib import Path
 
-from .analysis import analyze
-from .findings import report_payload
+# Only pure modules here: a training loop imports `mismatch_regime` without the report extra (numpy,
+# matplotlib, tqdm), which the analysis below needs.
 from .regime import mismatch_regime
 from .rules import SEED_EXAMPLES, recommend, recommend_correction
 
@@ -38,6 +38,8 @@ def build_report(dump_dir: str | Path, out_dir: str | Path, progress: bool = Tru
         ImportError: matplotlib is missing (the message names the `report` extra).
         FileNotFoundError: `dump_dir` holds no dumps.
     """
+    from .analysis import analyze
+    from .findings import report_payload
     from .markdown import render
     from .plots import require_matplotlib, write_plots
 

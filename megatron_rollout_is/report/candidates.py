@@ -19,11 +19,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..config import PRESETS, VERL_HEAD, RolloutCorrectionConfig
 from ..core import WeightSpec
+
+if TYPE_CHECKING:
+    import numpy as np
 
 NONE, IS_ONLY, RS_ONLY, COMBINED = "none", "IS only", "RS only", "IS + RS"
 FAMILIES = (NONE, IS_ONLY, RS_ONLY, COMBINED)
@@ -185,7 +187,7 @@ def sweep_threshold(criterion: str, quantile_value: float) -> float:
     return round(1.0 + rounded, decimals)
 
 
-def rs_sweep(statistics: Mapping[str, np.ndarray]) -> list[CorrectionCandidate]:
+def rs_sweep(statistics: Mapping[str, "np.ndarray"]) -> list[CorrectionCandidate]:
     """The rejection sweep on the run's pooled statistics.
 
     Args:
@@ -196,6 +198,8 @@ def rs_sweep(statistics: Mapping[str, np.ndarray]) -> list[CorrectionCandidate]:
         For each criterion and distinct threshold (rising): the RS-only candidate, then the one with
         token TIS 2.0.
     """
+    import numpy as np  # the report extra's; the rules and the regime verdict import without it
+
     candidates = []
     for criterion in SWEEP_CRITERIA:
         values = np.asarray(statistics[criterion], dtype=np.float64)
