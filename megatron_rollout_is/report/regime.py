@@ -92,7 +92,11 @@ def chi2_reading(chi2_token: float) -> float:
 
 
 def classify(k3_kl: float, chi2_token: float | None = None) -> str:
-    """The regime label of one step's k3 KL and (if logged) chi2_token (see the module docstring)."""
+    """The regime label of one step's k3 KL and (if logged) chi2_token (see the module docstring).
+
+    Raises:
+        ValueError: a NaN metric (a NaN would compare as negligible).
+    """
     if math.isnan(k3_kl) or (chi2_token is not None and math.isnan(chi2_token)):
         raise ValueError(f"mismatch metrics must be numbers, got k3_kl={k3_kl}, chi2_token={chi2_token}.")
     chi2 = None if chi2_token is None else chi2_reading(chi2_token)
