@@ -1,19 +1,26 @@
-"""`megatron-rollout-is report`: what a run's dumped log-probs say about rollout IS, and which config to use.
+"""`megatron-rollout-is report`: what a run's dumped log-probs say about rollout correction, and which config to use.
 
-`build_report(dump_dir, out_dir)` reads the per-step dumps of `--rollout-is-dump-dir`, computes every
-`mismatch/` metric for the guide's four example configurations and a threshold sweep per level,
-applies the guide's troubleshooting rules and the log-prob diagnostics, recommends one example
-(the decision rule is in `rules`), and writes `report.md`, `report.json` and PNG plots.
+`build_report(dump_dir, out_dir)` reads the per-step dumps of `--rollout-is-dump-dir` and
+- says whether the run needs correction at all (`regime`: negligible / moderate / severe mismatch);
+- evaluates verl HEAD's presets, a rejection sweep over criteria and thresholds around the run's own
+  quantiles and the run's own config (`candidates`) with every `rollout_corr/` metric and the
+  report's `kept/` metrics, and recommends one (IS only, RS only, both, or none; `rules`);
+- computes every `mismatch/` metric for the migration guide's four verl 0.6.0 examples and a
+  threshold sweep per level, applies the guide's troubleshooting rules and the log-prob
+  diagnostics, and recommends one example;
+and writes `report.md`, `report.json` and PNG plots. `regime.mismatch_regime(step_metrics)` gives
+the same verdict for one training step's logged metrics.
 """
 
 import json
 from pathlib import Path
 
-from .analysis import analyze
-from .findings import report_payload
-from .rules import SEED_EXAMPLES, recommend
+# Only pure modules here: a training loop imports `mismatch_regime` without the report extra (numpy,
+# matplotlib, tqdm), which the analysis below needs.
+from .regime import mismatch_regime
+from .rules import SEED_EXAMPLES, recommend, recommend_correction
 
-__all__ = ["SEED_EXAMPLES", "build_report", "recommend"]
+__all__ = ["SEED_EXAMPLES", "build_report", "mismatch_regime", "recommend", "recommend_correction"]
 
 
 def build_report(dump_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
@@ -31,6 +38,8 @@ def build_report(dump_dir: str | Path, out_dir: str | Path, progress: bool = Tru
         ImportError: matplotlib is missing (the message names the `report` extra).
         FileNotFoundError: `dump_dir` holds no dumps.
     """
+    from .analysis import analyze
+    from .findings import report_payload
     from .markdown import render
     from .plots import require_matplotlib, write_plots
 

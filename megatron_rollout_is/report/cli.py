@@ -8,7 +8,8 @@ def add_report_command(commands: argparse._SubParsersAction) -> None:
     """Registers `report DUMP_DIR --out OUT_DIR` on the console script's subparsers."""
     report = commands.add_parser(
         "report",
-        help="metrics, troubleshooting, plots and a recommended config from a run's --rollout-is-dump-dir",
+        help="whether a run needs rollout correction, metrics, troubleshooting, plots and a recommended config "
+        "(verl HEAD presets and rejection sweep, verl 0.6.0 examples) from a run's --rollout-is-dump-dir",
     )
     report.add_argument("dump_dir", metavar="DUMP_DIR", help="directory of step_*.safetensors dumps")
     report.add_argument("--out", required=True, metavar="OUT_DIR", help="where report.md, report.json and the PNGs go")
@@ -23,11 +24,18 @@ def _run(args: argparse.Namespace) -> int:
         payload = build_report(args.dump_dir, args.out, progress=not args.no_progress)
     except (ImportError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from error
-    chosen = payload["recommendation"]
+    regime, correction, chosen = payload["regime"], payload["correction"], payload["recommendation"]
+    print(f"mismatch: {regime['label']}: {regime['sentence']}")
+    if not correction["needed"]:
+        print(f"recommended (verl HEAD keys): {correction['label']}: no correction needed")
+    else:
+        verdict = "passes every rule" if correction["passes_all_rules"] else (
+            f"fails the rules on {correction['failing_steps']} step(s)")
+        print(f"recommended (verl HEAD keys): {correction['label']} ({correction['family']}, {verdict})")
     verdict = "passes every rule" if chosen["passes_all_rules"] else (
         f"fails the rules on {chosen['failing_steps']} step(s)"
     )
-    print(f"recommended: {chosen['label']} ({verdict})")
+    print(f"recommended (verl 0.6.0 keys): {chosen['label']} ({verdict})")
     symptoms: dict[str, list] = {}
     for finding in payload["findings"]:
         if finding["source"] == "diagnostics":

@@ -1,16 +1,21 @@
-"""The report's conclusions as plain data: findings, the recommendation, and the `report.json` payload."""
+"""The report's conclusions as plain data: the regime verdict, findings, the recommendations, `report.json`."""
 
 import math
 
-from .analysis import Analysis, Evaluation
+from . import regime as regime_rules
+from .analysis import OUTSIDE_BAND, Analysis, Evaluation
+from .candidates import SWEEP_CRITERIA, SWEEP_IS, SWEEP_LEVELS, bypass_twins
 from .rules import (
     BOUNDED_FRACTION_MAX,
+    EFFECTIVE_SHARE_DECIMALS,
     ESS_MIN,
     GRID_MODE,
     GRID_THRESHOLDS,
     HIGH_VARIANCE,
     MEAN_MAX,
     MEAN_MIN,
+    REJECTED_FRACTION_MAX,
+    REJECTION_GAIN_MIN,
     REMEDIES,
     SEED_VETO_DEFAULT,
     STD_MAX,
@@ -18,14 +23,18 @@ from .rules import (
     TROUBLESHOOTING_CODES,
     VETO_FRACTION_MAX,
     bounded_fraction,
+    correction_failed_rules,
+    correction_justification,
     justification,
     metric,
     recommend,
+    recommend_correction,
     troubleshoot,
 )
 from .rules import __doc__ as RULES_DOC
 
-DECISION_RULE = RULES_DOC.split("Decision rule (`recommend`): ", 1)[1].strip()
+DECISION_RULE = RULES_DOC.split("Decision rule (`recommend`): ", 1)[1].split("\n\nverl HEAD candidates", 1)[0].strip()
+CORRECTION_DECISION_RULE = RULES_DOC.split("Decision rule (`recommend_correction`), in two stages:", 1)[1].strip()
 
 
 def judged_metrics(analysis: Analysis, evaluation: Evaluation) -> list:
@@ -123,7 +132,7 @@ def recommendation(analysis: Analysis) -> dict:
         "config": best.candidate.kwargs(),
         "yaml": best.candidate.yaml(),
         "passes_all_rules": best.failing_steps == 0,
-        "blocked_by": sorted({f.code for step in analysis.diagnostics for f in step if f.severity == "error"}),
+        "blocked_by": _blocking_errors(analysis),
         "failing_steps": best.failing_steps,
         "violations": best.violations,
         "mean_eff_sample_size": best.mean_ess,
@@ -145,6 +154,115 @@ def recommendation(analysis: Analysis) -> dict:
     }
 
 
+def run_verdict(analysis: Analysis) -> dict:
+    """Whether this run needs correction at all (`regime.run_regime` on the judged steps' off-policy metrics)."""
+    judged = analysis.judged_steps
+    if not judged:
+        raise ValueError(f"{analysis.dump_dir}: no step with valid tokens to judge; the dumps hold only empty masks.")
+    verdict = regime_rules.run_regime(
+        [analysis.steps[i] for i in judged],
+        [{**analysis.offpolicy[i], "mean_abs_log_ratio": analysis.mean_abs_log_ratio[i]} for i in judged],
+    )
+    per_step = [
+        {
+            "step": analysis.steps[i],
+            "label": label,
+            **{name: analysis.offpolicy[i][f"rollout_corr/{name}"]
+               for name in ("k3_kl", "chi2_token", "chi2_seq", "kl")},
+            "outside_share": analysis.outside_share[i],
+            "mean_abs_log_ratio": analysis.mean_abs_log_ratio[i],
+        }
+        for i, label in zip(judged, verdict.step_labels)
+    ]
+    return {
+        "label": verdict.label,
+        "needed": verdict.label != regime_rules.NEGLIGIBLE,
+        "sentence": verdict.sentence,
+        "counts": verdict.counts,
+        "trend": verdict.trend,
+        "per_step": per_step,
+        "limits": {
+            "k3_kl": list(regime_rules.K3_KL_LIMITS),
+            "chi2_token": list(regime_rules.CHI2_TOKEN_LIMITS),
+            "run_step_share": regime_rules.RUN_STEP_SHARE,
+            "outside_band": list(OUTSIDE_BAND),
+        },
+        "basis": regime_rules.BASIS,
+    }
+
+
+def correction_recommendation(analysis: Analysis, regime_label: str) -> dict:
+    """Applies the verl HEAD decision rule (`rules.recommend_correction`) on the judged steps."""
+    per_candidate, steps_of = [], {}
+    for evaluation in analysis.corrections:
+        judged = judged_metrics(analysis, evaluation)
+        per_candidate.append((evaluation.candidate, [m for _, m in judged]))
+        steps_of[evaluation.candidate] = [step for step, _ in judged]
+    chosen, ranking = recommend_correction([pc for pc in per_candidate if pc[1]], regime_label)
+    candidate = chosen.candidate
+    kinds = {e.candidate: e.kind for e in analysis.corrections}
+    twins = {twin: name for name, twin in bypass_twins().items() if twin is not None}
+    return {
+        "label": candidate.label,
+        "family": candidate.family,
+        "preset": candidate.preset,
+        "bypass_preset": twins.get(candidate.preset),
+        "note": candidate.note,
+        "config": candidate.keys(),
+        "yaml": candidate.yaml(),
+        "needed": regime_label != regime_rules.NEGLIGIBLE,
+        "passes_all_rules": chosen.failing_steps == 0,
+        "blocked_by": _blocking_errors(analysis),
+        "warned_by": _diagnostics_codes(analysis, "warning"),
+        "failing_steps": chosen.failing_steps,
+        "violations": chosen.violations,
+        "means": chosen.means,
+        "justification": correction_justification(chosen, ranking, regime_label, len(analysis.judged_steps)),
+        "ranking": [
+            {
+                "label": s.candidate.label,
+                "kind": kinds[s.candidate],
+                "family": s.candidate.family,
+                "preset": s.candidate.preset,
+                "failing_steps": s.failing_steps,
+                "violations": s.violations,
+                "failed_rules": {str(steps_of[s.candidate][i]): codes for i, codes in s.failed.items()},
+                "means": s.means,
+                "key": list(s.key),
+            }
+            for s in ranking
+        ],
+    }
+
+
+def _blocking_errors(analysis: Analysis) -> list:
+    return _diagnostics_codes(analysis, "error")
+
+
+def _diagnostics_codes(analysis: Analysis, severity: str) -> list:
+    return sorted({f.code for step in analysis.diagnostics for f in step if f.severity == severity})
+
+
+def _correction_record(analysis: Analysis, evaluation: Evaluation) -> dict:
+    candidate = evaluation.candidate
+    per_step = [
+        {"step": step, "failed_rules": correction_failed_rules(candidate, metrics) if tokens else ["(empty step)"],
+         "metrics": metrics}
+        for step, tokens, metrics in zip(analysis.steps, analysis.tokens, evaluation.metrics)
+        if metrics is not None
+    ]
+    return {
+        "label": candidate.label,
+        "kind": evaluation.kind,
+        "family": candidate.family,
+        "preset": candidate.preset,
+        "quantile": candidate.quantile,
+        "note": candidate.note,
+        **candidate.kwargs(),
+        "per_step": per_step,
+    }
+
+
 def _evaluation_record(analysis: Analysis, evaluation: Evaluation) -> dict:
     candidate = evaluation.candidate
     per_step = []
@@ -163,6 +281,7 @@ def _evaluation_record(analysis: Analysis, evaluation: Evaluation) -> dict:
 
 def report_payload(analysis: Analysis, plots: dict | None = None) -> dict:
     """Everything `report.json` holds (JSON-ready; non-finite numbers become null)."""
+    verdict = run_verdict(analysis)
     payload = {
         "dump_dir": analysis.dump_dir,
         "steps": analysis.steps,
@@ -175,16 +294,26 @@ def report_payload(analysis: Analysis, plots: dict | None = None) -> dict:
             "rollout_is_mean_range": [MEAN_MIN, MEAN_MAX],
             "bounded_fraction_max": BOUNDED_FRACTION_MAX,
             "decision_rule": " ".join(DECISION_RULE.split()),
+            "rejected_fraction_max": REJECTED_FRACTION_MAX,
+            "rejection_gain_min": REJECTION_GAIN_MIN,
+            "effective_share_decimals": EFFECTIVE_SHARE_DECIMALS,
+            "correction_decision_rule": " ".join(CORRECTION_DECISION_RULE.split()),
         },
+        "regime": verdict,
+        "offpolicy": [{"step": step, "metrics": m} for step, m in zip(analysis.steps, analysis.offpolicy)],
         "grid": {
             "mode": GRID_MODE,
             "lower": "1/upper",
             "veto_threshold": SEED_VETO_DEFAULT,
             "thresholds": GRID_THRESHOLDS,
         },
+        "correction": correction_recommendation(analysis, verdict["label"]),
         "recommendation": recommendation(analysis),
         "findings": diagnostics_findings(analysis) + troubleshooting_findings(analysis),
         "configurations": [_evaluation_record(analysis, e) for e in analysis.evaluations],
+        "rs_sweep": {"levels": list(SWEEP_LEVELS), "criteria": SWEEP_CRITERIA, "with_is": SWEEP_IS},
+        "bypass_presets": bypass_twins(),
+        "corrections": [_correction_record(analysis, e) for e in analysis.corrections],
         "plots": plots or {},
     }
     return _finite(payload)

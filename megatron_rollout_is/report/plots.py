@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core import SAFETY_BOUND
+from . import regime
 from .analysis import Analysis
+from .candidates import SWEEP_CRITERIA
 from .findings import judged_metrics
 from .rules import (
     BOUNDED_FRACTION_MAX,
@@ -15,6 +17,7 @@ from .rules import (
     GRID_THRESHOLDS,
     MEAN_MAX,
     MEAN_MIN,
+    REJECTED_FRACTION_MAX,
     SEED_EXAMPLES,
     STD_MAX,
     VETO_FRACTION_MAX,
@@ -29,6 +32,8 @@ PLOTS = {
     "mismatch_by_position": "mismatch_by_position.png",
     "threshold_sweep": "threshold_sweep.png",
     "metrics_over_steps": "metrics_over_steps.png",
+    "mismatch_regime": "mismatch_regime.png",
+    "rs_sweep": "rs_sweep.png",
 }
 EXAMPLE_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 
@@ -57,6 +62,8 @@ def write_plots(analysis: Analysis, out_dir: Path) -> dict[str, str]:
         "mismatch_by_position": _mismatch_by_position,
         "threshold_sweep": _threshold_sweep,
         "metrics_over_steps": _metrics_over_steps,
+        "mismatch_regime": _mismatch_regime,
+        "rs_sweep": _rs_sweep,
     }
     for name, draw in drawers.items():
         figure = draw(analysis)
@@ -207,4 +214,76 @@ def _metrics_over_steps(analysis: Analysis):
         axes_.set_xlabel("step")
         axes_.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.suptitle("The guide's four examples over training steps")
+    return figure
+
+
+def _mismatch_regime(analysis: Analysis):
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _figure(1, 2, (13, 4.5))
+    judged = analysis.judged_steps
+    steps = [analysis.steps[i] for i in judged]
+    panels = (("k3_kl", "k3 KL per token", regime.K3_KL_LIMITS), ("chi2_token", "chi2_token", regime.CHI2_TOKEN_LIMITS))
+    for axes_, (name, title, (moderate, severe)) in zip(axes[0], panels):
+        values = np.array([analysis.offpolicy[i][f"rollout_corr/{name}"] for i in judged])
+        top = max(np.abs(values).max(initial=0.0), severe) * 3
+        axes_.plot(steps, values, marker="o", markersize=3, color="tab:blue")
+        axes_.axhspan(moderate, severe, color="tab:orange", alpha=0.15, label=f"moderate (from {moderate:g})")
+        axes_.axhspan(severe, top, color="tab:red", alpha=0.15, label=f"severe (from {severe:g})")
+        # symlog: chi2_token turns negative under a one-sided bias (E[rho] < 1), k3 KL never does.
+        axes_.set_yscale("symlog", linthresh=moderate / 10)
+        axes_.set_ylim(min(values.min(initial=0.0) * 3, 0.0), top)
+        axes_.set_xlabel("step")
+        axes_.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes_.set_title(title)
+        axes_.legend(fontsize=8, loc="best")
+    figure.suptitle("Does this run need correction? Mismatch per step against the regime limits")
+    return figure
+
+
+SWEEP_MEANS = ("rollout_corr/rollout_rs_masked_fraction", "kept/k3_kl", "kept/chi2_token", "kept/effective_share")
+
+
+def _sweep_means(analysis: Analysis) -> dict:
+    """`{criterion: {quantile level: {weighted: {metric: mean over judged steps}}}}` of the rejection sweep."""
+    points = {}
+    for evaluation in analysis.correction("sweep"):
+        candidate = evaluation.candidate
+        judged = [m for _, m in judged_metrics(analysis, evaluation)]
+        means = {name: float(np.mean([m[name] for m in judged])) for name in SWEEP_MEANS}
+        points.setdefault(candidate.rollout_rs, {}).setdefault(candidate.quantile, {})[candidate.weighted] = means
+    return points
+
+
+def _rs_sweep(analysis: Analysis):
+    figure, axes = _figure(3, len(SWEEP_CRITERIA), (4 * len(SWEEP_CRITERIA), 9), sharey="row")
+    points = _sweep_means(analysis)
+    everything = [analysis.offpolicy[i] for i in analysis.judged_steps]
+    totals = {name: float(np.mean([m[f"rollout_corr/{name}"] for m in everything])) if everything else 0.0
+              for name in ("k3_kl", "chi2_token")}
+    for column, criterion in enumerate(SWEEP_CRITERIA):
+        by_level = dict(sorted(points.get(criterion, {}).items()))
+        x = np.arange(len(by_level))
+        rejected, mismatch, shares = axes[:, column]
+        alone = [point[False] for point in by_level.values()]
+        rejected.plot(x, [p["rollout_corr/rollout_rs_masked_fraction"] for p in alone], marker="o",
+                      label="rejected tokens")
+        rejected.axhline(REJECTED_FRACTION_MAX, color="tab:red", linestyle="--", linewidth=1, label="rule limit")
+        for name, color in (("k3_kl", "tab:purple"), ("chi2_token", "tab:green")):
+            if totals[name] > 0:
+                mismatch.plot(x, [abs(p[f"kept/{name}"]) / totals[name] for p in alone], marker="o", color=color,
+                              label=f"{name}: |kept| / all tokens")
+        mismatch.plot(x, [1 - 2 * p["rollout_corr/rollout_rs_masked_fraction"] for p in alone], color="tab:red",
+                      linestyle="--", linewidth=1, label="rule: at most 1 - 2 x rejected")
+        for weighted, label in ((False, "RS only"), (True, "+ token TIS 2")):
+            shares.plot(x, [point[weighted]["kept/effective_share"] for point in by_level.values()], marker="o",
+                        label=label)
+        rejected.set_title(criterion)
+        for axes_ in (rejected, mismatch, shares):
+            axes_.set_xticks(x, [f"{level:g}" for level in by_level])
+            axes_.set_xlabel("threshold at quantile level")
+            axes_.legend(fontsize=7, loc="best")
+    for axes_, label in zip(axes[:, 0], ("rejected share", "kept mismatch / all", "effective share")):
+        axes_.set_ylabel(label)
+    figure.suptitle("Rejection sweep (means over steps)")
     return figure

@@ -1,7 +1,9 @@
 """What the report evaluates and how it judges it: configurations, troubleshooting rules, the recommendation.
 
-Everything here is pure Python on the `mismatch/` metrics that `compute_rollout_importance_weights`
-returns, so a reader (or a test) can apply the same rules by hand.
+Everything here is pure Python on per-step metrics (the `mismatch/` ones of
+`compute_rollout_importance_weights`; the `rollout_corr/` ones of
+`compute_rollout_correction_and_rejection_mask` and the report's `kept/` ones), so a reader (or a
+test) can apply the same rules by hand.
 
 Troubleshooting rules (the migration guide's "Troubleshooting" symptoms), per step and configuration:
 
@@ -24,12 +26,54 @@ highest effective sample size (compared at 3 decimals, finer differences are noi
 rewrites the fewest weights; then the earlier example (example 1, the guide's starting point, on a
 full tie). When no example passes everywhere, the one failing on the fewest steps, then breaking the
 fewest rules, is named, and flagged. Steps whose dump holds no valid token are not judged.
+
+verl HEAD candidates (`algorithm.rollout_correction`: the decoupled presets, the rejection sweep
+alone and with token TIS 2.0, the run's own config; see `candidates`) are judged on the
+`rollout_corr/` metrics and the report's `kept/` metrics of the tokens they keep
+(`analysis.kept_metrics`): per step,
+
+| code | applies to | fires when |
+|---|---|---|
+| `high_variance` | weighted | `kept/weight_std > 1.0` or `kept/eff_sample_size < 0.3` |
+| `mean_far_from_one` | weighted | `kept/weight_mean` outside [0.5, 2.0] |
+| `too_much_bounded` | weighted | `kept/bounded_share > 0.1` |
+| `too_much_rejected` | rejecting | `rollout_rs_masked_fraction > 0.1` |
+| `rejection_not_justified` | rejecting | rejected share `f > 0` and `kept/mismatch_reduction < 2 f` |
+| `residual_mismatch` | unweighted | `regime.classify(kept/k3_kl, kept/chi2_token)` is not negligible |
+| `severe_residual_mismatch` | unweighted | that regime is severe |
+
+- The weight rules read the weights on the kept tokens before batch normalisation; the bounded
+  share is the share of kept tokens whose weight sits at a bound (truncate: capped; mask/IcePop:
+  zeroed; clamp: either end).
+- `too_much_rejected`: more than a tenth of the valid tokens thrown away.
+- `rejection_not_justified`: rejecting a random `f` of the tokens leaves k3 KL and chi2 unchanged,
+  so a rejection must remove at least twice its share of the mismatch (the larger relative
+  reduction of k3 KL and chi2_token) to be better than throwing data away.
+- `residual_mismatch`: without weights (none, RS only) nothing corrects the kept tokens, so their
+  mismatch must be negligible. `severe_residual_mismatch` fires with it when that mismatch is
+  severe: leaving a severe mismatch uncorrected counts as two violations.
+
+Decision rule (`recommend_correction`), in two stages:
+1. Regime (`regime.run_regime`): a run whose mismatch is negligible gets "no correction needed"
+   (the `none` candidate), whatever the ranking.
+2. Otherwise the candidates that change something on these dumps (weights, or a rejected share
+   above 0 on some step; the others are `none` under another name) get the key `(failing steps,
+   violations, -round(mean kept/effective_share, 2), family order, candidate order)`: pass every
+   rule on every step; among those that do, keep the largest effective share, the effective sample
+   size of the loss weights as a share of all valid tokens (it charges rejection and weight spread
+   alike: RS only scores its kept share, IS only its ESS, IS + RS their product), compared at 2
+   decimals (a difference under 1% of the batch is noise); then the simpler family (none, IS only,
+   RS only, IS + RS); then the earlier candidate (presets in verl's order, then the sweep, then
+   the run's config). When no candidate passes everywhere, the least-failing one is named and
+   flagged.
 """
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..config import RolloutISConfig
+from .candidates import FAMILIES, NONE, CorrectionCandidate
+from .regime import NEGLIGIBLE, REGIMES, classify
 
 STD_MAX = 1.0
 ESS_MIN = 0.3
@@ -39,11 +83,19 @@ BOUNDED_FRACTION_MAX = 0.1
 ESS_DECIMALS = 3
 BOUNDED_DECIMALS = 3
 
+REJECTED_FRACTION_MAX = 0.1
+REJECTION_GAIN_MIN = 2.0
+EFFECTIVE_SHARE_DECIMALS = 2
+
 HIGH_VARIANCE = "high_variance"
 TOO_MANY_VETOED = "too_many_vetoed"
 MEAN_FAR_FROM_ONE = "mean_far_from_one"
 TOO_MUCH_BOUNDED = "too_much_bounded"
 TROUBLESHOOTING_CODES = (HIGH_VARIANCE, TOO_MANY_VETOED, MEAN_FAR_FROM_ONE)
+TOO_MUCH_REJECTED = "too_much_rejected"
+REJECTION_NOT_JUSTIFIED = "rejection_not_justified"
+RESIDUAL_MISMATCH = "residual_mismatch"
+SEVERE_RESIDUAL_MISMATCH = "severe_residual_mismatch"
 
 # The guide's remedies, quoted per symptom so the report can print them next to a finding.
 REMEDIES = {
@@ -54,6 +106,11 @@ REMEDIES = {
     MEAN_FAR_FROM_ONE: "check calculate_log_probs=True, that rollout log-probs are passed (and aligned) "
     "correctly, and look for a systematic bias (e.g. processed top-p/top-k log-probs)",
     TOO_MUCH_BOUNDED: "the thresholds cut too many weights: widen them or pick another level",
+    TOO_MUCH_REJECTED: "the rejection threshold throws away too many tokens: widen it, or correct with IS",
+    REJECTION_NOT_JUSTIFIED: "the rejected tokens are no more mismatched than the kept ones: use another "
+    "criterion (a token criterion for scattered outliers, a sequence one for whole drifted responses) or IS",
+    RESIDUAL_MISMATCH: "the kept tokens still differ: add IS weights (e.g. token TIS) or reject more selectively",
+    SEVERE_RESIDUAL_MISMATCH: "the kept tokens still differ severely: this run needs IS weights",
 }
 
 SEED_VETO_DEFAULT = RolloutISConfig.rollout_is_veto_threshold
@@ -256,3 +313,141 @@ def justification(ranking: Sequence[Score], steps: int) -> str:
             reason = "a full tie, broken by the example order"
         text += f" Not {other.candidate.label}: {reason}."
     return text
+
+
+def correction_failed_rules(candidate: CorrectionCandidate, metrics: Mapping[str, float]) -> list[str]:
+    """The verl HEAD rules (table above) that one step's metrics of `candidate` break, in table order."""
+    def value(name):
+        return metrics.get(name, 0.0)
+
+    codes = []
+    if candidate.weighted:
+        if value("kept/weight_std") > STD_MAX or value("kept/eff_sample_size") < ESS_MIN:
+            codes.append(HIGH_VARIANCE)
+        if not MEAN_MIN <= value("kept/weight_mean") <= MEAN_MAX:
+            codes.append(MEAN_FAR_FROM_ONE)
+        if value("kept/bounded_share") > BOUNDED_FRACTION_MAX:
+            codes.append(TOO_MUCH_BOUNDED)
+    if candidate.rejects:
+        rejected = value("rollout_corr/rollout_rs_masked_fraction")
+        if rejected > REJECTED_FRACTION_MAX:
+            codes.append(TOO_MUCH_REJECTED)
+        if rejected > 0 and value("kept/mismatch_reduction") < REJECTION_GAIN_MIN * rejected:
+            codes.append(REJECTION_NOT_JUSTIFIED)
+    if not candidate.weighted:
+        residual = REGIMES.index(classify(value("kept/k3_kl"), metrics.get("kept/chi2_token")))
+        codes += [RESIDUAL_MISMATCH, SEVERE_RESIDUAL_MISMATCH][:residual]
+    return codes
+
+
+@dataclass(frozen=True)
+class CorrectionScore:
+    """How one verl HEAD candidate did over the judged steps; `key` orders them (smallest first)."""
+
+    candidate: CorrectionCandidate
+    order: int
+    failing_steps: int
+    violations: int
+    failed: dict
+    means: dict
+    """Means over the steps of `kept/effective_share`, `kept/token_share`, `kept/eff_sample_size`,
+    `kept/mismatch_reduction`, `kept/k3_kl`, `kept/bounded_share` and the rejected share."""
+
+    max_rejected: float
+    """The largest rejected token share over the steps."""
+
+    @property
+    def key(self) -> tuple:
+        return (
+            self.failing_steps,
+            self.violations,
+            -round(self.means["effective_share"], EFFECTIVE_SHARE_DECIMALS),
+            FAMILIES.index(self.candidate.family),
+            self.order,
+        )
+
+
+def score_correction(candidate: CorrectionCandidate, order: int, step_metrics: Sequence[Mapping]) -> CorrectionScore:
+    """Scores one verl HEAD candidate on its judged steps' metrics."""
+    if not step_metrics:
+        raise ValueError(f"{candidate.label}: no step with valid tokens to judge; the dumps hold only empty masks.")
+    failed = {i: codes for i, m in enumerate(step_metrics) if (codes := correction_failed_rules(candidate, m))}
+
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values)
+
+    means = {name: mean(m.get(f"kept/{name}", 0.0) for m in step_metrics)
+             for name in ("effective_share", "token_share", "eff_sample_size", "mismatch_reduction", "k3_kl",
+                          "bounded_share")}
+    rejected = [m.get("rollout_corr/rollout_rs_masked_fraction", 0.0) for m in step_metrics]
+    means["rejected"] = mean(rejected)
+    return CorrectionScore(candidate, order, len(failed), sum(map(len, failed.values())), failed, means,
+                           max(rejected))
+
+
+def recommend_correction(
+    per_candidate: Sequence[tuple[CorrectionCandidate, Sequence[Mapping]]], regime_label: str
+) -> tuple[CorrectionScore, list[CorrectionScore]]:
+    """Applies the decision rule (module docstring) to verl HEAD candidates.
+
+    Args:
+        per_candidate: `(candidate, its metrics on each judged step)`, in candidate order; must hold
+            the `none` candidate.
+        regime_label: the run's regime (`regime.run_regime(...).label`).
+
+    Returns:
+        `(chosen, ranking)`: the chosen candidate's score, and every score by key, best first.
+    """
+    ranking = sorted((score_correction(c, i, m) for i, (c, m) in enumerate(per_candidate)), key=lambda s: s.key)
+    if regime_label == NEGLIGIBLE:
+        nones = [s for s in ranking if s.candidate.family == NONE]
+        if not nones:
+            raise ValueError("recommend_correction needs the `none` candidate (preset `disabled`) among its inputs.")
+        return nones[0], ranking
+    correcting = [s for s in ranking if _changes(s)]
+    if not correcting:
+        raise ValueError("recommend_correction: no candidate weights or rejects anything on these dumps.")
+    return correcting[0], ranking
+
+
+def correction_justification(chosen: CorrectionScore, ranking: Sequence[CorrectionScore], regime_label: str,
+                             steps: int) -> str:
+    """Why `chosen` was picked, with its numbers, and why the best of every other family was not."""
+    means = chosen.means
+    text = (f"{chosen.candidate.label} ({chosen.candidate.family}): effective share {means['effective_share']:.3f} "
+            f"(kept {means['token_share']:.3f} of the tokens, ESS {means['eff_sample_size']:.3f} over them), "
+            f"kept-token k3 KL {means['k3_kl']:.3g}, fails the rules on {chosen.failing_steps} of {steps} step(s)"
+            f" ({chosen.violations} violation(s)).")
+    if regime_label == NEGLIGIBLE:
+        text += " The mismatch is negligible, so no correction is needed; the ranking below is for reference."
+    elif chosen.failing_steps:
+        text += (" No candidate passes every rule on every step, so this is the least-failing one; fix the findings "
+                 "below before trusting any configuration.")
+    for family in FAMILIES:
+        shown = (s for s in ranking if s.candidate.family == family and s is not chosen
+                 and (family == NONE or regime_label == NEGLIGIBLE or _changes(s)))
+        best = next(shown, None)
+        if best is not None:
+            text += f" Best {family}: {best.candidate.label}, {_why_not(best, chosen, regime_label)}."
+    return text
+
+
+def _changes(score: CorrectionScore) -> bool:
+    """Whether the candidate weights, or rejects something on some step (else it is `none` renamed)."""
+    return score.candidate.weighted or score.max_rejected > 0
+
+
+def _why_not(other: CorrectionScore, chosen: CorrectionScore, regime_label: str) -> str:
+    codes = ", ".join(sorted({code for codes in other.failed.values() for code in codes}))
+    failures = f"fails on {other.failing_steps} step(s), {other.violations} violation(s) ({codes})"
+    if regime_label != NEGLIGIBLE and not _changes(other):
+        return f"changes nothing on these dumps, which need correction; {failures}"
+    if (other.failing_steps, other.violations) > (chosen.failing_steps, chosen.violations):
+        return failures
+    if (other.failing_steps, other.violations) < (chosen.failing_steps, chosen.violations):
+        return f"fails on fewer steps ({other.failing_steps}), but the run needs no correction"
+    share, best = (round(s.means["effective_share"], EFFECTIVE_SHARE_DECIMALS) for s in (other, chosen))
+    if share != best:
+        return f"{'lower' if share < best else 'higher'} effective share {other.means['effective_share']:.3f}"
+    return f"same effective share {other.means['effective_share']:.3f}, ranked after it (simpler family or order)"
