@@ -7,6 +7,7 @@ through a float64 log-softmax.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -256,3 +257,20 @@ def test_bad_sampling_settings_name_the_setting():
         PolicyLossConfig(rollout_top_p=1.5)
     with pytest.raises(ValueError, match="rollout_tie_rule must be one of"):
         PolicyLossConfig(rollout_top_k=5, rollout_tie_rule="gpu")
+
+
+def test_monitoring_only_training_warns_once_when_the_mismatch_is_severe():
+    from megatron_rollout_is.diagnostics import RolloutLogProbWarning
+
+    logits, batch = _batch(seed=11)
+    batch["rollout_log_prob"] = batch["old_log_prob"] + 0.8  # every ratio e^-0.8: k3 KL ~ 0.25, severe
+    loss = RolloutISPolicyLoss(RolloutCorrectionConfig.disabled(), RolloutISGroups())
+    with pytest.warns(RolloutLogProbWarning, match="correction is needed.*only monitors") as caught:
+        for _ in range(3):  # three steps of one trainer
+            loss(batch, logits)
+            loss.finalize_step()
+    assert len([w for w in caught if "only monitors" in str(w.message)]) == 1
+    corrected = RolloutCorrectionConfig.decoupled_token_is()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RolloutLogProbWarning)
+        _run(corrected, logits, batch, prepared=True)

@@ -4,7 +4,7 @@ Synthetic dumps are written with `dumps.write_step_dump`, each built to show one
 expected recommendations are recomputed here from `compute_rollout_importance_weights` (verl 0.6.0
 keys) and from `compute_rollout_correction_and_rejection_mask` / `compute_offpolicy_metrics` (verl
 HEAD keys) with the regime limits and the decision rules written out by hand (independently of
-`report.rules` and `report.regime`). The end-to-end test runs the CPU training demo for two steps
+`report.rules` and `regime`). The end-to-end test runs the CPU training demo for two steps
 and reports on its dumps.
 """
 
@@ -30,7 +30,7 @@ from megatron_rollout_is.report import build_report, mismatch_regime
 from megatron_rollout_is.report.analysis import analyze
 from megatron_rollout_is.report.findings import report_payload
 from megatron_rollout_is.report.markdown import render
-from megatron_rollout_is.report.regime import run_regime
+from megatron_rollout_is.regime import run_regime
 
 BATCH, LENGTH, VOCAB, STEPS = 32, 24, 16, 3
 
@@ -287,7 +287,7 @@ def test_report_on_a_demo_training_run(tmp_path, capsys):
 
 # ---- verl HEAD keys: the regime verdict, presets, the rejection sweep, the decision rule ----
 
-# The documented regime limits (report/regime.py): (moderate from, severe from).
+# The documented regime limits (megatron_rollout_is/regime.py): (moderate from, severe from).
 K3_KL_LIMITS, CHI2_TOKEN_LIMITS = (1.25e-3, 2e-2), (2.5e-3, 4e-2)
 REGIMES = ("negligible", "moderate", "severe")
 FAMILIES = ("none", "IS only", "RS only", "IS + RS")

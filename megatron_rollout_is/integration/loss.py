@@ -9,6 +9,7 @@ rejection it is a mean over the kept tokens (`PolicyLossConfig.loss_denominator`
 are `torch.stack([sum, count])`, summed over micro-batches and DP by Megatron's logging.
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -16,11 +17,12 @@ import torch
 
 from ..config import RolloutCorrectionConfig
 from ..core.correction import Correction
-from ..diagnostics import MismatchWarner
+from ..diagnostics import MismatchWarner, RolloutLogProbWarning
 from ..parallel.groups import RolloutISGroups, group_rank
 from ..parallel.sampling_replay import SamplingFilter
 from ..parallel.sharded import ShardedRolloutCorrection
 from ..parallel.vocab_parallel import vocab_parallel_token_log_probs
+from ..regime import SEVERE, mismatch_regime
 
 DENOMINATORS = ("kept", "response")
 
@@ -125,11 +127,14 @@ class RolloutISPolicyLoss:
             raise ValueError("loss_denominator 'response' (--rollout-loss-denominator) only matters with rejection "
                              "(rollout_rs): without it every valid token is kept. Set rollout_rs, or drop it.")
         self.rollout_is = ShardedRolloutCorrection(self.plan, groups) if self.plan is not None else None
-        # One rank per (TP, CP) replica checks: the others hold the same or split sequences.
-        checks = self.plan is not None and self.loss_config.diagnose_interval > 0
-        self._warner = MismatchWarner() if checks and group_rank(groups.tp) == 0 and group_rank(groups.cp) == 0 else None
+        # One rank per (TP, CP) replica warns: the others hold the same or split sequences.
+        warns = self.plan is not None and group_rank(groups.tp) == 0 and group_rank(groups.cp) == 0
+        self._warner = MismatchWarner() if warns and self.loss_config.diagnose_interval > 0 else None
         self._step = 0
         self._diagnosed = False
+        self._corrects = self.plan is not None and (bool(self.plan.criteria) or (
+            self.plan.weights is not None and self.plan.weights.applied))
+        self._regime_warnings = warns
 
     @property
     def bypass(self) -> bool:
@@ -208,10 +213,25 @@ class RolloutISPolicyLoss:
         return loss_sum, num_tokens, report
 
     def finalize_step(self) -> dict:
-        """The step's correction metrics (empty when correction is off); last-stage ranks only."""
+        """The step's correction metrics (empty when correction is off); last-stage ranks only.
+
+        When the plan corrects nothing (metrics only) and the step's mismatch is `severe`
+        (`regime.mismatch_regime`), warns once that this run needs a correction.
+        """
         self._step += 1
         self._diagnosed = False
-        return self.rollout_is.finalize() if self.rollout_is is not None else {}
+        if self.rollout_is is None:
+            return {}
+        metrics = self.rollout_is.finalize()
+        if self._regime_warnings and not self._corrects:
+            label, sentence = mismatch_regime(metrics)
+            if label == SEVERE:
+                self._regime_warnings = False
+                warnings.warn(f"[rollout correction, step {self._step}] {sentence}; this run only monitors (no "
+                              "weights applied, nothing rejected): apply one, e.g. --rollout-correction-preset "
+                              "decoupled_token_is, or see `megatron-rollout-is report`.", RolloutLogProbWarning,
+                              stacklevel=2)
+        return metrics
 
     def _token_log_probs(self, batch, logits, with_entropy: bool):
         """`[b, s]` log-probs, entropy (or None) and, with sampling replay, the in-support mask (or None)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 # Only pure modules here: a training loop imports `mismatch_regime` without the report extra (numpy,
 # matplotlib, tqdm), which the analysis below needs.
-from .regime import mismatch_regime
+from ..regime import mismatch_regime
 from .rules import SEED_EXAMPLES, recommend, recommend_correction
 
 __all__ = ["SEED_EXAMPLES", "build_report", "mismatch_regime", "recommend", "recommend_correction"]

@@ -2,7 +2,7 @@
 
 import math
 
-from . import regime as regime_rules
+from .. import regime as regime_rules
 from .analysis import OUTSIDE_BAND, Analysis, Evaluation
 from .candidates import SWEEP_CRITERIA, SWEEP_IS, SWEEP_LEVELS, bypass_twins
 from .rules import (

@@ -3,7 +3,7 @@
 import math
 
 from .candidates import FAMILIES
-from .regime import VERDICTS
+from ..regime import VERDICTS
 from .rules import HIGH_VARIANCE, REMEDIES, TOO_MANY_VETOED, failed_rules, metric
 
 PLOT_CAPTIONS = {

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core import SAFETY_BOUND
-from . import regime
+from .. import regime
 from .analysis import Analysis
 from .candidates import SWEEP_CRITERIA
 from .findings import judged_metrics

@@ -73,7 +73,7 @@ from dataclasses import dataclass
 
 from ..config import RolloutISConfig
 from .candidates import FAMILIES, NONE, CorrectionCandidate
-from .regime import NEGLIGIBLE, REGIMES, classify
+from ..regime import NEGLIGIBLE, REGIMES, classify
 
 STD_MAX = 1.0
 ESS_MIN = 0.3

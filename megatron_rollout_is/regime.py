@@ -1,7 +1,7 @@
 """Does a run need rollout correction at all? The mismatch regime of one step, or of a whole run.
 
-Pure Python on the off-policy metrics every trainer step already logs, so a training loop can call
-`mismatch_regime(step_metrics)` as cheaply as the report does. Both metric dialects are read:
+Pure Python on the off-policy metrics every trainer step already logs, so the loss hook's step
+metrics and a training loop can call `mismatch_regime(step_metrics)` as cheaply as the report does. Both metric dialects are read:
 `rollout_corr/k3_kl`, `rollout_corr/chi2_token` (verl HEAD keys), `mismatch/mismatch_k3_kl` (verl
 0.6.0 keys, which have no chi2), or the same names without a prefix.
 
