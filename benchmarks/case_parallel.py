@@ -16,7 +16,7 @@ from case_weights import VETO, make_batch
 from harness import count_collectives, peak_extra_bytes, synchronize
 
 from megatron_rollout_is.config import RolloutISConfig
-from megatron_rollout_is.core import StepStatistics, micro_batch_weights
+from megatron_rollout_is.core import StepStatistics, correct_micro_batch
 from megatron_rollout_is.parallel.context_parallel import split_for_cp, zigzag_indices
 from megatron_rollout_is.parallel.groups import RolloutISGroups
 from megatron_rollout_is.parallel.sharded import ShardedRolloutIS
@@ -60,7 +60,7 @@ def _all_gather_design(old, rollout, mask, group, cp, global_index, local_index,
         whole = torch.empty(shard.shape[0], shard.shape[1] * cp, dtype=shard.dtype, device=shard.device)
         whole[:, global_index] = torch.cat(pieces, dim=1)
         full.append(whole)
-    weights = micro_batch_weights(*full, config, StepStatistics(config))
+    weights = correct_micro_batch(*full, config.plan, StepStatistics(config.plan)).weights
     return weights[:, local_index]
 
 

@@ -9,7 +9,10 @@ Cases (see benchmarks/README.md for the method and the last measured table):
    sequence-level reduction against the all-gather design of peer frameworks;
 3. token log-probs from vocab-parallel logits (tp = 1, 2): peak extra memory in units of one fp32
    copy of the local logits, and time against `log_softmax(...).gather` on the full logits;
-4. one training step of the CPU GRPO demo with rollout IS on against off.
+4. one training step of the CPU GRPO demo with rollout correction (verl 0.6.0 default, a verl HEAD
+   preset) on against off;
+5. verl HEAD's rollout correction (every preset, and this project's extensions), one process: the
+   package against a verl-HEAD-style computation.
 
 The device is CUDA when a GPU is visible (multi-process cases use NCCL when there is one GPU per
 rank, else gloo on the CPU). Timings on a shared machine are noisy; ratios compare runs that were
@@ -23,25 +26,30 @@ import sys
 import time
 from pathlib import Path
 
+import case_correction
 import case_weights
 import torch
-from case_demo import demo_worker
+from case_demo import HEAD_PRESET_FLAGS, IS_FLAGS, demo_worker
 from case_parallel import parallel_worker
 from harness import default_device, environment, launch
 
+DEMO_QUICK_BATCH = ["--global-batch-size", "16", "--micro-batch-size", "8"]
 DEMO_FULL_BATCH = ["--global-batch-size", "64", "--micro-batch-size", "16", "--min-digits", "6", "--max-digits", "8"]
 SIZES = {
     "quick": {
         "weights_batch": (16, 1024), "weights_check_batch": (4, 128), "weights_repeats": 2,
+        "correction_batch": (16, 1024), "correction_check_batch": (4, 128), "correction_repeats": 2,
         "parallel": {"cp_sizes": [2, 4], "cp_lengths": [1024, 8192], "cp_batch": 8, "tp_sizes": [1, 2],
                      "tp_seq": 32, "tp_batch": 2, "tp_vocab": 32768, "repeats": 2},
-        "demo_flags": [["--global-batch-size", "16", "--micro-batch-size", "8"]], "demo_steps": 3,
+        "demo_runs": [(DEMO_QUICK_BATCH, IS_FLAGS), (DEMO_QUICK_BATCH, HEAD_PRESET_FLAGS)], "demo_steps": 3,
     },
     "full": {
         "weights_batch": (256, 8192), "weights_check_batch": (16, 1024), "weights_repeats": 7,
+        "correction_batch": (256, 8192), "correction_check_batch": (16, 1024), "correction_repeats": 7,
         "parallel": {"cp_sizes": [2, 4], "cp_lengths": [1024, 8192, 32768], "cp_batch": 8, "tp_sizes": [1, 2],
                      "tp_seq": 512, "tp_batch": 2, "tp_vocab": 32768, "repeats": 9},
-        "demo_flags": [DEMO_FULL_BATCH, DEMO_FULL_BATCH + ["--num-layers", "4", "--hidden-size", "256"]],
+        "demo_runs": [(DEMO_FULL_BATCH, IS_FLAGS), (DEMO_FULL_BATCH, HEAD_PRESET_FLAGS),
+                      (DEMO_FULL_BATCH + ["--num-layers", "4", "--hidden-size", "256"], IS_FLAGS)],
         "demo_steps": 21,
     },
 }
@@ -49,7 +57,7 @@ DEMO_COMMON_FLAGS = ["--no-progress", "--eval-interval", "0", "--seed", "1234"]
 
 
 def run_cases(size: dict) -> dict:
-    """Runs the four cases; returns their rows and the wall time of each."""
+    """Runs the five cases; returns their rows and the wall time of each."""
     cases, wall = {}, {}
     start = time.perf_counter()
     device = default_device()
@@ -59,13 +67,20 @@ def run_cases(size: dict) -> dict:
     wall["weights"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    cases["correction"] = case_correction.run(
+        *size["correction_batch"], device, size["correction_repeats"], size["correction_check_batch"]
+    )
+    wall["correction"] = time.perf_counter() - start
+
+    start = time.perf_counter()
     world_size = max(size["parallel"]["cp_sizes"] + size["parallel"]["tp_sizes"])
     cases.update(launch(world_size, parallel_worker, size["parallel"])[0])
     wall["parallel"] = time.perf_counter() - start
 
     start = time.perf_counter()
     cases["demo"] = [
-        launch(1, demo_worker, DEMO_COMMON_FLAGS + flags, size["demo_steps"])[0] for flags in size["demo_flags"]
+        launch(1, demo_worker, DEMO_COMMON_FLAGS + flags, size["demo_steps"], is_flags)[0]
+        for flags, is_flags in size["demo_runs"]
     ]
     wall["demo"] = time.perf_counter() - start
     return {"cases": cases, "wall_seconds": wall}
@@ -77,6 +92,10 @@ def goals(cases: dict) -> list[dict]:
     for row in cases["weights"]:
         name = f"weights {row['level']}/{row['mode']}: time package / verl-style"
         rows.append(_goal(name, row["time_ratio"], "<=", 0.5))
+    for row in cases["correction"]:
+        if row["presets"]:
+            name = f"rollout correction {', '.join(row['presets'])}: time package / verl-HEAD style"
+            rows.append(_goal(name, row["time_ratio"], "<=", 0.1))
     for row in cases["context_parallel"]:
         if row["length"] == 8192:
             name = f"CP={row['cp']} s=8192: all-gather bytes / package bytes"
@@ -88,7 +107,9 @@ def goals(cases: dict) -> list[dict]:
         rows.append(_goal(f"TP={row['tp']}: peak fwd+bwd / one fp32 copy of local logits",
                           row["peak_forward_backward_over_fp32_copy"], "<=", 1.25))
     for row in cases["demo"]:
-        rows.append(_goal(f"demo ({row['model']}) step time IS on / off", row["time_ratio"], "<=", 1.01))
+        run = f"demo ({row['model']}, {row['correction']})"
+        rows.append(_goal(f"{run} step time IS on / off", row["time_ratio"], "<=", 1.01))
+        rows.append(_goal(f"{run} IS share of step", row["is_share_of_step"], "<=", 0.01))
     return rows
 
 
@@ -136,10 +157,24 @@ def format_report(result: dict) -> str:
     )
     table(
         "4. CPU GRPO demo, training step (rollout excluded), IS on vs off",
-        ["model", "sequences", "response tokens", "off ms", "on ms", "time ratio", "inside IS ms", "IS share of step"],
-        [[d["model"], d["sequences"], d["response_tokens"], _ms(d["off_step_s"]), _ms(d["on_step_s"]),
-          f"{d['time_ratio']:.3f}", _ms(d["is_seconds_per_step"]), f"{100 * d['is_share_of_step']:.1f}%"]
+        ["model", "correction", "sequences", "response tokens", "off ms", "on ms", "time ratio", "inside IS ms",
+         "IS share of step", "hook own ms"],
+        [[d["model"], d["correction"], d["sequences"], d["response_tokens"], _ms(d["off_step_s"]),
+          _ms(d["on_step_s"]), f"{d['time_ratio']:.3f}", _ms(d["is_seconds_per_step"]),
+          f"{100 * d['is_share_of_step']:.1f}%", f"{1000 * d['is_hook_own_seconds_per_step']:.2f}"]
          for d in cases["demo"]],
+    )
+    table(
+        "5. rollout correction (verl HEAD keys), one process: package vs verl-HEAD style (presets with the same "
+        "keys but bypass_mode/loss_type share a row)",
+        ["configuration", "presets", "b x s", "package ms", "verl ms", "time ratio", "package MiB", "verl MiB",
+         "mem ratio", "f64 max rel diff", "f32 max rel diff", "mask diffs f64/f32"],
+        [[r["name"], len(r["presets"]) or "ext", f"{r['batch']}x{r['length']}", _ms(r["package_s"]),
+          _ms(r["reference_s"]), f"{r['time_ratio']:.3f}", _mib(r["package_peak_bytes"]),
+          _mib(r["reference_peak_bytes"]), f"{r['memory_ratio']:.2f}",
+          f"{r['agreement_float64']['metric_max_rel_diff']:.1e}", f"{r['agreement_float32']['metric_max_rel_diff']:.1e}",
+          f"{r['agreement_float64']['mask_entries_differing']}/{r['agreement_float32']['mask_entries_differing']}"]
+         for r in cases["correction"]],
     )
     title = "goals"
     if result["mode"] == "quick":

@@ -100,6 +100,9 @@ def verl_style_rollout_is(
         metrics["rollout_is_clipped_fraction"] = masked_mean(1 - keep, valid).item()
         sequence_clipped = ((keep == 0) & valid_bool).any(dim=-1)
         metrics["rollout_is_seq_clipped_fraction"] = sequence_clipped[nonempty].float().mean().item()
+        # verl 0.6.0's own names for the same two shares (the package reports both).
+        metrics["rollout_is_masked_fraction"] = metrics["rollout_is_clipped_fraction"]
+        metrics["rollout_is_seq_masked_fraction"] = metrics["rollout_is_seq_clipped_fraction"]
         bounded = weights * keep
     if veto is not None:
         bounded = bounded * veto_mask
