@@ -21,9 +21,9 @@ import math
 from typing import Optional, Union
 
 import torch
+import verl_style
+from verl_style import EPS, SAFETY_BOUND, sequence_mean_metrics, valid_inputs
 
-SAFETY_BOUND = 20.0
-EPS = 1e-8
 TOKEN_CRITERIA = ("token_k1", "token_k2", "token_k3")
 
 
@@ -34,9 +34,8 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = No
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
-    """`masked_sum / (number of mask entries + 1e-8)`, over `dim` (all elements when None)."""
-    count = mask.sum() if dim is None else mask.sum(dim=dim)
-    return masked_sum(values, mask, dim) / (count + EPS)
+    """`verl_style.masked_mean` with this module's `masked_sum`."""
+    return verl_style.masked_mean(values, mask, dim, summed=masked_sum)
 
 
 def verl_head_style_correction(
@@ -56,17 +55,7 @@ def verl_head_style_correction(
     `(weights [b, s] or None, modified response mask [b, s] in the mask's dtype, metrics)`. Inputs are
     assumed valid (no argument checks).
     """
-    dtype = torch.float64 if torch.float64 in (old_log_prob.dtype, rollout_log_prob.dtype) else torch.float32
-    old, rollout = old_log_prob.to(dtype), rollout_log_prob.to(dtype)
-    marked = response_mask != 0
-    finite = torch.isfinite(old) & torch.isfinite(rollout)
-    nonfinite_count = (marked & ~finite).sum()
-    valid_bool = marked & finite
-    valid = valid_bool.to(dtype)
-    old = torch.where(valid_bool, old, torch.zeros_like(old))
-    rollout = torch.where(valid_bool, rollout, torch.zeros_like(rollout))
-    nonempty = valid.sum(dim=-1) > 0
-
+    old, rollout, _, valid, nonempty, nonfinite_count = valid_inputs(old_log_prob, rollout_log_prob, response_mask)
     log_ratio = old - rollout
     metrics = {}
     weights = None
@@ -174,11 +163,7 @@ def _is_metrics(weights, raw_weights, log_ratio_for_metrics, valid, nonempty, le
     metrics["rollout_is_eff_sample_size"] = 1.0 / masked_mean(normalized.square(), valid).item()
 
     sequence_means = masked_mean(weights, valid, dim=-1)[nonempty]
-    metrics["rollout_is_seq_mean"] = sequence_means.mean().item()
-    metrics["rollout_is_seq_std"] = sequence_means.std().item() if sequence_means.numel() > 1 else 0.0
-    metrics["rollout_is_seq_max"] = sequence_means.max().item()
-    metrics["rollout_is_seq_min"] = sequence_means.min().item()
-    metrics["rollout_is_seq_max_deviation"] = (sequence_means - 1.0).abs().max().item()
+    metrics.update(sequence_mean_metrics(sequence_means))
     # The shares of extreme sequences read the raw row means: a truncated mean never exceeds the bound.
     raw_sequence_means = masked_mean(raw_weights, valid, dim=-1)[nonempty]
     metrics["rollout_is_seq_fraction_high"] = (raw_sequence_means > upper).float().mean().item()
