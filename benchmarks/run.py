@@ -176,7 +176,8 @@ def format_report(result: dict) -> str:
         [[r["name"], len(r["presets"]) or "ext", f"{r['batch']}x{r['length']}", _ms(r["package_s"]),
           _ms(r["reference_s"]), f"{r['time_ratio']:.3f}", _mib(r["package_peak_bytes"]),
           _mib(r["reference_peak_bytes"]), f"{r['memory_ratio']:.2f}",
-          f"{r['agreement_float64']['metric_max_rel_diff']:.1e}", f"{r['agreement_float32']['metric_max_rel_diff']:.1e}",
+          f"{r['agreement_float64']['metric_max_rel_diff']:.1e}",
+          f"{r['agreement_float32']['metric_max_rel_diff']:.1e}",
           f"{r['agreement_float64']['mask_entries_differing']}/{r['agreement_float32']['mask_entries_differing']}"]
          for r in cases["correction"]],
     )
@@ -219,7 +220,7 @@ def keep_freed_memory() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Small sizes (about 15 s on 2 idle cores).")
+    parser.add_argument("--quick", action="store_true", help="Small sizes (about 30 s on 2 idle cores).")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")), help="Where to write the JSON.")
     parser.add_argument(
         "--threads", type=int, default=1,

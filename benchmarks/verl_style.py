@@ -49,7 +49,8 @@ class ValidInputs(NamedTuple):
     """Marked tokens dropped for a NaN/inf log-prob."""
 
 
-def valid_inputs(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor) -> ValidInputs:
+def valid_inputs(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
+                 response_mask: torch.Tensor) -> ValidInputs:
     """What both baselines add to verl in the package's contract: float64 computation when a log-prob is
     float64 (float32 otherwise), and marked tokens with a non-finite log-prob dropped and counted."""
     dtype = torch.float64 if torch.float64 in (old_log_prob.dtype, rollout_log_prob.dtype) else torch.float32
