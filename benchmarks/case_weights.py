@@ -43,12 +43,20 @@ def _reference(old, rollout, mask, level, mode, upper):
 
 
 def agreement(old, rollout, mask, level, mode, upper) -> dict:
-    """Largest differences between the package and the baseline on the same inputs.
-
-    `metric_max_rel_diff` is `max |a - b| / max(|b|, 1e-6)` over the metrics; the key set must match.
-    """
+    """Largest differences between the package and the baseline on the same inputs (see `compare_metrics`)."""
     weights, metrics = _package(old, rollout, mask, level, mode, upper)
     ref_weights, ref_metrics = _reference(old, rollout, mask, level, mode, upper)
+    worst_key, worst = compare_metrics(metrics, ref_metrics)
+    weight_diff = (weights.double() - ref_weights.double()).abs().max().item()
+    return {"weight_max_abs_diff": weight_diff, "metric_max_rel_diff": worst, "worst_metric": worst_key}
+
+
+def compare_metrics(metrics: dict, ref_metrics: dict) -> tuple:
+    """`(worst key, max |a - b| / max(|b|, 1e-6))` over the metrics; the key sets must be equal.
+
+    Raises:
+        AssertionError: the key sets differ (the message lists the keys only one side has).
+    """
     if set(metrics) != set(ref_metrics):
         raise AssertionError(f"metric keys differ: {sorted(set(metrics) ^ set(ref_metrics))}")
     worst_key, worst = None, 0.0
@@ -56,8 +64,24 @@ def agreement(old, rollout, mask, level, mode, upper) -> dict:
         diff = abs(metrics[key] - expected) / max(abs(expected), 1e-6)
         if diff >= worst:
             worst_key, worst = key, diff
-    weight_diff = (weights.double() - ref_weights.double()).abs().max().item()
-    return {"weight_max_abs_diff": weight_diff, "metric_max_rel_diff": worst, "worst_metric": worst_key}
+    return worst_key, worst
+
+
+def time_and_memory(package, reference, device: torch.device, repeats: int) -> dict:
+    """Interleaved median times and peak extra bytes of two argument-less calls, and their ratios.
+
+    Run both once (untimed) before: the first call of a configuration pays one-off costs.
+    """
+    package_times, reference_times = interleaved_times([package, reference], device, repeats, warmup=0)
+    package_s, reference_s = statistics.median(package_times), statistics.median(reference_times)
+    package_bytes = peak_extra_bytes(package, device)
+    reference_bytes = peak_extra_bytes(reference, device)
+    return {
+        "package_s": package_s, "reference_s": reference_s, "time_ratio": package_s / reference_s,
+        "time_ratio_of_minimums": min(package_times) / min(reference_times),
+        "package_peak_bytes": package_bytes, "reference_peak_bytes": reference_bytes,
+        "memory_ratio": package_bytes / reference_bytes,
+    }
 
 
 def run(batch: int, length: int, device: torch.device, repeats: int, check_batch: tuple[int, int]) -> list[dict]:
@@ -74,18 +98,9 @@ def run(batch: int, length: int, device: torch.device, repeats: int, check_batch
         for mode in MODES:
             args = (old, rollout, mask, level, mode, upper)
             agreement_float32 = agreement(*args)  # also the untimed warm-up run of both
-            package_times, reference_times = interleaved_times(
-                [lambda: _package(*args), lambda: _reference(*args)], device, repeats, warmup=0
-            )
-            package_s, reference_s = statistics.median(package_times), statistics.median(reference_times)
-            package_bytes = peak_extra_bytes(lambda: _package(*args), device)
-            reference_bytes = peak_extra_bytes(lambda: _reference(*args), device)
+            measured = time_and_memory(lambda: _package(*args), lambda: _reference(*args), device, repeats)
             rows.append({
-                "level": level, "mode": mode, "threshold": upper, "batch": batch, "length": length,
-                "package_s": package_s, "reference_s": reference_s, "time_ratio": package_s / reference_s,
-                "time_ratio_of_minimums": min(package_times) / min(reference_times),
-                "package_peak_bytes": package_bytes, "reference_peak_bytes": reference_bytes,
-                "memory_ratio": package_bytes / reference_bytes,
+                "level": level, "mode": mode, "threshold": upper, "batch": batch, "length": length, **measured,
                 "agreement_float64": agreement(*check_inputs, level, mode, upper),
                 "agreement_float32": agreement_float32,
             })

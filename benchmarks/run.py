@@ -9,9 +9,11 @@ Cases (see benchmarks/README.md for the method and the last measured table):
    sequence-level reduction against the all-gather design of peer frameworks;
 3. token log-probs from vocab-parallel logits (tp = 1, 2): peak extra memory in units of one fp32
    copy of the local logits, and time against `log_softmax(...).gather` on the full logits;
-4. one training step of the CPU GRPO demo with rollout IS on against off (with a GPU, also a ~1B-parameter
-   model on CUDA);
-5. sampling replay (vLLM's top-k/top-p) on vocab-parallel logits (tp = 1, 2): peak extra memory and
+4. one training step of the CPU GRPO demo with rollout correction (verl 0.6.0 default, a verl HEAD
+   preset) on against off (with a GPU, also a ~1B-parameter model on CUDA);
+5. verl HEAD's rollout correction (every preset, and this project's extensions), one process: the
+   package against a verl-HEAD-style computation;
+6. sampling replay (vLLM's top-k/top-p) on vocab-parallel logits (tp = 1, 2): peak extra memory and
    time against the same log-probs without filters.
 
 The device is CUDA when a GPU is visible (multi-process cases use NCCL when there is one GPU per
@@ -20,33 +22,40 @@ interleaved in the same process(es), never numbers from different runs.
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
+import case_correction
 import case_replay
 import case_weights
 import torch
-from case_demo import demo_worker
+from case_demo import HEAD_PRESET_FLAGS, IS_FLAGS, demo_worker
 from case_parallel import parallel_worker
 from harness import default_device, environment, launch
 
+DEMO_QUICK_BATCH = ["--global-batch-size", "16", "--micro-batch-size", "8"]
 DEMO_FULL_BATCH = ["--global-batch-size", "64", "--micro-batch-size", "16", "--min-digits", "6", "--max-digits", "8"]
 SIZES = {
     "quick": {
         "weights_batch": (16, 1024), "weights_check_batch": (4, 128), "weights_repeats": 2,
+        "correction_batch": (16, 1024), "correction_check_batch": (4, 128), "correction_repeats": 2,
         "parallel": {"cp_sizes": [2, 4], "cp_lengths": [1024, 8192], "cp_batch": 8, "tp_sizes": [1, 2],
                      "tp_seq": 32, "tp_batch": 2, "tp_vocab": 32768, "repeats": 2},
-        "demo_flags": [["--global-batch-size", "16", "--micro-batch-size", "8"]], "demo_steps": 3,
+        "demo_runs": [(DEMO_QUICK_BATCH, IS_FLAGS), (DEMO_QUICK_BATCH, HEAD_PRESET_FLAGS)], "demo_steps": 3,
         "replay": {"tp_sizes": [1, 2], "seq": 32, "flat_seq": 8, "batch": 2, "vocab": 32768, "repeats": 1},
     },
     "full": {
         "weights_batch": (256, 8192), "weights_check_batch": (16, 1024), "weights_repeats": 7,
+        "correction_batch": (256, 8192), "correction_check_batch": (16, 1024), "correction_repeats": 7,
         "parallel": {"cp_sizes": [2, 4], "cp_lengths": [1024, 8192, 32768], "cp_batch": 8, "tp_sizes": [1, 2],
                      "tp_seq": 512, "tp_batch": 2, "tp_vocab": 32768, "repeats": 9},
-        "demo_flags": [DEMO_FULL_BATCH, DEMO_FULL_BATCH + ["--num-layers", "4", "--hidden-size", "256"]],
+        "demo_runs": [(DEMO_FULL_BATCH, IS_FLAGS), (DEMO_FULL_BATCH, HEAD_PRESET_FLAGS),
+                      (DEMO_FULL_BATCH + ["--num-layers", "4", "--hidden-size", "256"], IS_FLAGS)],
         "demo_steps": 21,
         "replay": {"tp_sizes": [1, 2], "seq": 512, "flat_seq": 32, "batch": 2, "vocab": 32768, "repeats": 5},
     },
@@ -57,6 +66,8 @@ DEMO_COMMON_FLAGS = ["--no-progress", "--eval-interval", "0", "--seed", "1234"]
 DEMO_CUDA_1B = {"steps": 9, "flags": ["--num-layers", "20", "--hidden-size", "2048", "--num-attention-heads", "16",
                                       "--global-batch-size", "128", "--micro-batch-size", "32",
                                       "--min-digits", "16", "--max-digits", "32"]}
+# glibc's mallopt parameters, and the values that keep freed memory for reuse (see `keep_freed_memory`).
+MALLOPT = {"M_TRIM_THRESHOLD": (-1, 1 << 30), "M_MMAP_THRESHOLD": (-3, 1 << 30)}
 
 
 def run_cases(size: dict) -> dict:
@@ -70,15 +81,22 @@ def run_cases(size: dict) -> dict:
     wall["weights"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    cases["correction"] = case_correction.run(
+        *size["correction_batch"], device, size["correction_repeats"], size["correction_check_batch"]
+    )
+    wall["correction"] = time.perf_counter() - start
+
+    start = time.perf_counter()
     world_size = max(size["parallel"]["cp_sizes"] + size["parallel"]["tp_sizes"])
     cases.update(launch(world_size, parallel_worker, size["parallel"])[0])
     wall["parallel"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    runs = [(flags, size["demo_steps"]) for flags in size["demo_flags"]]
+    runs = [(flags, is_flags, size["demo_steps"]) for flags, is_flags in size["demo_runs"]]
     if device.type == "cuda":
-        runs.append((DEMO_CUDA_1B["flags"], DEMO_CUDA_1B["steps"]))
-    cases["demo"] = [launch(1, demo_worker, DEMO_COMMON_FLAGS + flags, steps)[0] for flags, steps in runs]
+        runs.append((DEMO_CUDA_1B["flags"], IS_FLAGS, DEMO_CUDA_1B["steps"]))
+    cases["demo"] = [launch(1, demo_worker, DEMO_COMMON_FLAGS + flags, steps, is_flags)[0]
+                     for flags, is_flags, steps in runs]
     wall["demo"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -93,6 +111,10 @@ def goals(cases: dict) -> list[dict]:
     for row in cases["weights"]:
         name = f"weights {row['level']}/{row['mode']}: time package / verl-style"
         rows.append(_goal(name, row["time_ratio"], "<=", 0.5))
+    for row in cases["correction"]:
+        if row["presets"]:
+            name = f"rollout correction {', '.join(row['presets'])}: time package / verl-HEAD style"
+            rows.append(_goal(name, row["time_ratio"], "<=", 0.1))
     for row in cases["context_parallel"]:
         if row["length"] == 8192:
             name = f"CP={row['cp']} s=8192: all-gather bytes / package bytes"
@@ -104,8 +126,9 @@ def goals(cases: dict) -> list[dict]:
         rows.append(_goal(f"TP={row['tp']}: peak fwd+bwd / one fp32 copy of local logits",
                           row["peak_forward_backward_over_fp32_copy"], "<=", 1.25))
     for row in cases["demo"]:
-        rows.append(_goal(f"demo ({row['model']}) step time IS on / off", row["time_ratio"], "<=", 1.01))
-        rows.append(_goal(f"demo ({row['model']}) IS share of step", row["is_share_of_step"], "<=", 0.01))
+        run = f"demo ({row['model']}, {row['correction']})"
+        rows.append(_goal(f"{run} step time IS on / off", row["time_ratio"], "<=", 1.01))
+        rows.append(_goal(f"{run} IS share of step", row["is_share_of_step"], "<=", 0.01))
     for row in cases["sampling_replay"]:
         rows.append(_goal(f"replay TP={row['tp']} {row['logits']} {row['filters']}: peak fwd+bwd / one fp32 copy",
                           row["peak_forward_backward_over_fp32_copy"], "<=", 1.25))
@@ -156,11 +179,25 @@ def format_report(result: dict) -> str:
     )
     table(
         "4. GRPO demo, training step (rollout excluded), IS on vs off",
-        ["model", "device", "sequences", "response tokens", "off ms", "on ms", "time ratio", "inside IS ms",
-         "IS share of step"],
-        [[d["model"], d["device"], d["sequences"], d["response_tokens"], _ms(d["off_step_s"]), _ms(d["on_step_s"]),
-          f"{d['time_ratio']:.3f}", _ms(d["is_seconds_per_step"]), f"{100 * d['is_share_of_step']:.1f}%"]
+        ["model", "device", "correction", "sequences", "response tokens", "off ms", "on ms", "time ratio", "inside IS ms",
+         "IS share of step", "hook own ms"],
+        [[d["model"], d["device"], d["correction"], d["sequences"], d["response_tokens"], _ms(d["off_step_s"]),
+          _ms(d["on_step_s"]), f"{d['time_ratio']:.3f}", _ms(d["is_seconds_per_step"]),
+          f"{100 * d['is_share_of_step']:.1f}%", f"{1000 * d['is_hook_own_seconds_per_step']:.2f}"]
          for d in cases["demo"]],
+    )
+    table(
+        "5. rollout correction (verl HEAD keys), one process: package vs verl-HEAD style (presets with the same "
+        "keys but bypass_mode/loss_type share a row)",
+        ["configuration", "presets", "b x s", "package ms", "verl ms", "time ratio", "package MiB", "verl MiB",
+         "mem ratio", "f64 max rel diff", "f32 max rel diff", "mask diffs f64/f32"],
+        [[r["name"], len(r["presets"]) or "ext", f"{r['batch']}x{r['length']}", _ms(r["package_s"]),
+          _ms(r["reference_s"]), f"{r['time_ratio']:.3f}", _mib(r["package_peak_bytes"]),
+          _mib(r["reference_peak_bytes"]), f"{r['memory_ratio']:.2f}",
+          f"{r['agreement_float64']['metric_max_rel_diff']:.1e}",
+          f"{r['agreement_float32']['metric_max_rel_diff']:.1e}",
+          f"{r['agreement_float64']['mask_entries_differing']}/{r['agreement_float32']['mask_entries_differing']}"]
+         for r in cases["correction"]],
     )
     table(*case_replay.table(cases["sampling_replay"]))
     title = "goals"
@@ -179,19 +216,47 @@ def _mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.1f}"
 
 
+def keep_freed_memory() -> str:
+    """Makes glibc's malloc serve large tensors from memory it keeps, in this process and the ones it spawns.
+
+    By default glibc maps every allocation above a threshold that adapts to the sizes freed so far
+    (128 KiB at start, at most 32 MiB) freshly from the kernel and unmaps it when freed, so a `[256,
+    8192]` float32 tensor costs 2048 page faults (on this VM about 2 us each: ~4 ms per 8 MiB, more than
+    most of the ops on it) or none, depending on what the process freed before. That made the same
+    call's time depend on the run's history. With both thresholds at 1 GiB freed memory is reused, as
+    CUDA's caching allocator does on a GPU. Returns what was set (empty on a C library without mallopt).
+    """
+    for name, (_, value) in MALLOPT.items():
+        os.environ[f"MALLOC_{name[2:]}_"] = str(value)  # read by spawned processes at start-up
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        if not all(libc.mallopt(code, ctypes.c_int(value)) for code, value in MALLOPT.values()):
+            return ""
+    except (OSError, AttributeError):
+        return ""
+    return ", ".join(f"{name}={value}" for name, (_, value) in MALLOPT.items())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="Small sizes (about 15 s on 2 idle cores).")
+    parser.add_argument("--quick", action="store_true", help="Small sizes (about 30 s on 2 idle cores).")
     parser.add_argument("--out", default=str(Path(__file__).with_name("results.json")), help="Where to write the JSON.")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch CPU threads of the single-process case (default 1: on a shared machine, intra-op threads "
         "that lose their core stall each other and swamp the ratios; multi-process ranks always use 1).",
     )
+    parser.add_argument(
+        "--default-malloc", action="store_true",
+        help="Leave glibc's malloc thresholds alone (by default freed memory is kept for reuse, so that large "
+        "tensors do not pay page faults that depend on the run's history; see keep_freed_memory).",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    malloc = "default" if args.default_malloc else keep_freed_memory() or "default (no mallopt)"
     mode = "quick" if args.quick else "full"
-    result = {"mode": mode, "sizes": SIZES[mode], "environment": environment(), "command": " ".join(sys.argv)}
+    result = {"mode": mode, "sizes": SIZES[mode], "environment": {**environment(), "malloc": malloc},
+              "command": " ".join(sys.argv)}
     result.update(run_cases(SIZES[mode]))
     result["goals"] = goals(result["cases"])
     print(format_report(result))

@@ -11,7 +11,7 @@ with like. Written from the formulas, not from verl's code. Assumes at least one
 """
 
 import math
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -28,10 +28,40 @@ def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = No
     return product.sum() if dim is None else product.sum(dim=dim)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
-    """`masked_sum / (number of mask entries + 1e-8)`, over `dim` (all elements when None)."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None,
+                summed: Callable = masked_sum) -> torch.Tensor:
+    """`summed(values, mask, dim) / (number of mask entries + 1e-8)`, over `dim` (all elements when None)."""
     count = mask.sum() if dim is None else mask.sum(dim=dim)
-    return masked_sum(values, mask, dim) / (count + EPS)
+    return summed(values, mask, dim) / (count + EPS)
+
+
+class ValidInputs(NamedTuple):
+    """The log-probs in the compute dtype, zeroed where a token is not valid, and the validity masks."""
+
+    old: torch.Tensor
+    rollout: torch.Tensor
+    valid_bool: torch.Tensor
+    valid: torch.Tensor
+    """`valid_bool` in the compute dtype."""
+    nonempty: torch.Tensor
+    """`[b]`: rows with a valid token."""
+    nonfinite_count: torch.Tensor
+    """Marked tokens dropped for a NaN/inf log-prob."""
+
+
+def valid_inputs(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
+                 response_mask: torch.Tensor) -> ValidInputs:
+    """What both baselines add to verl in the package's contract: float64 computation when a log-prob is
+    float64 (float32 otherwise), and marked tokens with a non-finite log-prob dropped and counted."""
+    dtype = torch.float64 if torch.float64 in (old_log_prob.dtype, rollout_log_prob.dtype) else torch.float32
+    old, rollout = old_log_prob.to(dtype), rollout_log_prob.to(dtype)
+    marked = response_mask != 0
+    finite = torch.isfinite(old) & torch.isfinite(rollout)
+    valid_bool = marked & finite
+    valid = valid_bool.to(dtype)
+    return ValidInputs(torch.where(valid_bool, old, torch.zeros_like(old)),
+                       torch.where(valid_bool, rollout, torch.zeros_like(rollout)),
+                       valid_bool, valid, valid.sum(dim=-1) > 0, (marked & ~finite).sum())
 
 
 def verl_style_rollout_is(
@@ -55,17 +85,10 @@ def verl_style_rollout_is(
         upper: upper threshold; `lower` defaults to `1 / upper`.
         veto: per-token veto ratio, or None.
     """
-    dtype = torch.float64 if torch.float64 in (old_log_prob.dtype, rollout_log_prob.dtype) else torch.float32
     lower = 1.0 / upper if lower is None else lower
-    old, rollout = old_log_prob.to(dtype), rollout_log_prob.to(dtype)
-    marked = response_mask != 0
-    finite = torch.isfinite(old) & torch.isfinite(rollout)
-    nonfinite_count = (marked & ~finite).sum()
-    valid_bool = marked & finite
-    valid = valid_bool.to(dtype)
-    old = torch.where(valid_bool, old, torch.zeros_like(old))
-    rollout = torch.where(valid_bool, rollout, torch.zeros_like(rollout))
-    nonempty = valid.sum(dim=-1) > 0
+    old, rollout, valid_bool, valid, nonempty, nonfinite_count = valid_inputs(old_log_prob, rollout_log_prob,
+                                                                              response_mask)
+    dtype = old.dtype
 
     log_ratio = old - rollout
     if level == "token":
@@ -100,9 +123,9 @@ def verl_style_rollout_is(
         metrics["rollout_is_clipped_fraction"] = masked_mean(1 - keep, valid).item()
         sequence_clipped = ((keep == 0) & valid_bool).any(dim=-1)
         metrics["rollout_is_seq_clipped_fraction"] = sequence_clipped[nonempty].float().mean().item()
-        # verl 0.6.0's own names for the same two shares.
-        metrics["rollout_is_masked_fraction"] = masked_mean(1 - keep, valid).item()
-        metrics["rollout_is_seq_masked_fraction"] = sequence_clipped[nonempty].float().mean().item()
+        # verl 0.6.0's own names for the same two shares (the package reports both).
+        metrics["rollout_is_masked_fraction"] = metrics["rollout_is_clipped_fraction"]
+        metrics["rollout_is_seq_masked_fraction"] = metrics["rollout_is_seq_clipped_fraction"]
         bounded = weights * keep
     if veto is not None:
         bounded = bounded * veto_mask
@@ -144,11 +167,7 @@ def _weight_metrics(weights, metric_log, valid, valid_bool, nonempty, level, upp
     metrics["rollout_is_eff_sample_size"] = (1.0 / masked_mean(normalized.square(), valid)).item()
 
     sequence_means = masked_mean(weights, valid, dim=-1)[nonempty]
-    metrics["rollout_is_seq_mean"] = sequence_means.mean().item()
-    metrics["rollout_is_seq_std"] = sequence_means.std().item() if sequence_means.numel() > 1 else 0.0
-    metrics["rollout_is_seq_max"] = sequence_means.max().item()
-    metrics["rollout_is_seq_min"] = sequence_means.min().item()
-    metrics["rollout_is_seq_max_deviation"] = (sequence_means - 1.0).abs().max().item()
+    metrics.update(sequence_mean_metrics(sequence_means))
     metrics["rollout_is_seq_fraction_high"] = (sequence_means > upper).float().mean().item()
     metrics["rollout_is_seq_fraction_low"] = (sequence_means < lower).float().mean().item()
 
@@ -156,6 +175,18 @@ def _weight_metrics(weights, metric_log, valid, valid_bool, nonempty, level, upp
     for name, q in PERCENTILES.items():
         metrics[name] = torch.quantile(flat, q).item()
     return metrics
+
+
+def sequence_mean_metrics(sequence_means: torch.Tensor) -> dict:
+    """`rollout_is_seq_mean/_std/_max/_min/_max_deviation` of the row-mean weights of the non-empty rows
+    (both verl versions define them alike; std unbiased, 0 for one row)."""
+    return {
+        "rollout_is_seq_mean": sequence_means.mean().item(),
+        "rollout_is_seq_std": sequence_means.std().item() if sequence_means.numel() > 1 else 0.0,
+        "rollout_is_seq_max": sequence_means.max().item(),
+        "rollout_is_seq_min": sequence_means.min().item(),
+        "rollout_is_seq_max_deviation": (sequence_means - 1.0).abs().max().item(),
+    }
 
 
 def _mismatch_metrics(old, rollout, log_ratio, valid, nonempty) -> dict[str, float]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_rollout_is.config import PRESETS
+
 REPO = Path(__file__).resolve().parents[1]
 
 WEIGHT_KEYS = ("time_ratio", "time_ratio_of_minimums", "memory_ratio")
@@ -52,6 +54,10 @@ def test_every_case_reports_every_ratio(results):
     assert [r["tp"] for r in cases["vocab_parallel"]] == [1, 2]
     for row in cases["vocab_parallel"]:
         _positive_finite(row, TP_KEYS)
+    assert {preset for row in cases["correction"] for preset in row["presets"]} == set(PRESETS)
+    assert any(not row["presets"] for row in cases["correction"])  # this project's extensions
+    for row in cases["correction"]:
+        _positive_finite(row, WEIGHT_KEYS)
     assert cases["demo"]
     for row in cases["demo"]:
         _positive_finite(row, DEMO_KEYS)
@@ -60,6 +66,15 @@ def test_every_case_reports_every_ratio(results):
 
 def test_verl_style_baseline_agrees_with_the_package(results):
     for row in results["cases"]["weights"]:
+        assert row["agreement_float64"]["weight_max_abs_diff"] <= 1e-12, row
+        assert row["agreement_float64"]["metric_max_rel_diff"] <= 1e-6, row
+        assert row["agreement_float32"]["weight_max_abs_diff"] <= 1e-5, row
+
+
+def test_verl_head_style_baseline_agrees_with_the_package(results):
+    for row in results["cases"]["correction"]:
+        for check in ("agreement_float64", "agreement_float32"):
+            assert row[check]["mask_entries_differing"] == 0, row
         assert row["agreement_float64"]["weight_max_abs_diff"] <= 1e-12, row
         assert row["agreement_float64"]["metric_max_rel_diff"] <= 1e-6, row
         assert row["agreement_float32"]["weight_max_abs_diff"] <= 1e-5, row
