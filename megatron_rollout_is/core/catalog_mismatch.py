@@ -175,7 +175,7 @@ def perplexity_metrics(prefix: str, with_rollout: bool = True) -> list:
     if not with_rollout:
         return training
     kl = SequenceStat("neg_log_ratio", lambda q: -q.log_ratio_sum)
-    k3 = TokenStat("k3", lambda t: t.on_valid(t.k3_metric))
+    k3 = TokenStat("k3", lambda t: t.k3_metric)  # 0 on invalid tokens: their log ratio is 0
     diff, diff_max, diff_min = (seq("log_ppl_diff", lambda q: q.log_ppl_diff),
                                 seq("log_ppl_diff_max", lambda q: q.log_ppl_diff, "max"),
                                 seq("log_ppl_diff_min", lambda q: q.log_ppl_diff, "min"))

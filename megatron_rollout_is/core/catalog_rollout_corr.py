@@ -20,7 +20,7 @@ def offpolicy_metrics(with_rollout: bool = True) -> list:
     metrics = perplexity_metrics("", with_rollout)
     if not with_rollout:
         return metrics
-    chi2_token = TokenStat("chi2_token", lambda t: t.on_valid(t.raw_weight.square()))
+    chi2_token = TokenStat("chi2_token", lambda t: t.on_valid(t.raw_weight).square())
     chi2_seq = SequenceStat("chi2_seq", lambda q: (2.0 * q.log_ratio_sum.clamp(-SAFETY_BOUND, SAFETY_BOUND)).exp())
     return metrics + [
         metric("chi2_token", "mm(exp(2 clamp(lr, -B, B))) - 1", lambda r: r.token_mean("chi2_token") - 1.0,
@@ -60,23 +60,22 @@ def _row_distribution(prefix: str, value, columns: tuple, upper: float, lower, c
 def _token_weight_stats(spec: WeightSpec) -> dict:
     upper, lower = spec.upper, spec.lower
     if spec.level == "token":
-        def raw(t):
-            return t.valid_values(t.raw_weight)
-
+        # [b, s] terms with neutral values on invalid tokens (no gather of the valid ones); a bounded
+        # weight never leaves [0, upper], so clamp(w, 0, upper) is w itself.
         def bounded(t):
-            return t.valid_values(t.bounded_weight)
+            return t.on_valid(t.bounded_weight)
 
-        def clamped(t):
-            return t.memo("is:wc", lambda: bounded(t).double().clamp(0.0, upper))
+        def square(t):
+            return t.memo("is:w2", lambda: bounded(t).square())
 
         return {
             "w": TokenStat("is:w", bounded),
-            "w2": TokenStat("is:w2", lambda t: clamped(t).square()),
-            "wc": TokenStat("is:wc", clamped),
-            "high": TokenStat("is:high", lambda t: raw(t) > upper),
-            "low": TokenStat("is:low", lambda t: raw(t) < lower),
-            "max": TokenStat("is:max", bounded, "max"),
-            "min": TokenStat("is:min", bounded, "min"),
+            "w2": TokenStat("is:w2", square),
+            "wc": TokenStat("is:wc", bounded),
+            "high": TokenStat("is:high", lambda t: (t.raw_weight > upper) & t.valid),
+            "low": TokenStat("is:low", lambda t: (t.raw_weight < lower) & t.valid),
+            "max": TokenStat("is:max", lambda t: t.neutral(t.bounded_weight, "max"), "max"),
+            "min": TokenStat("is:min", lambda t: t.neutral(t.bounded_weight, "min"), "min"),
         }
     log_upper, log_lower = math.log(upper), math.log(lower)
     return {
@@ -143,8 +142,7 @@ def is_metrics(spec: WeightSpec) -> list:
 
 def _oob_stat(spec: WeightSpec):
     if spec.level == "token":
-        return TokenStat("is:oob", lambda t: (t.valid_values(t.raw_weight) < spec.lower)
-                         | (t.valid_values(t.raw_weight) > spec.upper))
+        return TokenStat("is:oob", lambda t: ((t.raw_weight < spec.lower) | (t.raw_weight > spec.upper)) & t.valid)
     return SequenceStat("is:oob", lambda q: (q.raw_weight < spec.lower) | (q.raw_weight > spec.upper), per_token=True)
 
 
@@ -153,23 +151,28 @@ def _criterion_token_stats(criterion: Criterion, prefix: str) -> dict:
     high, low = criterion.upper, criterion.lower
     floor = low if low is not None else 0.0
     if not criterion.per_sequence:
+        # Divergences are 0 on invalid tokens (their log ratio is 0): sums need no masking, and the
+        # clamped value neither when 0 lies in [floor, high].
         def values(t):
-            return t.valid_values(t.divergence(criterion.divergence))
+            return t.divergence(criterion.divergence)
 
         def clamped(t):
-            return t.memo(f"{prefix}:c", lambda: values(t).double().clamp(floor, high))
+            def compute():
+                c = values(t).clamp(floor, high)
+                return c if floor <= 0.0 <= high else t.on_valid(c)
+            return t.memo(f"{prefix}:c", compute)
 
         stats = {
             "sum": TokenStat(f"{prefix}:t_sum", values),
             "c": TokenStat(f"{prefix}:t_c", clamped),
             "c2": TokenStat(f"{prefix}:t_c2", lambda t: clamped(t).square()),
-            "max": TokenStat(f"{prefix}:t_max", values, "max"),
-            "min": TokenStat(f"{prefix}:t_min", values, "min"),
-            "high": TokenStat(f"{prefix}:t_high", lambda t: values(t) > high),
+            "max": TokenStat(f"{prefix}:t_max", lambda t: t.neutral(values(t), "max"), "max"),
+            "min": TokenStat(f"{prefix}:t_min", lambda t: t.neutral(values(t), "min"), "min"),
+            "high": TokenStat(f"{prefix}:t_high", lambda t: (values(t) > high) & t.valid),
             "rejected": TokenStat(f"{prefix}:t_rejected", lambda t: ~t.criterion_keep(criterion) & t.valid),
         }
         if low is not None:
-            stats["low"] = TokenStat(f"{prefix}:t_low", lambda t: values(t) < low)
+            stats["low"] = TokenStat(f"{prefix}:t_low", lambda t: (values(t) < low) & t.valid)
         return stats
     columns = (criterion_column(criterion),)
 

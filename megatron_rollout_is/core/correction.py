@@ -79,12 +79,15 @@ def correct_micro_batch(
     spec = plan.weights
     if spec is None:
         return Correction(None, keep)
-    if spec.level == "token":
-        weights = terms.bounded_weight
+    if spec.level == "token" and sequences.not_vetoed is None:
+        weights = terms.on_valid(terms.bounded_weight)  # shared with the statistics that read it
     else:
-        weights = sequences.bounded_weight.unsqueeze(1).expand_as(shard.log_ratio)
-    valid = shard.valid if sequences.not_vetoed is None else shard.valid & sequences.not_vetoed.unsqueeze(1)
-    weights = torch.where(valid, weights, 0.0)
+        if spec.level == "token":
+            weights = terms.bounded_weight
+        else:
+            weights = sequences.bounded_weight.unsqueeze(1).expand_as(shard.log_ratio)
+        valid = shard.valid if sequences.not_vetoed is None else shard.valid & sequences.not_vetoed.unsqueeze(1)
+        weights = torch.where(valid, weights, 0.0)
     if spec.batch_normalize:
         factor = batch_norm_factor(weights, shard.valid, sequences, normalize_over, owns_sequences)
         statistics.record_batch_norm_factor(factor)

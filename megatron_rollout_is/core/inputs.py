@@ -21,7 +21,8 @@ class TokenShard(NamedTuple):
     valid: torch.Tensor
     """`[b, s]` bool: marked valid by the mask and both log-probs finite."""
     nonfinite: torch.Tensor
-    """`[b, s]` bool: marked valid by the mask but a log-prob is NaN or infinite."""
+    """`[b, s]` bool: marked valid by the mask but a log-prob is NaN or infinite (an empty tensor
+    when there is none)."""
     old_log_prob: torch.Tensor
     """`[b, s]` old log-probs, 0 where not valid."""
 
@@ -80,6 +81,11 @@ def prepare_shard(
     log_ratio = old - rollout_log_prob.detach().to(dtype)
     marked = response_mask.detach()
     marked = marked if marked.dtype == torch.bool else marked != 0
+    marked_log_ratio = torch.where(marked, log_ratio, 0.0)
+    # A NaN or infinite log ratio on a marked token makes the sum non-finite: one cheap reduction
+    # spares the per-token test in the usual case (an overflowing sum only takes the slow path).
+    if bool(torch.isfinite(marked_log_ratio.sum())):
+        return TokenShard(marked_log_ratio, marked, marked.new_zeros(0), torch.where(marked, old, 0.0))
     valid = marked & torch.isfinite(log_ratio)
     nonfinite = marked ^ valid  # valid is the finite part of marked
     return TokenShard(torch.where(valid, log_ratio, 0.0), valid, nonfinite, torch.where(valid, old, 0.0))

@@ -6,6 +6,7 @@ that share the sequences) give `SequenceTerms`. Both compute each quantity once,
 plan pays only for what its weights, criteria and metrics read.
 """
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Optional
@@ -76,6 +77,7 @@ class TokenTerms:
         self.log_ratio = shard.log_ratio
         self._divergences = {}
         self._gathered = {}
+        self._keeps = {}
         self._memo = {}
 
     @cached_property
@@ -106,7 +108,9 @@ class TokenTerms:
 
     def criterion_keep(self, criterion: Criterion) -> torch.Tensor:
         """Token criterion: where a token passes it (bool `[b, s]`, meaningful on valid tokens)."""
-        return within(self.divergence(criterion.divergence), criterion)
+        if criterion not in self._keeps:
+            self._keeps[criterion] = within(self.divergence(criterion.divergence), criterion)
+        return self._keeps[criterion]
 
     @cached_property
     def token_rejected(self) -> torch.Tensor:
@@ -117,14 +121,23 @@ class TokenTerms:
         return rejected & self.valid
 
     def on_valid(self, term: torch.Tensor) -> torch.Tensor:
-        """`term` where a token is valid, 0 elsewhere."""
-        return torch.where(self.valid, term, 0.0)
+        """`term` where a token is valid, 0 elsewhere (once per term)."""
+        return self.neutral(term, "sum")
+
+    def neutral(self, term: torch.Tensor, op: str) -> torch.Tensor:
+        """`term` where a token is valid and the neutral value of `op` elsewhere (0 for `sum`, -inf
+        for `max`, +inf for `min`), computed once per term and op: a `[b, s]` statistic then needs
+        no gather of the valid tokens."""
+        return self._once(("neutral", id(term), op), term,
+                          lambda: torch.where(self.valid, term, {"sum": 0.0, "max": -math.inf, "min": math.inf}[op]))
 
     def valid_values(self, term: torch.Tensor) -> torch.Tensor:
         """The values of `term` on valid tokens (1-D), gathered once per term."""
-        key = id(term)
+        return self._once(("gathered", id(term)), term, lambda: torch.masked_select(term, self.valid))
+
+    def _once(self, key, term: torch.Tensor, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self._gathered:
-            self._gathered[key] = (term, term[self.valid])  # the term is held so that its id stays unique
+            self._gathered[key] = (term, compute())  # the term is held so that its id stays unique
         return self._gathered[key][1]
 
     def memo(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
