@@ -202,11 +202,16 @@ def _extreme(values: torch.Tensor, op: str) -> torch.Tensor:
     return (values.amax() if op == "max" else -values.amin()).double()
 
 
+SMALL_TERM = 1 << 16
+"""Below this many values a term's float64 sum is one op: there the number of ops is the cost."""
+
+
 def _total(values: torch.Tensor) -> torch.Tensor:
-    """The float64 sum of a token term: exact for a bool term; a float32 `[b, s]` term is summed per
-    row in float32 (torch's vectorised cascade sum: error ~eps * log2(s) relative) and the rows in
-    float64, several times faster than accumulating every token in float64."""
-    if values.dtype == torch.float64 or (values.dim() < 2 and values.dtype != torch.bool):
+    """The float64 sum of a token term: exact for a bool term; a large float32 `[b, s]` term is
+    summed per row in float32 (torch's vectorised cascade sum: error ~eps * log2(s) relative) and the
+    rows in float64, several times faster than accumulating every token in float64."""
+    small = values.numel() < SMALL_TERM
+    if small or values.dtype == torch.float64 or (values.dim() < 2 and values.dtype != torch.bool):
         return values.sum(dtype=torch.float64)
     return _row_sums(values.reshape(1, -1) if values.dim() < 2 else values).sum(dtype=torch.float64)
 
