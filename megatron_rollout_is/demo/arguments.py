@@ -35,6 +35,16 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         description="GRPO on Megatron-Core's GPTModel with an embedded bf16 rollout engine and rollout IS.",
         formatter_class=_DemoHelpFormatter,
     )
+    # Help lists the groups in the order they are added.
+    for add_group in (_add_layout_args, _add_model_args, _add_task_args, _add_optimisation_args,
+                      _add_rollout_engine_args, _add_checkpoint_args, _add_logging_args, _add_process_args,
+                      _add_fault_injection_args):
+        add_group(parser)
+    add_rollout_is_args(parser)
+    return parser
+
+
+def _add_layout_args(parser: argparse.ArgumentParser) -> None:
     layout = parser.add_argument_group("parallel layout")
     layout.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size.")
     layout.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size.")
@@ -45,18 +55,24 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     layout.add_argument("--packed", action="store_true",
                         help="THD micro-batches: documents packed with cu_seqlens, each split over CP ranks.")
 
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--num-layers", type=int, default=2, help="Transformer layers.")
     model.add_argument("--hidden-size", type=int, default=64, help="Model width.")
     model.add_argument("--num-attention-heads", type=int, default=4, help="Attention heads.")
     model.add_argument("--num-query-groups", type=int, default=None, help="GQA query groups; None: one per head.")
 
+
+def _add_task_args(parser: argparse.ArgumentParser) -> None:
     task = parser.add_argument_group("task: reverse a digit string")
     task.add_argument("--min-digits", type=int, default=3, help="Shortest digit string.")
     task.add_argument("--max-digits", type=int, default=3, help="Longest digit string.")
     task.add_argument("--num-symbols", type=int, default=10, help="Size of the digit alphabet.")
     task.add_argument("--group-size", type=int, default=8, help="GRPO samples per prompt.")
 
+
+def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train-iters", type=int, default=400, help="Training steps (one rollout batch each).")
     optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (constant).")
@@ -68,6 +84,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     optim.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip (pi_theta / pi_old).")
     optim.add_argument("--seed", type=int, default=1234, help="Weights, prompts and sampling.")
 
+
+def _add_rollout_engine_args(parser: argparse.ArgumentParser) -> None:
     rollout = parser.add_argument_group("rollout engine")
     rollout.add_argument("--rollout-noise", type=float, default=0.0,
                          help="Std of Gaussian noise added to every rollout logit (0: bf16 mismatch only).")
@@ -78,6 +96,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                          help="Greedy noise-free fp32 reward on fixed prompts every N steps (0: never).")
     rollout.add_argument("--eval-prompts", type=int, default=128, help="Fixed prompts of the greedy eval.")
 
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     ckpt = parser.add_argument_group("checkpointing (megatron.core dist_checkpointing)")
     ckpt.add_argument("--save", default=None, metavar="DIR", help="Checkpoint directory to write.")
     ckpt.add_argument("--load", default=None, metavar="DIR",
@@ -86,17 +106,24 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     ckpt.add_argument("--ckpt-step", type=int, default=None,
                       help="Load this step's checkpoint instead of the latest one.")
 
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     logs = parser.add_argument_group("logging")
     logs.add_argument("--output-dir", default="demo_output", help="metrics.jsonl (one line per step) goes here.")
     logs.add_argument("--tensorboard-dir", default=None, help="TensorBoard event files; None: <output-dir>/tensorboard.")
     logs.add_argument("--plot", default=None, metavar="PNG|none", help="Training plot (PNG) or none; None: <output-dir>/training.png.")
     logs.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
+
+
+def _add_process_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads per process on CPU (tiny models: extra threads only spin).")
     parser.add_argument("--distributed-timeout-minutes", type=float, default=10.0, metavar="MINUTES",
                         help="Timeout of every collective (fractions allowed): a rank stuck waiting on a peer "
                              "that died fails after this long instead of hanging.")
 
+
+def _add_fault_injection_args(parser: argparse.ArgumentParser) -> None:
     faults = parser.add_argument_group("fault injection (testing)")
     faults.add_argument("--inject-nonfinite-rollout-step", type=int, default=0, metavar="N",
                         help="At step N, one response token's rollout log-prob becomes NaN and another's +inf, on "
@@ -107,8 +134,6 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                              "0: never.")
     faults.add_argument("--inject-is-fault-rank", type=int, default=0, metavar="R",
                         help="Global rank of --inject-is-fault-step (a rank of the last pipeline stage).")
-    add_rollout_is_args(parser)
-    return parser
 
 
 def world_size_from_env() -> int:
