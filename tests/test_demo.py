@@ -209,3 +209,44 @@ def test_reverse_task_targets_rewards_and_grpo_advantages():
     assert advantages.tolist() == pytest.approx(expected)
     with pytest.raises(ValueError, match="--group-size"):
         grpo_advantages(rewards, group_size=4)
+
+
+def test_count_task_judges_each_token_against_the_one_before():
+    from megatron_rollout_is.demo.task import BOS, EOS, EQUALS, FIRST_SYMBOL as D, PAD, CountTask, make_task
+
+    task = CountTask(length=4, num_symbols=10)
+    assert (task.prompt_len, task.response_len, task.sequence_len) == (3, 5, 8)
+    prompts = torch.tensor([[BOS, D + 8, EQUALS]] * 5)
+    lengths = torch.full((5,), 3)
+    assert task.targets(prompts, lengths)[0].tolist() == [D + 9, D + 0, D + 1, D + 2, EOS]
+    responses = torch.tensor([
+        [D + 9, D + 0, D + 1, D + 2, EOS],   # right
+        [D + 9, D + 5, D + 6, D + 7, EOS],   # one slip, then counting on from it: 4 of 5
+        [D + 9, D + 0, EOS, PAD, PAD],       # stops early: PAD after PAD is not counting
+        [D + 9, D + 0, D + 1, D + 2, D + 3],  # no EOS at the end
+        [EOS, PAD, PAD, PAD, PAD],
+    ])
+    assert task.rewards(responses, prompts, lengths).tolist() == pytest.approx([1.0, 0.8, 0.4, 0.8, 0.0])
+    sampled, sampled_lengths = task.sample_prompts(64, torch.Generator().manual_seed(0))
+    assert (sampled[:, 0] == BOS).all() and (sampled[:, 2] == EQUALS).all() and (sampled_lengths == 3).all()
+    assert set((sampled[:, 1] - D).tolist()) == set(range(10))
+    assert task.rewards(task.targets(sampled, sampled_lengths), sampled, sampled_lengths).eq(1).all()
+    assert make_task("count", response_tokens=7).response_len == 8
+    with pytest.raises(ValueError, match="--response-tokens"):
+        make_task("count", response_tokens=0)
+    with pytest.raises(ValueError, match="--task"):
+        make_task("sort")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--top-p", "0"], "--top-p"),
+    (["--top-k", "-2"], "--top-k"),
+    (["--temperature", "0"], "--temperature"),
+    (["--rollout-staleness", "-1"], "--rollout-staleness"),
+    (["--task", "count", "--response-tokens", "0"], "--response-tokens"),
+])
+def test_demo_mismatch_flags_fail_at_parse_time(flags, named):
+    from megatron_rollout_is.demo.arguments import build_parser, validate_args
+
+    with pytest.raises(ValueError, match=named):
+        validate_args(build_parser().parse_args(flags), world_size=1)

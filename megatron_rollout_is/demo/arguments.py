@@ -14,7 +14,8 @@ import torch
 
 from ..config import RolloutISConfig
 from ..integration.arguments import add_rollout_is_args, rollout_is_config_from_args
-from .task import ReverseTask
+from .generator import LOGPROBS_MODES, QUANTIZATION_SCHEMES, SamplingParams
+from .task import TASKS, make_task
 
 
 class _DemoHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -65,9 +66,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_task_args(parser: argparse.ArgumentParser) -> None:
-    task = parser.add_argument_group("task: reverse a digit string")
-    task.add_argument("--min-digits", type=int, default=3, help="Shortest digit string.")
-    task.add_argument("--max-digits", type=int, default=3, help="Longest digit string.")
+    task = parser.add_argument_group("task")
+    task.add_argument("--task", choices=TASKS, default="reverse",
+                      help="reverse: reverse a short digit string (responses of --max-digits + 1 tokens); count: "
+                           "count up from a digit for --response-tokens symbols (long responses).")
+    task.add_argument("--min-digits", type=int, default=3, help="Shortest digit string (reverse).")
+    task.add_argument("--max-digits", type=int, default=3, help="Longest digit string (reverse).")
+    task.add_argument("--response-tokens", type=int, default=256, help="Symbols of the correct answer (count).")
     task.add_argument("--num-symbols", type=int, default=10, help="Size of the digit alphabet.")
     task.add_argument("--group-size", type=int, default=8, help="GRPO samples per prompt.")
 
@@ -92,6 +97,23 @@ def _add_rollout_engine_args(parser: argparse.ArgumentParser) -> None:
     rollout.add_argument("--rollout-dtype", choices=("bf16", "fp32"), default="bf16",
                          help="Engine precision (fp32: no mismatch but the injected noise).")
     rollout.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (trainer too).")
+    rollout.add_argument("--top-k", type=int, default=0,
+                         help="Engine samples from the k most likely tokens (ties with the k-th kept; vLLM's rule); "
+                              "the trainer still scores the full vocabulary. 0: off.")
+    rollout.add_argument("--top-p", type=float, default=1.0,
+                         help="Engine samples from the smallest head of mass >= p (after --top-k; vLLM's rule); "
+                              "the trainer still scores the full vocabulary. 1: off.")
+    rollout.add_argument("--rollout-logprobs-mode", choices=LOGPROBS_MODES, default="processed_logprobs",
+                         help="Rollout log-prob the engine reports (vLLM's logprobs_mode): processed_logprobs is "
+                              "renormalised over what --top-k/--top-p kept (biased by -log(kept mass)); "
+                              "raw_logprobs is the unfiltered log-prob before the temperature.")
+    rollout.add_argument("--rollout-staleness", type=int, default=0, metavar="K",
+                         help="Engine samples with the weights of K optimizer steps ago while pi_old is scored at "
+                              "the current weights (asynchronous RL); rank 0 keeps K + 1 weight snapshots.")
+    rollout.add_argument("--rollout-quantization", choices=QUANTIZATION_SCHEMES, default="none",
+                         help="Quantised engine: fp8 is W8A8 (decoder weights fp8-e4m3 with one scale per tensor, "
+                              "linear-layer inputs fp8 with one scale per token); int8 rounds the decoder weights "
+                              "to int8 with one scale per output channel. Embeddings and output layer stay bf16.")
     rollout.add_argument("--eval-interval", type=int, default=10,
                          help="Greedy noise-free fp32 reward on fixed prompts every N steps (0: never).")
     rollout.add_argument("--eval-prompts", type=int, default=128, help="Fixed prompts of the greedy eval.")
@@ -149,6 +171,15 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
     Raises:
         ValueError: an impossible layout or value, naming the flag and the fix.
     """
+    args.data_parallel_size = _validate_layout(args, world_size)
+    _validate_training(args)
+    is_config = rollout_is_config_from_args(args)
+    _validate_fault_injection(args, world_size, is_config)
+    return is_config
+
+
+def _validate_layout(args: argparse.Namespace, world_size: int) -> int:
+    """Checks the parallel layout, batch sizes and model shape; returns the data-parallel size."""
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
                         ("--context-parallel-size", cp), ("--micro-batch-size", args.micro_batch_size),
@@ -168,13 +199,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
             f"{args.micro_batch_size} x data-parallel size {dp}; every DP rank needs whole micro-batches."
         )
-    # The task checks its own flags; build it here so a bad value fails before any process group.
-    ReverseTask(args.min_digits, args.max_digits, args.num_symbols)
-    if args.group_size < 2 or args.global_batch_size % args.group_size != 0:
-        raise ValueError(
-            f"--group-size must be >= 2 and divide --global-batch-size {args.global_batch_size}, got "
-            f"{args.group_size} (GRPO standardises rewards within each prompt's group)."
-        )
     if args.num_layers % pp != 0:
         raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
     groups = args.num_query_groups or args.num_attention_heads
@@ -186,8 +210,22 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
     if args.hidden_size % args.num_attention_heads != 0:
         raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
                          f"{args.num_attention_heads}.")
-    if args.rollout_noise < 0 or args.temperature <= 0 or args.lr <= 0:
-        raise ValueError("need --rollout-noise >= 0, --temperature > 0 and --lr > 0.")
+    return dp
+
+
+def _validate_training(args: argparse.Namespace) -> None:
+    """Checks the task, rollout engine, optimisation, eval and timeout flags."""
+    # The task and the sampling parameters check their own flags; build them here so a bad value
+    # fails before any process group.
+    make_task(args.task, args.min_digits, args.max_digits, args.num_symbols, args.response_tokens)
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.rollout_logprobs_mode)
+    if args.group_size < 2 or args.global_batch_size % args.group_size != 0:
+        raise ValueError(
+            f"--group-size must be >= 2 and divide --global-batch-size {args.global_batch_size}, got "
+            f"{args.group_size} (GRPO standardises rewards within each prompt's group)."
+        )
+    if args.rollout_noise < 0 or args.rollout_staleness < 0 or args.lr <= 0:
+        raise ValueError("need --rollout-noise >= 0, --rollout-staleness >= 0 and --lr > 0.")
     if args.clip_grad > 0 and not torch.cuda.is_available():
         raise ValueError("--clip-grad > 0 needs CUDA (megatron's clip_grads asserts CUDA tensors); use 0 on CPU.")
     if args.save_interval < 0 or args.eval_interval < 0:
@@ -196,10 +234,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
         raise ValueError(f"--eval-prompts must be >= 1 with --eval-interval {args.eval_interval} (0 turns eval off).")
     if not args.distributed_timeout_minutes > 0:
         raise ValueError(f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes}.")
-    args.data_parallel_size = dp
-    is_config = rollout_is_config_from_args(args)
-    _validate_fault_injection(args, world_size, is_config)
-    return is_config
 
 
 def _validate_fault_injection(args: argparse.Namespace, world_size: int, is_config: RolloutISConfig) -> None:
