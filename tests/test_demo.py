@@ -158,34 +158,6 @@ def test_torchrun_cp2_packed_matches_single_process_and_its_dumps(single_process
             assert records[1][name] == pytest.approx(single[name], rel=STEP_1_TOLERANCE, abs=1e-6), name
 
 
-def test_compare_tables_and_plots_synthetic_runs(tmp_path):
-    from megatron_rollout_is.demo import compare
-
-    def records(rise, kl):
-        rows = []
-        for step in range(1, 41):
-            row = {"step": step, "reward/mean": min(1.0, rise * step), "mismatch/mismatch_kl": kl,
-                   "mismatch/rollout_is_eff_sample_size": 0.9, "mismatch/rollout_is_mean": 1.0,
-                   "mismatch/rollout_is_veto_fraction": 0.0, "mismatch/rollout_is_ratio_fraction_high": 0.1}
-            if step % 20 == 0:
-                row["eval/greedy_reward"] = min(1.0, rise * step * 1.1)
-            rows.append(row)
-        return rows
-
-    runs = {"uncorrected": {1: records(0.025, 0.2), 2: records(0.05, 0.1)}, "sequence IS": {1: records(0.01, 0.3)}}
-    summary = compare.summarize(runs, tail=10)
-    assert summary["uncorrected"]["per_seed"][2]["first_step_greedy_ge_0.9"] == 20
-    assert summary["uncorrected"]["per_seed"][1]["first_step_greedy_ge_0.9"] == 40
-    assert summary["sequence IS"]["per_seed"][1]["first_step_greedy_ge_0.9"] is None
-    assert summary["uncorrected"]["mean"]["mismatch_kl"] == pytest.approx(0.15)
-    # reward of seed 1 over steps 31-40 is 0.025 * step (< 1).
-    assert summary["uncorrected"]["per_seed"][1]["reward_last"] == pytest.approx(0.025 * 35.5)
-    table = compare.markdown_table(summary, 10, "settings")
-    assert table.count("\n| ") == 3 and "| sequence IS | " in table and "never" in table
-    compare.plot(runs, tmp_path / "comparison.png", "title")
-    assert (tmp_path / "comparison.png").stat().st_size > 10_000
-
-
 def test_reverse_task_targets_rewards_and_grpo_advantages():
     from megatron_rollout_is.demo.task import BOS, EOS, EQUALS, FIRST_SYMBOL as D, PAD, ReverseTask, grpo_advantages
 
