@@ -115,7 +115,8 @@ def _add_rollout_engine_args(parser: argparse.ArgumentParser) -> None:
                               "linear-layer inputs fp8 with one scale per token); int8 rounds the decoder weights "
                               "to int8 with one scale per output channel. Embeddings and output layer stay bf16.")
     rollout.add_argument("--eval-interval", type=int, default=10,
-                         help="Greedy noise-free fp32 reward on fixed prompts every N steps (0: never).")
+                         help="Greedy fp32 reward of the current weights on fixed prompts every N steps, "
+                              "without any rollout mismatch (0: never).")
     rollout.add_argument("--eval-prompts", type=int, default=128, help="Fixed prompts of the greedy eval.")
 
 

@@ -334,7 +334,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         list(pool.map(_train, todo))
     runs = {s: {c: {} for c in args.corrections} for s in args.scenarios}
     for scenario, correction, seed in cells:
-        runs[scenario][correction][seed] = read_metrics(_run_directory(out, scenario, correction, seed) / "metrics.jsonl")
+        directory = _run_directory(out, scenario, correction, seed)
+        runs[scenario][correction][seed] = read_metrics(directory / "metrics.jsonl")
     settings = _settings(args.quick, args.train_iters, args.seeds)
     summary = summarize(runs, tail)
     series = {s: {c: {seed: run_series(records) for seed, records in by_seed.items()}

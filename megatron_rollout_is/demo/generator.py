@@ -354,8 +354,9 @@ class RolloutEngine:
                 break
             slot = prompt_width + step
             attendable[:, slot] = True
-            step_logits = self._forward(tokens.unsqueeze(1).to(self.device), (lengths + step).unsqueeze(1).to(self.device),
-                                        cache, slot, attendable[:, None, :slot + 1].to(self.device))[:, 0].cpu()
+            new_token = (tokens.unsqueeze(1).to(self.device), (lengths + step).unsqueeze(1).to(self.device))
+            step_logits = self._forward(*new_token, cache, slot, attendable[:, None, :slot + 1].to(self.device))
+            step_logits = step_logits[:, 0].cpu()
         return Rollout(responses, log_probs, mask)
 
 

@@ -28,8 +28,29 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+class _SymbolAlphabet:
+    """What both tasks share: the vocabulary (specials + ``num_symbols`` symbols) and the lengths."""
+
+    num_symbols: int
+    prompt_len: int
+    response_len: int
+
+    def _check_alphabet(self) -> None:
+        if self.num_symbols < 2:
+            raise ValueError(f"--num-symbols must be >= 2, got {self.num_symbols}.")
+
+    @property
+    def sequence_len(self) -> int:
+        """Longest prompt + response."""
+        return self.prompt_len + self.response_len
+
+    def vocab_size(self, multiple: int = 1) -> int:
+        """Specials + symbols, rounded up to ``multiple`` (the TP size: the vocab is sharded)."""
+        return round_up(FIRST_SYMBOL + self.num_symbols, multiple)
+
+
 @dataclass(frozen=True)
-class ReverseTask:
+class ReverseTask(_SymbolAlphabet):
     """Reverse ``k`` symbols, ``k`` uniform in ``[min_digits, max_digits]``.
 
     Attributes:
@@ -47,8 +68,7 @@ class ReverseTask:
             raise ValueError(
                 f"need 1 <= --min-digits <= --max-digits, got {self.min_digits} and {self.max_digits}."
             )
-        if self.num_symbols < 2:
-            raise ValueError(f"--num-symbols must be >= 2, got {self.num_symbols}.")
+        self._check_alphabet()
 
     @property
     def prompt_len(self) -> int:
@@ -59,15 +79,6 @@ class ReverseTask:
     def response_len(self) -> int:
         """R: the response budget, the longest answer plus ``EOS``."""
         return self.max_digits + 1
-
-    @property
-    def sequence_len(self) -> int:
-        """Longest prompt + response."""
-        return self.prompt_len + self.response_len
-
-    def vocab_size(self, multiple: int = 1) -> int:
-        """Specials + symbols, rounded up to ``multiple`` (the TP size: the vocab is sharded)."""
-        return round_up(FIRST_SYMBOL + self.num_symbols, multiple)
 
     def sample_prompts(self, num: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
         """``num`` random prompts.
@@ -116,7 +127,7 @@ class ReverseTask:
 
 
 @dataclass(frozen=True)
-class CountTask:
+class CountTask(_SymbolAlphabet):
     """Count up from a random symbol, ``length`` symbols long, then ``EOS``.
 
     Attributes:
@@ -130,8 +141,7 @@ class CountTask:
     def __post_init__(self):
         if self.length < 1:
             raise ValueError(f"--response-tokens must be >= 1, got {self.length}.")
-        if self.num_symbols < 2:
-            raise ValueError(f"--num-symbols must be >= 2, got {self.num_symbols}.")
+        self._check_alphabet()
 
     prompt_len = 3
     """P: ``BOS d =``."""
@@ -140,15 +150,6 @@ class CountTask:
     def response_len(self) -> int:
         """R: ``length`` symbols plus ``EOS``."""
         return self.length + 1
-
-    @property
-    def sequence_len(self) -> int:
-        """Prompt + response."""
-        return self.prompt_len + self.response_len
-
-    def vocab_size(self, multiple: int = 1) -> int:
-        """Specials + symbols, rounded up to ``multiple`` (the TP size)."""
-        return round_up(FIRST_SYMBOL + self.num_symbols, multiple)
 
     def sample_prompts(self, num: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
         """``num`` prompts ``BOS d =`` (int64 ``[num, 3]``) and their lengths (all 3)."""
