@@ -4,7 +4,7 @@
   Markdown tables and the plot.
 * End to end, ``--quick`` on three scenarios x two corrections (real demo runs, a few steps each):
   the JSON, Markdown and PNG, finite metrics in every run, each scenario showing its own mismatch,
-  and a second call reusing the finished runs.
+  and a second call reusing the finished runs (its results written elsewhere with ``--results``).
 """
 
 import json
@@ -61,9 +61,9 @@ def test_summary_tables_and_plot_of_synthetic_runs(tmp_path):
     assert (tmp_path / "study.png").stat().st_size > 20_000
 
 
-def _quick(out):
+def _quick(out, *extra):
     command = [sys.executable, "-m", "megatron_rollout_is.demo.compare", "--quick", "--out", str(out), "--jobs", "2",
-               "--scenarios", "stale", "top-p", "long", "--corrections", "none", "seq-tis"]
+               "--scenarios", "stale", "top-p", "long", "--corrections", "none", "seq-tis", *extra]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
@@ -99,5 +99,7 @@ def test_quick_study_end_to_end(tmp_path):
         assert f"\n| {scenario} | " in table
     assert (tmp_path / "study.png").stat().st_size > 20_000
 
-    second = _quick(tmp_path)
+    second = _quick(tmp_path, "--results", str(tmp_path / "published"))
     assert "6 runs, 6 already finished" in second
+    assert json.loads((tmp_path / "published" / "study.json").read_text())["summary"] == document["summary"]
+    assert (tmp_path / "published" / "study.md").read_text() == table

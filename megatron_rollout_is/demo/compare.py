@@ -3,16 +3,17 @@
 ``python -m megatron_rollout_is.demo.compare --out DIR`` trains the demo (Megatron-Core's GPTModel,
 GRPO, bypass mode: pi_old is the detached current log-prob) once per scenario, correction and seed:
 
-* a **scenario** is one training-inference mismatch of the embedded rollout engine (:data:`SCENARIOS`:
+* a **scenario** is one training-inference mismatch of the embedded rollout engine (``SCENARIOS``:
   bf16 only, zero-mean logit noise, stale weights, top-p with processed log-probs, an fp8 W8A8
   engine, long responses);
-* a **correction** is what the trainer does about it (:data:`CORRECTIONS`: nothing but monitoring,
-  token / sequence / geometric truncated IS); adding one is one entry of demo flags.
+* a **correction** is what the trainer does about it (``CORRECTIONS``: nothing but monitoring,
+  token / sequence / geometric truncated IS, a geometric mask); adding one is one entry of demo flags.
 
 Every run of a cell shares the seed's prompts and initial weights. Finished runs are kept: rerunning
 the command only trains what is missing. Outputs in ``DIR``: ``study.json`` (settings, per-run final
 numbers and per-step series, seed means), ``study.md`` (tables) and ``study.png`` (one row per
-scenario, one column per metric, one line per correction: the seed mean with its min-max band).
+scenario, one column per metric, one line per correction: the seed mean with its min-max band);
+``--results`` puts these three elsewhere (``docs/study`` in the repository).
 ``--quick`` trains a few steps of a tiny batch (a smoke test of the whole pipeline).
 """
 
@@ -295,7 +296,9 @@ def _finite_or_none(value):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m megatron_rollout_is.demo.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="Output directory (runs/, study.json, study.md, study.png).")
+    parser.add_argument("--out", required=True, help="Directory of the runs (DIR/runs/<scenario>__<correction>__seed<N>/).")
+    parser.add_argument("--results", default=None, metavar="DIR",
+                        help="Where study.json, study.md and study.png go; default --out.")
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS),
                         help="Mismatch scenarios to run. " + "; ".join(
                             f"{name}: {arm.description} ({' '.join(arm.flags) or 'no flags'})"
@@ -303,8 +306,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--corrections", nargs="+", choices=list(CORRECTIONS), default=list(DEFAULT_CORRECTIONS),
                         help="Corrections to run (default %(default)s). " + "; ".join(
                             f"{name}: {' '.join(arm.flags)}" for name, arm in CORRECTIONS.items()))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="Seeds (weights, prompts, sampling).")
-    parser.add_argument("--train-iters", type=int, default=150, help="Steps of every run.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                        help="Seeds (weights, prompts, sampling); default %(default)s.")
+    parser.add_argument("--train-iters", type=int, default=200, help="Steps of every run; default %(default)s.")
     parser.add_argument("--tail", type=int, default=None, help="Steps averaged at the start and end; default a fifth.")
     parser.add_argument("--jobs", type=int, default=1,
                         help="Runs at once, one CPU thread each (each process also takes ~0.4 GB).")
@@ -347,11 +351,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         for c in args.corrections},
         "summary": summary, "series": series,
     }
-    (out / "study.json").write_text(json.dumps(_finite_or_none(document), indent=1, allow_nan=False))
-    (out / "study.md").write_text(markdown(summary, args.corrections, tail, settings))
-    plot(series, out / "study.png", settings)
-    print((out / "study.md").read_text())
-    print(f"json: {out / 'study.json'}   plot: {out / 'study.png'}")
+    results = Path(args.results or args.out)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "study.json").write_text(json.dumps(_finite_or_none(document), indent=1, allow_nan=False))
+    (results / "study.md").write_text(markdown(summary, args.corrections, tail, settings))
+    plot(series, results / "study.png", settings)
+    print((results / "study.md").read_text())
+    print(f"json: {results / 'study.json'}   plot: {results / 'study.png'}")
     return 0
 
 
