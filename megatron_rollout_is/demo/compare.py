@@ -130,11 +130,23 @@ def run_series(records: Sequence[dict]) -> Dict[str, list]:
     return series
 
 
+def _quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (as ``torch.quantile``) of the finite values."""
+    ordered = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not ordered:
+        return float("nan")
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 def run_summary(records: Sequence[dict], tail: int) -> Dict[str, float]:
     """One run's numbers: rewards at the end and over the whole run, mismatch early and late.
 
     ``early`` averages the first ``tail`` steps (the mismatch the uncorrected run starts with),
-    ``last`` the last ``tail`` steps.
+    ``last`` the last ``tail`` steps; ``k3_kl_median`` and ``k3_kl_p95`` are quantiles of the
+    per-step k3 over the whole run (a mismatch that comes in bursts has p95 >> median).
     """
     first, last = records[:tail], records[-tail:]
     evals = [r["eval/greedy_reward"] for r in records if "eval/greedy_reward" in r]
@@ -147,6 +159,8 @@ def run_summary(records: Sequence[dict], tail: int) -> Dict[str, float]:
         key = SERIES[name]
         summary[f"{name}_early"] = _mean([r.get(key) for r in first])
         summary[f"{name}_last"] = _mean([r.get(key) for r in last])
+    k3 = [r.get(SERIES["k3_kl"]) for r in records]
+    summary["k3_kl_median"], summary["k3_kl_p95"] = _quantile(k3, 0.5), _quantile(k3, 0.95)
     return summary
 
 
@@ -215,14 +229,16 @@ def markdown(summary: Dict[str, Dict[str, dict]], corrections: Sequence[str], ta
     lines += _pivot(summary, corrections, "greedy_reward_final", "{:.3f}")
     lines += ["", f"What the uncorrected run (`none`) logs, first {tail} steps -> last {tail} steps, and the best "
               f"correction's change of the last-{tail}-step reward against `none` on the same seeds:", "",
-              "| scenario | mismatch_kl (k1) | k3_kl | token IS ESS | IS weight mean | best correction vs none |",
-              "|---|---|---|---|---|---|"]
+              "| scenario | mismatch_kl (k1) | k3_kl | k3_kl per step: median, p95 | token IS ESS | IS weight mean "
+              "| best correction vs none |",
+              "|---|---|---|---|---|---|---|"]
     for scenario, by_correction in summary.items():
         if "none" not in by_correction:
             continue
         mean = by_correction["none"]["mean"]
-        cells = [f"{mean[f'{name}_early']:.4g} -> {mean[f'{name}_last']:.4g}"
-                 for name in ("mismatch_kl", "k3_kl", "ess", "is_mean")]
+        cells = [f"{mean[f'{name}_early']:.3g} -> {mean[f'{name}_last']:.3g}" for name in ("mismatch_kl", "k3_kl")]
+        cells.append(f"{mean['k3_kl_median']:.3g}, {mean['k3_kl_p95']:.3g}")
+        cells += [f"{mean[f'{name}_early']:.3g} -> {mean[f'{name}_last']:.3g}" for name in ("ess", "is_mean")]
         lines.append(f"| {scenario} | " + " | ".join(cells) + f" | {_best_correction(by_correction)} |")
     return "\n".join(lines) + "\n"
 
