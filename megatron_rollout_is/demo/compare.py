@@ -66,8 +66,8 @@ SHARED_FLAGS = ("--rollout-is-bypass", "--no-progress", "--plot", "none", "--cpu
 # --quick: a tiny batch, short long-responses, a handful of steps.
 QUICK_FLAGS = ("--global-batch-size", "16", "--micro-batch-size", "8", "--group-size", "4", "--eval-prompts", "8",
                "--eval-interval", "2", "--response-tokens", "24")
-# Per-step series kept in study.json.
-SERIES = {
+# The metrics the study reads from every run's metrics.jsonl.
+METRICS = {
     "reward": "reward/mean",
     "greedy_reward": "eval/greedy_reward",
     "mismatch_kl": "mismatch/mismatch_kl",
@@ -78,6 +78,8 @@ SERIES = {
     "log_ppl_abs_diff": "mismatch/mismatch_log_ppl_abs_diff",
     "response_length": "response/length_mean",
 }
+# Those kept step by step in study.json (the others only as early/last means).
+PER_STEP = ("reward", "greedy_reward", "mismatch_kl", "k3_kl", "ess", "response_length")
 # Panels of the plot: (title, series, smoothing window, log scale).
 PANELS = (
     ("rollout reward (10-step mean)", "reward", 10, False),
@@ -119,14 +121,14 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _round(value: float) -> Optional[float]:
-    return float(f"{value:.5g}") if value is not None and math.isfinite(value) else None
+    return float(f"{value:.4g}") if value is not None and math.isfinite(value) else None
 
 
 def run_series(records: Sequence[dict]) -> Dict[str, list]:
-    """Per-step series of one run: ``steps`` and, per :data:`SERIES` name, values (None where absent)."""
+    """Per-step series of one run: ``steps`` and, per :data:`PER_STEP` name, values (None where absent)."""
     series = {"steps": [r["step"] for r in records]}
-    for name, key in SERIES.items():
-        series[name] = [_round(r.get(key, float("nan"))) for r in records]
+    for name in PER_STEP:
+        series[name] = [_round(r.get(METRICS[name], float("nan"))) for r in records]
     return series
 
 
@@ -156,10 +158,10 @@ def run_summary(records: Sequence[dict], tail: int) -> Dict[str, float]:
         "greedy_reward_final": evals[-1] if evals else float("nan"),
     }
     for name in ("mismatch_kl", "k3_kl", "ess", "is_mean", "veto_fraction", "log_ppl_abs_diff"):
-        key = SERIES[name]
+        key = METRICS[name]
         summary[f"{name}_early"] = _mean([r.get(key) for r in first])
         summary[f"{name}_last"] = _mean([r.get(key) for r in last])
-    k3 = [r.get(SERIES["k3_kl"]) for r in records]
+    k3 = [r.get(METRICS["k3_kl"]) for r in records]
     summary["k3_kl_median"], summary["k3_kl_p95"] = _quantile(k3, 0.5), _quantile(k3, 0.95)
     return summary
 
@@ -285,7 +287,7 @@ def plot(series: Dict[str, Dict[str, Dict[int, dict]]], path: Path, title: str) 
     figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=72)
 
 
 def _settings(quick: bool, train_iters: int, seeds: Sequence[int]) -> str:
@@ -369,7 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     results = Path(args.results or args.out)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "study.json").write_text(json.dumps(_finite_or_none(document), indent=1, allow_nan=False))
+    # Compact: the per-step series of every run make up most of the file.
+    (results / "study.json").write_text(json.dumps(_finite_or_none(document), separators=(",", ":"), allow_nan=False))
     (results / "study.md").write_text(markdown(summary, args.corrections, tail, settings))
     plot(series, results / "study.png", settings)
     print((results / "study.md").read_text())
