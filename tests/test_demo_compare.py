@@ -64,6 +64,21 @@ def test_summary_tables_and_plot_of_synthetic_runs(tmp_path):
     assert (tmp_path / "study.png").stat().st_size > 20_000
 
 
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_scenario_and_correction_is_a_valid_demo_command(quick, tmp_path):
+    from megatron_rollout_is.demo.arguments import build_parser, validate_args
+
+    for scenario in compare.SCENARIOS:
+        for correction in compare.CORRECTIONS:
+            command = compare.run_command(scenario, correction, 7, tmp_path, 5, quick)
+            assert command[1:3] == ["-m", "megatron_rollout_is.demo"]
+            args = build_parser().parse_args(command[3:])
+            config = validate_args(args, world_size=1)
+            assert (args.seed, args.train_iters, args.output_dir) == (7, 5, str(tmp_path))
+            assert config.enabled and config.applies_weights == (correction != "none"), correction
+            assert args.global_batch_size == (16 if quick else 64)
+
+
 def _quick(out, *extra):
     command = [sys.executable, "-m", "megatron_rollout_is.demo.compare", "--quick", "--out", str(out), "--jobs", "2",
                "--scenarios", "stale", "top-p", "long", "--corrections", "none", "seq-tis", *extra]

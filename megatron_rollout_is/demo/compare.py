@@ -51,7 +51,7 @@ SCENARIOS = {
 CORRECTIONS = {
     "none": Arm("no correction (token-level metrics monitored)",
                 ("--rollout-is-threshold", "2", "--rollout-is-level", "token")),
-    "token-tis": Arm("token-level IS, truncated at 2",
+    "token-tis": Arm("token-level IS, truncated at 2, veto 1e-4",
                      ("--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "token")),
     "seq-tis": Arm("sequence-level IS, truncated at 2, veto 1e-4",
                    ("--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "sequence")),
