@@ -64,6 +64,18 @@ def test_summary_tables_and_plot_of_synthetic_runs(tmp_path):
     assert (tmp_path / "study.png").stat().st_size > 20_000
 
 
+def test_a_finished_run_is_reused_only_with_the_same_flags(tmp_path):
+    command = compare.run_command("stale", "none", 1, tmp_path, 3, quick=False)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": step}) + "\n" for step in (1, 2, 3)))
+    assert not compare._finished(tmp_path, command, 3), "no flags.json: not a run of these flags"
+    (tmp_path / "flags.json").write_text(json.dumps(command[1:]))
+    assert compare._finished(tmp_path, command, 3)
+    assert not compare._finished(tmp_path, command, 4), "stopped early"
+    other = compare.run_command("stale", "token-tis", 1, tmp_path, 3, quick=False)
+    assert not compare._finished(tmp_path, other, 3)
+    assert compare._finished(tmp_path, ["/another/python", *command[1:]], 3)
+
+
 @pytest.mark.parametrize("quick", [False, True])
 def test_every_scenario_and_correction_is_a_valid_demo_command(quick, tmp_path):
     from megatron_rollout_is.demo.arguments import build_parser, validate_args

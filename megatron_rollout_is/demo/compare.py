@@ -10,7 +10,8 @@ GRPO, bypass mode: pi_old is the detached current log-prob) once per scenario, c
   token / sequence / geometric truncated IS, a geometric mask); adding one is one entry of demo flags.
 
 Every run of a cell shares the seed's prompts and initial weights. Finished runs are kept: rerunning
-the command only trains what is missing. Outputs in ``DIR``: ``study.json`` (settings, per-run final
+the command only trains what is missing or was trained with other flags (each run directory
+records its flags in ``flags.json``). Outputs in ``DIR``: ``study.json`` (settings, per-run final
 numbers and per-step series, seed means), ``study.md`` (tables) and ``study.png`` (one row per
 scenario, one column per metric, one line per correction: the seed mean with its min-max band);
 ``--results`` puts these three elsewhere (``docs/study`` in the repository).
@@ -101,15 +102,20 @@ def run_command(scenario: str, correction: str, seed: int, directory: Path, trai
             "--seed", str(seed), "--output-dir", str(directory)]
 
 
-def _finished(directory: Path, train_iters: int) -> bool:
-    path = directory / "metrics.jsonl"
-    if not path.is_file():
+def _finished(directory: Path, command: List[str], train_iters: int) -> bool:
+    """Whether ``directory`` holds a complete run of exactly these flags (a changed scenario retrains)."""
+    flags, metrics = directory / "flags.json", directory / "metrics.jsonl"
+    if not (flags.is_file() and metrics.is_file()) or json.loads(flags.read_text()) != command[1:]:
         return False
-    records = read_metrics(path)
+    records = read_metrics(metrics)
     return bool(records) and records[-1]["step"] == train_iters
 
 
 def _train(command: List[str]) -> None:
+    directory = Path(command[command.index("--output-dir") + 1])
+    directory.mkdir(parents=True, exist_ok=True)
+    # The interpreter's path is left out: the same run from another environment is the same run.
+    (directory / "flags.json").write_text(json.dumps(command[1:]))
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -349,8 +355,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     cells = [(scenario, correction, seed) for scenario in args.scenarios for correction in args.corrections
              for seed in args.seeds]
-    todo = [run_command(s, c, seed, _run_directory(out, s, c, seed), args.train_iters, args.quick)
-            for s, c, seed in cells if not _finished(_run_directory(out, s, c, seed), args.train_iters)]
+    commands = {cell: run_command(*cell, _run_directory(out, *cell), args.train_iters, args.quick) for cell in cells}
+    todo = [command for cell, command in commands.items()
+            if not _finished(_run_directory(out, *cell), command, args.train_iters)]
     print(f"{len(cells)} runs, {len(cells) - len(todo)} already finished", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(_train, todo))
