@@ -297,13 +297,13 @@ def run(args, is_config, device: torch.device) -> Optional[List[Dict[str, float]
     records = read_metrics(log.path)
     plot = args.plot or os.path.join(args.output_dir, "training.png")
     if plot.lower() != "none" and records:
-        title = f"GRPO {args.task}, rollout {describe_rollout(args)}, {_describe(is_config)}"
+        title = f"GRPO {args.task}, rollout {_describe_rollout(args)}, {_describe(is_config)}"
         plot_runs({"demo": records}, plot, title)
     _print_summary(records, log.path, plot, tensorboard)
     return records
 
 
-def describe_rollout(args) -> str:
+def _describe_rollout(args) -> str:
     """The rollout engine's settings that differ from the trainer, e.g. ``bf16, top-p 0.8, 4 steps stale``."""
     parts = [args.rollout_dtype]
     if args.rollout_noise:
