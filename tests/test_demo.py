@@ -158,34 +158,6 @@ def test_torchrun_cp2_packed_matches_single_process_and_its_dumps(single_process
             assert records[1][name] == pytest.approx(single[name], rel=STEP_1_TOLERANCE, abs=1e-6), name
 
 
-def test_compare_tables_and_plots_synthetic_runs(tmp_path):
-    from megatron_rollout_is.demo import compare
-
-    def records(rise, kl):
-        rows = []
-        for step in range(1, 41):
-            row = {"step": step, "reward/mean": min(1.0, rise * step), "mismatch/mismatch_kl": kl,
-                   "mismatch/rollout_is_eff_sample_size": 0.9, "mismatch/rollout_is_mean": 1.0,
-                   "mismatch/rollout_is_veto_fraction": 0.0, "mismatch/rollout_is_ratio_fraction_high": 0.1}
-            if step % 20 == 0:
-                row["eval/greedy_reward"] = min(1.0, rise * step * 1.1)
-            rows.append(row)
-        return rows
-
-    runs = {"uncorrected": {1: records(0.025, 0.2), 2: records(0.05, 0.1)}, "sequence IS": {1: records(0.01, 0.3)}}
-    summary = compare.summarize(runs, tail=10)
-    assert summary["uncorrected"]["per_seed"][2]["first_step_greedy_ge_0.9"] == 20
-    assert summary["uncorrected"]["per_seed"][1]["first_step_greedy_ge_0.9"] == 40
-    assert summary["sequence IS"]["per_seed"][1]["first_step_greedy_ge_0.9"] is None
-    assert summary["uncorrected"]["mean"]["mismatch_kl"] == pytest.approx(0.15)
-    # reward of seed 1 over steps 31-40 is 0.025 * step (< 1).
-    assert summary["uncorrected"]["per_seed"][1]["reward_last"] == pytest.approx(0.025 * 35.5)
-    table = compare.markdown_table(summary, 10, "settings")
-    assert table.count("\n| ") == 3 and "| sequence IS | " in table and "never" in table
-    compare.plot(runs, tmp_path / "comparison.png", "title")
-    assert (tmp_path / "comparison.png").stat().st_size > 10_000
-
-
 def test_reverse_task_targets_rewards_and_grpo_advantages():
     from megatron_rollout_is.demo.task import BOS, EOS, EQUALS, FIRST_SYMBOL as D, PAD, ReverseTask, grpo_advantages
 
@@ -209,3 +181,44 @@ def test_reverse_task_targets_rewards_and_grpo_advantages():
     assert advantages.tolist() == pytest.approx(expected)
     with pytest.raises(ValueError, match="--group-size"):
         grpo_advantages(rewards, group_size=4)
+
+
+def test_count_task_judges_each_token_against_the_one_before():
+    from megatron_rollout_is.demo.task import BOS, EOS, EQUALS, FIRST_SYMBOL as D, PAD, CountTask, make_task
+
+    task = CountTask(length=4, num_symbols=10)
+    assert (task.prompt_len, task.response_len, task.sequence_len) == (3, 5, 8)
+    prompts = torch.tensor([[BOS, D + 8, EQUALS]] * 5)
+    lengths = torch.full((5,), 3)
+    assert task.targets(prompts, lengths)[0].tolist() == [D + 9, D + 0, D + 1, D + 2, EOS]
+    responses = torch.tensor([
+        [D + 9, D + 0, D + 1, D + 2, EOS],   # right
+        [D + 9, D + 5, D + 6, D + 7, EOS],   # one slip, then counting on from it: 4 of 5
+        [D + 9, D + 0, EOS, PAD, PAD],       # stops early: PAD after PAD is not counting
+        [D + 9, D + 0, D + 1, D + 2, D + 3],  # no EOS at the end
+        [EOS, PAD, PAD, PAD, PAD],
+    ])
+    assert task.rewards(responses, prompts, lengths).tolist() == pytest.approx([1.0, 0.8, 0.4, 0.8, 0.0])
+    sampled, sampled_lengths = task.sample_prompts(64, torch.Generator().manual_seed(0))
+    assert (sampled[:, 0] == BOS).all() and (sampled[:, 2] == EQUALS).all() and (sampled_lengths == 3).all()
+    assert set((sampled[:, 1] - D).tolist()) == set(range(10))
+    assert task.rewards(task.targets(sampled, sampled_lengths), sampled, sampled_lengths).eq(1).all()
+    assert make_task("count", response_tokens=7).response_len == 8
+    with pytest.raises(ValueError, match="--response-tokens"):
+        make_task("count", response_tokens=0)
+    with pytest.raises(ValueError, match="--task"):
+        make_task("sort")
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--top-p", "0"], "--top-p"),
+    (["--top-k", "-2"], "--top-k"),
+    (["--temperature", "0"], "--temperature"),
+    (["--rollout-staleness", "-1"], "--rollout-staleness"),
+    (["--task", "count", "--response-tokens", "0"], "--response-tokens"),
+])
+def test_demo_mismatch_flags_fail_at_parse_time(flags, named):
+    from megatron_rollout_is.demo.arguments import build_parser, validate_args
+
+    with pytest.raises(ValueError, match=named):
+        validate_args(build_parser().parse_args(flags), world_size=1)

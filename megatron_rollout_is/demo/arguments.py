@@ -14,7 +14,8 @@ import torch
 
 from ..config import RolloutISConfig
 from ..integration.arguments import add_rollout_is_args, rollout_is_config_from_args
-from .task import ReverseTask
+from .generator import LOGPROBS_MODES, QUANTIZATION_SCHEMES, SamplingParams
+from .task import TASKS, make_task
 
 
 class _DemoHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -35,6 +36,16 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         description="GRPO on Megatron-Core's GPTModel with an embedded bf16 rollout engine and rollout IS.",
         formatter_class=_DemoHelpFormatter,
     )
+    # Help lists the groups in the order they are added.
+    for add_group in (_add_layout_args, _add_model_args, _add_task_args, _add_optimisation_args,
+                      _add_rollout_engine_args, _add_checkpoint_args, _add_logging_args, _add_process_args,
+                      _add_fault_injection_args):
+        add_group(parser)
+    add_rollout_is_args(parser)
+    return parser
+
+
+def _add_layout_args(parser: argparse.ArgumentParser) -> None:
     layout = parser.add_argument_group("parallel layout")
     layout.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size.")
     layout.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size.")
@@ -45,18 +56,28 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     layout.add_argument("--packed", action="store_true",
                         help="THD micro-batches: documents packed with cu_seqlens, each split over CP ranks.")
 
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--num-layers", type=int, default=2, help="Transformer layers.")
     model.add_argument("--hidden-size", type=int, default=64, help="Model width.")
     model.add_argument("--num-attention-heads", type=int, default=4, help="Attention heads.")
     model.add_argument("--num-query-groups", type=int, default=None, help="GQA query groups; None: one per head.")
 
-    task = parser.add_argument_group("task: reverse a digit string")
-    task.add_argument("--min-digits", type=int, default=3, help="Shortest digit string.")
-    task.add_argument("--max-digits", type=int, default=3, help="Longest digit string.")
+
+def _add_task_args(parser: argparse.ArgumentParser) -> None:
+    task = parser.add_argument_group("task")
+    task.add_argument("--task", choices=TASKS, default="reverse",
+                      help="reverse: reverse a short digit string (responses of --max-digits + 1 tokens); count: "
+                           "count up from a digit for --response-tokens symbols (long responses).")
+    task.add_argument("--min-digits", type=int, default=3, help="Shortest digit string (reverse).")
+    task.add_argument("--max-digits", type=int, default=3, help="Longest digit string (reverse).")
+    task.add_argument("--response-tokens", type=int, default=256, help="Symbols of the correct answer (count).")
     task.add_argument("--num-symbols", type=int, default=10, help="Size of the digit alphabet.")
     task.add_argument("--group-size", type=int, default=8, help="GRPO samples per prompt.")
 
+
+def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train-iters", type=int, default=400, help="Training steps (one rollout batch each).")
     optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (constant).")
@@ -68,16 +89,38 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     optim.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip (pi_theta / pi_old).")
     optim.add_argument("--seed", type=int, default=1234, help="Weights, prompts and sampling.")
 
+
+def _add_rollout_engine_args(parser: argparse.ArgumentParser) -> None:
     rollout = parser.add_argument_group("rollout engine")
     rollout.add_argument("--rollout-noise", type=float, default=0.0,
                          help="Std of Gaussian noise added to every rollout logit (0: bf16 mismatch only).")
     rollout.add_argument("--rollout-dtype", choices=("bf16", "fp32"), default="bf16",
                          help="Engine precision (fp32: no mismatch but the injected noise).")
     rollout.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (trainer too).")
+    rollout.add_argument("--top-k", type=int, default=0,
+                         help="Engine samples from the k most likely tokens (ties with the k-th kept; vLLM's rule); "
+                              "the trainer still scores the full vocabulary. 0: off.")
+    rollout.add_argument("--top-p", type=float, default=1.0,
+                         help="Engine samples from the smallest head of mass >= p (after --top-k; vLLM's rule); "
+                              "the trainer still scores the full vocabulary. 1: off.")
+    rollout.add_argument("--rollout-logprobs-mode", choices=LOGPROBS_MODES, default="processed_logprobs",
+                         help="Rollout log-prob the engine reports (vLLM's logprobs_mode): processed_logprobs is "
+                              "renormalised over what --top-k/--top-p kept (biased by -log(kept mass)); "
+                              "raw_logprobs is the unfiltered log-prob before the temperature.")
+    rollout.add_argument("--rollout-staleness", type=int, default=0, metavar="K",
+                         help="Engine samples with the weights of K optimizer steps ago while pi_old is scored at "
+                              "the current weights (asynchronous RL); rank 0 keeps K + 1 weight snapshots.")
+    rollout.add_argument("--rollout-quantization", choices=QUANTIZATION_SCHEMES, default="none",
+                         help="Quantised engine: fp8 is W8A8 (decoder weights fp8-e4m3 with one scale per tensor, "
+                              "linear-layer inputs fp8 with one scale per token); int8 rounds the decoder weights "
+                              "to int8 with one scale per output channel. Embeddings and output layer stay bf16.")
     rollout.add_argument("--eval-interval", type=int, default=10,
-                         help="Greedy noise-free fp32 reward on fixed prompts every N steps (0: never).")
+                         help="Greedy fp32 reward of the current weights on fixed prompts every N steps, "
+                              "without any rollout mismatch (0: never).")
     rollout.add_argument("--eval-prompts", type=int, default=128, help="Fixed prompts of the greedy eval.")
 
+
+def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     ckpt = parser.add_argument_group("checkpointing (megatron.core dist_checkpointing)")
     ckpt.add_argument("--save", default=None, metavar="DIR", help="Checkpoint directory to write.")
     ckpt.add_argument("--load", default=None, metavar="DIR",
@@ -86,17 +129,24 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     ckpt.add_argument("--ckpt-step", type=int, default=None,
                       help="Load this step's checkpoint instead of the latest one.")
 
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     logs = parser.add_argument_group("logging")
     logs.add_argument("--output-dir", default="demo_output", help="metrics.jsonl (one line per step) goes here.")
     logs.add_argument("--tensorboard-dir", default=None, help="TensorBoard event files; None: <output-dir>/tensorboard.")
     logs.add_argument("--plot", default=None, metavar="PNG|none", help="Training plot (PNG) or none; None: <output-dir>/training.png.")
     logs.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
+
+
+def _add_process_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-threads", type=int, default=1,
                         help="torch threads per process on CPU (tiny models: extra threads only spin).")
     parser.add_argument("--distributed-timeout-minutes", type=float, default=10.0, metavar="MINUTES",
                         help="Timeout of every collective (fractions allowed): a rank stuck waiting on a peer "
                              "that died fails after this long instead of hanging.")
 
+
+def _add_fault_injection_args(parser: argparse.ArgumentParser) -> None:
     faults = parser.add_argument_group("fault injection (testing)")
     faults.add_argument("--inject-nonfinite-rollout-step", type=int, default=0, metavar="N",
                         help="At step N, one response token's rollout log-prob becomes NaN and another's +inf, on "
@@ -107,8 +157,6 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                              "0: never.")
     faults.add_argument("--inject-is-fault-rank", type=int, default=0, metavar="R",
                         help="Global rank of --inject-is-fault-step (a rank of the last pipeline stage).")
-    add_rollout_is_args(parser)
-    return parser
 
 
 def world_size_from_env() -> int:
@@ -124,6 +172,15 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
     Raises:
         ValueError: an impossible layout or value, naming the flag and the fix.
     """
+    args.data_parallel_size = _validate_layout(args, world_size)
+    _validate_training(args)
+    is_config = rollout_is_config_from_args(args)
+    _validate_fault_injection(args, world_size, is_config)
+    return is_config
+
+
+def _validate_layout(args: argparse.Namespace, world_size: int) -> int:
+    """Checks the parallel layout, batch sizes and model shape; returns the data-parallel size."""
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
                         ("--context-parallel-size", cp), ("--micro-batch-size", args.micro_batch_size),
@@ -143,13 +200,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
             f"{args.micro_batch_size} x data-parallel size {dp}; every DP rank needs whole micro-batches."
         )
-    # The task checks its own flags; build it here so a bad value fails before any process group.
-    ReverseTask(args.min_digits, args.max_digits, args.num_symbols)
-    if args.group_size < 2 or args.global_batch_size % args.group_size != 0:
-        raise ValueError(
-            f"--group-size must be >= 2 and divide --global-batch-size {args.global_batch_size}, got "
-            f"{args.group_size} (GRPO standardises rewards within each prompt's group)."
-        )
     if args.num_layers % pp != 0:
         raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
     groups = args.num_query_groups or args.num_attention_heads
@@ -161,8 +211,22 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
     if args.hidden_size % args.num_attention_heads != 0:
         raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
                          f"{args.num_attention_heads}.")
-    if args.rollout_noise < 0 or args.temperature <= 0 or args.lr <= 0:
-        raise ValueError("need --rollout-noise >= 0, --temperature > 0 and --lr > 0.")
+    return dp
+
+
+def _validate_training(args: argparse.Namespace) -> None:
+    """Checks the task, rollout engine, optimisation, eval and timeout flags."""
+    # The task and the sampling parameters check their own flags; build them here so a bad value
+    # fails before any process group.
+    make_task(args.task, args.min_digits, args.max_digits, args.num_symbols, args.response_tokens)
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.rollout_logprobs_mode)
+    if args.group_size < 2 or args.global_batch_size % args.group_size != 0:
+        raise ValueError(
+            f"--group-size must be >= 2 and divide --global-batch-size {args.global_batch_size}, got "
+            f"{args.group_size} (GRPO standardises rewards within each prompt's group)."
+        )
+    if args.rollout_noise < 0 or args.rollout_staleness < 0 or args.lr <= 0:
+        raise ValueError("need --rollout-noise >= 0, --rollout-staleness >= 0 and --lr > 0.")
     if args.clip_grad > 0 and not torch.cuda.is_available():
         raise ValueError("--clip-grad > 0 needs CUDA (megatron's clip_grads asserts CUDA tensors); use 0 on CPU.")
     if args.save_interval < 0 or args.eval_interval < 0:
@@ -171,10 +235,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
         raise ValueError(f"--eval-prompts must be >= 1 with --eval-interval {args.eval_interval} (0 turns eval off).")
     if not args.distributed_timeout_minutes > 0:
         raise ValueError(f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes}.")
-    args.data_parallel_size = dp
-    is_config = rollout_is_config_from_args(args)
-    _validate_fault_injection(args, world_size, is_config)
-    return is_config
 
 
 def _validate_fault_injection(args: argparse.Namespace, world_size: int, is_config: RolloutISConfig) -> None:

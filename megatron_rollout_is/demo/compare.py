@@ -1,17 +1,21 @@
-"""Uncorrected vs sequence-level rollout IS under a strong injected rollout mismatch.
+"""Where does rollout correction matter? The demo trained over mismatch scenarios x corrections x seeds.
 
-``python -m megatron_rollout_is.demo.compare --out DIR`` trains the demo twice per seed, same seed
-and same noisy rollout engine (``--rollout-noise``, Gaussian noise on every rollout logit) for both:
+``python -m megatron_rollout_is.demo.compare --out DIR`` trains the demo (Megatron-Core's GPTModel,
+GRPO, bypass mode: pi_old is the detached current log-prob) once per scenario, correction and seed:
 
-* ``uncorrected``: the IS weights and ``mismatch/`` metrics are computed (sequence level, same
-  threshold) but not applied: monitoring mode, the loss is plain GRPO on off-policy samples;
-* ``sequence IS``: ``--rollout-is --rollout-is-level sequence`` with truncation at the threshold
-  and the default veto, applied to the loss;
-* optionally (``--arms``) ``token IS``: token-level truncated IS (TIS), for reference.
+* a **scenario** is one training-inference mismatch of the embedded rollout engine (``SCENARIOS``:
+  bf16 only, zero-mean logit noise, stale weights, top-p with processed log-probs, an fp8 W8A8
+  engine, long responses);
+* a **correction** is what the trainer does about it (``CORRECTIONS``: nothing but monitoring,
+  token / sequence / geometric truncated IS, a geometric mask); adding one is one entry of demo flags.
 
-Runs go in parallel (``--jobs``, one torch thread each) and write ``DIR/<arm>_seed<N>/``. Outputs:
-``DIR/comparison.png`` (seed-mean curves with min-max bands), ``DIR/comparison.md`` (a Markdown
-table) and ``DIR/comparison.json`` (the same numbers).
+Every run of a cell shares the seed's prompts and initial weights. Finished runs are kept: rerunning
+the command only trains what is missing or was trained with other flags (each run directory
+records its flags in ``flags.json``). Outputs in ``DIR``: ``study.json`` (settings, per-run final
+numbers and per-step series, seed means), ``study.md`` (tables) and ``study.png`` (one row per
+scenario, one column per metric, one line per correction: the seed mean with its min-max band);
+``--results`` puts these three elsewhere (``docs/study`` in the repository).
+``--quick`` trains a few steps of a tiny batch (a smoke test of the whole pipeline).
 """
 
 import argparse
@@ -20,178 +24,366 @@ import math
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .reporting import read_metrics
 
+
+@dataclass(frozen=True)
+class Arm:
+    """A scenario or a correction: what it is, and the demo flags that make it."""
+
+    description: str
+    flags: Tuple[str, ...]
+
+
+SCENARIOS = {
+    "bf16": Arm("bf16 engine only (the control)", ()),
+    "noise": Arm("Gaussian noise, std 1.0, on every rollout logit", ("--rollout-noise", "1.0")),
+    "stale": Arm("rollouts from the weights of 8 optimizer steps ago", ("--rollout-staleness", "8")),
+    "top-p": Arm("top-p 0.8 sampling, processed (renormalised) log-probs", ("--top-p", "0.8")),
+    "fp8": Arm("fp8-e4m3 W8A8 engine (weights per tensor, inputs per token)", ("--rollout-quantization", "fp8")),
+    "long": Arm("count task, 200-token responses, logit noise std 0.2",
+                ("--task", "count", "--response-tokens", "200", "--rollout-noise", "0.2", "--eval-prompts", "32")),
+}
+# "none" computes and logs the token-level weights and every mismatch/ metric without applying them.
+CORRECTIONS = {
+    "none": Arm("no correction (token-level metrics monitored)",
+                ("--rollout-is-threshold", "2", "--rollout-is-level", "token")),
+    "token-tis": Arm("token-level IS, truncated at 2, veto 1e-4",
+                     ("--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "token")),
+    "seq-tis": Arm("sequence-level IS, truncated at 2, veto 1e-4",
+                   ("--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "sequence")),
+    "geo-tis": Arm("geometric-mean IS, truncated at 2, veto 1e-4",
+                   ("--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "geometric")),
+    "geo-mask": Arm("geometric-mean IS, masked outside [0.9998, 1.0002] (the migration guide's example 2)",
+                    ("--rollout-is", "--rollout-is-threshold", "1.0002", "--rollout-is-threshold-lower", "0.9998",
+                     "--rollout-is-level", "geometric", "--rollout-is-mode", "clip")),
+}
+DEFAULT_CORRECTIONS = ("none", "token-tis", "seq-tis", "geo-tis")
+SHARED_FLAGS = ("--rollout-is-bypass", "--no-progress", "--plot", "none", "--cpu-threads", "1", "--eval-interval", "10")
+# --quick: a tiny batch, short long-responses, a handful of steps.
+QUICK_FLAGS = ("--global-batch-size", "16", "--micro-batch-size", "8", "--group-size", "4", "--eval-prompts", "8",
+               "--eval-interval", "2", "--response-tokens", "24")
+# The metrics the study reads from every run's metrics.jsonl.
+METRICS = {
+    "reward": "reward/mean",
+    "greedy_reward": "eval/greedy_reward",
+    "mismatch_kl": "mismatch/mismatch_kl",
+    "k3_kl": "mismatch/mismatch_k3_kl",
+    "ess": "mismatch/rollout_is_eff_sample_size",
+    "is_mean": "mismatch/rollout_is_mean",
+    "veto_fraction": "mismatch/rollout_is_veto_fraction",
+    "log_ppl_abs_diff": "mismatch/mismatch_log_ppl_abs_diff",
+    "response_length": "response/length_mean",
+}
+# Those kept step by step in study.json (the others only as early/last means).
+PER_STEP = ("reward", "greedy_reward", "mismatch_kl", "k3_kl", "ess", "response_length")
+# Panels of the plot: (title, series, smoothing window, log scale).
 PANELS = (
-    ("reward of the rollouts (10-step mean)", "reward/mean", 10),
-    ("greedy noise-free reward (eval prompts)", "eval/greedy_reward", 1),
-    ("mismatch KL (k1, nats/token)", "mismatch/mismatch_kl", 10),
-    ("rollout IS weight mean (before truncation)", "mismatch/rollout_is_mean", 10),
-    ("effective sample size", "mismatch/rollout_is_eff_sample_size", 10),
-    ("veto fraction", "mismatch/rollout_is_veto_fraction", 10),
+    ("rollout reward (10-step mean)", "reward", 10, False),
+    ("greedy fp32 reward (eval prompts)", "greedy_reward", 1, False),
+    ("mismatch k3 KL (nats/token, 10-step mean)", "k3_kl", 10, True),
+    ("IS ESS at the correction's level (none: token)", "ess", 10, False),
 )
 
 
-def arms(threshold: float, token_threshold: float) -> Dict[str, List[str]]:
-    """Every configuration (flag lists added to the shared ones); ``--arms`` picks among them."""
-    monitored = ["--rollout-is-threshold", str(threshold), "--rollout-is-level", "sequence"]
-    return {
-        "uncorrected": monitored,
-        "sequence IS": ["--rollout-is", *monitored],
-        "token IS": ["--rollout-is", "--rollout-is-threshold", str(token_threshold), "--rollout-is-level", "token"],
-    }
+def _run_directory(out: Path, scenario: str, correction: str, seed: int) -> Path:
+    return out / "runs" / f"{scenario}__{correction}__seed{seed}"
 
 
-def _run_directory(out: Path, arm: str, seed: int) -> Path:
-    return out / f"{arm.replace(' ', '_')}_seed{seed}"
+def run_command(scenario: str, correction: str, seed: int, directory: Path, train_iters: int,
+                quick: bool) -> List[str]:
+    """The demo command line of one run (quick flags last: they override the scenario's sizes)."""
+    return [sys.executable, "-m", "megatron_rollout_is.demo", *SHARED_FLAGS, "--train-iters", str(train_iters),
+            *SCENARIOS[scenario].flags, *CORRECTIONS[correction].flags, *(QUICK_FLAGS if quick else ()),
+            "--seed", str(seed), "--output-dir", str(directory)]
+
+
+def _finished(directory: Path, command: List[str], train_iters: int) -> bool:
+    """Whether ``directory`` holds a complete run of exactly these flags (a changed scenario retrains)."""
+    flags, metrics = directory / "flags.json", directory / "metrics.jsonl"
+    if not (flags.is_file() and metrics.is_file()) or json.loads(flags.read_text()) != command[1:]:
+        return False
+    records = read_metrics(metrics)
+    return bool(records) and records[-1]["step"] == train_iters
 
 
 def _train(command: List[str]) -> None:
+    directory = Path(command[command.index("--output-dir") + 1])
+    directory.mkdir(parents=True, exist_ok=True)
+    # The interpreter's path is left out: the same run from another environment is the same run.
+    (directory / "flags.json").write_text(json.dumps(command[1:]))
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
 
 
-def _series(records: Sequence[dict], name: str) -> Dict[int, float]:
-    return {r["step"]: r[name] for r in records if name in r and math.isfinite(r[name])}
-
-
-def _smooth(values: List[float], window: int) -> List[float]:
-    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1])
-            for i in range(len(values))]
-
-
 def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
 
 
-def summarize(runs: Dict[str, Dict[int, List[dict]]], tail: int) -> Dict[str, dict]:
-    """Per arm: seed means of the last ``tail`` steps' metrics, final eval, first eval >= 0.9."""
-    summary = {}
-    for arm, by_seed in runs.items():
-        per_seed = {}
-        for seed, records in by_seed.items():
-            last = records[-tail:]
-            evals = _series(records, "eval/greedy_reward")
-            solved = [step for step, value in sorted(evals.items()) if value >= 0.9]
-            per_seed[seed] = {
-                "reward_last": _mean([r["reward/mean"] for r in last]),
-                "greedy_reward_final": evals[max(evals)] if evals else float("nan"),
-                "first_step_greedy_ge_0.9": solved[0] if solved else None,
-                "mismatch_kl": _mean([r["mismatch/mismatch_kl"] for r in last]),
-                "ess": _mean([r["mismatch/rollout_is_eff_sample_size"] for r in last]),
-                "is_mean": _mean([r["mismatch/rollout_is_mean"] for r in last]),
-                "veto_fraction": _mean([r["mismatch/rollout_is_veto_fraction"] for r in last]),
-                "ratio_fraction_high": _mean([r["mismatch/rollout_is_ratio_fraction_high"] for r in last]),
-            }
-        keys = next(iter(per_seed.values())).keys()
-        summary[arm] = {
-            "per_seed": per_seed,
-            "mean": {key: _mean([s[key] for s in per_seed.values() if s[key] is not None]) for key in keys},
-        }
+def _round(value: float) -> Optional[float]:
+    return float(f"{value:.4g}") if value is not None and math.isfinite(value) else None
+
+
+def run_series(records: Sequence[dict]) -> Dict[str, list]:
+    """Per-step series of one run: ``steps`` and, per :data:`PER_STEP` name, values (None where absent)."""
+    series = {"steps": [r["step"] for r in records]}
+    for name in PER_STEP:
+        series[name] = [_round(r.get(METRICS[name], float("nan"))) for r in records]
+    return series
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (as ``torch.quantile``) of the finite values."""
+    ordered = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not ordered:
+        return float("nan")
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def run_summary(records: Sequence[dict], tail: int) -> Dict[str, float]:
+    """One run's numbers: rewards at the end and over the whole run, mismatch early and late.
+
+    ``early`` averages the first ``tail`` steps (the mismatch the uncorrected run starts with),
+    ``last`` the last ``tail`` steps; ``k3_kl_median`` and ``k3_kl_p95`` are quantiles of the
+    per-step k3 over the whole run (a mismatch that comes in bursts has p95 >> median).
+    """
+    first, last = records[:tail], records[-tail:]
+    evals = [r["eval/greedy_reward"] for r in records if "eval/greedy_reward" in r]
+    summary = {
+        "reward_last": _mean([r["reward/mean"] for r in last]),
+        "reward_all_steps": _mean([r["reward/mean"] for r in records]),
+        "greedy_reward_final": evals[-1] if evals else float("nan"),
+    }
+    for name in ("mismatch_kl", "k3_kl", "ess", "is_mean", "veto_fraction", "log_ppl_abs_diff"):
+        key = METRICS[name]
+        summary[f"{name}_early"] = _mean([r.get(key) for r in first])
+        summary[f"{name}_last"] = _mean([r.get(key) for r in last])
+    k3 = [r.get(METRICS["k3_kl"]) for r in records]
+    summary["k3_kl_median"], summary["k3_kl_p95"] = _quantile(k3, 0.5), _quantile(k3, 0.95)
     return summary
 
 
-def markdown_table(summary: Dict[str, dict], tail: int, settings: str) -> str:
-    """The comparison as a Markdown table (seed means; per-seed values in brackets)."""
-    columns = (
-        (f"rollout reward, last {tail} steps", "reward_last", "{:.3f}"),
-        ("greedy reward, final", "greedy_reward_final", "{:.3f}"),
-        ("first step greedy >= 0.9", "first_step_greedy_ge_0.9", "{}"),
-        (f"mismatch_kl, last {tail}", "mismatch_kl", "{:.3f}"),
-        (f"ESS, last {tail}", "ess", "{:.3f}"),
-        (f"IS weight mean, last {tail}", "is_mean", "{:.3f}"),
-        (f"veto fraction, last {tail}", "veto_fraction", "{:.3f}"),
-    )
-    lines = [settings, "", "| run | " + " | ".join(title for title, _, _ in columns) + " |",
-             "|---|" + "---|" * len(columns)]
-    for arm, result in summary.items():
-        cells = []
-        for _, key, spec in columns:
-            seeds = [s[key] for s in result["per_seed"].values()]
-            shown = [spec.format(v) if v is not None else "never" for v in seeds]
-            mean = result["mean"][key]
-            head = spec.format(round(mean)) if spec == "{}" and math.isfinite(mean) else (
-                spec.format(mean) if math.isfinite(mean) else "never")
-            cells.append(head + (f" [{', '.join(shown)}]" if len(seeds) > 1 else ""))
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+def summarize(runs: Dict[str, Dict[str, Dict[int, List[dict]]]], tail: int) -> Dict[str, Dict[str, dict]]:
+    """Per scenario and correction: per-seed :func:`run_summary`, seed means, and the change
+    against ``none`` on the same seed (``reward_last`` and ``reward_all_steps``: mean, min, max)."""
+    summary = {}
+    for scenario, by_correction in runs.items():
+        summary[scenario] = {}
+        for correction, by_seed in by_correction.items():
+            per_seed = {seed: run_summary(records, tail) for seed, records in by_seed.items()}
+            keys = next(iter(per_seed.values())).keys()
+            summary[scenario][correction] = {
+                "per_seed": per_seed,
+                "mean": {key: _mean([s[key] for s in per_seed.values()]) for key in keys},
+            }
+        baseline = summary[scenario].get("none")
+        if baseline is None:
+            continue
+        for result in summary[scenario].values():
+            result["vs_none"] = {}
+            for key in ("reward_last", "reward_all_steps"):
+                deltas = [s[key] - baseline["per_seed"][seed][key] for seed, s in result["per_seed"].items()
+                          if seed in baseline["per_seed"]]
+                result["vs_none"][key] = {"mean": _mean(deltas), "min": min(deltas), "max": max(deltas),
+                                          "seeds_better": sum(d > 0 for d in deltas), "seeds": len(deltas)}
+    return summary
+
+
+def _cell(result: dict, key: str, spec: str = "{:.3f}") -> str:
+    values = [s[key] for s in result["per_seed"].values() if math.isfinite(s[key])]
+    if not values:
+        return "n/a"
+    head = spec.format(_mean(values))
+    return head if len(values) == 1 else f"{head} [{spec.format(min(values))}, {spec.format(max(values))}]"
+
+
+def _pivot(summary: Dict[str, Dict[str, dict]], corrections: Sequence[str], key: str, spec: str) -> List[str]:
+    lines = ["| scenario | " + " | ".join(corrections) + " |", "|---|" + "---|" * len(corrections)]
+    for scenario, by_correction in summary.items():
+        cells = [_cell(by_correction[c], key, spec) if c in by_correction else "" for c in corrections]
+        lines.append(f"| {scenario} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _best_correction(by_correction: Dict[str, dict]) -> str:
+    gains = {c: r["vs_none"]["reward_last"] for c, r in by_correction.items() if c != "none" and "vs_none" in r}
+    if not gains:
+        return "n/a"
+    name, gain = max(gains.items(), key=lambda item: item[1]["mean"])
+    return (f"{name} {gain['mean']:+.3f} [{gain['min']:+.3f}, {gain['max']:+.3f}], better on "
+            f"{gain['seeds_better']}/{gain['seeds']} seeds")
+
+
+def markdown(summary: Dict[str, Dict[str, dict]], corrections: Sequence[str], tail: int, settings: str) -> str:
+    """The study as Markdown: rewards per scenario x correction, then what the uncorrected run saw."""
+    lines = [settings, "", "Scenarios:", ""]
+    lines += [f"- `{name}`: {SCENARIOS[name].description}" for name in summary]
+    lines += ["", "Corrections:", ""]
+    lines += [f"- `{name}`: {CORRECTIONS[name].description}" for name in corrections]
+    lines += ["", f"Rollout reward, mean of the last {tail} steps (mean over seeds [min, max]):", ""]
+    lines += _pivot(summary, corrections, "reward_last", "{:.3f}")
+    lines += ["", f"Rollout reward, mean over all steps (learning speed):", ""]
+    lines += _pivot(summary, corrections, "reward_all_steps", "{:.3f}")
+    lines += ["", "Greedy fp32 reward of the trained policy on the eval prompts, at the end:", ""]
+    lines += _pivot(summary, corrections, "greedy_reward_final", "{:.3f}")
+    lines += ["", f"What the uncorrected run (`none`) logs, first {tail} steps -> last {tail} steps, and the best "
+              f"correction's change of the last-{tail}-step reward against `none` on the same seeds:", "",
+              "| scenario | mismatch_kl (k1) | k3_kl | k3_kl per step: median, p95 | token IS ESS | IS weight mean "
+              "| best correction vs none |",
+              "|---|---|---|---|---|---|---|"]
+    for scenario, by_correction in summary.items():
+        if "none" not in by_correction:
+            continue
+        mean = by_correction["none"]["mean"]
+        cells = [f"{mean[f'{name}_early']:.3g} -> {mean[f'{name}_last']:.3g}" for name in ("mismatch_kl", "k3_kl")]
+        cells.append(f"{mean['k3_kl_median']:.3g}, {mean['k3_kl_p95']:.3g}")
+        cells += [f"{mean[f'{name}_early']:.3g} -> {mean[f'{name}_last']:.3g}" for name in ("ess", "is_mean")]
+        lines.append(f"| {scenario} | " + " | ".join(cells) + f" | {_best_correction(by_correction)} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: Dict[str, Dict[int, List[dict]]], path: Path, title: str) -> None:
-    """Seed-mean curve per arm and metric, with the min-max band over seeds."""
-    import matplotlib
+def _smooth(values: List[float], window: int) -> List[float]:
+    return [_mean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, 3, figsize=(15, 7.4))
-    for axis, (panel, name, window) in zip(axes.flat, PANELS):
-        for arm, by_seed in runs.items():
-            series = [_series(records, name) for records in by_seed.values()]
-            steps = sorted(set.intersection(*(set(s) for s in series)))
-            if not steps:
-                continue
-            curves = [_smooth([s[step] for step in steps], window) for s in series]
-            mean = [_mean(values) for values in zip(*curves)]
-            line, = axis.plot(steps, mean, label=arm, marker="o" if window == 1 else None, markersize=3)
-            if len(curves) > 1:
-                axis.fill_between(steps, [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)],
-                                  color=line.get_color(), alpha=0.15)
-        axis.set_title(panel, fontsize=10)
-        axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.suptitle(title)
+def plot(series: Dict[str, Dict[str, Dict[int, dict]]], path: Path, title: str) -> None:
+    """One row per scenario, one column per :data:`PANELS` entry, one line per correction (seed mean,
+    min-max band over seeds)."""
+    from matplotlib.figure import Figure
+
+    scenarios = list(series)
+    figure = Figure(figsize=(4.6 * len(PANELS), 2.9 * len(scenarios) + 0.8))
+    axes = figure.subplots(len(scenarios), len(PANELS), squeeze=False)
+    for row, scenario in enumerate(scenarios):
+        for column, (panel, name, window, log_scale) in enumerate(PANELS):
+            axis = axes[row][column]
+            for correction, by_seed in series[scenario].items():
+                curves = []
+                for run in by_seed.values():
+                    points = [(s, v) for s, v in zip(run["steps"], run[name]) if v is not None]
+                    curves.append(dict(points))
+                steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+                if not steps:
+                    continue
+                smoothed = [_smooth([c[s] for s in steps], window) for c in curves]
+                if log_scale:
+                    smoothed = [[max(v, 1e-9) for v in curve] for curve in smoothed]
+                mean = [_mean(values) for values in zip(*smoothed)]
+                line, = axis.plot(steps, mean, label=correction, marker="o" if window == 1 else None, markersize=2.5)
+                if len(smoothed) > 1:
+                    axis.fill_between(steps, [min(v) for v in zip(*smoothed)], [max(v) for v in zip(*smoothed)],
+                                      color=line.get_color(), alpha=0.15)
+            if log_scale and axis.lines:
+                axis.set_yscale("log")
+            axis.set_title(f"{scenario}: {panel}", fontsize=9)
+            axis.grid(alpha=0.3)
+            if row == len(scenarios) - 1:
+                axis.set_xlabel("step")
+            if column == 0 and axis.lines:
+                axis.legend(fontsize=7)
+    figure.suptitle(title, fontsize=11)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    figure.savefig(path, dpi=72)
+
+
+def _settings(quick: bool, train_iters: int, seeds: Sequence[int]) -> str:
+    """One line of the demo settings every run shares (the demo's defaults, under --quick's flags)."""
+    from .arguments import build_parser
+
+    demo = build_parser().parse_args(list(QUICK_FLAGS) if quick else [])
+    return (f"GRPO on the demo: {demo.num_layers}-layer, {demo.hidden_size}-wide GPTModel, "
+            f"{demo.global_batch_size // demo.group_size} prompts x {demo.group_size} samples per step, "
+            f"Adam lr {demo.lr:g}, bypass mode; {train_iters} steps; seeds {', '.join(map(str, seeds))}")
+
+
+def _finite_or_none(value):
+    """``value`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m megatron_rollout_is.demo.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="Directory of the runs (DIR/runs/<scenario>__<correction>__seed<N>/).")
+    parser.add_argument("--results", default=None, metavar="DIR",
+                        help="Where study.json, study.md and study.png go; default --out.")
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS),
+                        help="Mismatch scenarios to run. " + "; ".join(
+                            f"{name}: {arm.description} ({' '.join(arm.flags) or 'no flags'})"
+                            for name, arm in SCENARIOS.items()))
+    parser.add_argument("--corrections", nargs="+", choices=list(CORRECTIONS), default=list(DEFAULT_CORRECTIONS),
+                        help="Corrections to run (default %(default)s). " + "; ".join(
+                            f"{name}: {' '.join(arm.flags)}" for name, arm in CORRECTIONS.items()))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                        help="Seeds (weights, prompts, sampling); default %(default)s.")
+    parser.add_argument("--train-iters", type=int, default=200, help="Steps of every run; default %(default)s.")
+    parser.add_argument("--tail", type=int, default=None, help="Steps averaged at the start and end; default a fifth.")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Runs at once, one CPU thread each (each process also takes ~0.4 GB).")
+    parser.add_argument("--quick", action="store_true",
+                        help="Smoke test: one seed, 4 steps, a batch of 16 and 24-token long responses, unless "
+                             "--seeds/--train-iters are given.")
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_rollout_is.demo.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="Output directory.")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
-    parser.add_argument("--train-iters", type=int, default=400)
-    parser.add_argument("--rollout-noise", type=float, default=1.0,
-                        help="Std of the Gaussian noise on every rollout logit (the injected mismatch).")
-    parser.add_argument("--threshold", type=float, default=2.0, help="Sequence-level IS truncation threshold.")
-    parser.add_argument("--arms", nargs="+", default=["uncorrected", "sequence IS"],
-                        choices=list(arms(2.0, 2.0)), help="Configurations to run (token IS: truncated token-level TIS).")
-    parser.add_argument("--token-threshold", type=float, default=2.0, help="Token-level IS threshold (token IS arm).")
-    parser.add_argument("--jobs", type=int, default=2, help="Runs in parallel (one CPU thread each).")
-    parser.add_argument("--tail", type=int, default=50, help="Steps averaged for the table.")
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.quick:
+        given = set(argv if argv is not None else sys.argv[1:])
+        args.seeds = args.seeds if "--seeds" in given else [1]
+        args.train_iters = args.train_iters if "--train-iters" in given else 4
+    if args.train_iters < 1 or args.jobs < 1:
+        parser.error("--train-iters and --jobs must be >= 1")
+    tail = args.tail or max(1, args.train_iters // 5)
     out = Path(args.out)
-    shared = ["--train-iters", str(args.train_iters), "--rollout-noise", str(args.rollout_noise),
-              "--rollout-is-bypass", "--eval-interval", "20", "--no-progress", "--plot", "none", "--cpu-threads", "1"]
-    commands = []
-    configurations = {arm: flags for arm, flags in arms(args.threshold, args.token_threshold).items() if arm in args.arms}
-    for seed in args.seeds:
-        for arm, flags in configurations.items():
-            directory = _run_directory(out, arm, seed)
-            commands.append([sys.executable, "-m", "megatron_rollout_is.demo", *shared, *flags,
-                             "--seed", str(seed), "--output-dir", str(directory)])
+    cells = [(scenario, correction, seed) for scenario in args.scenarios for correction in args.corrections
+             for seed in args.seeds]
+    commands = {cell: run_command(*cell, _run_directory(out, *cell), args.train_iters, args.quick) for cell in cells}
+    todo = [command for cell, command in commands.items()
+            if not _finished(_run_directory(out, *cell), command, args.train_iters)]
+    print(f"{len(cells)} runs, {len(cells) - len(todo)} already finished", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(_train, commands))
-    runs = {arm: {seed: read_metrics(_run_directory(out, arm, seed) / "metrics.jsonl") for seed in args.seeds}
-            for arm in configurations}
-    settings = (f"GRPO reverse-digits, {args.train_iters} steps, rollout noise std {args.rollout_noise} on bf16 "
-                f"rollout logits, sequence-level threshold {args.threshold} (truncate, veto 1e-4), seeds "
-                f"{', '.join(map(str, args.seeds))}")
-    if "token IS" in configurations:
-        settings += f"; token IS: token-level truncate {args.token_threshold}"
-    summary = summarize(runs, args.tail)
-    (out / "comparison.md").write_text(markdown_table(summary, args.tail, settings))
-    (out / "comparison.json").write_text(json.dumps({"settings": settings, "summary": summary}, indent=2))
-    plot(runs, out / "comparison.png", settings)
-    print((out / "comparison.md").read_text())
-    print(f"plot: {out / 'comparison.png'}")
+        list(pool.map(_train, todo))
+    runs = {s: {c: {} for c in args.corrections} for s in args.scenarios}
+    for scenario, correction, seed in cells:
+        directory = _run_directory(out, scenario, correction, seed)
+        runs[scenario][correction][seed] = read_metrics(directory / "metrics.jsonl")
+    settings = _settings(args.quick, args.train_iters, args.seeds)
+    summary = summarize(runs, tail)
+    series = {s: {c: {seed: run_series(records) for seed, records in by_seed.items()}
+                  for c, by_seed in by_correction.items()} for s, by_correction in runs.items()}
+    document = {
+        "settings": settings, "train_iters": args.train_iters, "tail": tail, "seeds": args.seeds, "quick": args.quick,
+        "scenarios": {s: {"description": SCENARIOS[s].description, "flags": list(SCENARIOS[s].flags)} for s in runs},
+        "corrections": {c: {"description": CORRECTIONS[c].description, "flags": list(CORRECTIONS[c].flags)}
+                        for c in args.corrections},
+        "summary": summary, "series": series,
+    }
+    results = Path(args.results or args.out)
+    results.mkdir(parents=True, exist_ok=True)
+    # Compact: the per-step series of every run make up most of the file.
+    (results / "study.json").write_text(json.dumps(_finite_or_none(document), separators=(",", ":"), allow_nan=False))
+    (results / "study.md").write_text(markdown(summary, args.corrections, tail, settings))
+    plot(series, results / "study.png", settings)
+    print((results / "study.md").read_text())
+    print(f"json: {results / 'study.json'}   plot: {results / 'study.png'}")
     return 0
 
 

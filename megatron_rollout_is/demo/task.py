@@ -1,16 +1,20 @@
-"""The demo's synthetic RL task: reverse a short digit string, with a dense programmatic reward.
+"""The demo's synthetic RL tasks, with dense programmatic rewards.
 
-A prompt is ``BOS d1 .. dk =`` and the correct response ``dk .. d1 EOS``. The reward of a sampled
-response is the fraction of the ``k + 1`` target positions it gets right, so partial answers earn
-partial credit and the reward curve rises early. No data is downloaded: prompts come from a seeded
-generator.
+* :class:`ReverseTask` (``--task reverse``, the default): a prompt ``BOS d1 .. dk =``, the correct
+  response ``dk .. d1 EOS``; the reward is the fraction of the ``k + 1`` target positions right.
+* :class:`CountTask` (``--task count``): long responses. A prompt ``BOS d =``, the correct response
+  counts up from ``d`` for ``--response-tokens`` symbols (modulo the alphabet), then ``EOS``; each
+  token is judged against the one before it, so a slip costs a token or two, not the rest.
 
-Layouts: ``N`` sequences, ``P`` = longest prompt (``max_digits + 2``), ``R`` = response budget
-(``max_digits + 1`` tokens).
+Partial answers earn partial credit, so the reward curve rises early. No data is downloaded:
+prompts come from a seeded generator.
+
+Layouts: ``N`` sequences, ``P`` = longest prompt, ``R`` = response budget (the longest answer plus
+``EOS``).
 """
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 from torch import Tensor
@@ -24,8 +28,29 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+class _SymbolAlphabet:
+    """What both tasks share: the vocabulary (specials + ``num_symbols`` symbols) and the lengths."""
+
+    num_symbols: int
+    prompt_len: int
+    response_len: int
+
+    def _check_alphabet(self) -> None:
+        if self.num_symbols < 2:
+            raise ValueError(f"--num-symbols must be >= 2, got {self.num_symbols}.")
+
+    @property
+    def sequence_len(self) -> int:
+        """Longest prompt + response."""
+        return self.prompt_len + self.response_len
+
+    def vocab_size(self, multiple: int = 1) -> int:
+        """Specials + symbols, rounded up to ``multiple`` (the TP size: the vocab is sharded)."""
+        return round_up(FIRST_SYMBOL + self.num_symbols, multiple)
+
+
 @dataclass(frozen=True)
-class ReverseTask:
+class ReverseTask(_SymbolAlphabet):
     """Reverse ``k`` symbols, ``k`` uniform in ``[min_digits, max_digits]``.
 
     Attributes:
@@ -43,8 +68,7 @@ class ReverseTask:
             raise ValueError(
                 f"need 1 <= --min-digits <= --max-digits, got {self.min_digits} and {self.max_digits}."
             )
-        if self.num_symbols < 2:
-            raise ValueError(f"--num-symbols must be >= 2, got {self.num_symbols}.")
+        self._check_alphabet()
 
     @property
     def prompt_len(self) -> int:
@@ -55,15 +79,6 @@ class ReverseTask:
     def response_len(self) -> int:
         """R: the response budget, the longest answer plus ``EOS``."""
         return self.max_digits + 1
-
-    @property
-    def sequence_len(self) -> int:
-        """Longest prompt + response."""
-        return self.prompt_len + self.response_len
-
-    def vocab_size(self, multiple: int = 1) -> int:
-        """Specials + symbols, rounded up to ``multiple`` (the TP size: the vocab is sharded)."""
-        return round_up(FIRST_SYMBOL + self.num_symbols, multiple)
 
     def sample_prompts(self, num: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
         """``num`` random prompts.
@@ -109,6 +124,83 @@ class ReverseTask:
         scored = torch.arange(self.response_len).unsqueeze(0) <= (prompt_lengths - 2).unsqueeze(1)
         hits = ((responses == targets) & scored).sum(1)
         return hits.float() / scored.sum(1).float()
+
+
+@dataclass(frozen=True)
+class CountTask(_SymbolAlphabet):
+    """Count up from a random symbol, ``length`` symbols long, then ``EOS``.
+
+    Attributes:
+        length (int): symbols in the correct response (hundreds make long responses).
+        num_symbols (int): size of the alphabet; counting wraps around modulo it.
+    """
+
+    length: int = 256
+    num_symbols: int = 10
+
+    def __post_init__(self):
+        if self.length < 1:
+            raise ValueError(f"--response-tokens must be >= 1, got {self.length}.")
+        self._check_alphabet()
+
+    prompt_len = 3
+    """P: ``BOS d =``."""
+
+    @property
+    def response_len(self) -> int:
+        """R: ``length`` symbols plus ``EOS``."""
+        return self.length + 1
+
+    def sample_prompts(self, num: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+        """``num`` prompts ``BOS d =`` (int64 ``[num, 3]``) and their lengths (all 3)."""
+        start = torch.randint(0, self.num_symbols, (num,), generator=generator) + FIRST_SYMBOL
+        prompts = torch.stack([torch.full((num,), BOS), start, torch.full((num,), EQUALS)], dim=1)
+        return prompts, torch.full((num,), self.prompt_len, dtype=torch.long)
+
+    def _successor(self, tokens: Tensor) -> Tensor:
+        """The next symbol after each token (PAD where the token is not a symbol)."""
+        symbol = tokens - FIRST_SYMBOL
+        is_symbol = (symbol >= 0) & (symbol < self.num_symbols)
+        return torch.where(is_symbol, (symbol + 1) % self.num_symbols + FIRST_SYMBOL, PAD)
+
+    def targets(self, prompts: Tensor, prompt_lengths: Tensor) -> Tensor:
+        """The correct responses, int64 ``[N, R]``: ``length`` counted symbols, then ``EOS``."""
+        offsets = torch.arange(1, self.length + 1).unsqueeze(0)
+        counted = (prompts[:, 1:2] - FIRST_SYMBOL + offsets) % self.num_symbols + FIRST_SYMBOL
+        return torch.cat([counted, torch.full((prompts.size(0), 1), EOS)], dim=1)
+
+    def rewards(self, responses: Tensor, prompts: Tensor, prompt_lengths: Tensor) -> Tensor:
+        """Fraction of the ``length + 1`` positions right, each judged against the token before it.
+
+        Position ``t < length`` is right when it holds the successor of the token before it (the
+        prompt's symbol for ``t = 0``); position ``length`` when it holds ``EOS``.
+
+        Args:
+            responses (Tensor): int64 ``[N, R]``; prompts int64 ``[N, 3]``; prompt_lengths unused.
+
+        Returns:
+            Tensor: float32 ``[N]`` in [0, 1].
+        """
+        previous = torch.cat([prompts[:, 1:2], responses[:, :self.length - 1]], dim=1)
+        expected = self._successor(previous)
+        # After a non-symbol (EOS, PAD) nothing is right: PAD must not match PAD.
+        counted = ((responses[:, :self.length] == expected) & (expected != PAD)).sum(1)
+        stopped = responses[:, self.length] == EOS
+        return (counted + stopped).float() / self.response_len
+
+
+Task = Union[ReverseTask, CountTask]
+TASKS = ("reverse", "count")
+
+
+def make_task(name: str, min_digits: int = 3, max_digits: int = 3, num_symbols: int = 10,
+              response_tokens: int = 256) -> Task:
+    """The task of ``--task`` from its flags (each task checks its own values)."""
+    if name == "reverse":
+        return ReverseTask(min_digits, max_digits, num_symbols)
+    if name == "count":
+        return CountTask(response_tokens, num_symbols)
+    raise ValueError(f"--task must be one of {TASKS}, got {name!r}.")
 
 
 def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:

@@ -3,8 +3,9 @@
 One step:
 
 1. the full weights are gathered over TP and PP (``unshard_named_tensors``) to global rank 0, whose
-   :class:`~.generator.RolloutEngine` (bf16, optional logit noise) samples ``--group-size``
-   responses per prompt; tokens and rollout log-probs are broadcast to every rank;
+   :class:`~.generator.RolloutEngine` (bf16; optionally logit noise, top-k/top-p, quantised or
+   ``--rollout-staleness`` steps old weights) samples ``--group-size`` responses per prompt; tokens
+   and rollout log-probs are broadcast to every rank;
 2. every rank scores the rewards, computes GRPO advantages and builds its DP share of the batch as
    micro-batches (padded ``[b, S/cp]`` or packed THD), split for its CP rank;
 3. without a bypass mode a forward-only pass of ``get_forward_backward_func()`` records pi_old and
@@ -39,10 +40,10 @@ from ..parallel.vocab_parallel import vocab_parallel_token_log_probs
 from .batches import (packed_cu_seqlens, packed_micro_batches, padded_micro_batches, response_view,
                       sequence_tensors, to_device, unsplit_micro_batch)
 from .checkpoint import TRACKER, load_checkpoint, save_checkpoint
-from .generator import EngineShape, RolloutEngine
+from .generator import EngineShape, RolloutEngine, SamplingParams, WeightHistory
 from .model_setup import build_model_and_optimizer
 from .reporting import MetricsLog, plot_runs, read_metrics
-from .task import ReverseTask, grpo_advantages, round_up
+from .task import grpo_advantages, make_task, round_up
 
 _PROMPTS, _SAMPLING, _EVAL = range(3)
 
@@ -52,7 +53,9 @@ class GRPOTrainer:
 
     def __init__(self, args, is_config, device: torch.device):
         self.args, self.is_config, self.device = args, is_config, device
-        self.task = ReverseTask(args.min_digits, args.max_digits, args.num_symbols)
+        self.task = make_task(args.task, args.min_digits, args.max_digits, args.num_symbols, args.response_tokens)
+        self.sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.rollout_logprobs_mode)
+        self.weight_history = WeightHistory(args.rollout_staleness)
         tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
         self.seq_len = round_up(self.task.sequence_len, 2 * cp)
         self.ddp, self.optimizer, self.config = build_model_and_optimizer(
@@ -103,9 +106,10 @@ class GRPOTrainer:
         full_state = self._engine_state()
         if self.rank == 0:
             dtype = torch.bfloat16 if args.rollout_dtype == "bf16" else torch.float32
-            engine = RolloutEngine(full_state, self.engine_shape, dtype, self.device)
+            engine = RolloutEngine(self.weight_history.push(full_state), self.engine_shape, dtype, self.device,
+                                   args.rollout_quantization)
             sampled = engine.generate(prompts, lengths, task.response_len, self._generator(step, _SAMPLING),
-                                      args.rollout_noise, args.temperature)
+                                      args.rollout_noise, self.sampling)
             responses.copy_(sampled.responses)
             log_probs.copy_(sampled.log_probs)
             mask.copy_(sampled.mask)
@@ -121,7 +125,10 @@ class GRPOTrainer:
         return batch
 
     def evaluate(self, full_state: Dict[str, torch.Tensor]) -> float:
-        """Mean reward of noise-free greedy fp32 answers to the fixed eval prompts (rank 0)."""
+        """Mean reward of greedy fp32 answers of the current weights to the fixed eval prompts (rank 0).
+
+        None of the rollout mismatches applies: no noise, no top-k/top-p, no quantisation, no staleness.
+        """
         engine = RolloutEngine(full_state, self.engine_shape, torch.float32, self.device)
         prompts, lengths = self.eval_prompts
         answers = engine.generate(prompts, lengths, self.task.response_len, greedy=True)
@@ -257,7 +264,13 @@ def _start_step(args, trainer: GRPOTrainer) -> int:
         if dist.get_rank() == 0:
             print(f"no checkpoint in {args.load} yet: starting from scratch", file=sys.stderr)
         return 0
-    return load_checkpoint(args.load, trainer.ddp, trainer.optimizer, args.ckpt_step)
+    start = load_checkpoint(args.load, trainer.ddp, trainer.optimizer, args.ckpt_step)
+    if args.rollout_staleness and dist.get_rank() == 0:
+        # The snapshots are not checkpointed: the lag rebuilds from the resumed weights.
+        print(f"--rollout-staleness {args.rollout_staleness}: the weight snapshots start empty after a resume; steps "
+              f"{start + 1}-{start + args.rollout_staleness} sample with weights at most {args.rollout_staleness} "
+              f"steps old but no older than step {start}'s", file=sys.stderr)
+    return start
 
 
 def run(args, is_config, device: torch.device) -> Optional[List[Dict[str, float]]]:
@@ -287,10 +300,28 @@ def run(args, is_config, device: torch.device) -> Optional[List[Dict[str, float]
     records = read_metrics(log.path)
     plot = args.plot or os.path.join(args.output_dir, "training.png")
     if plot.lower() != "none" and records:
-        title = f"GRPO reverse-digits, rollout noise {args.rollout_noise}, {is_config.describe()}"
+        title = f"GRPO {args.task}, rollout {_describe_rollout(args)}, {is_config.describe()}"
         plot_runs({"demo": records}, plot, title)
     _print_summary(records, log.path, plot, tensorboard)
     return records
+
+
+def _describe_rollout(args) -> str:
+    """The rollout engine's settings that differ from the trainer, e.g. ``bf16, top-p 0.8, 4 steps stale``."""
+    parts = [args.rollout_dtype]
+    if args.rollout_noise:
+        parts.append(f"noise {args.rollout_noise:g}")
+    if args.top_k:
+        parts.append(f"top-k {args.top_k}")
+    if args.top_p < 1:
+        parts.append(f"top-p {args.top_p:g}")
+    if args.top_k or args.top_p < 1:
+        parts.append(args.rollout_logprobs_mode)
+    if args.rollout_quantization != "none":
+        parts.append(f"{args.rollout_quantization} weights")
+    if args.rollout_staleness:
+        parts.append(f"{args.rollout_staleness} steps stale")
+    return ", ".join(parts)
 
 
 def _print_summary(records: List[Dict[str, float]], metrics_path, plot: str, tensorboard: str) -> None:
