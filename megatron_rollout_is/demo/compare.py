@@ -7,7 +7,8 @@ GRPO, bypass mode: pi_old is the detached current log-prob) once per scenario, c
   bf16 only, zero-mean logit noise, stale weights, top-p with processed log-probs, an fp8 W8A8
   engine, long responses);
 * a **correction** is what the trainer does about it (``CORRECTIONS``: nothing but monitoring,
-  token / sequence / geometric truncated IS, a geometric mask); adding one is one entry of demo flags.
+  token / sequence / geometric truncated IS, a geometric mask, geometric rejection, token IcePop,
+  replaying the engine's top-p); adding one is one entry of demo flags.
 
 Every run of a cell shares the seed's prompts and initial weights. Finished runs are kept: rerunning
 the command only trains what is missing or was trained with other flags (each run directory
@@ -61,24 +62,39 @@ CORRECTIONS = {
     "geo-mask": Arm("geometric-mean IS, masked outside [0.9998, 1.0002] (the migration guide's example 2)",
                     ("--rollout-is", "--rollout-is-threshold", "1.0002", "--rollout-is-threshold-lower", "0.9998",
                      "--rollout-is-level", "geometric", "--rollout-is-mode", "clip")),
+    "geo-rs": Arm("geometric rejection (verl HEAD seq_mean_k1), sequences outside a geometric ratio of [0.9, 1.1]",
+                  ("--rollout-rs", "seq_mean_k1", "--rollout-rs-threshold", "0.9_1.1")),
+    "token-icepop": Arm("token-level IcePop (verl HEAD): weights outside [0.5, 2] zeroed",
+                        ("--rollout-is", "token", "--rollout-is-threshold", "0.5_2.0")),
+    # The demo engine breaks ties as vLLM's PyTorch sampler does (tie rule "pytorch").
+    "replay": Arm("the trainer replays the engine's top-p 0.8 (processed pi_old and pi_theta); top-p scenario only",
+                  ("--rollout-top-p", "0.8", "--rollout-tie-rule", "pytorch", "--rollout-is-threshold", "2",
+                   "--rollout-is-level", "token")),
 }
 DEFAULT_CORRECTIONS = ("none", "token-tis", "seq-tis", "geo-tis")
 SHARED_FLAGS = ("--rollout-is-bypass", "--no-progress", "--plot", "none", "--cpu-threads", "1", "--eval-interval", "10")
 # --quick: a tiny batch, short long-responses, a handful of steps.
 QUICK_FLAGS = ("--global-batch-size", "16", "--micro-batch-size", "8", "--group-size", "4", "--eval-prompts", "8",
                "--eval-interval", "2", "--response-tokens", "24")
-# The metrics the study reads from every run's metrics.jsonl.
+# The metrics the study reads from every run's metrics.jsonl: verl 0.6.0 keys' name, then verl HEAD's.
 METRICS = {
-    "reward": "reward/mean",
-    "greedy_reward": "eval/greedy_reward",
-    "mismatch_kl": "mismatch/mismatch_kl",
-    "k3_kl": "mismatch/mismatch_k3_kl",
-    "ess": "mismatch/rollout_is_eff_sample_size",
-    "is_mean": "mismatch/rollout_is_mean",
-    "veto_fraction": "mismatch/rollout_is_veto_fraction",
-    "log_ppl_abs_diff": "mismatch/mismatch_log_ppl_abs_diff",
-    "response_length": "response/length_mean",
+    "reward": ("reward/mean",),
+    "greedy_reward": ("eval/greedy_reward",),
+    "mismatch_kl": ("mismatch/mismatch_kl", "rollout_corr/kl"),
+    "k3_kl": ("mismatch/mismatch_k3_kl", "rollout_corr/k3_kl"),
+    "ess": ("mismatch/rollout_is_eff_sample_size", "rollout_corr/rollout_is_eff_sample_size"),
+    "is_mean": ("mismatch/rollout_is_mean", "rollout_corr/rollout_is_mean"),
+    "veto_fraction": ("mismatch/rollout_is_veto_fraction",),
+    "log_ppl_abs_diff": ("mismatch/mismatch_log_ppl_abs_diff", "rollout_corr/log_ppl_abs_diff"),
+    "response_length": ("response/length_mean",),
 }
+
+
+def metric_value(record: dict, name: str) -> Optional[float]:
+    """A step's value of one of the study's :data:`METRICS` (None when the run does not log it)."""
+    return next((record[key] for key in METRICS[name] if key in record), None)
+
+
 # Those kept step by step in study.json (the others only as early/last means).
 PER_STEP = ("reward", "greedy_reward", "mismatch_kl", "k3_kl", "ess", "response_length")
 # Panels of the plot: (title, series, smoothing window, log scale).
@@ -134,7 +150,7 @@ def run_series(records: Sequence[dict]) -> Dict[str, list]:
     """Per-step series of one run: ``steps`` and, per :data:`PER_STEP` name, values (None where absent)."""
     series = {"steps": [r["step"] for r in records]}
     for name in PER_STEP:
-        series[name] = [_round(r.get(METRICS[name], float("nan"))) for r in records]
+        series[name] = [_round(metric_value(r, name)) for r in records]
     return series
 
 
@@ -164,10 +180,9 @@ def run_summary(records: Sequence[dict], tail: int) -> Dict[str, float]:
         "greedy_reward_final": evals[-1] if evals else float("nan"),
     }
     for name in ("mismatch_kl", "k3_kl", "ess", "is_mean", "veto_fraction", "log_ppl_abs_diff"):
-        key = METRICS[name]
-        summary[f"{name}_early"] = _mean([r.get(key) for r in first])
-        summary[f"{name}_last"] = _mean([r.get(key) for r in last])
-    k3 = [r.get(METRICS["k3_kl"]) for r in records]
+        summary[f"{name}_early"] = _mean([metric_value(r, name) for r in first])
+        summary[f"{name}_last"] = _mean([metric_value(r, name) for r in last])
+    k3 = [metric_value(r, "k3_kl") for r in records]
     summary["k3_kl_median"], summary["k3_kl_p95"] = _quantile(k3, 0.5), _quantile(k3, 0.95)
     return summary
 

@@ -34,9 +34,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from ..dumps import write_step_dump
 from ..cpu_rig.model import unshard_named_tensors
 from ..integration.forward_step import make_gpt_forward_step
+from ..integration.arguments import sampling_replay_settings
 from ..integration.loss import PolicyLossConfig, RolloutISPolicyLoss
 from ..parallel.groups import RolloutISGroups
-from ..parallel.vocab_parallel import vocab_parallel_token_log_probs
 from .batches import (packed_cu_seqlens, packed_micro_batches, padded_micro_batches, response_view,
                       sequence_tensors, to_device, unsplit_micro_batch)
 from .checkpoint import TRACKER, load_checkpoint, save_checkpoint
@@ -65,7 +65,8 @@ class GRPOTrainer:
         self.groups = RolloutISGroups.from_parallel_state()
         self.loss = RolloutISPolicyLoss(is_config, self.groups, PolicyLossConfig(
             clip_eps_low=args.clip_eps, clip_eps_high=args.clip_eps, temperature=args.temperature,
-            bypass=args.rollout_is_bypass, loss_denominator=args.rollout_loss_denominator))
+            bypass=args.rollout_is_bypass, loss_denominator=args.rollout_loss_denominator,
+            **sampling_replay_settings(args)))
         self.rank, self.last_rank = dist.get_rank(), dist.get_world_size() - 1
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.cp_rank = parallel_state.get_context_parallel_rank()
@@ -157,16 +158,10 @@ class GRPOTrainer:
             forward_only=forward_only)
 
     def record_old_log_probs(self, batches: List[dict]) -> None:
-        """Forward-only pass that stores pi_old ``[b, s/cp]`` as ``old_log_prob`` (last stage)."""
-        tp_group, temperature = self.groups.tp, self.args.temperature
-
-        def record(batch, logits):
-            log_probs = vocab_parallel_token_log_probs(logits, batch["labels"].t(), tp_group, temperature)
-            batch["old_log_prob"] = log_probs.t().float()
-            return logits.new_zeros(()), torch.zeros((), dtype=torch.int, device=logits.device), {}
-
+        """Forward-only pass that stores pi_old ``[b, s/cp]`` as ``old_log_prob`` (last stage), scored
+        as the loss scores pi_theta (temperature, sampling replay)."""
         with torch.no_grad():
-            self._schedule(record, batches, forward_only=True)
+            self._schedule(self.loss.record_old_log_prob, batches, forward_only=True)
 
     def train_step(self, step: int, evaluate: bool = False) -> Dict[str, float]:
         """One GRPO step; returns the step's metrics on rank 0 (an empty dict elsewhere)."""
