@@ -32,8 +32,20 @@ The sentence's "nats per token" is the measured mean `|lr|` when the metrics car
 (`mean_abs_log_ratio`, which the report adds), else `arccosh(1 + k3)`: the `+-x` log ratio whose k3
 KL is the one measured (`cosh(x) - 1 = k3`; `~ sqrt(2 k3)` for a small mismatch).
 
-These limits are PROVISIONAL, derived from the definitions above rather than measured; the
-measured study of mismatch types (issue 12) is to confirm or replace them.
+These limits are derived from the definitions above rather than measured. The demo's study of
+mismatch types (docs/study, 3 seeds of a toy model: evidence, not proof) showed that the LEVEL alone
+does not tell whether correction helps: zero-mean engine noise had the largest k3 KL and correction
+hurt there, while stale rollouts started at a tenth of it and correction helped most. What set the
+stale runs apart was the SHAPE of the per-step k3 over the run, which `mismatch_patterns` reads:
+
+| pattern | fires when (over the steps given, at least `PATTERN_MIN_STEPS`) | advice |
+|---|---|---|
+| `bursts` | p95 of k3 > 0.1 and p95 > 5 x its median | the mismatch moves with the learning (stale / asynchronous rollouts): correct (token-level TIS did best) |
+| `support` | median k1 (`kl`) > 3 x median k3, k3 not negligible, and the mean IS weight (if logged) < 0.95 | the rollout scores a smaller support (top-p/top-k processed log-probs): IS cannot repair it, replay the sampling filter |
+| `steady` | median k3 >= the severe limit and p95 < 2 x the median | a large steady mismatch, like unbiased engine noise: correction added variance in the study; monitor |
+
+(In the study: stale p95/median 9-48 with p95 0.8-1.3 nats; noise 1.4; top-p k1/k3 11, mean weight
+0.82; long responses 1.8.)
 
 A run (`run_regime`) gets the most severe label that at least `RUN_STEP_SHARE` (10%, at least one)
 of its judged steps reach: a mismatch that shows on a tenth of the steps matters, a single noisy
@@ -64,7 +76,23 @@ VERDICTS = {
     SEVERE: "correction is needed",
 }
 
+PATTERN_MIN_STEPS = 20
+BURST_P95, BURST_RATIO = 0.1, 5.0
+SUPPORT_RATIO, SUPPORT_MEAN_WEIGHT = 3.0, 0.95
+STEADY_RATIO = 2.0
+PATTERN_ADVICE = {
+    "bursts": "the mismatch comes in bursts, so it moves with the learning (stale or asynchronous rollouts): apply "
+              "a correction (token-level TIS did best in the demo study)",
+    "support": "k1 is far above k3 and the mean IS weight is below 1: the rollout log-probs are renormalised over a "
+               "smaller support (top-p/top-k processed log-probs); IS cannot repair that: replay the sampling filter "
+               "in the trainer (--rollout-top-p/--rollout-top-k/--rollout-min-p)",
+    "steady": "a large but steady mismatch, like unbiased engine noise: correction added variance in the demo study; "
+              "monitoring may be enough",
+}
+
 _NAMES = {
+    "k1_kl": ("rollout_corr/kl", "mismatch/mismatch_kl", "kl", "mismatch_kl"),
+    "is_mean": ("rollout_corr/rollout_is_mean", "mismatch/rollout_is_mean"),
     "k3_kl": ("rollout_corr/k3_kl", "mismatch/mismatch_k3_kl", "k3_kl", "mismatch_k3_kl"),
     "chi2_token": ("rollout_corr/chi2_token", "chi2_token"),
     "chi2_seq": ("rollout_corr/chi2_seq", "chi2_seq"),
@@ -153,6 +181,64 @@ def mismatch_regime(metrics: Mapping[str, float]) -> tuple[str, str]:
     return label, sentence
 
 
+def _quantile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    return ordered[low] + (ordered[min(low + 1, len(ordered) - 1)] - ordered[low]) * (position - low)
+
+
+def mismatch_patterns(step_metrics: Sequence[Mapping[str, float]]) -> list:
+    """The shapes of the mismatch over several steps (the module docstring's table).
+
+    Args:
+        step_metrics: the logged metrics of consecutive steps (a run, or a window of one); fewer than
+            `PATTERN_MIN_STEPS` steps with a k3 KL give no pattern.
+
+    Returns:
+        `[(code, sentence)]` for `bursts`, `support` and `steady`, in that order, those that fire.
+    """
+    k3 = [v for v in (_lookup(m, "k3_kl") for m in step_metrics) if v is not None and math.isfinite(v)]
+    if len(k3) < PATTERN_MIN_STEPS:
+        return []
+    median, p95 = _quantile(k3, 0.5), _quantile(k3, 0.95)
+    found = []
+    if p95 > BURST_P95 and p95 > BURST_RATIO * median:
+        found.append(("bursts", f"per-step k3 KL p95 {p95:.3g} is {p95 / max(median, 1e-300):.3g} x its median "
+                                f"{median:.3g}: {PATTERN_ADVICE['bursts']}"))
+    k1 = [v for v in (_lookup(m, "k1_kl") for m in step_metrics) if v is not None]
+    weight = [v for v in (_lookup(m, "is_mean") for m in step_metrics) if v is not None]
+    mean_weight = _quantile(weight, 0.5) if weight else None
+    if (k1 and median >= K3_KL_LIMITS[0] and _quantile(k1, 0.5) > SUPPORT_RATIO * median
+            and (mean_weight is None or mean_weight < SUPPORT_MEAN_WEIGHT)):
+        shown = "" if mean_weight is None else f", mean IS weight {mean_weight:.3g}"
+        found.append(("support", f"median k1 {_quantile(k1, 0.5):.3g} vs k3 {median:.3g}{shown}: "
+                                 f"{PATTERN_ADVICE['support']}"))
+    if median >= K3_KL_LIMITS[1] and p95 < STEADY_RATIO * median:
+        found.append(("steady", f"per-step k3 KL median {median:.3g}, p95 {p95:.3g}: {PATTERN_ADVICE['steady']}"))
+    return found
+
+
+class MismatchMonitor:
+    """Watches a training run's step metrics and reports each mismatch pattern once.
+
+    Args:
+        window: how many recent steps the patterns are read on.
+    """
+
+    def __init__(self, window: int = 100):
+        self.window = window
+        self._recent = []
+        self._reported = set()
+
+    def update(self, step_metrics: Mapping[str, float]) -> list:
+        """Adds one step; returns the patterns `[(code, sentence)]` that fire for the first time."""
+        self._recent = (self._recent + [dict(step_metrics)])[-self.window:]
+        new = [(code, text) for code, text in mismatch_patterns(self._recent) if code not in self._reported]
+        self._reported.update(code for code, _ in new)
+        return new
+
+
 @dataclass(frozen=True)
 class RunRegime:
     """The regime of a run.
@@ -166,6 +252,7 @@ class RunRegime:
         k3_kl: the k3 KL of each judged step.
         chi2_token: each judged step's chi2_token (None where not logged).
         trend: `rising`, `falling` or `stable` (k3 KL, last third of the steps against the first).
+        patterns: `mismatch_patterns` of the run's steps.
     """
 
     label: str
@@ -176,6 +263,7 @@ class RunRegime:
     k3_kl: list
     chi2_token: list
     trend: str
+    patterns: list
 
 
 def _trend(values: Sequence[float]) -> tuple[str, float, float]:
@@ -215,4 +303,6 @@ def run_regime(steps: Sequence[int], step_metrics: Sequence[Mapping[str, float]]
         + f" of {len(labels)} step(s); k3 KL {trend}, {first:.3g} on the first third of the steps, {last:.3g} on the "
         "last)"
     )
-    return RunRegime(label, sentence, list(steps), labels, counts, k3, chi2, trend)
+    patterns = mismatch_patterns(step_metrics)
+    sentence += "".join(f". Pattern `{code}`: {text}" for code, text in patterns)
+    return RunRegime(label, sentence, list(steps), labels, counts, k3, chi2, trend, patterns)

@@ -259,18 +259,19 @@ def test_bad_sampling_settings_name_the_setting():
         PolicyLossConfig(rollout_top_k=5, rollout_tie_rule="gpu")
 
 
-def test_monitoring_only_training_warns_once_when_the_mismatch_is_severe():
+def test_training_warns_once_about_a_support_mismatch_that_is_not_corrected():
     from megatron_rollout_is.diagnostics import RolloutLogProbWarning
+    from megatron_rollout_is.regime import PATTERN_MIN_STEPS
 
     logits, batch = _batch(seed=11)
-    batch["rollout_log_prob"] = batch["old_log_prob"] + 0.8  # every ratio e^-0.8: k3 KL ~ 0.25, severe
+    # Every rollout log-prob 0.3 nats above the trainer's, like top-p processed log-probs: k1 = 0.3,
+    # k3 = exp(-0.3) - 1 + 0.3 = 0.041, mean IS weight 0.74.
+    batch["rollout_log_prob"] = batch["old_log_prob"] + 0.3
     loss = RolloutISPolicyLoss(RolloutCorrectionConfig.disabled(), RolloutISGroups())
-    with pytest.warns(RolloutLogProbWarning, match="correction is needed.*only monitors") as caught:
-        for _ in range(3):  # three steps of one trainer
+    with pytest.warns(RolloutLogProbWarning, match="support.*replay the sampling filter") as caught:
+        for _ in range(PATTERN_MIN_STEPS + 5):
             loss(batch, logits)
             loss.finalize_step()
-    assert len([w for w in caught if "only monitors" in str(w.message)]) == 1
-    corrected = RolloutCorrectionConfig.decoupled_token_is()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RolloutLogProbWarning)
-        _run(corrected, logits, batch, prepared=True)
+    support = [w for w in caught if "replay the sampling filter" in str(w.message)]
+    assert len(support) == 1 and "step 20" in str(support[0].message)  # once, as soon as 20 steps exist
+    assert not [w for w in caught if "comes in bursts" in str(w.message)]  # a steady mismatch is no burst

@@ -22,7 +22,7 @@ from ..parallel.groups import RolloutISGroups, group_rank
 from ..parallel.sampling_replay import SamplingFilter
 from ..parallel.sharded import ShardedRolloutCorrection
 from ..parallel.vocab_parallel import vocab_parallel_token_log_probs
-from ..regime import SEVERE, mismatch_regime
+from ..regime import MismatchMonitor
 
 DENOMINATORS = ("kept", "response")
 
@@ -134,7 +134,7 @@ class RolloutISPolicyLoss:
         self._diagnosed = False
         self._corrects = self.plan is not None and (bool(self.plan.criteria) or (
             self.plan.weights is not None and self.plan.weights.applied))
-        self._regime_warnings = warns
+        self._monitor = MismatchMonitor() if warns else None
 
     @property
     def bypass(self) -> bool:
@@ -215,22 +215,21 @@ class RolloutISPolicyLoss:
     def finalize_step(self) -> dict:
         """The step's correction metrics (empty when correction is off); last-stage ranks only.
 
-        When the plan corrects nothing (metrics only) and the step's mismatch is `severe`
-        (`regime.mismatch_regime`), warns once that this run needs a correction.
+        Also watches the run's mismatch (`regime.MismatchMonitor` over the last 100 steps) and warns
+        once per pattern that calls for a change: `bursts` while nothing is corrected, `support`
+        while the sampling filter is not replayed, `steady` while weights are applied.
         """
         self._step += 1
         self._diagnosed = False
         if self.rollout_is is None:
             return {}
         metrics = self.rollout_is.finalize()
-        if self._regime_warnings and not self._corrects:
-            label, sentence = mismatch_regime(metrics)
-            if label == SEVERE:
-                self._regime_warnings = False
-                warnings.warn(f"[rollout correction, step {self._step}] {sentence}; this run only monitors (no "
-                              "weights applied, nothing rejected): apply one, e.g. --rollout-correction-preset "
-                              "decoupled_token_is, or see `megatron-rollout-is report`.", RolloutLogProbWarning,
-                              stacklevel=2)
+        if self._monitor is not None:
+            for code, sentence in self._monitor.update(metrics):
+                if (code == "bursts" and not self._corrects) or (code == "support" and not self.loss_config.replays_sampling) \
+                        or (code == "steady" and self.is_config.applies_weights):
+                    warnings.warn(f"[rollout correction, step {self._step}] {sentence}. See `megatron-rollout-is report` "
+                                  "and docs/study.", RolloutLogProbWarning, stacklevel=2)
         return metrics
 
     def _token_log_probs(self, batch, logits, with_entropy: bool):
