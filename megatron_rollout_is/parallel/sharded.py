@@ -138,12 +138,15 @@ class ShardedRolloutCorrection:
             self._agree_on_inputs(None, error)
         rows = [_concatenate_rows([p.rows[i] for p in packed]) for i in range(3)]
         correction = self._correct(*rows, normalize_over=self._dp_cp_sum)
-        corrections, start = [], 0
-        for one, original in zip(packed, micro_batches):
-            count, width = one.rows[0].shape
-            piece = Correction(*(None if t is None else t[start:start + count, :width] for t in correction))
+        counts = [one.rows[0].shape[0] for one in packed]
+        # Row views of the step's tensors, one split each: the per-micro-batch slices cost no copies.
+        pieces = [None if t is None else t.split(counts) for t in correction]
+        corrections = []
+        for index, (one, original) in enumerate(zip(packed, micro_batches)):
+            width = one.rows[0].shape[1]
+            piece = Correction(*(None if t is None else t[index].narrow(1, 0, width) if t[index].shape[1] > width
+                                 else t[index] for t in pieces))
             corrections.append(one.repack(piece, original[0].shape))
-            start += count
         return corrections
 
     def finalize(self) -> dict:
