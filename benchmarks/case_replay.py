@@ -102,7 +102,7 @@ def _measure(rank, tp, group, device, spec, shape, name, filters, seq) -> dict:
 def table(rows: list) -> tuple:
     """Title, header and rows of the printed table."""
     return (
-        "5. sampling replay (vLLM top-k/top-p) vs plain log-probs, fwd+bwd (memory in fp32 copies of the local logits)",
+        "6. sampling replay (vLLM top-k/top-p) vs plain log-probs, fwd+bwd (memory in fp32 copies of the local logits)",
         ["tp", "logits", "filters", "s x b x V", "peak / fp32 copy", "plain peak", "replay ms", "plain ms",
          "time ratio", "collectives"],
         [[r["tp"], r["logits"], r["filters"], f"{r['seq']}x{r['batch']}x{r['vocab']}",

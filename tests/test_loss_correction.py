@@ -126,6 +126,22 @@ def test_batch_normalisation_without_prepare_step_is_a_clear_error():
         _run(config, logits, batch, prepared=False)
 
 
+@pytest.mark.parametrize("bypass", [False, True])
+def test_a_step_that_rejects_every_token_has_zero_loss_gradient_and_tokens(bypass):
+    # Megatron's finalize_model_grads skips the division when the step's token count is 0, so the
+    # hook must hand back an exact 0 with finite metrics, never 0/0.
+    logits, batch = _batch(seed=5)
+    keys = dict(rollout_is="token", rollout_rs="token_k3", rollout_rs_threshold=1e-30)
+    if bypass:
+        keys.update(bypass_mode=True, loss_type="reinforce")
+        batch = _without_old(batch)
+    total, count, grad, metrics = _run(RolloutCorrectionConfig(**keys), logits, batch, prepared=not bypass)
+    assert count == 0 and total.item() == 0.0
+    assert torch.count_nonzero(grad) == 0
+    assert metrics["rollout_corr/rollout_rs_seq_masked_fraction"] == 1.0
+    assert all(math.isfinite(value) for value in metrics.values())
+
+
 def test_response_denominator_counts_rejected_tokens_but_adds_nothing_for_them():
     logits, batch = _batch(seed=4)
     config = RolloutCorrectionConfig(**HEAD_CASES["token_tis_token_k1"])
