@@ -8,12 +8,14 @@ is timed the same way, as the call its keys make; presets whose keys make the sa
 `bypass_pg_is` and `decoupled_seq_is`) share one row.
 """
 
-import torch
-from case_weights import compare_metrics, make_batch, time_and_memory
-from verl_head_style import verl_head_style_correction
+import functools
 
+import torch
+
+from case_weights import compare_metrics, make_batch, time_and_memory
 from megatron_rollout_is import compute_rollout_correction_and_rejection_mask
 from megatron_rollout_is.config import PRESETS
+from verl_head_style import verl_head_style_correction
 
 MODE_KEYS = ("bypass_mode", "loss_type")
 """Preset keys that choose where the loss gets pi_old from, not what the correction computes."""
@@ -21,13 +23,22 @@ MODE_KEYS = ("bypass_mode", "loss_type")
 EXTENSIONS = {
     "geometric IcePop band": {"rollout_is": "geometric", "rollout_is_threshold": "0.99_1.01"},
     "token two-sided clamp": {"rollout_is": "token", "rollout_is_threshold": "0.5_2.0", "rollout_is_mode": "clamp"},
-    "token TIS + batch normalisation": {"rollout_is": "token", "rollout_is_threshold": 2.0,
-                                        "rollout_is_batch_normalize": True},
-    "geometric TIS + batch normalisation": {"rollout_is": "geometric", "rollout_is_threshold": 1.001,
-                                            "rollout_is_batch_normalize": True},
+    "token TIS + batch normalisation": {
+        "rollout_is": "token",
+        "rollout_is_threshold": 2.0,
+        "rollout_is_batch_normalize": True,
+    },
+    "geometric TIS + batch normalisation": {
+        "rollout_is": "geometric",
+        "rollout_is_threshold": 1.001,
+        "rollout_is_batch_normalize": True,
+    },
     "token TIS + token_k1,seq_mean_k3,seq_max_k2": {
-        "rollout_is": "token", "rollout_is_threshold": 2.0, "rollout_rs": "token_k1,seq_mean_k3,seq_max_k2",
-        "rollout_rs_threshold": "0.5_2.0,0.01,1.0"},
+        "rollout_is": "token",
+        "rollout_is_threshold": 2.0,
+        "rollout_rs": "token_k1,seq_mean_k3,seq_max_k2",
+        "rollout_rs_threshold": "0.5_2.0,0.01,1.0",
+    },
 }
 """This project's options beyond verl HEAD (geometric level, `rollout_is_mode`, batch normalisation of a
 non-verl level, chained criteria with a MAX); thresholds in the range of the benchmark batch."""
@@ -64,8 +75,13 @@ def agreement(old, rollout, mask, arguments: dict) -> dict:
     if modified.dtype != ref_modified.dtype:
         raise AssertionError(f"{arguments}: modified masks of dtypes {modified.dtype} and {ref_modified.dtype}")
     weight_diff = 0.0 if weights is None else (weights.double() - ref_weights.double()).abs().max().item()
-    return {"weight_max_abs_diff": weight_diff, "mask_entries_differing": int((modified != ref_modified).sum()),
-            "metric_max_rel_diff": worst, "worst_metric": worst_key, "metrics": len(metrics)}
+    return {
+        "weight_max_abs_diff": weight_diff,
+        "mask_entries_differing": int((modified != ref_modified).sum()),
+        "metric_max_rel_diff": worst,
+        "worst_metric": worst_key,
+        "metrics": len(metrics),
+    }
 
 
 def run(batch: int, length: int, device: torch.device, repeats: int, check_batch: tuple[int, int]) -> list[dict]:
@@ -81,10 +97,20 @@ def run(batch: int, length: int, device: torch.device, repeats: int, check_batch
     for config in configurations():
         arguments = config["arguments"]
         agreement_float32 = agreement(old, rollout, mask, arguments)  # also the untimed warm-up run of both
-        measured = time_and_memory(lambda: _package(old, rollout, mask, arguments),
-                                   lambda: _reference(old, rollout, mask, arguments), device, repeats)
-        rows.append({
-            **config, "batch": batch, "length": length, **measured,
-            "agreement_float64": agreement(*check_inputs, arguments), "agreement_float32": agreement_float32,
-        })
+        measured = time_and_memory(
+            functools.partial(_package, old, rollout, mask, arguments),
+            functools.partial(_reference, old, rollout, mask, arguments),
+            device,
+            repeats,
+        )
+        rows.append(
+            {
+                **config,
+                "batch": batch,
+                "length": length,
+                **measured,
+                "agreement_float64": agreement(*check_inputs, arguments),
+                "agreement_float32": agreement_float32,
+            }
+        )
     return rows

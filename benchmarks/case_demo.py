@@ -69,8 +69,9 @@ def _correction_seconds(totals: dict, steps: int) -> dict:
     return {"calls": per_step, "total": hook, "hook_own": hook - sharded}
 
 
-def demo_worker(rank: int, world_size: int, device: torch.device, flags: list[str], steps: int,
-                is_flags: list[str] = IS_FLAGS) -> dict:
+def demo_worker(
+    rank: int, world_size: int, device: torch.device, flags: list[str], steps: int, is_flags: list[str] = IS_FLAGS
+) -> dict:
     """Times `steps` training steps of each trainer (after one warm-up step each); the IS-on trainer
     adds `is_flags` to `flags`."""
     with warnings.catch_warnings():
@@ -121,15 +122,22 @@ def demo_worker(rank: int, world_size: int, device: torch.device, flags: list[st
         parameters = sum(param.numel() for param in trainers["on"].model.parameters())
         responses = batch["response_mask"]
         return {
-            "flags": " ".join(flags + is_flags), "correction": " ".join(is_flags), "steps": steps,
+            "flags": " ".join(flags + is_flags),
+            "correction": " ".join(is_flags),
+            "steps": steps,
             "sequences": responses.shape[0],
             "model": f"{args.num_layers} layers x {args.hidden_size} hidden, {parameters / 1e6:,.1f} M parameters",
-            "parameters": parameters, "device": str(device),
+            "parameters": parameters,
+            "device": str(device),
             "response_tokens": int(responses.sum()),
-            "off_step_s": off_s, "on_step_s": on_s, "time_ratio": on_s / off_s,
+            "off_step_s": off_s,
+            "on_step_s": on_s,
+            "time_ratio": on_s / off_s,
             "time_ratio_of_minimums": min(times["on"]) / min(times["off"]),
-            "is_seconds_per_step": correction["total"], "is_share_of_step": correction["total"] / on_s,
-            "is_hook_own_seconds_per_step": correction["hook_own"], "is_seconds_per_step_by_call": correction["calls"],
+            "is_seconds_per_step": correction["total"],
+            "is_share_of_step": correction["total"] / on_s,
+            "is_hook_own_seconds_per_step": correction["hook_own"],
+            "is_seconds_per_step_by_call": correction["calls"],
         }
     finally:
         parallel_state.destroy_model_parallel()

@@ -12,9 +12,9 @@ import time
 
 import torch
 import torch.distributed as dist
+
 from case_weights import VETO, make_batch
 from harness import count_collectives, peak_extra_bytes, synchronize
-
 from megatron_rollout_is.config import RolloutISConfig
 from megatron_rollout_is.core import StepStatistics, correct_micro_batch
 from megatron_rollout_is.parallel.context_parallel import split_for_cp, zigzag_indices
@@ -105,13 +105,20 @@ def _context_parallel(rank, cp, group, device, batch, length, repeats) -> dict:
     package_s = _group_max_median(times["package"], group, device)
     all_gather_s = _group_max_median(times["all_gather"], group, device)
     return {
-        "cp": cp, "batch": batch, "length": length, "level": "sequence",
+        "cp": cp,
+        "batch": batch,
+        "length": length,
+        "level": "sequence",
         "package_bytes_sent": traffic["package"]["ring_bytes_sent"],
         "all_gather_bytes_sent": traffic["all_gather"]["ring_bytes_sent"],
         "traffic_ratio": traffic["all_gather"]["ring_bytes_sent"] / traffic["package"]["ring_bytes_sent"],
-        "package_collectives": traffic["package"], "all_gather_collectives": traffic["all_gather"],
-        "package_s": package_s, "all_gather_s": all_gather_s, "time_ratio": package_s / all_gather_s,
-        "weights_match_float64": weights_match, "weights_max_rel_diff_float32": float32_rel_diff,
+        "package_collectives": traffic["package"],
+        "all_gather_collectives": traffic["all_gather"],
+        "package_s": package_s,
+        "all_gather_s": all_gather_s,
+        "time_ratio": package_s / all_gather_s,
+        "weights_match_float64": weights_match,
+        "weights_max_rel_diff_float32": float32_rel_diff,
     }
 
 
@@ -130,7 +137,7 @@ def _vocab_parallel(rank, tp, group, device, spec, repeats) -> dict:
     full = (2.0 * torch.randn(seq, batch, vocab, generator=generator)).to(device)
     target = torch.randint(0, vocab, (seq, batch), generator=generator).to(device)
     shard = vocab // tp
-    local = full[..., rank * shard:(rank + 1) * shard].clone().requires_grad_(True)
+    local = full[..., rank * shard : (rank + 1) * shard].clone().requires_grad_(True)
     full.requires_grad_(True)
     tp_group = group if tp > 1 else None
 
@@ -149,8 +156,11 @@ def _vocab_parallel(rank, tp, group, device, spec, repeats) -> dict:
     with torch.no_grad():
         error = (package(local) - plain(full)).abs().max().item()
     row = {"tp": tp, "seq": seq, "batch": batch, "vocab": vocab, "max_abs_diff_vs_plain": error, "chunk_size": chunk}
-    modes = (("forward_no_grad", _no_grad, package), ("forward_no_grad_chunked", _no_grad, package_chunked),
-             ("forward_backward", _forward_backward, package))
+    modes = (
+        ("forward_no_grad", _no_grad, package),
+        ("forward_no_grad_chunked", _no_grad, package_chunked),
+        ("forward_backward", _forward_backward, package),
+    )
     for mode, runner, package_fn in modes:
         runner(package_fn, local)
         if rank == 0:
@@ -186,9 +196,9 @@ def _vocab_parallel(rank, tp, group, device, spec, repeats) -> dict:
         peak_extra_bytes(lambda: _forward_backward(package, low_precision), device) / fp32_copy
     )
     if rank == 0:
-        row["plain_peak_forward_backward_over_fp32_copy"] = (
-            peak_extra_bytes(lambda: _forward_backward(plain, full), device) / (full.numel() * 4)
-        )
+        row["plain_peak_forward_backward_over_fp32_copy"] = peak_extra_bytes(
+            lambda: _forward_backward(plain, full), device
+        ) / (full.numel() * 4)
     return row
 
 

@@ -19,9 +19,9 @@ import time
 
 import torch
 import torch.distributed as dist
+
 from case_parallel import _group_max_median
 from harness import count_collectives, peak_extra_bytes, synchronize
-
 from megatron_rollout_is.parallel.vocab_parallel import vocab_parallel_token_log_probs
 
 SETTINGS = (
@@ -60,7 +60,7 @@ def _measure(rank, tp, group, device, spec, shape, name, filters, seq) -> dict:
     full = _logits(shape, seq, batch, vocab)
     target = full.argmax(dim=-1).to(device)  # always kept by every filter
     shard = vocab // tp
-    local = full[..., rank * shard:(rank + 1) * shard].contiguous().to(device).requires_grad_(True)
+    local = full[..., rank * shard : (rank + 1) * shard].contiguous().to(device).requires_grad_(True)
 
     def replay():
         return vocab_parallel_token_log_probs(local, target, group, TEMPERATURE, **filters)
@@ -86,10 +86,17 @@ def _measure(rank, tp, group, device, spec, shape, name, filters, seq) -> dict:
             times[key].append(time.perf_counter() - start)
     fp32_copy = local.numel() * 4
     row = {
-        "tp": tp, "logits": shape, "filters": name, "seq": seq, "batch": batch, "vocab": vocab,
-        "collectives_per_call": counter.calls, "collective_payload_bytes": counter.payload_bytes,
+        "tp": tp,
+        "logits": shape,
+        "filters": name,
+        "seq": seq,
+        "batch": batch,
+        "vocab": vocab,
+        "collectives_per_call": counter.calls,
+        "collective_payload_bytes": counter.payload_bytes,
         "peak_forward_backward_over_fp32_copy": peak_extra_bytes(lambda: forward_backward(replay), device) / fp32_copy,
-        "plain_peak_forward_backward_over_fp32_copy": peak_extra_bytes(lambda: forward_backward(plain), device) / fp32_copy,
+        "plain_peak_forward_backward_over_fp32_copy": peak_extra_bytes(lambda: forward_backward(plain), device)
+        / fp32_copy,
     }
     for key in times:
         row[f"{key}_forward_backward_s"] = (
@@ -103,10 +110,31 @@ def table(rows: list) -> tuple:
     """Title, header and rows of the printed table."""
     return (
         "6. sampling replay (vLLM top-k/top-p) vs plain log-probs, fwd+bwd (memory in fp32 copies of the local logits)",
-        ["tp", "logits", "filters", "s x b x V", "peak / fp32 copy", "plain peak", "replay ms", "plain ms",
-         "time ratio", "collectives"],
-        [[r["tp"], r["logits"], r["filters"], f"{r['seq']}x{r['batch']}x{r['vocab']}",
-          f"{r['peak_forward_backward_over_fp32_copy']:.3f}", f"{r['plain_peak_forward_backward_over_fp32_copy']:.3f}",
-          f"{1000 * r['replay_forward_backward_s']:.1f}", f"{1000 * r['plain_forward_backward_s']:.1f}",
-          f"{r['time_ratio']:.1f}", r["collectives_per_call"]] for r in rows],
+        [
+            "tp",
+            "logits",
+            "filters",
+            "s x b x V",
+            "peak / fp32 copy",
+            "plain peak",
+            "replay ms",
+            "plain ms",
+            "time ratio",
+            "collectives",
+        ],
+        [
+            [
+                r["tp"],
+                r["logits"],
+                r["filters"],
+                f"{r['seq']}x{r['batch']}x{r['vocab']}",
+                f"{r['peak_forward_backward_over_fp32_copy']:.3f}",
+                f"{r['plain_peak_forward_backward_over_fp32_copy']:.3f}",
+                f"{1000 * r['replay_forward_backward_s']:.1f}",
+                f"{1000 * r['plain_forward_backward_s']:.1f}",
+                f"{r['time_ratio']:.1f}",
+                r["collectives_per_call"],
+            ]
+            for r in rows
+        ],
     )

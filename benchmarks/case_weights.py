@@ -1,12 +1,13 @@
 """Case 1: weights + every metric in one process, the package against the verl-0.6.0-style baseline."""
 
+import functools
 import statistics
 
 import torch
-from harness import interleaved_times, peak_extra_bytes
-from verl_style import verl_style_rollout_is
 
+from harness import interleaved_times, peak_extra_bytes
 from megatron_rollout_is.core import compute_rollout_importance_weights
+from verl_style import verl_style_rollout_is
 
 # (level, upper threshold) pairs in the range the seed document recommends for each level.
 LEVEL_THRESHOLDS = (("token", 2.0), ("sequence", 5.0), ("geometric", 1.01))
@@ -33,8 +34,13 @@ def make_batch(batch: int, length: int, seed: int, device: torch.device, dtype=t
 
 def _package(old, rollout, mask, level, mode, upper):
     return compute_rollout_importance_weights(
-        old, rollout, mask, rollout_is_level=level, rollout_is_mode=mode,
-        rollout_is_threshold=upper, rollout_is_veto_threshold=VETO,
+        old,
+        rollout,
+        mask,
+        rollout_is_level=level,
+        rollout_is_mode=mode,
+        rollout_is_threshold=upper,
+        rollout_is_veto_threshold=VETO,
     )
 
 
@@ -77,9 +83,12 @@ def time_and_memory(package, reference, device: torch.device, repeats: int) -> d
     package_bytes = peak_extra_bytes(package, device)
     reference_bytes = peak_extra_bytes(reference, device)
     return {
-        "package_s": package_s, "reference_s": reference_s, "time_ratio": package_s / reference_s,
+        "package_s": package_s,
+        "reference_s": reference_s,
+        "time_ratio": package_s / reference_s,
         "time_ratio_of_minimums": min(package_times) / min(reference_times),
-        "package_peak_bytes": package_bytes, "reference_peak_bytes": reference_bytes,
+        "package_peak_bytes": package_bytes,
+        "reference_peak_bytes": reference_bytes,
         "memory_ratio": package_bytes / reference_bytes,
     }
 
@@ -98,10 +107,19 @@ def run(batch: int, length: int, device: torch.device, repeats: int, check_batch
         for mode in MODES:
             args = (old, rollout, mask, level, mode, upper)
             agreement_float32 = agreement(*args)  # also the untimed warm-up run of both
-            measured = time_and_memory(lambda: _package(*args), lambda: _reference(*args), device, repeats)
-            rows.append({
-                "level": level, "mode": mode, "threshold": upper, "batch": batch, "length": length, **measured,
-                "agreement_float64": agreement(*check_inputs, level, mode, upper),
-                "agreement_float32": agreement_float32,
-            })
+            measured = time_and_memory(
+                functools.partial(_package, *args), functools.partial(_reference, *args), device, repeats
+            )
+            rows.append(
+                {
+                    "level": level,
+                    "mode": mode,
+                    "threshold": upper,
+                    "batch": batch,
+                    "length": length,
+                    **measured,
+                    "agreement_float64": agreement(*check_inputs, level, mode, upper),
+                    "agreement_float32": agreement_float32,
+                }
+            )
     return rows

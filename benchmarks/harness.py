@@ -157,7 +157,9 @@ def count_collectives() -> Iterator[CollectiveCounter]:
         return originals["all_gather_into_tensor"](output, tensor, *args, **kwargs)
 
     replacements = {
-        "all_reduce": all_reduce, "all_gather": all_gather, "all_gather_into_tensor": all_gather_into_tensor,
+        "all_reduce": all_reduce,
+        "all_gather": all_gather,
+        "all_gather_into_tensor": all_gather_into_tensor,
     }
     for name, wrapper in replacements.items():
         setattr(dist, name, wrapper)
@@ -174,7 +176,10 @@ def _worker_entry(rank: int, world_size: int, port: int, backend: str, fn, args,
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            backend,
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world_size,
             timeout=timedelta(seconds=300),
         )
         device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")

@@ -18,22 +18,22 @@ Assumes at least one valid token (verl raises otherwise).
 """
 
 import math
-from typing import Optional, Union
 
 import torch
+
 import verl_style
 from verl_style import EPS, SAFETY_BOUND, sequence_mean_metrics, valid_inputs
 
 TOKEN_CRITERIA = ("token_k1", "token_k2", "token_k3")
 
 
-def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of `values` where `mask` is set (values elsewhere zeroed first, then multiplied by the mask)."""
     product = torch.where(mask.bool(), values, 0.0) * mask
     return product.sum() if dim is None else product.sum(dim=dim)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """`verl_style.masked_mean` with this module's `masked_sum`."""
     return verl_style.masked_mean(values, mask, dim, summed=masked_sum)
 
@@ -42,12 +42,12 @@ def verl_head_style_correction(
     old_log_prob: torch.Tensor,
     rollout_log_prob: torch.Tensor,
     response_mask: torch.Tensor,
-    rollout_is: Optional[str] = None,
-    rollout_is_threshold: Optional[Union[str, float]] = 2.0,
+    rollout_is: str | None = None,
+    rollout_is_threshold: str | float | None = 2.0,
     rollout_is_batch_normalize: bool = False,
-    rollout_rs: Optional[str] = None,
-    rollout_rs_threshold: Optional[Union[str, float]] = None,
-    rollout_is_mode: Optional[str] = None,
+    rollout_rs: str | None = None,
+    rollout_rs_threshold: str | float | None = None,
+    rollout_is_mode: str | None = None,
 ) -> tuple:
     """IS weights, the rejection-modified mask and the `rollout_corr/` metrics of one batch, verl HEAD style.
 
@@ -60,8 +60,9 @@ def verl_head_style_correction(
     metrics = {}
     weights = None
     if rollout_is is not None and rollout_is_threshold is not None:
-        weights, is_metrics = _is_weights(log_ratio, valid, nonempty, rollout_is, rollout_is_threshold,
-                                          rollout_is_mode, rollout_is_batch_normalize)
+        weights, is_metrics = _is_weights(
+            log_ratio, valid, nonempty, rollout_is, rollout_is_threshold, rollout_is_mode, rollout_is_batch_normalize
+        )
         metrics.update(is_metrics)
     keep = valid
     if rollout_rs is not None:
@@ -73,7 +74,7 @@ def verl_head_style_correction(
     return weights, modified_response_mask, {"rollout_corr/" + key: float(value) for key, value in metrics.items()}
 
 
-def _is_bounds(threshold, mode: Optional[str]) -> tuple:
+def _is_bounds(threshold, mode: str | None) -> tuple:
     """`(bound, lower, upper)` of `rollout_is_threshold` and `rollout_is_mode`."""
     if isinstance(threshold, str) and "_" in threshold:
         lower_text, upper_text = threshold.split("_", 1)
@@ -191,7 +192,7 @@ def _rejection_mask(log_ratio, valid, nonempty, rollout_rs: str, rollout_rs_thre
     options = list(dict.fromkeys(option.strip() for option in rollout_rs.split(",") if option.strip()))
     thresholds = _rs_thresholds(options, rollout_rs_threshold)
     log_ratio_safe = torch.clamp(log_ratio, min=-SAFETY_BOUND, max=SAFETY_BOUND)
-    terms = {"k1": -log_ratio_safe, "k2": 0.5 * log_ratio_safe ** 2, "k3": torch.expm1(log_ratio_safe) - log_ratio_safe}
+    terms = {"k1": -log_ratio_safe, "k2": 0.5 * log_ratio_safe**2, "k3": torch.expm1(log_ratio_safe) - log_ratio_safe}
     valid_bool = valid.bool()
     combined_mask = torch.ones_like(valid)
     metrics = {}

@@ -11,25 +11,31 @@ with like. Written from the formulas, not from verl's code. Assumes at least one
 """
 
 import math
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 SAFETY_BOUND = 20.0
 EPS = 1e-8
 PERCENTILES = {
-    "rollout_is_p25": 0.25, "rollout_is_p50": 0.5, "rollout_is_p75": 0.75, "rollout_is_p95": 0.95, "rollout_is_p99": 0.99,
+    "rollout_is_p25": 0.25,
+    "rollout_is_p50": 0.5,
+    "rollout_is_p75": 0.75,
+    "rollout_is_p95": 0.95,
+    "rollout_is_p99": 0.99,
 }
 
 
-def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of `values * mask` over `dim` (all elements when None)."""
     product = values * mask
     return product.sum() if dim is None else product.sum(dim=dim)
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None,
-                summed: Callable = masked_sum) -> torch.Tensor:
+def masked_mean(
+    values: torch.Tensor, mask: torch.Tensor, dim: int | None = None, summed: Callable = masked_sum
+) -> torch.Tensor:
     """`summed(values, mask, dim) / (number of mask entries + 1e-8)`, over `dim` (all elements when None)."""
     count = mask.sum() if dim is None else mask.sum(dim=dim)
     return summed(values, mask, dim) / (count + EPS)
@@ -49,8 +55,9 @@ class ValidInputs(NamedTuple):
     """Marked tokens dropped for a NaN/inf log-prob."""
 
 
-def valid_inputs(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
-                 response_mask: torch.Tensor) -> ValidInputs:
+def valid_inputs(
+    old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor
+) -> ValidInputs:
     """What both baselines add to verl in the package's contract: float64 computation when a log-prob is
     float64 (float32 otherwise), and marked tokens with a non-finite log-prob dropped and counted."""
     dtype = torch.float64 if torch.float64 in (old_log_prob.dtype, rollout_log_prob.dtype) else torch.float32
@@ -59,9 +66,14 @@ def valid_inputs(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
     finite = torch.isfinite(old) & torch.isfinite(rollout)
     valid_bool = marked & finite
     valid = valid_bool.to(dtype)
-    return ValidInputs(torch.where(valid_bool, old, torch.zeros_like(old)),
-                       torch.where(valid_bool, rollout, torch.zeros_like(rollout)),
-                       valid_bool, valid, valid.sum(dim=-1) > 0, (marked & ~finite).sum())
+    return ValidInputs(
+        torch.where(valid_bool, old, torch.zeros_like(old)),
+        torch.where(valid_bool, rollout, torch.zeros_like(rollout)),
+        valid_bool,
+        valid,
+        valid.sum(dim=-1) > 0,
+        (marked & ~finite).sum(),
+    )
 
 
 def verl_style_rollout_is(
@@ -71,8 +83,8 @@ def verl_style_rollout_is(
     level: str,
     mode: str,
     upper: float,
-    lower: Optional[float] = None,
-    veto: Optional[float] = 1e-4,
+    lower: float | None = None,
+    veto: float | None = 1e-4,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Rollout IS weights `[b, s]` and the `mismatch/` metrics of one batch, verl 0.6.0 style.
 
@@ -86,8 +98,9 @@ def verl_style_rollout_is(
         veto: per-token veto ratio, or None.
     """
     lower = 1.0 / upper if lower is None else lower
-    old, rollout, valid_bool, valid, nonempty, nonfinite_count = valid_inputs(old_log_prob, rollout_log_prob,
-                                                                              response_mask)
+    old, rollout, valid_bool, valid, nonempty, nonfinite_count = valid_inputs(
+        old_log_prob, rollout_log_prob, response_mask
+    )
     dtype = old.dtype
 
     log_ratio = old - rollout
@@ -112,9 +125,7 @@ def verl_style_rollout_is(
     metrics = _weight_metrics(weights, metric_log, valid, valid_bool, nonempty, level, upper, lower)
     metrics["rollout_is_veto_fraction"] = vetoed.squeeze(-1)[nonempty].float().mean().item()
     metrics["rollout_is_catastrophic_token_fraction"] = masked_mean(catastrophic.to(dtype), valid).item()
-    metrics["rollout_is_nonfinite_token_fraction"] = (
-        nonfinite_count / (nonfinite_count + valid.sum() + EPS)
-    ).item()
+    metrics["rollout_is_nonfinite_token_fraction"] = (nonfinite_count / (nonfinite_count + valid.sum() + EPS)).item()
 
     if mode == "truncate":
         bounded = weights.clamp(max=upper)

@@ -2,7 +2,7 @@
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -39,16 +39,21 @@ def synthetic_batch(batch: int, length: int, noise: float, seed: int) -> dict[st
 def _compute(args: argparse.Namespace) -> int:
     from .core import StepStatistics, correct_micro_batch
 
-    config = RolloutISConfig.from_yaml(args.config) if args.config else RolloutISConfig(
-        rollout_is=True, rollout_is_threshold=2.0
+    config = (
+        RolloutISConfig.from_yaml(args.config)
+        if args.config
+        else RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0)
     )
     if not config.enabled:
-        raise SystemExit(f"{args.config}: rollout correction is off (verl 0.6.0 keys with rollout_is_threshold "
-                         "null); set a threshold, or use verl HEAD keys.")
+        raise SystemExit(
+            f"{args.config}: rollout correction is off (verl 0.6.0 keys with rollout_is_threshold "
+            "null); set a threshold, or use verl HEAD keys."
+        )
     batch = load_batch(args.batch) if args.batch else synthetic_batch(16, 256, 0.05, seed=0)
     statistics = StepStatistics(config.plan)
-    correction = correct_micro_batch(batch["old_log_prob"], batch["rollout_log_prob"], batch["response_mask"],
-                                     config.plan, statistics)
+    correction = correct_micro_batch(
+        batch["old_log_prob"], batch["rollout_log_prob"], batch["response_mask"], config.plan, statistics
+    )
     metrics = statistics.finalize()
     valid = batch["response_mask"] != 0
     source = args.batch or "a synthetic batch (16 x 256, rollout noise 0.05)"
@@ -56,10 +61,10 @@ def _compute(args: argparse.Namespace) -> int:
     print(f"tokens: valid {int(valid.sum())}, kept after rejection {int(correction.keep.sum())}")
     if correction.weights is not None:
         kept = correction.weights[valid]
+        mean, low, high = (float(f(kept)) if kept.numel() else 0.0 for f in (torch.mean, torch.min, torch.max))
         print(
             f"weights {tuple(correction.weights.shape)} {correction.weights.dtype}: zeroed {int((kept == 0).sum())}, "
-            f"mean {kept.mean().item() if kept.numel() else 0.0:.6f}, min {kept.min().item() if kept.numel() else 0.0:.6f}, "
-            f"max {kept.max().item() if kept.numel() else 0.0:.6f}"
+            f"mean {mean:.6f}, min {low:.6f}, max {high:.6f}"
         )
     width = max(len(name) for name in metrics)
     for name, value in metrics.items():
@@ -92,16 +97,23 @@ def _sets_its_own_correction(demo_args: Sequence[str]) -> bool:
 
     given, _ = add_rollout_is_args(argparse.ArgumentParser(allow_abbrev=False)).parse_known_args(list(demo_args))
     head_keys = ("rollout_rs", "rollout_rs_threshold", "rollout_is_batch_normalize", "bypass_mode", "loss_type")
-    return (given.rollout_is_config is not None or given.rollout_correction_preset is not None
-            or isinstance(given.rollout_is, str) or any(getattr(given, key) is not None for key in head_keys))
+    return (
+        given.rollout_is_config is not None
+        or given.rollout_correction_preset is not None
+        or isinstance(given.rollout_is, str)
+        or any(getattr(given, key) is not None for key in head_keys)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-rollout-is", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     compute = commands.add_parser("compute", help="weights, rejection and every metric of one batch")
-    compute.add_argument("--config", help="verl YAML (algorithm.rollout_correction or algorithm.rollout_is*); "
-                         "default: verl 0.6.0 token truncate 2.0")
+    compute.add_argument(
+        "--config",
+        help="verl YAML (algorithm.rollout_correction or algorithm.rollout_is*); "
+        "default: verl 0.6.0 token truncate 2.0",
+    )
     compute.add_argument("--batch", help="file with old_log_prob, rollout_log_prob, response_mask; default: synthetic")
     compute.set_defaults(run=_compute)
     add_report_command(commands)
@@ -112,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # `demo` hands every flag after it to the demo trainer's own (Megatron-style) parser.
     args, demo_args = parser.parse_known_args(argv)

@@ -13,12 +13,12 @@ either dialect: the `geometric` level (alias `sequence_mean`) and `rollout_is_mo
 (two-sided truncation); with HEAD keys also `rollout_is_mode: mask` with a single number.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any
 
-from .core.plan import (CorrectionPlan, WeightSpec, parse_band, parse_bound, parse_criteria, parse_level,
-                        positive_number)
+from .core.plan import CorrectionPlan, WeightSpec, parse_band, parse_bound, parse_criteria, parse_level, positive_number
 
 VERL_06, VERL_HEAD = "verl-0.6", "verl-head"
 DIALECTS = (VERL_06, VERL_HEAD)
@@ -46,25 +46,25 @@ class RolloutCorrectionConfig:
     key and the fix.
     """
 
-    rollout_is: Union[bool, str, None] = None
+    rollout_is: bool | str | None = None
     """0.6.0: apply the weights to the loss (False with a threshold set: metrics only). HEAD: the
     weight level `token`, `sequence` or (this project) `geometric` / `sequence_mean`; None: no weights."""
 
-    rollout_is_threshold: Union[float, str, None] = None
+    rollout_is_threshold: float | str | None = None
     """Upper bound of the weights (> 0). 0.6.0: None turns rollout IS off. HEAD (default 2.0): a
     number is TIS (`min(w, x)`), a string `"lo_hi"` is IcePop (weights outside [lo, hi] become 0)."""
 
-    rollout_is_threshold_lower: Optional[float] = None
+    rollout_is_threshold_lower: float | None = None
     """0.6.0: lower bound for `clip` mode and the metrics; None means 1 / upper."""
 
-    rollout_is_level: Optional[str] = None
+    rollout_is_level: str | None = None
     """0.6.0: `token` (default), `sequence` or `geometric`."""
 
-    rollout_is_mode: Optional[str] = None
+    rollout_is_mode: str | None = None
     """`truncate` (cap at the upper bound; the default for a number), `clip`/`mask` (zero weights
     outside [lower, upper]; the default for `"lo_hi"`) or `clamp` (two-sided truncation)."""
 
-    rollout_is_veto_threshold: Optional[float] = DEFAULT_VETO
+    rollout_is_veto_threshold: float | None = DEFAULT_VETO
     """0.6.0: a sequence with a token ratio below this (in (0, 1)) gets weight 0; None disables it.
     verl HEAD has no veto (reject with `rollout_rs` instead): leave it at its default there."""
 
@@ -72,11 +72,11 @@ class RolloutCorrectionConfig:
     """HEAD: divide the weights by their mean over the step (token level: over valid tokens;
     sequence levels: over sequences), reported as `rollout_is_batch_norm_factor`."""
 
-    rollout_rs: Optional[str] = None
+    rollout_rs: str | None = None
     """HEAD: comma-separated rejection criteria, all must pass: `token_k1/k2/k3`,
     `seq_sum_k1/k2/k3`, `seq_mean_k1/k2/k3`, `seq_max_k2/k3`. None: no rejection."""
 
-    rollout_rs_threshold: Union[float, str, None] = None
+    rollout_rs_threshold: float | str | None = None
     """HEAD: one threshold for all criteria or one per criterion (comma-separated). k2/k3: upper
     bound; k1: `"lo_hi"` on `-log(ratio)` (keeps ratios in [1/hi, 1/lo]) or x for `"1/x_x"`."""
 
@@ -88,7 +88,7 @@ class RolloutCorrectionConfig:
     """HEAD bypass mode's loss: `ppo_clip` (the PPO ratio is pi_theta / pi_rollout; no extra
     weight) or `reinforce` (`-w * log pi_theta * A`, no clipping)."""
 
-    dialect: Optional[str] = field(default=None, compare=False)
+    dialect: str | None = field(default=None, compare=False)
     """`verl-0.6` or `verl-head`; None infers it from the keys (see the class docstring). Not part of
     equality: two configs with the same keys are equal."""
 
@@ -109,7 +109,7 @@ class RolloutCorrectionConfig:
         return self.plan is not None
 
     @property
-    def lower_threshold(self) -> Optional[float]:
+    def lower_threshold(self) -> float | None:
         """The effective lower bound of the weights (`rollout_is_threshold_lower` or 1/upper); None
         without weights."""
         return self.plan.weights.lower if self.enabled and self.plan.weights is not None else None
@@ -128,8 +128,11 @@ class RolloutCorrectionConfig:
         if plan.weights is not None:
             spec = plan.weights
             band = f"{spec.upper:g}" if spec.bound == "truncate" else f"[{spec.lower:g}, {spec.upper:g}]"
-            parts.append(f"IS {spec.level} {spec.bound} {band}" + ("" if spec.applied else " (monitoring only)")
-                         + (" batch-normalised" if spec.batch_normalize else ""))
+            parts.append(
+                f"IS {spec.level} {spec.bound} {band}"
+                + ("" if spec.applied else " (monitoring only)")
+                + (" batch-normalised" if spec.batch_normalize else "")
+            )
         if plan.veto_threshold is not None:
             parts.append(f"veto {plan.veto_threshold:g}")
         if plan.criteria:
@@ -163,8 +166,10 @@ class RolloutCorrectionConfig:
         old = {k: v for k, v in algorithm.items() if str(k).startswith("rollout_is")}
         misplaced = sorted(str(k) for k in algorithm if str(k).startswith("rollout_rs") or k in ("bypass_mode",))
         if "algorithm" in mapping and misplaced:
-            raise ValueError(f"{', '.join('algorithm.' + k for k in misplaced)}: verl HEAD keys belong under "
-                             "algorithm.rollout_correction (with rollout_is, rollout_is_threshold, ...).")
+            raise ValueError(
+                f"{', '.join('algorithm.' + k for k in misplaced)}: verl HEAD keys belong under "
+                "algorithm.rollout_correction (with rollout_is, rollout_is_threshold, ...)."
+            )
         if head is not None and old:
             raise ValueError(
                 f"the config has both verl HEAD's `algorithm.rollout_correction` and verl 0.6.0's keys {sorted(old)} "
@@ -179,28 +184,35 @@ class RolloutCorrectionConfig:
         return cls._from_keys(mapping, None, "")
 
     @classmethod
-    def _from_keys(cls, section: Mapping, dialect: Optional[str], where: str) -> "RolloutCorrectionConfig":
+    def _from_keys(cls, section: Mapping, dialect: str | None, where: str) -> "RolloutCorrectionConfig":
         known = {f.name for f in fields(cls) if f.init and f.name != "dialect"}
         values = dict(section)
         preset = values.pop("preset", None)
         unknown = sorted(str(k) for k in values if k not in known)
         if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(where + k for k in unknown)}; the keys are: "
-                             f"{', '.join(sorted(known))} (and `preset` in a rollout_correction section).")
+            raise ValueError(
+                f"unknown key(s) {', '.join(where + k for k in unknown)}; the keys are: "
+                f"{', '.join(sorted(known))} (and `preset` in a rollout_correction section)."
+            )
         foreign = _HEAD_ONLY if dialect == VERL_06 else _V06_ONLY if dialect == VERL_HEAD else set()
         foreign = sorted(set(values) & foreign) + (["preset"] if preset is not None and dialect == VERL_06 else [])
         if foreign:
-            fix = ("verl HEAD keys and presets go under algorithm.rollout_correction" if dialect == VERL_06 else
-                   "with verl HEAD keys rollout_is names the level and rollout_rs replaces the veto")
-            raise ValueError(f"{', '.join(where + k for k in foreign)}: key(s) of the other verl dialect; {fix} "
-                             "(docs/rollout_correction.md).")
+            fix = (
+                "verl HEAD keys and presets go under algorithm.rollout_correction"
+                if dialect == VERL_06
+                else "with verl HEAD keys rollout_is names the level and rollout_rs replaces the veto"
+            )
+            raise ValueError(
+                f"{', '.join(where + k for k in foreign)}: key(s) of the other verl dialect; {fix} "
+                "(docs/rollout_correction.md)."
+            )
         values = {key: _from_text(value) for key, value in values.items()}
         if preset is not None:
             return cls.preset(preset, **values)
         return cls(**values, dialect=dialect)
 
     @classmethod
-    def from_yaml(cls, path: Union[str, Path]) -> "RolloutCorrectionConfig":
+    def from_yaml(cls, path: str | Path) -> "RolloutCorrectionConfig":
         """Reads a verl-style YAML file (see `from_mapping`)."""
         import yaml
 
@@ -250,14 +262,16 @@ class RolloutCorrectionConfig:
     @classmethod
     def decoupled_geo_rs_seq_tis(cls, is_threshold: float = 2.0, rs_threshold="0.999_1.001"):
         """Geometric rejection plus sequence TIS, decoupled mode."""
-        return cls.preset("decoupled_geo_rs_seq_tis", rollout_is_threshold=is_threshold,
-                          rollout_rs_threshold=rs_threshold)
+        return cls.preset(
+            "decoupled_geo_rs_seq_tis", rollout_is_threshold=is_threshold, rollout_rs_threshold=rs_threshold
+        )
 
     @classmethod
     def decoupled_geo_rs_token_tis(cls, is_threshold: float = 2.0, rs_threshold="0.999_1.001"):
         """Geometric rejection plus token TIS, decoupled mode."""
-        return cls.preset("decoupled_geo_rs_token_tis", rollout_is_threshold=is_threshold,
-                          rollout_rs_threshold=rs_threshold)
+        return cls.preset(
+            "decoupled_geo_rs_token_tis", rollout_is_threshold=is_threshold, rollout_rs_threshold=rs_threshold
+        )
 
     @classmethod
     def decoupled_k3_rs(cls, rs_threshold: float = 0.01):
@@ -267,14 +281,16 @@ class RolloutCorrectionConfig:
     @classmethod
     def decoupled_k3_rs_seq_tis(cls, is_threshold: float = 2.0, rs_threshold: float = 0.01):
         """k3 rejection plus sequence TIS, decoupled mode."""
-        return cls.preset("decoupled_k3_rs_seq_tis", rollout_is_threshold=is_threshold,
-                          rollout_rs_threshold=rs_threshold)
+        return cls.preset(
+            "decoupled_k3_rs_seq_tis", rollout_is_threshold=is_threshold, rollout_rs_threshold=rs_threshold
+        )
 
     @classmethod
     def decoupled_k3_rs_token_tis(cls, is_threshold: float = 2.0, rs_threshold: float = 0.01):
         """k3 rejection plus token TIS, decoupled mode."""
-        return cls.preset("decoupled_k3_rs_token_tis", rollout_is_threshold=is_threshold,
-                          rollout_rs_threshold=rs_threshold)
+        return cls.preset(
+            "decoupled_k3_rs_token_tis", rollout_is_threshold=is_threshold, rollout_rs_threshold=rs_threshold
+        )
 
     @classmethod
     def bypass_ppo_clip(cls):
@@ -309,14 +325,16 @@ class RolloutCorrectionConfig:
     @classmethod
     def bypass_pg_geo_rs_seq_tis(cls, is_threshold: float = 2.0, rs_threshold="0.999_1.001"):
         """Bypass mode, REINFORCE, geometric rejection and sequence TIS."""
-        return cls.preset("bypass_pg_geo_rs_seq_tis", rollout_is_threshold=is_threshold,
-                          rollout_rs_threshold=rs_threshold)
+        return cls.preset(
+            "bypass_pg_geo_rs_seq_tis", rollout_is_threshold=is_threshold, rollout_rs_threshold=rs_threshold
+        )
 
     @classmethod
     def bypass_pg_geo_rs_token_tis(cls, is_threshold: float = 2.0, rs_threshold="0.999_1.001"):
         """Bypass mode, REINFORCE, geometric rejection and token TIS."""
-        return cls.preset("bypass_pg_geo_rs_token_tis", rollout_is_threshold=is_threshold,
-                          rollout_rs_threshold=rs_threshold)
+        return cls.preset(
+            "bypass_pg_geo_rs_token_tis", rollout_is_threshold=is_threshold, rollout_rs_threshold=rs_threshold
+        )
 
     @classmethod
     def disabled(cls):
@@ -330,15 +348,24 @@ _HEAD_ONLY = {"rollout_is_batch_normalize", "rollout_rs", "rollout_rs_threshold"
 RolloutISConfig = RolloutCorrectionConfig
 """The same class under the name verl 0.6.0-era code uses."""
 
-_GEO, _K3 = {"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": "0.999_1.001"}, {
-    "rollout_rs": "seq_mean_k3", "rollout_rs_threshold": 0.01}
-_BYPASS_PPO, _BYPASS_PG = {"bypass_mode": True, "loss_type": "ppo_clip"}, {"bypass_mode": True, "loss_type": "reinforce"}
+_GEO, _K3 = (
+    {"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": "0.999_1.001"},
+    {"rollout_rs": "seq_mean_k3", "rollout_rs_threshold": 0.01},
+)
+_BYPASS_PPO, _BYPASS_PG = (
+    {"bypass_mode": True, "loss_type": "ppo_clip"},
+    {"bypass_mode": True, "loss_type": "reinforce"},
+)
 PRESETS = {
     "decoupled_token_is": {"rollout_is": "token", "rollout_is_threshold": 2.0},
     "decoupled_seq_is": {"rollout_is": "sequence", "rollout_is_threshold": 2.0},
     "decoupled_token_icepop": {"rollout_is": "token", "rollout_is_threshold": "0.5_5.0"},
-    "decoupled_seq_is_rs": {"rollout_is": "sequence", "rollout_is_threshold": 2.0, "rollout_rs": "seq_sum_k1",
-                            "rollout_rs_threshold": "0.5_2.0"},
+    "decoupled_seq_is_rs": {
+        "rollout_is": "sequence",
+        "rollout_is_threshold": 2.0,
+        "rollout_rs": "seq_sum_k1",
+        "rollout_rs_threshold": "0.5_2.0",
+    },
     "decoupled_geo_rs": dict(_GEO),
     "decoupled_geo_rs_seq_tis": {"rollout_is": "sequence", "rollout_is_threshold": 2.0, **_GEO},
     "decoupled_geo_rs_token_tis": {"rollout_is": "token", "rollout_is_threshold": 2.0, **_GEO},
@@ -360,22 +387,32 @@ PRESETS = {
 
 def _markers(config: RolloutCorrectionConfig) -> tuple:
     """The keys that only verl 0.6.0 / only verl HEAD has, as set in `config`."""
-    old = [name for name, is_set in (
-        ("rollout_is: true", config.rollout_is is True),
-        ("rollout_is_level", config.rollout_is_level not in (None, "token")),
-        ("rollout_is_threshold_lower", config.rollout_is_threshold_lower is not None),
-        ("rollout_is_veto_threshold", config.rollout_is_veto_threshold not in (DEFAULT_VETO, None)),
-    ) if is_set]
-    new = [name for name, is_set in (
-        ("rollout_is (a level name)", isinstance(config.rollout_is, str)),
-        ("rollout_is_threshold (a 'lo_hi' band)", isinstance(config.rollout_is_threshold, str)
-         and "_" in config.rollout_is_threshold),
-        ("rollout_is_batch_normalize", config.rollout_is_batch_normalize is not False),
-        ("rollout_rs", config.rollout_rs is not None),
-        ("rollout_rs_threshold", config.rollout_rs_threshold is not None),
-        ("bypass_mode", config.bypass_mode is not False),
-        ("loss_type", config.loss_type != "ppo_clip"),
-    ) if is_set]
+    old = [
+        name
+        for name, is_set in (
+            ("rollout_is: true", config.rollout_is is True),
+            ("rollout_is_level", config.rollout_is_level not in (None, "token")),
+            ("rollout_is_threshold_lower", config.rollout_is_threshold_lower is not None),
+            ("rollout_is_veto_threshold", config.rollout_is_veto_threshold not in (DEFAULT_VETO, None)),
+        )
+        if is_set
+    ]
+    new = [
+        name
+        for name, is_set in (
+            ("rollout_is (a level name)", isinstance(config.rollout_is, str)),
+            (
+                "rollout_is_threshold (a 'lo_hi' band)",
+                isinstance(config.rollout_is_threshold, str) and "_" in config.rollout_is_threshold,
+            ),
+            ("rollout_is_batch_normalize", config.rollout_is_batch_normalize is not False),
+            ("rollout_rs", config.rollout_rs is not None),
+            ("rollout_rs_threshold", config.rollout_rs_threshold is not None),
+            ("bypass_mode", config.bypass_mode is not False),
+            ("loss_type", config.loss_type != "ppo_clip"),
+        )
+        if is_set
+    ]
     return old, new
 
 
@@ -390,14 +427,15 @@ def _dialect(config: RolloutCorrectionConfig) -> str:
             "the veto (rollout_rs), see docs/rollout_correction.md."
         )
     if config.dialect == VERL_HEAD and old:
-        raise ValueError(f"verl 0.6.0 key(s) {', '.join(old)} in a verl HEAD config; use the HEAD keys "
-                         "(docs/rollout_correction.md).")
+        raise ValueError(
+            f"verl 0.6.0 key(s) {', '.join(old)} in a verl HEAD config; use the HEAD keys (docs/rollout_correction.md)."
+        )
     if config.dialect == VERL_06 and new:
         raise ValueError(f"verl HEAD key(s) {', '.join(new)} in a verl 0.6.0 config; use one dialect.")
     return config.dialect or (VERL_HEAD if new else VERL_06)
 
 
-def _v06_plan(config: RolloutCorrectionConfig) -> Optional[CorrectionPlan]:
+def _v06_plan(config: RolloutCorrectionConfig) -> CorrectionPlan | None:
     """verl 0.6.0 semantics: the threshold is the on/off switch, `rollout_is` applies the weights."""
     applied = config.rollout_is if config.rollout_is is not None else False
     if not isinstance(applied, bool):
@@ -412,23 +450,31 @@ def _v06_plan(config: RolloutCorrectionConfig) -> Optional[CorrectionPlan]:
     lower = _positive_or_none("rollout_is_threshold_lower", config.rollout_is_threshold_lower)
     veto = _positive_or_none("rollout_is_veto_threshold", config.rollout_is_veto_threshold)
     if veto is not None and veto >= 1.0:
-        raise ValueError(f"rollout_is_veto_threshold must lie in (0, 1), got {veto}; it is a ratio far below 1 "
-                         "(default 1e-4), or null to disable the veto.")
+        raise ValueError(
+            f"rollout_is_veto_threshold must lie in (0, 1), got {veto}; it is a ratio far below 1 "
+            "(default 1e-4), or null to disable the veto."
+        )
     if config.rollout_is_threshold is None:
         if applied:
-            raise ValueError("rollout_is is true but rollout_is_threshold is null, which turns IS off; set "
-                             "rollout_is_threshold (e.g. 2.0) or set rollout_is to false.")
+            raise ValueError(
+                "rollout_is is true but rollout_is_threshold is null, which turns IS off; set "
+                "rollout_is_threshold (e.g. 2.0) or set rollout_is to false."
+            )
         if lower is not None:
-            raise ValueError("rollout_is_threshold_lower is set but rollout_is_threshold is null; set the upper "
-                             "threshold too, or drop the lower one.")
+            raise ValueError(
+                "rollout_is_threshold_lower is set but rollout_is_threshold is null; set the upper "
+                "threshold too, or drop the lower one."
+            )
         return None
     upper = positive_number("rollout_is_threshold", config.rollout_is_threshold)
     config.rollout_is_threshold, config.rollout_is_threshold_lower = upper, lower
     lower = lower if lower is not None else 1.0 / upper
     if lower >= upper:
-        raise ValueError(f"rollout_is_threshold_lower ({lower}) must be below rollout_is_threshold ({upper}); with "
-                         "an upper threshold <= 1 the default lower (1/upper) is not below it either, so set both "
-                         "explicitly.")
+        raise ValueError(
+            f"rollout_is_threshold_lower ({lower}) must be below rollout_is_threshold ({upper}); with "
+            "an upper threshold <= 1 the default lower (1/upper) is not below it either, so set both "
+            "explicitly."
+        )
     weights = WeightSpec(level, bound, upper, lower, applied=applied)
     return CorrectionPlan("mismatch", weights, veto_threshold=veto)
 
@@ -441,8 +487,10 @@ def _head_plan(config: RolloutCorrectionConfig) -> CorrectionPlan:
         if not isinstance(getattr(config, name), bool):
             raise TypeError(f"{name} must be true or false, got {getattr(config, name)!r}.")
     if not config.bypass_mode and config.loss_type != "ppo_clip":
-        raise ValueError(f"loss_type {config.loss_type!r} only applies in bypass mode (decoupled mode trains "
-                         "PPO-clip against pi_old); set bypass_mode: true, or drop loss_type.")
+        raise ValueError(
+            f"loss_type {config.loss_type!r} only applies in bypass mode (decoupled mode trains "
+            "PPO-clip against pi_old); set bypass_mode: true, or drop loss_type."
+        )
     if config.rollout_is is False:
         config.rollout_is = None  # verl 0.6.0's "no weights applied"; with HEAD keys: no weights
     weights = _head_weights(config)
@@ -456,21 +504,28 @@ def _head_plan(config: RolloutCorrectionConfig) -> CorrectionPlan:
     if config.rollout_rs is not None:
         criteria = parse_criteria(config.rollout_rs, config.rollout_rs_threshold)
     elif config.rollout_rs_threshold is not None:
-        raise ValueError("rollout_rs_threshold is set but rollout_rs is null, so nothing is rejected; name the "
-                         "criteria in rollout_rs (e.g. seq_mean_k1) or drop the threshold.")
-    return CorrectionPlan("rollout_corr", weights, criteria=criteria, bypass=config.bypass_mode,
-                          loss_type=config.loss_type)
+        raise ValueError(
+            "rollout_rs_threshold is set but rollout_rs is null, so nothing is rejected; name the "
+            "criteria in rollout_rs (e.g. seq_mean_k1) or drop the threshold."
+        )
+    return CorrectionPlan(
+        "rollout_corr", weights, criteria=criteria, bypass=config.bypass_mode, loss_type=config.loss_type
+    )
 
 
-def _head_weights(config: RolloutCorrectionConfig) -> Optional[WeightSpec]:
+def _head_weights(config: RolloutCorrectionConfig) -> WeightSpec | None:
     threshold = config.rollout_is_threshold
     if config.rollout_is is None:
         if threshold is not None and not _is_default_threshold(threshold):
-            raise ValueError(f"rollout_is_threshold={threshold!r} does nothing while rollout_is is null; set "
-                             "rollout_is (token or sequence) to compute weights, or drop the threshold.")
+            raise ValueError(
+                f"rollout_is_threshold={threshold!r} does nothing while rollout_is is null; set "
+                "rollout_is (token or sequence) to compute weights, or drop the threshold."
+            )
         if config.rollout_is_batch_normalize:
-            raise ValueError("rollout_is_batch_normalize is true but rollout_is is null: there are no weights to "
-                             "normalise; set rollout_is or drop rollout_is_batch_normalize.")
+            raise ValueError(
+                "rollout_is_batch_normalize is true but rollout_is is null: there are no weights to "
+                "normalise; set rollout_is or drop rollout_is_batch_normalize."
+            )
         if config.rollout_is_mode not in (None, "truncate"):
             raise ValueError("rollout_is_mode is set but rollout_is is null; set rollout_is or drop the mode.")
         return None
@@ -480,13 +535,17 @@ def _head_weights(config: RolloutCorrectionConfig) -> Optional[WeightSpec]:
     low, high = parse_band("rollout_is_threshold", threshold)
     bound = parse_bound("rollout_is_mode", config.rollout_is_mode or ("truncate" if low is None else "mask"))
     if bound == "truncate" and low is not None:
-        raise ValueError(f"rollout_is_threshold {threshold!r} is a band but rollout_is_mode truncate only caps at the "
-                         "upper end; use mask (IcePop: zero outside the band) or clamp (two-sided truncation), or "
-                         "give one number.")
+        raise ValueError(
+            f"rollout_is_threshold {threshold!r} is a band but rollout_is_mode truncate only caps at the "
+            "upper end; use mask (IcePop: zero outside the band) or clamp (two-sided truncation), or "
+            "give one number."
+        )
     lower = low if low is not None else 1.0 / high
     if bound != "truncate" and lower >= high:
-        raise ValueError(f"rollout_is_threshold {threshold!r}: the band [{lower:g}, {high:g}] is empty; use an upper "
-                         "bound above 1 or a 'lower_upper' band with lower < upper.")
+        raise ValueError(
+            f"rollout_is_threshold {threshold!r}: the band [{lower:g}, {high:g}] is empty; use an upper "
+            "bound above 1 or a 'lower_upper' band with lower < upper."
+        )
     return WeightSpec(level, bound, high, lower, applied=True, batch_normalize=config.rollout_is_batch_normalize)
 
 
@@ -497,7 +556,7 @@ def _is_default_threshold(threshold: Any) -> bool:
         return False
 
 
-def _positive_or_none(name: str, value: Any) -> Optional[float]:
+def _positive_or_none(name: str, value: Any) -> float | None:
     return None if value is None else positive_number(name, value)
 
 

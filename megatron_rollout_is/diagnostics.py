@@ -289,8 +289,7 @@ class MismatchWarner:
         **diagnose_kwargs,
     ):
         if every_n_steps is not None and (
-            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
         ):
             raise ValueError(f"every_n_steps must be a positive int or None, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
@@ -316,14 +315,10 @@ class MismatchWarner:
         """
         step = self._next_step if step is None else step
         self._next_step = step + 1
-        findings = diagnose_log_probs(
-            old_log_prob, rollout_log_prob, response_mask, **self.diagnose_kwargs
-        )
+        findings = diagnose_log_probs(old_log_prob, rollout_log_prob, response_mask, **self.diagnose_kwargs)
         for finding in findings:
             last = self._last_emitted.get(finding.code)
-            due = last is None or (
-                self.every_n_steps is not None and step - last >= self.every_n_steps
-            )
+            due = last is None or (self.every_n_steps is not None and step - last >= self.every_n_steps)
             if due:
                 self._last_emitted[finding.code] = step
                 self._emit(finding, step)

@@ -7,8 +7,9 @@ the step number and the rollout IS config as metadata.
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 
@@ -24,16 +25,16 @@ class StepDump(NamedTuple):
     old_log_prob: torch.Tensor
     rollout_log_prob: torch.Tensor
     response_mask: torch.Tensor
-    config: Optional[RolloutISConfig]
+    config: RolloutISConfig | None
 
 
 def write_step_dump(
-    directory: Union[str, Path],
+    directory: str | Path,
     step: int,
     old_log_prob: torch.Tensor,
     rollout_log_prob: torch.Tensor,
     response_mask: torch.Tensor,
-    config: Optional[RolloutISConfig] = None,
+    config: RolloutISConfig | None = None,
 ) -> Path:
     """Writes one step's `[batch, response_len]` tensors; returns the file path."""
     from safetensors.torch import save_file
@@ -56,7 +57,7 @@ def write_step_dump(
     return path
 
 
-def read_step_dumps(directory: Union[str, Path]) -> Iterator[StepDump]:
+def read_step_dumps(directory: str | Path) -> Iterator[StepDump]:
     """Yields the dumps of `directory` in step order.
 
     Raises:

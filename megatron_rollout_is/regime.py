@@ -1,7 +1,8 @@
 """Does a run need rollout correction at all? The mismatch regime of one step, or of a whole run.
 
 Pure Python on the off-policy metrics every trainer step already logs, so the loss hook's step
-metrics and a training loop can call `mismatch_regime(step_metrics)` as cheaply as the report does. Both metric dialects are read:
+metrics and a training loop can call `mismatch_regime(step_metrics)` as cheaply as the report does.
+Both metric dialects are read:
 `rollout_corr/k3_kl`, `rollout_corr/chi2_token` (verl HEAD keys), `mismatch/mismatch_k3_kl` (verl
 0.6.0 keys, which have no chi2), or the same names without a prefix.
 
@@ -38,11 +39,15 @@ does not tell whether correction helps: zero-mean engine noise had the largest k
 hurt there, while stale rollouts started at a tenth of it and correction helped most. What set the
 stale runs apart was the SHAPE of the per-step k3 over the run, which `mismatch_patterns` reads:
 
-| pattern | fires when (over the steps given, at least `PATTERN_MIN_STEPS`) | advice |
-|---|---|---|
-| `bursts` | p95 of k3 > 0.1 and p95 > 5 x its median | the mismatch moves with the learning (stale / asynchronous rollouts): correct (token-level TIS did best) |
-| `support` | median k1 (`kl`) > 3 x median k3, k3 not negligible, and the mean IS weight (if logged) < 0.95 | the rollout scores a smaller support (top-p/top-k processed log-probs): IS cannot repair it, replay the sampling filter |
-| `steady` | median k3 >= the severe limit and p95 < 2 x the median | a large steady mismatch, like unbiased engine noise: correction added variance in the study; monitor |
+Patterns (each over the steps given, at least `PATTERN_MIN_STEPS` of them):
+
+- `bursts`: p95 of k3 > 0.1 and p95 > 5 x its median. The mismatch moves with the learning (stale
+  or asynchronous rollouts): correct (token-level TIS did best).
+- `support`: median k1 (`kl`) > 3 x median k3, k3 not negligible, and the mean IS weight (if
+  logged) < 0.95. The rollout scores a smaller support (top-p/top-k processed log-probs): IS cannot
+  repair it; replay the sampling filter.
+- `steady`: median k3 >= the severe limit and p95 < 2 x the median. A large steady mismatch, like
+  unbiased engine noise: correction added variance in the study; monitor.
 
 (In the study: stale p95/median 9-48 with p95 0.8-1.3 nats; noise 1.4; top-p k1/k3 11, mean weight
 0.82; long responses 1.8.)
@@ -82,12 +87,12 @@ SUPPORT_RATIO, SUPPORT_MEAN_WEIGHT = 3.0, 0.95
 STEADY_RATIO = 2.0
 PATTERN_ADVICE = {
     "bursts": "the mismatch comes in bursts, so it moves with the learning (stale or asynchronous rollouts): apply "
-              "a correction (token-level TIS did best in the demo study)",
+    "a correction (token-level TIS did best in the demo study)",
     "support": "k1 is far above k3 and the mean IS weight is below 1: the rollout log-probs are renormalised over a "
-               "smaller support (top-p/top-k processed log-probs); IS cannot repair that: replay the sampling filter "
-               "in the trainer (--rollout-top-p/--rollout-top-k/--rollout-min-p)",
+    "smaller support (top-p/top-k processed log-probs); IS cannot repair that: replay the sampling filter "
+    "in the trainer (--rollout-top-p/--rollout-top-k/--rollout-min-p)",
     "steady": "a large but steady mismatch, like unbiased engine noise: correction added variance in the demo study; "
-              "monitoring may be enough",
+    "monitoring may be enough",
 }
 
 _NAMES = {
@@ -204,16 +209,26 @@ def mismatch_patterns(step_metrics: Sequence[Mapping[str, float]]) -> list:
     median, p95 = _quantile(k3, 0.5), _quantile(k3, 0.95)
     found = []
     if p95 > BURST_P95 and p95 > BURST_RATIO * median:
-        found.append(("bursts", f"per-step k3 KL p95 {p95:.3g} is {p95 / max(median, 1e-300):.3g} x its median "
-                                f"{median:.3g}: {PATTERN_ADVICE['bursts']}"))
+        found.append(
+            (
+                "bursts",
+                f"per-step k3 KL p95 {p95:.3g} is {p95 / max(median, 1e-300):.3g} x its median "
+                f"{median:.3g}: {PATTERN_ADVICE['bursts']}",
+            )
+        )
     k1 = [v for v in (_lookup(m, "k1_kl") for m in step_metrics) if v is not None]
     weight = [v for v in (_lookup(m, "is_mean") for m in step_metrics) if v is not None]
     mean_weight = _quantile(weight, 0.5) if weight else None
-    if (k1 and median >= K3_KL_LIMITS[0] and _quantile(k1, 0.5) > SUPPORT_RATIO * median
-            and (mean_weight is None or mean_weight < SUPPORT_MEAN_WEIGHT)):
+    if (
+        k1
+        and median >= K3_KL_LIMITS[0]
+        and _quantile(k1, 0.5) > SUPPORT_RATIO * median
+        and (mean_weight is None or mean_weight < SUPPORT_MEAN_WEIGHT)
+    ):
         shown = "" if mean_weight is None else f", mean IS weight {mean_weight:.3g}"
-        found.append(("support", f"median k1 {_quantile(k1, 0.5):.3g} vs k3 {median:.3g}{shown}: "
-                                 f"{PATTERN_ADVICE['support']}"))
+        found.append(
+            ("support", f"median k1 {_quantile(k1, 0.5):.3g} vs k3 {median:.3g}{shown}: {PATTERN_ADVICE['support']}")
+        )
     if median >= K3_KL_LIMITS[1] and p95 < STEADY_RATIO * median:
         found.append(("steady", f"per-step k3 KL median {median:.3g}, p95 {p95:.3g}: {PATTERN_ADVICE['steady']}"))
     return found
@@ -233,7 +248,7 @@ class MismatchMonitor:
 
     def update(self, step_metrics: Mapping[str, float]) -> list:
         """Adds one step; returns the patterns `[(code, sentence)]` that fire for the first time."""
-        self._recent = (self._recent + [dict(step_metrics)])[-self.window:]
+        self._recent = (self._recent + [dict(step_metrics)])[-self.window :]
         new = [(code, text) for code, text in mismatch_patterns(self._recent) if code not in self._reported]
         self._reported.update(code for code, _ in new)
         return new
@@ -283,8 +298,9 @@ def run_regime(steps: Sequence[int], step_metrics: Sequence[Mapping[str, float]]
         ValueError: no steps, or the lists differ in length.
     """
     if not step_metrics or len(steps) != len(step_metrics):
-        raise ValueError(f"run_regime needs one metrics dict per step, got {len(steps)} steps and "
-                         f"{len(step_metrics)} dicts.")
+        raise ValueError(
+            f"run_regime needs one metrics dict per step, got {len(steps)} steps and {len(step_metrics)} dicts."
+        )
     labels = [mismatch_regime(m)[0] for m in step_metrics]
     k3 = [_lookup(m, "k3_kl") for m in step_metrics]
     chi2 = [_lookup(m, "chi2_token") for m in step_metrics]

@@ -49,8 +49,7 @@ def _import_vllm_output_classes():
         from vllm.outputs import RequestOutput
     except ImportError as error:
         raise ImportError(
-            f"megatron_rollout_is.vllm_adapter needs vLLM's output classes ({error}); "
-            + _INSTALL_HINT
+            f"megatron_rollout_is.vllm_adapter needs vLLM's output classes ({error}); " + _INSTALL_HINT
         ) from error
     return RequestOutput, FlatLogprobs
 
@@ -135,8 +134,7 @@ def _select_samples(request_outputs, sample, request_output_cls):
     """Yields ``(request_id, request, sample_index, completion)`` in row order."""
     if isinstance(request_outputs, (str, bytes)) or not isinstance(request_outputs, Sequence):
         raise TypeError(
-            "request_outputs must be a list of vllm.outputs.RequestOutput, "
-            f"got {type(request_outputs).__name__}"
+            f"request_outputs must be a list of vllm.outputs.RequestOutput, got {type(request_outputs).__name__}"
         )
     if len(request_outputs) == 0:
         raise ValueError("request_outputs is empty: pass at least one vllm.outputs.RequestOutput")

@@ -26,7 +26,7 @@ def random_batch(gen, batch, length, dtype=torch.float64, mask_dtype=torch.bool,
         if kind == 0:
             mask[i, :n] = True
         elif kind == 1:
-            mask[i, length - n:] = True
+            mask[i, length - n :] = True
         elif kind == 2:
             mask[i] = torch.rand(length, generator=gen) < 0.6
             mask[i, int(torch.randint(0, length, (1,), generator=gen))] = True

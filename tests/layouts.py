@@ -14,7 +14,6 @@ with the float64 oracle):
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -65,7 +64,7 @@ class Case:
     packing: str  # "padded" or "thd"
     level: str
     mode: str
-    veto: Optional[float]
+    veto: float | None
     dtype: str  # "float64" or "float32"
     micro_batches: int
     seed: int
@@ -83,7 +82,7 @@ class Case:
         return THRESHOLDS[self.level][0]
 
     @property
-    def lower(self) -> Optional[float]:
+    def lower(self) -> float | None:
         return THRESHOLDS[self.level][1] if self.explicit_lower else None
 
 
@@ -99,9 +98,15 @@ def build_cases(with_vocab_parallel: bool) -> list[Case]:
                         cases.append(
                             Case(
                                 name=f"{packing}-{dtype}-{level}-{mode}-{'veto' if veto else 'noveto'}",
-                                packing=packing, level=level, mode=mode, veto=veto, dtype=dtype,
-                                micro_batches=1 + index % 4, seed=1000 + index,
-                                explicit_lower=index % 3 == 1, rows=(13, 16)[index % 2],
+                                packing=packing,
+                                level=level,
+                                mode=mode,
+                                veto=veto,
+                                dtype=dtype,
+                                micro_batches=1 + index % 4,
+                                seed=1000 + index,
+                                explicit_lower=index % 3 == 1,
+                                rows=(13, 16)[index % 2],
                             )
                         )
     edge = [
@@ -122,8 +127,15 @@ def build_cases(with_vocab_parallel: bool) -> list[Case]:
         cases.append(
             Case(
                 name=f"{kind}-{packing}-{dtype}-{level}-{mode}-{'veto' if veto else 'noveto'}",
-                packing=packing, level=level, mode=mode, veto=veto, dtype=dtype,
-                micro_batches=micro_batches, seed=2000 + len(cases), rows=16, kind=kind,
+                packing=packing,
+                level=level,
+                mode=mode,
+                veto=veto,
+                dtype=dtype,
+                micro_batches=micro_batches,
+                seed=2000 + len(cases),
+                rows=16,
+                kind=kind,
             )
         )
     return cases
@@ -150,8 +162,8 @@ class GlobalBatch:
     rollout: torch.Tensor
     mask: torch.Tensor
     lengths: list
-    logits: Optional[torch.Tensor] = None
-    target: Optional[torch.Tensor] = None
+    logits: torch.Tensor | None = None
+    target: torch.Tensor | None = None
 
 
 def global_batch(case: Case) -> GlobalBatch:

@@ -36,8 +36,9 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable, List
+from typing import Any
 
 import torch
 import torch.distributed
@@ -48,6 +49,12 @@ DEFAULT_TIMEOUT_S = 120.0
 # Seconds to keep reading the result queue after a child exits, since its last message may
 # still be in the pipe when its death is noticed.
 _DRAIN_GRACE_S = 1.0
+
+
+def torchrun_demo_command(nproc: int, *flags: str) -> list:
+    """The command line of the demo under `torch.distributed.run` with `nproc` local processes."""
+    launcher = f"-m torch.distributed.run --standalone --nproc-per-node {nproc} -m megatron_rollout_is.demo"
+    return [sys.executable, *launcher.split(), *flags]
 
 
 class DistributedWorkerError(RuntimeError):
@@ -119,7 +126,7 @@ def _kill_all(processes):
 
 def run_distributed(
     world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = DEFAULT_TIMEOUT_S, backend: str = "gloo"
-) -> List[Any]:
+) -> list[Any]:
     """Runs ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes on gloo (or NCCL).
 
     Each child initialises the default ``torch.distributed`` process group (``backend``, a free

@@ -49,16 +49,34 @@ _TOKEN_KEYS = (
     "mismatch_log_ppl_diff_min",
     "mismatch_ppl_ratio",
 )
-_CLIP_KEYS = ("rollout_is_clipped_fraction", "rollout_is_seq_clipped_fraction", "rollout_is_masked_fraction",
-              "rollout_is_seq_masked_fraction")
-_QUANTILES = {"rollout_is_p25": 0.25, "rollout_is_p50": 0.50, "rollout_is_p75": 0.75,
-              "rollout_is_p95": 0.95, "rollout_is_p99": 0.99}
+_CLIP_KEYS = (
+    "rollout_is_clipped_fraction",
+    "rollout_is_seq_clipped_fraction",
+    "rollout_is_masked_fraction",
+    "rollout_is_seq_masked_fraction",
+)
+_QUANTILES = {
+    "rollout_is_p25": 0.25,
+    "rollout_is_p50": 0.50,
+    "rollout_is_p75": 0.75,
+    "rollout_is_p95": 0.95,
+    "rollout_is_p99": 0.99,
+}
 
 # verl's unprefixed perplexity names (compute_mismatch_metrics adds `mismatch_`); the second group
 # needs the rollout log-probs.
 _PERPLEXITY_KEYS = ("training_ppl", "training_log_ppl")
-_MISMATCH_KEYS = ("kl", "k3_kl", "rollout_ppl", "rollout_log_ppl", "log_ppl_diff", "log_ppl_abs_diff",
-                  "log_ppl_diff_max", "log_ppl_diff_min", "ppl_ratio")
+_MISMATCH_KEYS = (
+    "kl",
+    "k3_kl",
+    "rollout_ppl",
+    "rollout_log_ppl",
+    "log_ppl_diff",
+    "log_ppl_abs_diff",
+    "log_ppl_diff_max",
+    "log_ppl_diff_min",
+    "ppl_ratio",
+)
 
 
 def expected_metric_keys(mode):
@@ -133,8 +151,7 @@ def perplexity_metrics(seq_mo, seq_mr, token_lr):
     def seq_mean(values):
         return math.fsum(values) / num_seqs
 
-    m = {"training_ppl": seq_mean(_safe_exp(-mo) for mo in seq_mo),
-         "training_log_ppl": seq_mean(-mo for mo in seq_mo)}
+    m = {"training_ppl": seq_mean(_safe_exp(-mo) for mo in seq_mo), "training_log_ppl": seq_mean(-mo for mo in seq_mo)}
     if seq_mr is None:
         return m
     m["kl"] = math.fsum(-lr for lr in token_lr) / (num_tokens + EPS)

@@ -17,14 +17,24 @@ the 0.6.0 contract (docs/metrics.md) has `G_i = S_i / (n_i + 1e-8)`.
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from oracle import EPS, SAFETY_BOUND, _clamp, _safe_exp, float_rows, perplexity_metrics
 
-RS_CRITERIA = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
-               "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
+RS_CRITERIA = (
+    "token_k1",
+    "token_k2",
+    "token_k3",
+    "seq_sum_k1",
+    "seq_sum_k2",
+    "seq_sum_k3",
+    "seq_mean_k1",
+    "seq_mean_k2",
+    "seq_mean_k3",
+    "seq_max_k2",
+    "seq_max_k3",
+)
 IS_LEVELS = {"token": "token", "sequence": "sequence", "geometric": "geometric", "sequence_mean": "geometric"}
 IS_MODES = ("truncate", "mask", "clamp")
 BATCH_NORM_MIN = 1e-8
@@ -44,8 +54,12 @@ def _summary(prefix, values):
     k = len(values)
     mean = math.fsum(values) / k
     std = math.sqrt(math.fsum((x - mean) ** 2 for x in values) / (k - 1)) if k > 1 else 0.0
-    return {prefix + "_seq_mean": mean, prefix + "_seq_std": std,
-            prefix + "_seq_max": max(values), prefix + "_seq_min": min(values)}
+    return {
+        prefix + "_seq_mean": mean,
+        prefix + "_seq_std": std,
+        prefix + "_seq_max": max(values),
+        prefix + "_seq_min": min(values),
+    }
 
 
 def _share(flags):
@@ -56,6 +70,7 @@ def _share(flags):
 # ---------------------------------------------------------------------------------------------
 # The batch.
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Sequence:
@@ -82,8 +97,14 @@ def _sequences(old, rollout, mask):
     for i, valid_row in enumerate(valid_rows):
         positions = [t for t, ok in enumerate(valid_row) if ok]
         if positions:
-            sequences.append(_Sequence(i, positions, [old_rows[i][t] for t in positions],
-                                       [rollout_rows[i][t] for t in positions] if rollout is not None else None))
+            sequences.append(
+                _Sequence(
+                    i,
+                    positions,
+                    [old_rows[i][t] for t in positions],
+                    [rollout_rows[i][t] for t in positions] if rollout is not None else None,
+                )
+            )
     return sequences, num_nonfinite
 
 
@@ -98,6 +119,7 @@ def _token_mean(values, num_tokens):
 # ---------------------------------------------------------------------------------------------
 # Off-policy metrics.
 # ---------------------------------------------------------------------------------------------
+
 
 def oracle_offpolicy_metrics(old, rollout, mask):
     """`compute_offpolicy_metrics`: the off-policy table of docs/rollout_correction.md, unprefixed.
@@ -121,8 +143,9 @@ def oracle_offpolicy_metrics(old, rollout, mask):
         return metrics
     num_tokens = len(token_lr)
     if num_tokens:
-        chi2_token = _token_mean([math.exp(2.0 * _clamp(lr, -SAFETY_BOUND, SAFETY_BOUND)) for lr in token_lr],
-                                 num_tokens) - 1.0
+        chi2_token = (
+            _token_mean([math.exp(2.0 * _clamp(lr, -SAFETY_BOUND, SAFETY_BOUND)) for lr in token_lr], num_tokens) - 1.0
+        )
         sums = [math.fsum(seq.log_ratios) for seq in sequences]
         chi2_seq = math.fsum(math.exp(2.0 * _clamp(s, -SAFETY_BOUND, SAFETY_BOUND)) for s in sums) / len(sums) - 1.0
     else:
@@ -136,6 +159,7 @@ def oracle_offpolicy_metrics(old, rollout, mask):
 # ---------------------------------------------------------------------------------------------
 # IS weights.
 # ---------------------------------------------------------------------------------------------
+
 
 def parse_is_threshold(spec, mode):
     """`(mode, lower, upper)` of `rollout_is_threshold` and the optional `rollout_is_mode`.
@@ -211,10 +235,25 @@ def _batch_norm_factor(level, bounded):
 
 
 def _is_keys(mode, batch_normalize):
-    keys = ["rollout_is_" + name for name in (
-        "mean", "max", "min", "ratio_fraction_high", "ratio_fraction_low", "std", "eff_sample_size",
-        "seq_mean", "seq_std", "seq_max", "seq_min", "seq_max_deviation", "seq_fraction_high",
-        "seq_fraction_low")]
+    keys = [
+        "rollout_is_" + name
+        for name in (
+            "mean",
+            "max",
+            "min",
+            "ratio_fraction_high",
+            "ratio_fraction_low",
+            "std",
+            "eff_sample_size",
+            "seq_mean",
+            "seq_std",
+            "seq_max",
+            "seq_min",
+            "seq_max_deviation",
+            "seq_fraction_high",
+            "seq_fraction_low",
+        )
+    ]
     if mode == "mask":
         keys.append("rollout_is_oob_ratio")
     if batch_normalize:
@@ -253,6 +292,7 @@ def _is_weights(sequences, rollout_is, threshold, mode, batch_normalize):
 # Rejection sampling.
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Criterion:
     """One rejection criterion with its keep band in statistic space.
@@ -262,7 +302,7 @@ class Criterion:
     """
 
     name: str
-    low: Optional[float]
+    low: float | None
     high: float
 
     @property
@@ -370,8 +410,22 @@ def _rs_criterion_metrics(criterion, sequences, stats, keeps):
 def _rs_keys(criteria):
     keys = ["rollout_rs_masked_fraction", "rollout_rs_seq_masked_fraction"]
     for criterion in criteria:
-        names = ["mean", "max", "min", "fraction_high", "fraction_low", "std", "seq_mean", "seq_std", "seq_max",
-                 "seq_min", "seq_max_deviation", "seq_fraction_high", "masked_fraction", "seq_masked_fraction"]
+        names = [
+            "mean",
+            "max",
+            "min",
+            "fraction_high",
+            "fraction_low",
+            "std",
+            "seq_mean",
+            "seq_std",
+            "seq_max",
+            "seq_min",
+            "seq_max_deviation",
+            "seq_fraction_high",
+            "masked_fraction",
+            "seq_masked_fraction",
+        ]
         if criterion.low is not None:
             names.append("seq_fraction_low")
         keys += [f"rollout_rs_{criterion.name}_{name}" for name in names]
@@ -399,8 +453,18 @@ def _rejection(sequences, criteria):
 # The entry point.
 # ---------------------------------------------------------------------------------------------
 
-def oracle_rollout_correction(old, rollout, mask, rollout_is=None, rollout_is_threshold=2.0, rollout_is_mode=None,
-                              rollout_is_batch_normalize=False, rollout_rs=None, rollout_rs_threshold=None):
+
+def oracle_rollout_correction(
+    old,
+    rollout,
+    mask,
+    rollout_is=None,
+    rollout_is_threshold=2.0,
+    rollout_is_mode=None,
+    rollout_is_batch_normalize=False,
+    rollout_rs=None,
+    rollout_rs_threshold=None,
+):
     """`compute_rollout_correction_and_rejection_mask` of one global batch, in float64.
 
     Args:
@@ -430,8 +494,9 @@ def oracle_rollout_correction(old, rollout, mask, rollout_is=None, rollout_is_th
     if rollout_is is not None and rollout_is_threshold is not None:
         if rollout_is not in IS_LEVELS:
             raise ValueError(f"unknown rollout_is {rollout_is!r}")
-        bounded, is_metrics = _is_weights(sequences, rollout_is, rollout_is_threshold, rollout_is_mode,
-                                          rollout_is_batch_normalize)
+        bounded, is_metrics = _is_weights(
+            sequences, rollout_is, rollout_is_threshold, rollout_is_mode, rollout_is_batch_normalize
+        )
         metrics.update(is_metrics)
         weights = torch.zeros(old.shape, dtype=torch.float64)
         for seq, ws in zip(sequences, bounded):

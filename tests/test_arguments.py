@@ -21,12 +21,25 @@ def test_no_flags_leave_rollout_is_off():
 
 def test_every_flag_round_trips():
     config = _config(
-        "--rollout-is", "--rollout-is-threshold", "2.5", "--rollout-is-threshold-lower", "0.25",
-        "--rollout-is-level", "sequence", "--rollout-is-mode", "truncate", "--rollout-is-veto-threshold", "1e-3",
+        "--rollout-is",
+        "--rollout-is-threshold",
+        "2.5",
+        "--rollout-is-threshold-lower",
+        "0.25",
+        "--rollout-is-level",
+        "sequence",
+        "--rollout-is-mode",
+        "truncate",
+        "--rollout-is-veto-threshold",
+        "1e-3",
     )
     assert config == RolloutISConfig(
-        rollout_is=True, rollout_is_threshold=2.5, rollout_is_threshold_lower=0.25,
-        rollout_is_level="sequence", rollout_is_mode="truncate", rollout_is_veto_threshold=1e-3,
+        rollout_is=True,
+        rollout_is_threshold=2.5,
+        rollout_is_threshold_lower=0.25,
+        rollout_is_level="sequence",
+        rollout_is_mode="truncate",
+        rollout_is_veto_threshold=1e-3,
     )
     assert config.applies_weights
 
@@ -58,8 +71,16 @@ def test_yaml_then_explicit_flags_override(tmp_path):
     )
     from_yaml = _config("--rollout-is-config", str(path))
     assert from_yaml == RolloutISConfig(True, 3.0, None, "geometric", "clip", 1e-3)
-    overridden = _config("--rollout-is-config", str(path), "--rollout-is-threshold", "1.001",
-                         "--rollout-is-threshold-lower", "0.999", "--rollout-is-veto-threshold", "none")
+    overridden = _config(
+        "--rollout-is-config",
+        str(path),
+        "--rollout-is-threshold",
+        "1.001",
+        "--rollout-is-threshold-lower",
+        "0.999",
+        "--rollout-is-veto-threshold",
+        "none",
+    )
     assert overridden == RolloutISConfig(True, 1.001, 0.999, "geometric", "clip", None)
 
 
@@ -143,8 +164,16 @@ def test_demo_rejects_impossible_layouts_naming_the_flag(flags, world_size, name
 def test_demo_derives_the_data_parallel_size():
     from megatron_rollout_is.demo.arguments import validate_args
 
-    args = _demo_args("--tensor-model-parallel-size", "2", "--global-batch-size", "32", "--micro-batch-size", "4",
-                      "--rollout-is-threshold", "2")
+    args = _demo_args(
+        "--tensor-model-parallel-size",
+        "2",
+        "--global-batch-size",
+        "32",
+        "--micro-batch-size",
+        "4",
+        "--rollout-is-threshold",
+        "2",
+    )
     config = validate_args(args, world_size=8)
     assert args.data_parallel_size == 4
     assert config == RolloutISConfig(rollout_is_threshold=2.0)
@@ -160,14 +189,32 @@ def test_demo_task_flags_fail_at_parse_time():
 def test_verl_head_flags_round_trip():
     from megatron_rollout_is.config import RolloutCorrectionConfig
 
-    config = _config("--rollout-is", "sequence", "--rollout-is-threshold", "0.5_2.0", "--rollout-is-mode", "clamp",
-                     "--rollout-is-batch-normalize", "--rollout-rs", "seq_mean_k1,seq_max_k3",
-                     "--rollout-rs-threshold", "0.99_1.01,0.05", "--rollout-bypass-mode",
-                     "--rollout-loss-type", "reinforce")
+    config = _config(
+        "--rollout-is",
+        "sequence",
+        "--rollout-is-threshold",
+        "0.5_2.0",
+        "--rollout-is-mode",
+        "clamp",
+        "--rollout-is-batch-normalize",
+        "--rollout-rs",
+        "seq_mean_k1,seq_max_k3",
+        "--rollout-rs-threshold",
+        "0.99_1.01,0.05",
+        "--rollout-bypass-mode",
+        "--rollout-loss-type",
+        "reinforce",
+    )
     assert config == RolloutCorrectionConfig(
-        rollout_is="sequence", rollout_is_threshold="0.5_2.0", rollout_is_mode="clamp",
-        rollout_is_batch_normalize=True, rollout_rs="seq_mean_k1,seq_max_k3", rollout_rs_threshold="0.99_1.01,0.05",
-        bypass_mode=True, loss_type="reinforce")
+        rollout_is="sequence",
+        rollout_is_threshold="0.5_2.0",
+        rollout_is_mode="clamp",
+        rollout_is_batch_normalize=True,
+        rollout_rs="seq_mean_k1,seq_max_k3",
+        rollout_rs_threshold="0.99_1.01,0.05",
+        bypass_mode=True,
+        loss_type="reinforce",
+    )
     assert config.plan.bypass and config.plan.loss_type == "reinforce" and len(config.plan.criteria) == 2
 
 
@@ -184,14 +231,17 @@ def test_a_verl_head_yaml_then_flags(tmp_path):
     assert config.rollout_rs == "token_k2" and config.plan.weights.upper == 5.0
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--rollout-rs", "token_k9", "--rollout-rs-threshold", "1"], "--rollout-rs"),
-    (["--rollout-rs", "token_k1"], "--rollout-rs-threshold"),
-    (["--rollout-loss-type", "reinforce"], "--rollout-bypass-mode"),
-    (["--rollout-is-batch-normalize"], "--rollout-is-batch-normalize"),
-    (["--rollout-is", "token", "--rollout-is-level", "sequence"], "--rollout-is-level"),
-    (["--rollout-bypass-mode", "--rollout-is", "token"], "--rollout-loss-type"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--rollout-rs", "token_k9", "--rollout-rs-threshold", "1"], "--rollout-rs"),
+        (["--rollout-rs", "token_k1"], "--rollout-rs-threshold"),
+        (["--rollout-loss-type", "reinforce"], "--rollout-bypass-mode"),
+        (["--rollout-is-batch-normalize"], "--rollout-is-batch-normalize"),
+        (["--rollout-is", "token", "--rollout-is-level", "sequence"], "--rollout-is-level"),
+        (["--rollout-bypass-mode", "--rollout-is", "token"], "--rollout-loss-type"),
+    ],
+)
 def test_verl_head_flag_errors_name_the_flag(flags, named):
     with pytest.raises(ValueError) as error:
         _config(*flags)

@@ -81,8 +81,11 @@ def test_a_per_sequence_tensor_is_not_broadcast(which, form):
     [
         (lambda o, r, m: (o, r[:, :-1], m), ValueError, ["rollout_log_prob", "(3, 5)", "(3, 6)", "no broadcasting"]),
         (lambda o, r, m: (o, r, m[:, :1]), ValueError, ["response_mask", "(3, 1)", "no broadcasting"]),
-        (lambda o, r, m: (o[:, 0], r[:, 0], m[:, 0]), ValueError,
-         ["old_log_prob", "[batch, response_len]", "(3,)", "no broadcasting"]),
+        (
+            lambda o, r, m: (o[:, 0], r[:, 0], m[:, 0]),
+            ValueError,
+            ["old_log_prob", "[batch, response_len]", "(3,)", "no broadcasting"],
+        ),
         (lambda o, r, m: (o, r.long(), m), TypeError, ["rollout_log_prob", "floating-point"]),
         (lambda o, r, m: (o, None, m), TypeError, ["rollout_log_prob", "torch.Tensor"]),
         (lambda o, r, m: (o.to("meta"), r, m), ValueError, ["rollout_log_prob", "meta", "one device"]),
@@ -124,15 +127,22 @@ def test_all_masked_and_all_vetoed_give_zero_weights_and_finite_metrics(level):
 def test_half_precision_inputs_compute_in_float32(dtype, level):
     old, rollout, mask = _batch(dtype=dtype)
     weights, metrics = compute_rollout_importance_weights(old, rollout, mask, level, "truncate", 2.0)
-    reference_weights, reference = compute_rollout_importance_weights(old.float(), rollout.float(), mask, level, "truncate", 2.0)
+    reference_weights, reference = compute_rollout_importance_weights(
+        old.float(), rollout.float(), mask, level, "truncate", 2.0
+    )
     assert weights.dtype == torch.float32 and torch.equal(weights, reference_weights)
     assert metrics == reference
 
 
 def _loss_batch(**overrides):
     old, rollout, mask = _batch(b=2, s=4)
-    batch = dict(labels=torch.zeros(2, 4, dtype=torch.long), loss_mask=mask, advantages=torch.ones(2, 4),
-                 old_log_prob=old, rollout_log_prob=rollout)
+    batch = dict(
+        labels=torch.zeros(2, 4, dtype=torch.long),
+        loss_mask=mask,
+        advantages=torch.ones(2, 4),
+        old_log_prob=old,
+        rollout_log_prob=rollout,
+    )
     batch.update(overrides)
     return batch
 
@@ -161,8 +171,9 @@ def test_loss_hook_does_not_broadcast_per_sequence_tensors(key, form):
     """`[b]` or `[b, 1]` for a per-token tensor of the loss hook: named, both shapes, "no broadcasting"."""
     batch = _loss_batch(ref_log_prob=_batch(b=2, s=4)[0])
     batch[key] = SEQUENCE_VALUES[form](batch[key])
-    loss = RolloutISPolicyLoss(RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0), RolloutISGroups(),
-                               PolicyLossConfig(kl_coef=0.1))
+    loss = RolloutISPolicyLoss(
+        RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0), RolloutISGroups(), PolicyLossConfig(kl_coef=0.1)
+    )
     with pytest.raises(ValueError) as caught:
         loss(batch, torch.randn(4, 2, 8))
     message = str(caught.value)

@@ -18,10 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 WEIGHT_KEYS = ("time_ratio", "time_ratio_of_minimums", "memory_ratio")
 CP_KEYS = ("traffic_ratio", "time_ratio", "package_bytes_sent", "all_gather_bytes_sent")
-TP_KEYS = ("forward_no_grad_time_ratio", "forward_no_grad_chunked_time_ratio", "forward_backward_time_ratio",
-           "peak_forward_no_grad_over_fp32_copy", "peak_forward_no_grad_chunked_over_fp32_copy",
-           "peak_forward_over_fp32_copy", "peak_forward_backward_over_fp32_copy",
-           "peak_forward_backward_bf16_logits_over_fp32_copy", "plain_peak_forward_backward_over_fp32_copy")
+TP_KEYS = (
+    "forward_no_grad_time_ratio",
+    "forward_no_grad_chunked_time_ratio",
+    "forward_backward_time_ratio",
+    "peak_forward_no_grad_over_fp32_copy",
+    "peak_forward_no_grad_chunked_over_fp32_copy",
+    "peak_forward_over_fp32_copy",
+    "peak_forward_backward_over_fp32_copy",
+    "peak_forward_backward_bf16_logits_over_fp32_copy",
+    "plain_peak_forward_backward_over_fp32_copy",
+)
 DEMO_KEYS = ("time_ratio", "time_ratio_of_minimums", "is_share_of_step")
 
 
@@ -30,7 +37,10 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
     completed = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     assert "goals" in completed.stdout
@@ -45,7 +55,8 @@ def _positive_finite(row, keys):
 def test_every_case_reports_every_ratio(results):
     cases = results["cases"]
     assert {(r["level"], r["mode"]) for r in cases["weights"]} == {
-        (level, mode) for level in ("token", "sequence", "geometric") for mode in ("truncate", "clip")}
+        (level, mode) for level in ("token", "sequence", "geometric") for mode in ("truncate", "clip")
+    }
     for row in cases["weights"]:
         _positive_finite(row, WEIGHT_KEYS)
     assert {(r["cp"], r["length"]) for r in cases["context_parallel"]} == {(2, 1024), (2, 8192), (4, 1024), (4, 8192)}

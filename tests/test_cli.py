@@ -46,22 +46,31 @@ def test_compute_reads_a_verl_head_config(tmp_path, capsys):
     out = capsys.readouterr().out
     printed = dict(line.split() for line in out.splitlines() if line.strip().startswith("rollout_corr/"))
     _, kept, expected = compute_rollout_correction_and_rejection_mask(
-        batch["old_log_prob"], batch["rollout_log_prob"], batch["response_mask"], rollout_is="token",
-        rollout_is_threshold="0.5_2.0", rollout_rs="seq_mean_k1", rollout_rs_threshold="0.95_1.05")
+        batch["old_log_prob"],
+        batch["rollout_log_prob"],
+        batch["response_mask"],
+        rollout_is="token",
+        rollout_is_threshold="0.5_2.0",
+        rollout_rs="seq_mean_k1",
+        rollout_rs_threshold="0.95_1.05",
+    )
     assert set(printed) == set(expected)
     for name, value in expected.items():
         assert math.isclose(float(printed[name]), value, rel_tol=1e-5, abs_tol=1e-9)
     assert f"kept after rejection {int(kept.sum())}" in out
 
 
-@pytest.mark.parametrize("flags, own", [
-    ([], False),
-    (["--rollout-is-level", "sequence", "--rollout-noise", "0.5"], False),
-    (["--rollout-correction-preset", "decoupled_k3_rs"], True),
-    (["--rollout-is", "token", "--rollout-is-threshold", "0.5_2"], True),
-    (["--rollout-rs", "token_k2", "--rollout-rs-threshold", "0.1"], True),
-    (["--rollout-is-config=x.yaml"], True),
-])
+@pytest.mark.parametrize(
+    "flags, own",
+    [
+        ([], False),
+        (["--rollout-is-level", "sequence", "--rollout-noise", "0.5"], False),
+        (["--rollout-correction-preset", "decoupled_k3_rs"], True),
+        (["--rollout-is", "token", "--rollout-is-threshold", "0.5_2"], True),
+        (["--rollout-rs", "token_k2", "--rollout-rs-threshold", "0.1"], True),
+        (["--rollout-is-config=x.yaml"], True),
+    ],
+)
 def test_the_demo_preset_applies_only_without_a_correction_of_the_users(flags, own):
     from megatron_rollout_is.cli import _sets_its_own_correction
 

@@ -38,12 +38,28 @@ def test_mask_is_an_alias_of_clip():
         (dict(rollout_is_threshold=math.inf), ValueError, ["rollout_is_threshold", "finite"]),
         (dict(rollout_is_threshold=math.nan), ValueError, ["rollout_is_threshold", "finite"]),
         (dict(rollout_is_threshold=2.0, rollout_is_threshold_lower=-1.0), ValueError, ["rollout_is_threshold_lower"]),
-        (dict(rollout_is_threshold=2.0, rollout_is_threshold_lower=3.0), ValueError, ["must be below", "rollout_is_threshold"]),
+        (
+            dict(rollout_is_threshold=2.0, rollout_is_threshold_lower=3.0),
+            ValueError,
+            ["must be below", "rollout_is_threshold"],
+        ),
         (dict(rollout_is_threshold=0.5), ValueError, ["must be below", "set both explicitly"]),
         (dict(rollout_is_threshold=2.0, rollout_is_level="tokens"), ValueError, ["rollout_is_level", "'token'"]),
-        (dict(rollout_is_threshold=2.0, rollout_is_mode="cap"), ValueError, ["rollout_is_mode", "'truncate'", "'mask'"]),
-        (dict(rollout_is_threshold=2.0, rollout_is_veto_threshold=1.5), ValueError, ["rollout_is_veto_threshold", "(0, 1)"]),
-        (dict(rollout_is_threshold=2.0, rollout_is_veto_threshold=0.0), ValueError, ["rollout_is_veto_threshold", "> 0"]),
+        (
+            dict(rollout_is_threshold=2.0, rollout_is_mode="cap"),
+            ValueError,
+            ["rollout_is_mode", "'truncate'", "'mask'"],
+        ),
+        (
+            dict(rollout_is_threshold=2.0, rollout_is_veto_threshold=1.5),
+            ValueError,
+            ["rollout_is_veto_threshold", "(0, 1)"],
+        ),
+        (
+            dict(rollout_is_threshold=2.0, rollout_is_veto_threshold=0.0),
+            ValueError,
+            ["rollout_is_veto_threshold", "> 0"],
+        ),
         (dict(rollout_is_threshold="2.0"), TypeError, ["rollout_is_threshold", "number"]),
         (dict(rollout_is_threshold=True), TypeError, ["rollout_is_threshold", "number"]),
         (dict(rollout_is="yes", rollout_is_threshold=2.0), ValueError, ["rollout_is", "bool", "'token'"]),
@@ -101,7 +117,12 @@ def test_removed_tis_key_fails_with_the_migration(mapping, where):
         RolloutISConfig.from_mapping(mapping)
     message = str(caught.value)
     assert where in message
-    for replacement in ("rollout_is: true", "rollout_is_threshold", "rollout_is_level: token", "rollout_is_mode: truncate"):
+    for replacement in (
+        "rollout_is: true",
+        "rollout_is_threshold",
+        "rollout_is_level: token",
+        "rollout_is_mode: truncate",
+    ):
         assert replacement in message
 
 
@@ -137,8 +158,13 @@ def test_verl_head_factories_take_verls_keyword_arguments():
 
 
 def test_verl_head_plan_normalises_thresholds_and_criteria():
-    plan = RolloutCorrectionConfig(rollout_is="sequence_mean", rollout_is_threshold=2.0, rollout_is_mode="clamp",
-                                   rollout_rs="token_k1, seq_max_k3,token_k1", rollout_rs_threshold="0.5_2, 0.1").plan
+    plan = RolloutCorrectionConfig(
+        rollout_is="sequence_mean",
+        rollout_is_threshold=2.0,
+        rollout_is_mode="clamp",
+        rollout_rs="token_k1, seq_max_k3,token_k1",
+        rollout_rs_threshold="0.5_2, 0.1",
+    ).plan
     assert plan.weights.level == "geometric" and plan.weights.bound == "clamp"
     assert (plan.weights.lower, plan.weights.upper) == (0.5, 2.0)
     assert [c.name for c in plan.criteria] == ["token_k1", "seq_max_k3"]  # duplicates dropped, order kept
@@ -156,8 +182,11 @@ def test_verl_head_plan_normalises_thresholds_and_criteria():
         (dict(rollout_rs="seq_max_k1", rollout_rs_threshold=1.0), ValueError, ["rollout_rs", "seq_max_k1"]),
         (dict(rollout_rs="token_k1"), ValueError, ["rollout_rs_threshold", "null"]),
         (dict(rollout_rs_threshold=0.1), ValueError, ["rollout_rs_threshold", "rollout_rs is null"]),
-        (dict(rollout_rs="token_k1,token_k2", rollout_rs_threshold="1.5,0.1,0.2"), ValueError,
-         ["3 values", "2 criteria", "one per criterion"]),
+        (
+            dict(rollout_rs="token_k1,token_k2", rollout_rs_threshold="1.5,0.1,0.2"),
+            ValueError,
+            ["3 values", "2 criteria", "one per criterion"],
+        ),
         (dict(rollout_rs="token_k2", rollout_rs_threshold="0.5_2"), ValueError, ["token_k2", "one upper bound"]),
         (dict(rollout_rs="token_k2", rollout_rs_threshold=-1), ValueError, ["token_k2", "> 0"]),
         (dict(rollout_rs="seq_mean_k1", rollout_rs_threshold="2_0.5"), ValueError, ["seq_mean_k1", "inverted"]),
@@ -167,22 +196,37 @@ def test_verl_head_plan_normalises_thresholds_and_criteria():
         (dict(rollout_is="token", rollout_is_threshold="0_2"), ValueError, ["rollout_is_threshold", "> 0"]),
         (dict(rollout_is="token", rollout_is_threshold="2_0.5"), ValueError, ["rollout_is_threshold", "inverted"]),
         (dict(rollout_is="token", rollout_is_threshold=True), TypeError, ["rollout_is_threshold", "boolean"]),
-        (dict(rollout_is="token", rollout_is_threshold="0.5_2", rollout_is_mode="truncate"), ValueError,
-         ["band", "mask", "clamp"]),
+        (
+            dict(rollout_is="token", rollout_is_threshold="0.5_2", rollout_is_mode="truncate"),
+            ValueError,
+            ["band", "mask", "clamp"],
+        ),
         (dict(rollout_is="token", rollout_is_threshold=0.5, rollout_is_mode="mask"), ValueError, ["empty"]),
         (dict(rollout_is_batch_normalize=True), ValueError, ["rollout_is_batch_normalize", "rollout_is is null"]),
-        (dict(rollout_is=None, rollout_is_threshold=5.0, rollout_rs="token_k2", rollout_rs_threshold=1),
-         ValueError, ["rollout_is_threshold", "does nothing"]),
+        (
+            dict(rollout_is=None, rollout_is_threshold=5.0, rollout_rs="token_k2", rollout_rs_threshold=1),
+            ValueError,
+            ["rollout_is_threshold", "does nothing"],
+        ),
         (dict(loss_type="reinforce"), ValueError, ["loss_type", "bypass_mode"]),
         (dict(bypass_mode=True, loss_type="sgd"), ValueError, ["loss_type", "ppo_clip"]),
         (dict(bypass_mode=True, rollout_is="token"), ValueError, ["ppo_clip", "would not be applied", "reinforce"]),
-        (dict(rollout_is="token", rollout_is_level="token", rollout_is_threshold_lower=0.5), ValueError,
-         ["mixes", "rollout_is_threshold_lower", "rollout_is (a level name)"]),
-        (dict(rollout_rs="token_k2", rollout_rs_threshold=1.0, rollout_is_veto_threshold=1e-3), ValueError,
-         ["mixes", "rollout_is_veto_threshold", "rollout_rs"]),
+        (
+            dict(rollout_is="token", rollout_is_level="token", rollout_is_threshold_lower=0.5),
+            ValueError,
+            ["mixes", "rollout_is_threshold_lower", "rollout_is (a level name)"],
+        ),
+        (
+            dict(rollout_rs="token_k2", rollout_rs_threshold=1.0, rollout_is_veto_threshold=1e-3),
+            ValueError,
+            ["mixes", "rollout_is_veto_threshold", "rollout_rs"],
+        ),
         (dict(rollout_is=True, rollout_is_threshold=2.0, bypass_mode=True), ValueError, ["mixes", "bypass_mode"]),
-        (dict(rollout_rs="token_k2", rollout_rs_threshold=1.0, dialect="verl-0.6"), ValueError,
-         ["verl HEAD key", "rollout_rs"]),
+        (
+            dict(rollout_rs="token_k2", rollout_rs_threshold=1.0, dialect="verl-0.6"),
+            ValueError,
+            ["verl HEAD key", "rollout_rs"],
+        ),
         (dict(dialect="verl-7"), ValueError, ["dialect", "verl-head"]),
     ],
 )
@@ -195,29 +239,40 @@ def test_verl_head_validation_names_the_key_and_the_fix(kwargs, error, words):
 
 def test_verl_head_yaml_section_presets_and_defaults(tmp_path):
     stock = tmp_path / "stock.yaml"  # verl HEAD's own default rollout_correction.yaml: metrics only
-    stock.write_text("algorithm:\n  rollout_correction:\n    rollout_is: null\n    rollout_is_threshold: 2.0\n"
-                     "    rollout_rs: null\n    rollout_rs_threshold: null\n    bypass_mode: false\n"
-                     "    loss_type: ppo_clip\n    rollout_is_batch_normalize: false\n")
+    stock.write_text(
+        "algorithm:\n  rollout_correction:\n    rollout_is: null\n    rollout_is_threshold: 2.0\n"
+        "    rollout_rs: null\n    rollout_rs_threshold: null\n    bypass_mode: false\n"
+        "    loss_type: ppo_clip\n    rollout_is_batch_normalize: false\n"
+    )
     config = RolloutCorrectionConfig.from_yaml(stock)
     assert config.enabled and config.plan.weights is None and not config.plan.criteria
     assert config.plan.metric_names == "rollout_corr"
     preset = tmp_path / "preset.yaml"
-    preset.write_text("algorithm:\n  rollout_correction:\n    preset: decoupled_geo_rs_token_tis\n"
-                      "    rollout_rs_threshold: 0.99_1.01\n")
+    preset.write_text(
+        "algorithm:\n  rollout_correction:\n    preset: decoupled_geo_rs_token_tis\n"
+        "    rollout_rs_threshold: 0.99_1.01\n"
+    )
     config = RolloutCorrectionConfig.from_yaml(preset)
     assert config.rollout_is == "token" and config.rollout_rs == "seq_mean_k1"
     assert config.rollout_rs_threshold == "0.99_1.01"
 
 
-@pytest.mark.parametrize("text, words", [
-    ("algorithm:\n  rollout_correction:\n    rollout_is: token\n    rollout_is_level: token\n",
-     ["algorithm.rollout_correction.rollout_is_level", "other verl dialect"]),
-    ("algorithm:\n  rollout_is: true\n  rollout_is_threshold: 2\n  rollout_correction:\n    rollout_is: token\n",
-     ["both", "rollout_correction", "rollout_is_threshold"]),
-    ("algorithm:\n  rollout_rs: token_k1\n", ["algorithm.rollout_rs", "rollout_correction"]),
-    ("algorithm:\n  rollout_correction:\n    rollout_rss: token_k1\n", ["rollout_rss", "unknown"]),
-    ("algorithm:\n  rollout_correction:\n    preset: decoupled_nothing\n", ["decoupled_nothing", "presets"]),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (
+            "algorithm:\n  rollout_correction:\n    rollout_is: token\n    rollout_is_level: token\n",
+            ["algorithm.rollout_correction.rollout_is_level", "other verl dialect"],
+        ),
+        (
+            "algorithm:\n  rollout_is: true\n  rollout_is_threshold: 2\n  rollout_correction:\n    rollout_is: token\n",
+            ["both", "rollout_correction", "rollout_is_threshold"],
+        ),
+        ("algorithm:\n  rollout_rs: token_k1\n", ["algorithm.rollout_rs", "rollout_correction"]),
+        ("algorithm:\n  rollout_correction:\n    rollout_rss: token_k1\n", ["rollout_rss", "unknown"]),
+        ("algorithm:\n  rollout_correction:\n    preset: decoupled_nothing\n", ["decoupled_nothing", "presets"]),
+    ],
+)
 def test_verl_yaml_mistakes_name_the_key(tmp_path, text, words):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

@@ -74,9 +74,7 @@ def test_thd_matches_plain_loop_reference(cp_size):
             index = thd_partitioned_indices(cu, sum(DOC_LENGTHS), cp_size, rank)
             assert index.tolist() == _reference_thd_indices(DOC_LENGTHS, cp_size, rank)
             documents, positions = thd_global_positions(cu, cp_size, rank)
-            assert (documents.tolist(), positions.tolist()) == _reference_thd_positions(
-                DOC_LENGTHS, cp_size, rank
-            )
+            assert (documents.tolist(), positions.tolist()) == _reference_thd_positions(DOC_LENGTHS, cp_size, rank)
 
 
 def test_thd_split_selects_reference_tokens_on_any_dim():

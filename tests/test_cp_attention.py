@@ -63,9 +63,7 @@ def test_mask_follows_global_positions_and_documents(cp, packed):
     cu = torch.tensor([0] + lengths).cumsum(0) if packed else None
     for rank in range(cp):
         queries = _chunk_positions(lengths, cp, rank)
-        expected = torch.tensor(
-            [[not (k <= q and document_of[k] == document_of[q]) for k in keys] for q in queries]
-        )
+        expected = torch.tensor([[not (k <= q and document_of[k] == document_of[q]) for k in keys] for q in queries])
         mask = build_cp_attention_mask(len(queries), cp, rank, causal=True, cu_seqlens=cu)
         assert torch.equal(mask, expected)
 

@@ -18,16 +18,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mp_harness import init_megatron, run_distributed
+from mp_harness import init_megatron, run_distributed, torchrun_demo_command
 from oracle import expected_metric_keys
 
 # Shared by the single-process and the torchrun runs: identical data and initial weights.
-COMMON_FLAGS = [
-    "--global-batch-size", "16", "--micro-batch-size", "4", "--group-size", "4",
-    "--min-digits", "2", "--max-digits", "4", "--lr", "1e-3", "--seed", "7",
-    "--rollout-noise", "0.5", "--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "sequence",
-    "--eval-interval", "2", "--eval-prompts", "16", "--no-progress", "--plot", "none",
-]
+COMMON_FLAGS = (
+    "--global-batch-size 16 --micro-batch-size 4 --group-size 4 --min-digits 2 --max-digits 4 --lr 1e-3 "
+    "--seed 7 --rollout-noise 0.5 --rollout-is --rollout-is-threshold 2 --rollout-is-level sequence "
+    "--eval-interval 2 --eval-prompts 16 --no-progress --plot none"
+).split()
 STEP_1_TOLERANCE = 1e-4
 
 
@@ -45,13 +44,14 @@ def _run(command, timeout=240):
 def _engine_worker(rank, world_size):
     """TP=2 GPTModel (GQA) vs the engine on the unsharded weights; errors and log-prob gaps."""
     import torch.distributed as dist
+
     from megatron.core import parallel_state
 
+    from megatron_rollout_is import cpu_rig
+    from megatron_rollout_is.cpu_rig import model as gpt
     from megatron_rollout_is.demo.batches import sequence_tensors
     from megatron_rollout_is.demo.generator import EngineShape, RolloutEngine
     from megatron_rollout_is.demo.task import ReverseTask
-    from megatron_rollout_is import cpu_rig
-    from megatron_rollout_is.cpu_rig import model as gpt
     from megatron_rollout_is.integration.forward_step import gpt_forward
 
     init_megatron(tp=2)
@@ -111,10 +111,39 @@ def single_process_runs(tmp_path_factory):
     """4 steps saved at 2 and 4 (the CLI), then a resume from step 2 (python -m ...demo)."""
     root = tmp_path_factory.mktemp("single")
     checkpoints = root / "checkpoints"
-    _run([sys.executable, "-m", "megatron_rollout_is.cli", "demo", *COMMON_FLAGS, "--train-iters", "4",
-          "--save", str(checkpoints), "--save-interval", "2", "--output-dir", str(root / "full")])
-    _run([sys.executable, "-m", "megatron_rollout_is.demo", *COMMON_FLAGS, "--train-iters", "4",
-          "--load", str(checkpoints), "--ckpt-step", "2", "--output-dir", str(root / "resumed")])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_rollout_is.cli",
+            "demo",
+            *COMMON_FLAGS,
+            "--train-iters",
+            "4",
+            "--save",
+            str(checkpoints),
+            "--save-interval",
+            "2",
+            "--output-dir",
+            str(root / "full"),
+        ]
+    )
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_rollout_is.demo",
+            *COMMON_FLAGS,
+            "--train-iters",
+            "4",
+            "--load",
+            str(checkpoints),
+            "--ckpt-step",
+            "2",
+            "--output-dir",
+            str(root / "resumed"),
+        ]
+    )
     return root
 
 
@@ -133,9 +162,18 @@ def test_resume_from_a_checkpoint_replays_the_same_steps(single_process_runs):
 
 def test_torchrun_cp2_packed_matches_single_process_and_its_dumps(single_process_runs, tmp_path):
     dumps = tmp_path / "dumps"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-          "-m", "megatron_rollout_is.demo", *COMMON_FLAGS, "--train-iters", "3", "--context-parallel-size", "2",
-          "--packed", "--output-dir", str(tmp_path), "--rollout-is-dump-dir", str(dumps)], timeout=300)
+    _run(
+        torchrun_demo_command(
+            2,
+            *COMMON_FLAGS,
+            *"--train-iters 3 --context-parallel-size 2 --packed".split(),
+            "--output-dir",
+            str(tmp_path),
+            "--rollout-is-dump-dir",
+            str(dumps),
+        ),
+        timeout=300,
+    )
     records = _records(tmp_path)
     assert sorted(records) == [1, 2, 3]
     for step, record in records.items():
@@ -159,7 +197,8 @@ def test_torchrun_cp2_packed_matches_single_process_and_its_dumps(single_process
 
 
 def test_reverse_task_targets_rewards_and_grpo_advantages():
-    from megatron_rollout_is.demo.task import BOS, EOS, EQUALS, FIRST_SYMBOL as D, PAD, ReverseTask, grpo_advantages
+    from megatron_rollout_is.demo.task import BOS, EOS, EQUALS, PAD, ReverseTask, grpo_advantages
+    from megatron_rollout_is.demo.task import FIRST_SYMBOL as D
 
     task = ReverseTask(min_digits=2, max_digits=3)
     prompts = torch.tensor([[BOS, D + 5, D + 7, D + 9, EQUALS], [BOS, D + 1, D + 2, EQUALS, PAD]])
@@ -184,20 +223,23 @@ def test_reverse_task_targets_rewards_and_grpo_advantages():
 
 
 def test_count_task_judges_each_token_against_the_one_before():
-    from megatron_rollout_is.demo.task import BOS, EOS, EQUALS, FIRST_SYMBOL as D, PAD, CountTask, make_task
+    from megatron_rollout_is.demo.task import BOS, EOS, EQUALS, PAD, CountTask, make_task
+    from megatron_rollout_is.demo.task import FIRST_SYMBOL as D
 
     task = CountTask(length=4, num_symbols=10)
     assert (task.prompt_len, task.response_len, task.sequence_len) == (3, 5, 8)
     prompts = torch.tensor([[BOS, D + 8, EQUALS]] * 5)
     lengths = torch.full((5,), 3)
     assert task.targets(prompts, lengths)[0].tolist() == [D + 9, D + 0, D + 1, D + 2, EOS]
-    responses = torch.tensor([
-        [D + 9, D + 0, D + 1, D + 2, EOS],   # right
-        [D + 9, D + 5, D + 6, D + 7, EOS],   # one slip, then counting on from it: 4 of 5
-        [D + 9, D + 0, EOS, PAD, PAD],       # stops early: PAD after PAD is not counting
-        [D + 9, D + 0, D + 1, D + 2, D + 3],  # no EOS at the end
-        [EOS, PAD, PAD, PAD, PAD],
-    ])
+    responses = torch.tensor(
+        [
+            [D + 9, D + 0, D + 1, D + 2, EOS],  # right
+            [D + 9, D + 5, D + 6, D + 7, EOS],  # one slip, then counting on from it: 4 of 5
+            [D + 9, D + 0, EOS, PAD, PAD],  # stops early: PAD after PAD is not counting
+            [D + 9, D + 0, D + 1, D + 2, D + 3],  # no EOS at the end
+            [EOS, PAD, PAD, PAD, PAD],
+        ]
+    )
     assert task.rewards(responses, prompts, lengths).tolist() == pytest.approx([1.0, 0.8, 0.4, 0.8, 0.0])
     sampled, sampled_lengths = task.sample_prompts(64, torch.Generator().manual_seed(0))
     assert (sampled[:, 0] == BOS).all() and (sampled[:, 2] == EQUALS).all() and (sampled_lengths == 3).all()
@@ -210,13 +252,16 @@ def test_count_task_judges_each_token_against_the_one_before():
         make_task("sort")
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--top-p", "0"], "--top-p"),
-    (["--top-k", "-2"], "--top-k"),
-    (["--temperature", "0"], "--temperature"),
-    (["--rollout-staleness", "-1"], "--rollout-staleness"),
-    (["--task", "count", "--response-tokens", "0"], "--response-tokens"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--top-p", "0"], "--top-p"),
+        (["--top-k", "-2"], "--top-k"),
+        (["--temperature", "0"], "--temperature"),
+        (["--rollout-staleness", "-1"], "--rollout-staleness"),
+        (["--task", "count", "--response-tokens", "0"], "--response-tokens"),
+    ],
+)
 def test_demo_mismatch_flags_fail_at_parse_time(flags, named):
     from megatron_rollout_is.demo.arguments import build_parser, validate_args
 

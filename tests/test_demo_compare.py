@@ -20,10 +20,17 @@ from megatron_rollout_is.demo import compare
 def _records(rise, kl, steps=50):
     rows = []
     for step in range(1, steps + 1):
-        row = {"step": step, "reward/mean": rise * step, "mismatch/mismatch_kl": kl, "mismatch/mismatch_k3_kl": kl / 2,
-               "mismatch/rollout_is_eff_sample_size": 0.9, "mismatch/rollout_is_mean": 1.0,
-               "mismatch/rollout_is_veto_fraction": 0.0, "mismatch/mismatch_log_ppl_abs_diff": 0.1,
-               "response/length_mean": 4.0}
+        row = {
+            "step": step,
+            "reward/mean": rise * step,
+            "mismatch/mismatch_kl": kl,
+            "mismatch/mismatch_k3_kl": kl / 2,
+            "mismatch/rollout_is_eff_sample_size": 0.9,
+            "mismatch/rollout_is_mean": 1.0,
+            "mismatch/rollout_is_veto_fraction": 0.0,
+            "mismatch/mismatch_log_ppl_abs_diff": 0.1,
+            "response/length_mean": 4.0,
+        }
         if step % 10 == 0:
             row["eval/greedy_reward"] = rise * step * 2
         rows.append(row)
@@ -31,12 +38,16 @@ def _records(rise, kl, steps=50):
 
 
 def test_summary_tables_and_plot_of_synthetic_runs(tmp_path):
-    runs = {"noise": {"none": {1: _records(0.010, 0.2), 2: _records(0.014, 0.4)},
-                      "token-tis": {1: _records(0.012, 0.2), 2: _records(0.008, 0.4)}},
-            "bf16": {"none": {1: _records(0.010, 0.0)}, "token-tis": {1: _records(0.010, 0.0)}}}
+    runs = {
+        "noise": {
+            "none": {1: _records(0.010, 0.2), 2: _records(0.014, 0.4)},
+            "token-tis": {1: _records(0.012, 0.2), 2: _records(0.008, 0.4)},
+        },
+        "bf16": {"none": {1: _records(0.010, 0.0)}, "token-tis": {1: _records(0.010, 0.0)}},
+    }
     summary = compare.summarize(runs, tail=10)
     seed1 = summary["noise"]["none"]["per_seed"][1]
-    assert seed1["reward_last"] == pytest.approx(0.010 * 45.5)          # steps 41-50
+    assert seed1["reward_last"] == pytest.approx(0.010 * 45.5)  # steps 41-50
     assert seed1["reward_all_steps"] == pytest.approx(0.010 * 25.5)
     assert seed1["greedy_reward_final"] == pytest.approx(0.010 * 50 * 2)
     assert seed1["k3_kl_early"] == pytest.approx(0.1) and seed1["ess_last"] == pytest.approx(0.9)
@@ -57,8 +68,10 @@ def test_summary_tables_and_plot_of_synthetic_runs(tmp_path):
     assert "| bf16 | 0.455 | 0.455 |" in table
     assert "token-tis -0.091 [-0.273, +0.091], better on 1/2 seeds" in table
 
-    series = {s: {c: {seed: compare.run_series(r) for seed, r in by_seed.items()} for c, by_seed in by_c.items()}
-              for s, by_c in runs.items()}
+    series = {
+        s: {c: {seed: compare.run_series(r) for seed, r in by_seed.items()} for c, by_seed in by_c.items()}
+        for s, by_c in runs.items()
+    }
     assert series["noise"]["none"][1]["greedy_reward"][:10] == [None] * 9 + [0.2]
     compare.plot(series, tmp_path / "study.png", "title")
     assert (tmp_path / "study.png").stat().st_size > 20_000
@@ -87,13 +100,31 @@ def test_every_scenario_and_correction_is_a_valid_demo_command(quick, tmp_path):
             args = build_parser().parse_args(command[3:])
             config = validate_args(args, world_size=1)
             assert (args.seed, args.train_iters, args.output_dir) == (7, 5, str(tmp_path))
-            assert config.enabled and config.applies_weights == (correction != "none"), correction
+            corrects = config.applies_weights or bool(config.plan.criteria)
+            assert config.enabled and corrects == (correction not in ("none", "replay")), correction
+            assert (args.rollout_top_p == 0.8) == (correction == "replay"), correction
             assert args.global_batch_size == (16 if quick else 64)
 
 
 def _quick(out, *extra):
-    command = [sys.executable, "-m", "megatron_rollout_is.demo.compare", "--quick", "--out", str(out), "--jobs", "2",
-               "--scenarios", "stale", "top-p", "long", "--corrections", "none", "seq-tis", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_rollout_is.demo.compare",
+        "--quick",
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+        "--scenarios",
+        "stale",
+        "top-p",
+        "long",
+        "--corrections",
+        "none",
+        "seq-tis",
+        *extra,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout

@@ -16,8 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_rollout_is.demo.generator import (EngineShape, RolloutEngine, SamplingParams, WeightHistory,
-                                                 filter_top_k_top_p, quantize_weights)
+from megatron_rollout_is.demo.generator import (
+    EngineShape,
+    RolloutEngine,
+    SamplingParams,
+    WeightHistory,
+    filter_top_k_top_p,
+    quantize_weights,
+)
 from megatron_rollout_is.demo.task import ReverseTask
 
 HIDDEN, LAYERS, HEADS = 32, 2, 4
@@ -32,19 +38,24 @@ def _random_state(vocab, seq_len, seed=0, scale=0.5):
         return torch.randn(*shape, generator=generator) * scale
 
     qkv = (HEADS + 2 * SHAPE.num_query_groups) * SHAPE.kv_channels
-    state = {"embedding.word_embeddings.weight": draw(vocab, HIDDEN),
-             "embedding.position_embeddings.weight": draw(seq_len, HIDDEN),
-             "decoder.final_layernorm.weight": 1 + draw(HIDDEN), "decoder.final_layernorm.bias": draw(HIDDEN),
-             "output_layer.weight": draw(vocab, HIDDEN)}
+    state = {
+        "embedding.word_embeddings.weight": draw(vocab, HIDDEN),
+        "embedding.position_embeddings.weight": draw(seq_len, HIDDEN),
+        "decoder.final_layernorm.weight": 1 + draw(HIDDEN),
+        "decoder.final_layernorm.bias": draw(HIDDEN),
+        "output_layer.weight": draw(vocab, HIDDEN),
+    }
     for layer in range(LAYERS):
         prefix = f"decoder.layers.{layer}"
         for norm in ("input_layernorm", "pre_mlp_layernorm"):
             state[f"{prefix}.{norm}.weight"] = 1 + draw(HIDDEN)
             state[f"{prefix}.{norm}.bias"] = draw(HIDDEN)
-        for name, (rows, columns) in {"self_attention.linear_qkv": (qkv, HIDDEN),
-                                      "self_attention.linear_proj": (HIDDEN, HIDDEN),
-                                      "mlp.linear_fc1": (4 * HIDDEN, HIDDEN),
-                                      "mlp.linear_fc2": (HIDDEN, 4 * HIDDEN)}.items():
+        for name, (rows, columns) in {
+            "self_attention.linear_qkv": (qkv, HIDDEN),
+            "self_attention.linear_proj": (HIDDEN, HIDDEN),
+            "mlp.linear_fc1": (4 * HIDDEN, HIDDEN),
+            "mlp.linear_fc2": (HIDDEN, 4 * HIDDEN),
+        }.items():
             state[f"{prefix}.{name}.weight"] = draw(rows, columns)
             state[f"{prefix}.{name}.bias"] = draw(rows)
     return state
@@ -92,17 +103,20 @@ def test_top_k_top_p_keep_vllm_sets_on_random_logits():
             assert torch.equal(kept, logits[row][torch.isfinite(filtered[row])]), "kept logits must be unchanged"
 
 
-@pytest.mark.parametrize("logits, top_k, top_p, kept", [
-    ([3.0, 1.0, 1.0, 0.0], 2, 1.0, {0, 1, 2}),       # ties with the k-th largest stay
-    ([0.0, 0.0, 0.0, 0.0], 0, 0.5, {2, 3}),          # mass exactly p: the head that reaches it, lower index out
-    ([0.0, 0.0, 0.0, 0.0], 0, 0.51, {1, 2, 3}),
-    ([5.0, 0.0, 0.0, 0.0], 0, 1e-6, {0}),            # the most likely token always stays
-    ([2.0, 2.0, 0.0, -1.0], 0, 1e-6, {1}),
-    # Top-k first: among {0, 1} the top-p head is {0}; on the full row it would be {0, 1}.
-    ([1.0, 0.0, -2.0, -2.0, -2.0], 2, 0.7, {0}),
-    ([1.0, 0.0, -2.0, -2.0, -2.0], 0, 0.7, {0, 1}),
-    ([1.0, 0.0, -1.0], 5, 1.0, {0, 1, 2}),           # k >= V: no top-k
-])
+@pytest.mark.parametrize(
+    "logits, top_k, top_p, kept",
+    [
+        ([3.0, 1.0, 1.0, 0.0], 2, 1.0, {0, 1, 2}),  # ties with the k-th largest stay
+        ([0.0, 0.0, 0.0, 0.0], 0, 0.5, {2, 3}),  # mass exactly p: the head that reaches it, lower index out
+        ([0.0, 0.0, 0.0, 0.0], 0, 0.51, {1, 2, 3}),
+        ([5.0, 0.0, 0.0, 0.0], 0, 1e-6, {0}),  # the most likely token always stays
+        ([2.0, 2.0, 0.0, -1.0], 0, 1e-6, {1}),
+        # Top-k first: among {0, 1} the top-p head is {0}; on the full row it would be {0, 1}.
+        ([1.0, 0.0, -2.0, -2.0, -2.0], 2, 0.7, {0}),
+        ([1.0, 0.0, -2.0, -2.0, -2.0], 0, 0.7, {0, 1}),
+        ([1.0, 0.0, -1.0], 5, 1.0, {0, 1, 2}),  # k >= V: no top-k
+    ],
+)
 def test_top_k_top_p_ties_and_order(logits, top_k, top_p, kept):
     row = torch.tensor([logits])
     assert _kept(filter_top_k_top_p(row, top_k, top_p)[0]) == kept
@@ -125,7 +139,7 @@ def _full_recompute_logits(engine, prompts, lengths, responses, response_len):
         length = int(lengths[row])
         tokens = torch.cat([prompts[row, :length], responses[row]]).unsqueeze(0)
         logits = engine.logits(tokens, torch.arange(tokens.size(1)).unsqueeze(0))[0]
-        rows.append(logits[length - 1: length - 1 + response_len])
+        rows.append(logits[length - 1 : length - 1 + response_len])
     return torch.stack(rows)
 
 
@@ -216,13 +230,16 @@ def test_stale_weights_hand_the_engine_the_snapshot_k_steps_old():
         WeightHistory(-1)
 
 
-@pytest.mark.parametrize("kwargs, flag", [
-    ({"temperature": 0.0}, "--temperature"),
-    ({"top_k": -1}, "--top-k"),
-    ({"top_p": 0.0}, "--top-p"),
-    ({"top_p": 1.5}, "--top-p"),
-    ({"logprobs_mode": "raw_logits"}, "--rollout-logprobs-mode"),
-])
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"temperature": 0.0}, "--temperature"),
+        ({"top_k": -1}, "--top-k"),
+        ({"top_p": 0.0}, "--top-p"),
+        ({"top_p": 1.5}, "--top-p"),
+        ({"logprobs_mode": "raw_logits"}, "--rollout-logprobs-mode"),
+    ],
+)
 def test_bad_sampling_parameters_name_the_flag(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         SamplingParams(**kwargs)

@@ -111,9 +111,7 @@ def test_off_by_one_is_caught_in_both_directions(shift):
     assert "logits[:, P + t - 1]" in findings[0].message
 
 
-@pytest.mark.parametrize(
-    "truncation", [{"top_p": 0.9}, {"top_p": 0.8}, {"top_k": 4}], ids=["p0.9", "p0.8", "k4"]
-)
+@pytest.mark.parametrize("truncation", [{"top_p": 0.9}, {"top_p": 0.8}, {"top_k": 4}], ids=["p0.9", "p0.8", "k4"])
 def test_processed_log_probs_are_caught_with_their_bias(truncation):
     old, rollout, mask, true_bias = _truncated(1, **truncation)
     findings = diagnose_log_probs(old, rollout, mask)
@@ -212,6 +210,9 @@ def test_warner_repeats_every_n_steps_through_a_logger(caplog):
             warner(*batch, step=step)
     emitted = [record.getMessage() for record in caplog.records]
     assert [m.split("]")[0] for m in emitted] == [
-        "[rollout IS, step 0", "[rollout IS, step 3", "[rollout IS, step 6", "[rollout IS, step 9"
+        "[rollout IS, step 0",
+        "[rollout IS, step 3",
+        "[rollout IS, step 6",
+        "[rollout IS, step 9",
     ]
     assert all(record.levelno == logging.ERROR for record in caplog.records)

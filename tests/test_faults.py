@@ -42,12 +42,14 @@ from pathlib import Path
 
 import pytest
 
-TINY_FLAGS = [
-    "--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2", "--group-size", "4",
-    "--global-batch-size", "8", "--micro-batch-size", "4", "--min-digits", "2", "--max-digits", "2",
-    "--lr", "1e-2", "--seed", "11", "--rollout-noise", "0.5", "--eval-interval", "0", "--plot", "none",
-    "--no-progress", "--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "sequence",
-]
+from mp_harness import torchrun_demo_command
+
+TINY_FLAGS = (
+    "--num-layers 1 --hidden-size 16 --num-attention-heads 2 --group-size 4 --global-batch-size 8 "
+    "--micro-batch-size 4 --min-digits 2 --max-digits 2 --lr 1e-2 --seed 11 --rollout-noise 0.5 "
+    "--eval-interval 0 --plot none --no-progress --rollout-is --rollout-is-threshold 2 --rollout-is-level "
+    "sequence"
+).split()
 # Past this a torchrun job is killed (a hang; start-up included, which a loaded machine stretches);
 # its collectives time out after a minute.
 JOB_BUDGET_S = 180
@@ -84,8 +86,9 @@ def _run_timed_job(command, timeout) -> tuple:
         and the return code is None.
     """
     start = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=_environment(), start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_environment(), start_new_session=True
+    )
     lines = []
     reader = threading.Thread(target=lambda: lines.extend((time.monotonic() - start, line) for line in process.stdout))
     reader.start()
@@ -168,8 +171,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_identical_metrics(tm
     killed.mkdir()
     log = killed / "first_attempt.log"
     with open(log, "w") as handle:
-        process = subprocess.Popen(job, stdout=handle, stderr=subprocess.STDOUT, env=_environment(),
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            job, stdout=handle, stderr=subprocess.STDOUT, env=_environment(), start_new_session=True
+        )
     try:
         deadline = time.monotonic() + 240
         while _tracker(checkpoints) != "4":
@@ -193,14 +197,22 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_identical_metrics(tm
     assert "step 5/6 | " in resumed.stdout and "step 4/6" not in resumed.stdout
 
 
-@pytest.mark.parametrize("layout, peer_error", [
-    (["--context-parallel-size", "2"], "ValueError: another context-parallel rank rejected its rollout correction inputs"),
-    ([], None),
-], ids=["cp2", "dp2"])
+@pytest.mark.parametrize(
+    "layout, peer_error",
+    [
+        (
+            ["--context-parallel-size", "2"],
+            "ValueError: another context-parallel rank rejected its rollout correction inputs",
+        ),
+        ([], None),
+    ],
+    ids=["cp2", "dp2"],
+)
 def test_an_is_fault_on_one_rank_stops_the_whole_job_with_its_error(tmp_path, layout, peer_error):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "megatron_rollout_is.demo", *TINY_FLAGS, *layout, *TIMEOUT_FLAGS, "--train-iters", "4",
-               "--inject-is-fault-step", "2", "--inject-is-fault-rank", "1", "--output-dir", str(tmp_path)]
+    faulty_rank_1 = "--train-iters 4 --inject-is-fault-step 2 --inject-is-fault-rank 1".split()
+    command = torchrun_demo_command(
+        2, *TINY_FLAGS, *layout, *TIMEOUT_FLAGS, *faulty_rank_1, "--output-dir", str(tmp_path)
+    )
     returncode, lines, ended, survivors = _run_timed_job(command, JOB_BUDGET_S)
     output = "".join(line for _, line in lines)
     last_good_step = next((at for at, line in lines if "step 1/4 | " in line), None)
@@ -217,16 +229,28 @@ def test_an_is_fault_on_one_rank_stops_the_whole_job_with_its_error(tmp_path, la
     assert "step 1/4 | " in output and "step 2/4" not in output, context
 
 
-@pytest.mark.parametrize("flags, world_size, named", [
-    (["--inject-is-fault-step", "2"], 1, "needs rollout IS on"),
-    (["--rollout-is-threshold", "2", "--inject-is-fault-step", "2", "--inject-is-fault-rank", "0",
-      "--pipeline-model-parallel-size", "2"], 2, r"--inject-is-fault-rank must be a rank of the last pipeline stage, "
-                                                 r"in \[1, 2\)"),
-    (["--rollout-is-threshold", "2", "--inject-is-fault-step", "2", "--inject-is-fault-rank", "2"], 2,
-     r"in \[0, 2\)"),
-    (["--inject-nonfinite-rollout-step", "-1"], 1, "--inject-nonfinite-rollout-step"),
-    (["--distributed-timeout-minutes", "0"], 1, "--distributed-timeout-minutes must be > 0"),
-])
+@pytest.mark.parametrize(
+    "flags, world_size, named",
+    [
+        (["--inject-is-fault-step", "2"], 1, "needs rollout IS on"),
+        (
+            (
+                "--rollout-is-threshold 2 --inject-is-fault-step 2 --inject-is-fault-rank 0 "
+                "--pipeline-model-parallel-size 2"
+            ).split(),
+            2,
+            r"--inject-is-fault-rank must be a rank of the last pipeline stage, "
+            r"in \[1, 2\)",
+        ),
+        (
+            ["--rollout-is-threshold", "2", "--inject-is-fault-step", "2", "--inject-is-fault-rank", "2"],
+            2,
+            r"in \[0, 2\)",
+        ),
+        (["--inject-nonfinite-rollout-step", "-1"], 1, "--inject-nonfinite-rollout-step"),
+        (["--distributed-timeout-minutes", "0"], 1, "--distributed-timeout-minutes must be > 0"),
+    ],
+)
 def test_fault_injection_and_timeout_flags_are_validated(monkeypatch, flags, world_size, named):
     from megatron_rollout_is.demo.arguments import parse_args
 

@@ -55,8 +55,13 @@ CATASTROPHIC_LOG_RATIO = -10.0
 # Decisions (PPO clip, IS bounds) must not sit within float32 noise of their thresholds.
 DECISION_MARGIN = 1e-4
 # The verl-HEAD step: sequence TIS normalised over the step, geometric and k2 rejection.
-CORRECTION_KEYS = dict(rollout_is="sequence", rollout_is_threshold=IS_UPPER, rollout_is_batch_normalize=True,
-                       rollout_rs="seq_mean_k1,token_k2", rollout_rs_threshold="0.89_1.12,0.02")
+CORRECTION_KEYS = dict(
+    rollout_is="sequence",
+    rollout_is_threshold=IS_UPPER,
+    rollout_is_batch_normalize=True,
+    rollout_rs="seq_mean_k1,token_k2",
+    rollout_rs_threshold="0.89_1.12,0.02",
+)
 
 
 class Layout(NamedTuple):
@@ -238,9 +243,7 @@ def _reference_rollout_is_loss(is_batches, packed, log_probs):
     spans = _sequences(is_batches, packed)
     keys = ("old_log_prob", "rollout_log_prob", "loss_mask")
     rows = [_oracle_rows(is_batches, spans, key) for key in keys]
-    weight_rows, metrics = oracle_rollout_is(
-        *rows, "sequence", _is_mode(packed), IS_UPPER, None, IS_VETO
-    )
+    weight_rows, metrics = oracle_rollout_is(*rows, "sequence", _is_mode(packed), IS_UPPER, None, IS_VETO)
     weights = [torch.zeros_like(logp) for logp in log_probs]
     for i, (m, row, a, b) in enumerate(spans):
         weights[m][row, a:b] = weight_rows[i, : b - a]
@@ -258,9 +261,7 @@ def _reference_rollout_is_loss(is_batches, packed, log_probs):
         loss = (mask * per_token * w).sum()
         clipped = ((-advantage * bounded > -advantage * ratio) & (mask != 0)).sum()
         losses.append(loss)
-        reports.append(
-            {"loss": loss.item(), "tokens": mask.sum().item(), "clipped": clipped.item()}
-        )
+        reports.append({"loss": loss.item(), "tokens": mask.sum().item(), "clipped": clipped.item()})
     return sum(losses), reports, metrics, _sequence_kinds(*rows, _is_mode(packed))
 
 
@@ -348,13 +349,10 @@ def _reference(batches, packed, position_embedding):
     names, params = zip(*model.named_parameters())
     log_probs = _reference_log_probs(model, batches, packed)
     plain_loss = -sum(
-        (batch["loss_mask"] * logp * batch["advantages"]).sum()
-        for batch, logp in zip(batches, log_probs)
+        (batch["loss_mask"] * logp * batch["advantages"]).sum() for batch, logp in zip(batches, log_probs)
     )
     is_batches = _rollout_is_batches(batches, packed, log_probs)
-    is_loss, is_reports, is_metrics, sequence_kinds = _reference_rollout_is_loss(
-        is_batches, packed, log_probs
-    )
+    is_loss, is_reports, is_metrics, sequence_kinds = _reference_rollout_is_loss(is_batches, packed, log_probs)
     plain_tokens = sum(batch["loss_mask"].sum().item() for batch in batches)
     is_tokens = sum(report["tokens"] for report in is_reports)
     correction_loss, correction_tokens, correction_metrics, rejected = _reference_correction_loss(
@@ -480,9 +478,7 @@ def _train_step(layout, reference, batches):
     assert parallel_state.get_data_parallel_world_size() == layout.dp
     tensor_parallel.model_parallel_cuda_manual_seed(SEED)
     config = gpt.tiny_gpt_config(layout.tp, layout.pp, layout.cp)
-    model = gpt.build_gpt_model(
-        config, VOCAB, MAX_SEQ, position_embedding_type=layout.position_embedding
-    )
+    model = gpt.build_gpt_model(config, VOCAB, MAX_SEQ, position_embedding_type=layout.position_embedding)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     gpt.load_full_state_dict(model, reference["weights"], tp_group)
@@ -520,8 +516,9 @@ def _train_step(layout, reference, batches):
         RolloutISGroups.from_parallel_state(),
         PolicyLossConfig(clip_eps_low=CLIP_EPS_LOW, clip_eps_high=CLIP_EPS_HIGH),
     )
-    reports = _run_step(ddp_model, correction_loss, reference["rollout_is_batches"], layout.packed,
-                        prepare=correction_loss.prepare_step)
+    reports = _run_step(
+        ddp_model, correction_loss, reference["rollout_is_batches"], layout.packed, prepare=correction_loss.prepare_step
+    )
     correction = {"grads": full_grads(), "reports": None, "metrics": None}
     if last_stage:
         correction["reports"] = reports
@@ -585,17 +582,10 @@ def _cp_attention_checks():
     errors = {}
     for packed in (False, True):
         seq, batch, heads, groups = (24, 1, 4, 2) if packed else (16, 2, 4, 4)
-        config = tiny_gpt_config(
-            cp=2, num_attention_heads=heads, hidden_size=heads * 8, num_query_groups=groups
-        )
-        attention = ContextParallelDotProductAttention(
-            config, 1, AttnMaskType.causal, "self", pg_collection=pgs
-        )
+        config = tiny_gpt_config(cp=2, num_attention_heads=heads, hidden_size=heads * 8, num_query_groups=groups)
+        attention = ContextParallelDotProductAttention(config, 1, AttnMaskType.causal, "self", pg_collection=pgs)
         q = torch.randn(seq, batch, heads, 8, generator=generator, dtype=torch.float64)
-        k, v = (
-            torch.randn(seq, batch, groups, 8, generator=generator, dtype=torch.float64)
-            for _ in range(2)
-        )
+        k, v = (torch.randn(seq, batch, groups, 8, generator=generator, dtype=torch.float64) for _ in range(2))
         upstream = torch.randn(seq, batch, heads * 8, generator=generator, dtype=torch.float64)
         cu = torch.tensor([0, 8, 12, 24])
         # float64 oracle: explicit softmax over the allowed keys of the global sequence.
@@ -606,7 +596,7 @@ def _cp_attention_checks():
         ref_inputs = [t.clone().requires_grad_() for t in (q, k, v)]
         rq, rk, rv = ref_inputs
         rk, rv = (t.repeat_interleave(heads // groups, dim=2) for t in (rk, rv))
-        scores = torch.einsum("qbnh,kbnh->bnqk", rq, rk) / 8 ** 0.5
+        scores = torch.einsum("qbnh,kbnh->bnqk", rq, rk) / 8**0.5
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         ref_out = torch.einsum("bnqk,kbnh->qbnh", probs, rv).reshape(seq, batch, -1)
         (ref_out * upstream).sum().backward()
@@ -622,8 +612,7 @@ def _cp_attention_checks():
         out = out.reshape(index.numel(), batch, -1)
         (out * upstream.index_select(0, index).float()).sum().backward()
         indices = [
-            cpx.thd_partitioned_indices(cu, seq, 2, r) if packed else cpx.zigzag_indices(seq, 2, r)
-            for r in range(2)
+            cpx.thd_partitioned_indices(cu, seq, 2, r) if packed else cpx.zigzag_indices(seq, 2, r) for r in range(2)
         ]
         mine_all = [out.detach()] + [t.grad for t in local]
         ref_all = [ref_out.detach()] + [t.grad for t in ref_inputs]
@@ -631,9 +620,7 @@ def _cp_attention_checks():
             shards = [torch.empty_like(mine) for _ in range(2)]
             dist.all_gather(shards, mine.contiguous(), group=cp_group)
             full = cpx.gather_cp_shards(shards, indices, seq_dim=0).double()
-            errors[f"{'thd' if packed else 'padded'}_{name}"] = (
-                (full - ref).norm() / ref.norm()
-            ).item()
+            errors[f"{'thd' if packed else 'padded'}_{name}"] = ((full - ref).norm() / ref.norm()).item()
     return errors
 
 

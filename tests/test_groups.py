@@ -2,6 +2,7 @@
 
 import pytest
 import torch.distributed as dist
+
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_rollout_is.parallel.groups import RolloutISGroups, group_rank, group_size

@@ -95,8 +95,9 @@ def _run(loss, logits, batch, splits):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_report_sums_over_micro_batches_and_matches_float64(level):
     logits, batch = _batch()
-    config = RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0, rollout_is_level=level,
-                             rollout_is_veto_threshold=VETO)
+    config = RolloutISConfig(
+        rollout_is=True, rollout_is_threshold=2.0, rollout_is_level=level, rollout_is_veto_threshold=VETO
+    )
     split_total, split_report, split_grad, split_metrics = _run(_loss(config), logits, batch, [2, 3, 1])
     whole_total, whole_report, whole_grad, whole_metrics = _run(_loss(config), logits, batch, [BATCH])
 
@@ -143,8 +144,9 @@ def _clipped_tokens(logits, batch, eps_low, eps_high):
 def test_asymmetric_clip_bounds_apply_low_below_and_high_above():
     eps_low, eps_high = 0.1, 0.4
     logits, batch = _batch(seed=5)
-    total, report, grad, _ = _run(_loss(RolloutISConfig(), clip_eps_low=eps_low, clip_eps_high=eps_high),
-                                  logits, batch, [2, 4])
+    total, report, grad, _ = _run(
+        _loss(RolloutISConfig(), clip_eps_low=eps_low, clip_eps_high=eps_high), logits, batch, [2, 4]
+    )
     reference = logits.double().requires_grad_()
     bounds = dict(eps_low=eps_low, eps_high=eps_high)
     expected, count = _hand_loss(reference, batch, "token", 2.0, apply_weights=False, **bounds)
@@ -176,8 +178,9 @@ def test_bypass_gradient_is_the_is_weighted_policy_gradient(level):
     batch["rollout_log_prob"] = rollout
     config = RolloutISConfig()
     if level is not None:
-        config = RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0, rollout_is_level=level,
-                                 rollout_is_veto_threshold=VETO)
+        config = RolloutISConfig(
+            rollout_is=True, rollout_is_threshold=2.0, rollout_is_level=level, rollout_is_veto_threshold=VETO
+        )
     loss = _loss(config, bypass=True, clip_eps_low=0.1, clip_eps_high=0.3)
     total, report, grad, metrics = _run(loss, logits, batch, [2, 4])
 
@@ -186,8 +189,9 @@ def test_bypass_gradient_is_the_is_weighted_policy_gradient(level):
     valid = batch["loss_mask"].bool()
     weights = torch.ones_like(log_probs)
     if level is not None:
-        weights, expected_metrics = oracle_rollout_is(log_probs.detach(), batch["rollout_log_prob"], batch["loss_mask"],
-                                                      level, "truncate", 2.0, None, VETO)
+        weights, expected_metrics = oracle_rollout_is(
+            log_probs.detach(), batch["rollout_log_prob"], batch["loss_mask"], level, "truncate", 2.0, None, VETO
+        )
         # The weights matter here: some are bounded, one sequence is vetoed, the rest vary.
         assert (weights[valid] == 2.0).any() and (weights[valid] == 0.0).any()
         assert metrics.keys() == expected_metrics.keys()
@@ -317,8 +321,13 @@ def _shifted_batch(length=40, rows=4, seed=3):
     labels = torch.randint(0, VOCAB, (rows, length), generator=generator)
     old = torch.log_softmax(logits / TEMPERATURE, -1).gather(-1, labels.t().unsqueeze(-1)).squeeze(-1).t()
     rollout = torch.roll(old, shifts=1, dims=1)
-    batch = {"labels": labels, "loss_mask": torch.ones(rows, length), "advantages": torch.randn(rows, generator=generator),
-             "old_log_prob": old, "rollout_log_prob": rollout}
+    batch = {
+        "labels": labels,
+        "loss_mask": torch.ones(rows, length),
+        "advantages": torch.randn(rows, generator=generator),
+        "old_log_prob": old,
+        "rollout_log_prob": rollout,
+    }
     return logits, batch
 
 
@@ -326,7 +335,8 @@ def test_training_warns_once_about_misaligned_rollout_log_probs():
     from megatron_rollout_is.diagnostics import RolloutLogProbWarning
 
     loss = RolloutISPolicyLoss(
-        RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0), RolloutISGroups(),
+        RolloutISConfig(rollout_is=True, rollout_is_threshold=2.0),
+        RolloutISGroups(),
         PolicyLossConfig(temperature=TEMPERATURE, diagnose_interval=2),
     )
     logits, batch = _shifted_batch()

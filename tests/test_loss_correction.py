@@ -7,7 +7,6 @@ through a float64 log-softmax.
 """
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -32,8 +31,13 @@ def _batch(seed=0):
     rollout = old + 0.3 * torch.randn(BATCH, SEQ, generator=generator, dtype=torch.float64)
     mask = torch.rand(BATCH, SEQ, generator=generator) > 0.15
     mask[5] = False  # an empty sequence
-    batch = {"labels": labels, "loss_mask": mask.double(), "advantages": torch.randn(BATCH, generator=generator,
-             dtype=torch.float64), "old_log_prob": old, "rollout_log_prob": rollout}
+    batch = {
+        "labels": labels,
+        "loss_mask": mask.double(),
+        "advantages": torch.randn(BATCH, generator=generator, dtype=torch.float64),
+        "old_log_prob": old,
+        "rollout_log_prob": rollout,
+    }
     return logits, batch
 
 
@@ -47,8 +51,11 @@ def _micro_batches(batch):
 
 def _run(config, logits, batch, prepared, **loss_kwargs):
     """The hook over `SPLITS` micro-batches: summed loss, token count, logits gradient, metrics."""
-    loss = RolloutISPolicyLoss(config, RolloutISGroups(), PolicyLossConfig(
-        clip_eps_low=CLIP_LOW, clip_eps_high=CLIP_HIGH, diagnose_interval=0, **loss_kwargs))
+    loss = RolloutISPolicyLoss(
+        config,
+        RolloutISGroups(),
+        PolicyLossConfig(clip_eps_low=CLIP_LOW, clip_eps_high=CLIP_HIGH, diagnose_interval=0, **loss_kwargs),
+    )
     logits = logits.clone().requires_grad_()
     micro_batches = _micro_batches(batch)
     if prepared:
@@ -71,10 +78,16 @@ def _ppo(log_probs, old, advantages):
 
 
 HEAD_CASES = {
-    "token_tis_token_k1": dict(rollout_is="token", rollout_is_threshold=1.5, rollout_rs="token_k1",
-                               rollout_rs_threshold="0.8_1.25"),
-    "seq_tis_geo_rs_norm": dict(rollout_is="sequence", rollout_is_threshold=2.0, rollout_is_batch_normalize=True,
-                                rollout_rs="seq_mean_k1,seq_max_k2", rollout_rs_threshold="0.9_1.1,0.2"),
+    "token_tis_token_k1": dict(
+        rollout_is="token", rollout_is_threshold=1.5, rollout_rs="token_k1", rollout_rs_threshold="0.8_1.25"
+    ),
+    "seq_tis_geo_rs_norm": dict(
+        rollout_is="sequence",
+        rollout_is_threshold=2.0,
+        rollout_is_batch_normalize=True,
+        rollout_rs="seq_mean_k1,seq_max_k2",
+        rollout_rs_threshold="0.9_1.1,0.2",
+    ),
     "icepop_norm": dict(rollout_is="token", rollout_is_threshold="0.7_1.4", rollout_is_batch_normalize=True),
     "k3_rs_only": dict(rollout_rs="seq_mean_k3", rollout_rs_threshold=0.03),
 }
@@ -88,10 +101,12 @@ def test_decoupled_loss_trains_the_oracles_kept_tokens_with_its_weights(name):
     total, count, grad, metrics = _run(config, logits, batch, prepared=True)
 
     weights, kept, expected_metrics = oracle_rollout_correction(
-        batch["old_log_prob"], batch["rollout_log_prob"], batch["loss_mask"], **keys)
+        batch["old_log_prob"], batch["rollout_log_prob"], batch["loss_mask"], **keys
+    )
     reference = logits.clone().requires_grad_()
-    per_token = _ppo(_current_log_probs(reference, batch["labels"]), batch["old_log_prob"],
-                     batch["advantages"].unsqueeze(1))
+    per_token = _ppo(
+        _current_log_probs(reference, batch["labels"]), batch["old_log_prob"], batch["advantages"].unsqueeze(1)
+    )
     if weights is not None:
         per_token = per_token * weights
     keep = kept != 0
@@ -155,13 +170,17 @@ def test_response_denominator_counts_rejected_tokens_but_adds_nothing_for_them()
 def test_bypass_ppo_clip_takes_the_ratio_against_the_rollout_and_rejects():
     logits, batch = _batch(seed=5)
     keys = dict(rollout_rs="token_k2", rollout_rs_threshold=0.02, bypass_mode=True, loss_type="ppo_clip")
-    total, count, grad, _ = _run(RolloutCorrectionConfig(**keys), logits, _without_old(batch),
-                                 prepared=False)
+    total, count, grad, _ = _run(RolloutCorrectionConfig(**keys), logits, _without_old(batch), prepared=False)
     reference = logits.clone().requires_grad_()
     log_probs = _current_log_probs(reference, batch["labels"])
     # Rejection compares the current policy (detached) with the rollout.
-    _, kept, _ = oracle_rollout_correction(log_probs.detach(), batch["rollout_log_prob"], batch["loss_mask"],
-                                           rollout_rs="token_k2", rollout_rs_threshold=0.02)
+    _, kept, _ = oracle_rollout_correction(
+        log_probs.detach(),
+        batch["rollout_log_prob"],
+        batch["loss_mask"],
+        rollout_rs="token_k2",
+        rollout_rs_threshold=0.02,
+    )
     keep = kept != 0
     per_token = _ppo(log_probs, batch["rollout_log_prob"], batch["advantages"].unsqueeze(1))
     expected = torch.where(keep, per_token, 0.0).sum()
@@ -174,10 +193,16 @@ def test_bypass_ppo_clip_takes_the_ratio_against_the_rollout_and_rejects():
 @pytest.mark.parametrize("normalize", [False, True])
 def test_bypass_reinforce_is_weighted_policy_gradient(normalize):
     logits, batch = _batch(seed=6)
-    keys = dict(rollout_is="sequence", rollout_is_threshold=2.0, rollout_is_batch_normalize=normalize,
-                rollout_rs="seq_mean_k1", rollout_rs_threshold="0.8_1.25", bypass_mode=True, loss_type="reinforce")
-    total, count, grad, metrics = _run(RolloutCorrectionConfig(**keys), logits, _without_old(batch),
-                                       prepared=False)
+    keys = dict(
+        rollout_is="sequence",
+        rollout_is_threshold=2.0,
+        rollout_is_batch_normalize=normalize,
+        rollout_rs="seq_mean_k1",
+        rollout_rs_threshold="0.8_1.25",
+        bypass_mode=True,
+        loss_type="reinforce",
+    )
+    total, count, grad, metrics = _run(RolloutCorrectionConfig(**keys), logits, _without_old(batch), prepared=False)
     reference = logits.clone().requires_grad_()
     log_probs = _current_log_probs(reference, batch["labels"])
     advantages = batch["advantages"].unsqueeze(1)
@@ -185,7 +210,8 @@ def test_bypass_reinforce_is_weighted_policy_gradient(normalize):
     for rows in torch.arange(BATCH).split(SPLITS):  # bypass normalises each micro-batch on its own
         oracle_keys = {k: v for k, v in keys.items() if k not in ("bypass_mode", "loss_type")}
         weights, kept, oracle_metrics = oracle_rollout_correction(
-            log_probs.detach()[rows], batch["rollout_log_prob"][rows], batch["loss_mask"][rows], **oracle_keys)
+            log_probs.detach()[rows], batch["rollout_log_prob"][rows], batch["loss_mask"][rows], **oracle_keys
+        )
         keep = kept != 0
         expected = expected + torch.where(keep, -weights * advantages[rows] * log_probs[rows], 0.0).sum()
         expected_count += int(keep.sum())
@@ -199,11 +225,14 @@ def test_bypass_reinforce_is_weighted_policy_gradient(normalize):
         assert not math.isclose(factors[0], factors[1], rel_tol=1e-6), "micro-batches should differ"
 
 
-@pytest.mark.parametrize("loss_kwargs, keys, words", [
-    (dict(bypass=True), dict(bypass_mode=True), ["--rollout-is-bypass", "bypass_mode"]),
-    (dict(loss_denominator="response"), dict(rollout_is="token"), ["response", "rollout_rs"]),
-    (dict(loss_denominator="all"), dict(rollout_is="token"), ["loss_denominator", "kept"]),
-])
+@pytest.mark.parametrize(
+    "loss_kwargs, keys, words",
+    [
+        (dict(bypass=True), dict(bypass_mode=True), ["--rollout-is-bypass", "bypass_mode"]),
+        (dict(loss_denominator="response"), dict(rollout_is="token"), ["response", "rollout_rs"]),
+        (dict(loss_denominator="all"), dict(rollout_is="token"), ["loss_denominator", "kept"]),
+    ],
+)
 def test_contradictory_loss_settings_are_errors(loss_kwargs, keys, words):
     with pytest.raises(ValueError) as error:
         RolloutISPolicyLoss(RolloutCorrectionConfig(**keys), RolloutISGroups(), PolicyLossConfig(**loss_kwargs))
@@ -238,13 +267,24 @@ def test_sampling_replay_trains_the_processed_distribution_and_drops_unsupported
     candidates = (old_logits / temperature).topk(top_k + 1, dim=-1).indices[..., -2:].transpose(0, 1)
     labels = candidates.gather(-1, torch.randint(0, 2, (BATCH, SEQ, 1), generator=generator)).squeeze(-1)
     old, old_in = _processed_log_probs(old_logits, labels, temperature, top_k)
-    batch = {"labels": labels, "loss_mask": torch.ones(BATCH, SEQ), "advantages": torch.randn(BATCH, generator=generator,
-             dtype=torch.float64), "rollout_log_prob": old + 0.2 * torch.randn(BATCH, SEQ, generator=generator,
-                                                                            dtype=torch.float64)}
+    batch = {
+        "labels": labels,
+        "loss_mask": torch.ones(BATCH, SEQ),
+        "advantages": torch.randn(BATCH, generator=generator, dtype=torch.float64),
+        "rollout_log_prob": old + 0.2 * torch.randn(BATCH, SEQ, generator=generator, dtype=torch.float64),
+    }
     config = RolloutCorrectionConfig(rollout_is=True, rollout_is_threshold=2.0, rollout_is_veto_threshold=None)
-    loss = RolloutISPolicyLoss(config, RolloutISGroups(), PolicyLossConfig(
-        clip_eps_low=CLIP_LOW, clip_eps_high=CLIP_HIGH, temperature=temperature, rollout_top_k=top_k,
-        diagnose_interval=0))
+    loss = RolloutISPolicyLoss(
+        config,
+        RolloutISGroups(),
+        PolicyLossConfig(
+            clip_eps_low=CLIP_LOW,
+            clip_eps_high=CLIP_HIGH,
+            temperature=temperature,
+            rollout_top_k=top_k,
+            diagnose_interval=0,
+        ),
+    )
     with torch.no_grad():
         loss.record_old_log_prob(batch, old_logits)
     torch.testing.assert_close(torch.where(old_in, batch["old_log_prob"], 0.0), old, rtol=1e-12, atol=1e-12)

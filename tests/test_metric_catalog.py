@@ -17,12 +17,19 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 V06_CONFIGS = [
     dict(rollout_is_threshold=2.0, rollout_is_level=level, rollout_is_mode=mode, rollout_is_veto_threshold=veto)
-    for level in ("token", "sequence", "geometric") for mode in ("truncate", "clip", "clamp") for veto in (None, 1e-4)
+    for level in ("token", "sequence", "geometric")
+    for mode in ("truncate", "clip", "clamp")
+    for veto in (None, 1e-4)
 ]
 HEAD_CONFIGS = [dict(PRESETS[name]) for name in PRESETS] + [
-    dict(rollout_is="geometric", rollout_is_threshold="0.5_2.0", rollout_is_mode="clamp",
-         rollout_is_batch_normalize=True, rollout_rs=",".join(rejection_options()),
-         rollout_rs_threshold=",".join("2.0" for _ in rejection_options())),
+    dict(
+        rollout_is="geometric",
+        rollout_is_threshold="0.5_2.0",
+        rollout_is_mode="clamp",
+        rollout_is_batch_normalize=True,
+        rollout_rs=",".join(rejection_options()),
+        rollout_rs_threshold=",".join("2.0" for _ in rejection_options()),
+    ),
 ]
 
 
@@ -49,7 +56,7 @@ def test_every_rollout_corr_metric_is_documented_once(keys):
     missing = []
     for name in (n.split("/", 1)[1] for n in names):
         criterion = next((c.name for c in plan.criteria if name.startswith(f"rollout_rs_{c.name}_")), None)
-        key = name[len(f"rollout_rs_{criterion}"):] if criterion else name
+        key = name[len(f"rollout_rs_{criterion}") :] if criterion else name
         if key not in documented:
             missing.append(name)
     assert not missing, f"docs/rollout_correction.md does not define {missing}"
@@ -66,6 +73,18 @@ def test_each_criterion_reports_the_full_template():
 
 
 def test_the_criteria_table_is_verls_eleven():
-    assert sorted(rejection_options()) == sorted([
-        "token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
-        "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3"])
+    assert sorted(rejection_options()) == sorted(
+        [
+            "token_k1",
+            "token_k2",
+            "token_k3",
+            "seq_sum_k1",
+            "seq_sum_k2",
+            "seq_sum_k3",
+            "seq_mean_k1",
+            "seq_mean_k2",
+            "seq_mean_k3",
+            "seq_max_k2",
+            "seq_max_k3",
+        ]
+    )

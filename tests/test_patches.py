@@ -21,9 +21,10 @@ import py_compile
 import shutil
 import subprocess
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 import torch
@@ -45,8 +46,8 @@ EPS_LOW, EPS_HIGH, KL_BETA, ENTROPY_WEIGHT = 0.2, 0.28, 0.05, 0.01
 THRESHOLDS = {"token": (1.5, None), "sequence": (2.5, 0.3), "geometric": (1.1, None)}
 VETO = 0.01
 # verl HEAD settings (keys, or a preset with overrides) sized so that the upper bound and the rejection
-# bite on `make_batch` (the test checks); together they cover TIS, IcePop, clamp, the geometric level, batch normalisation,
-# token and sequence (sum, mean, max) criteria and the off-policy metrics alone.
+# bite on `make_batch` (the test checks); together they cover TIS, IcePop, clamp, the geometric level,
+# batch normalisation, token and sequence (sum, mean, max) criteria and the off-policy metrics alone.
 HEAD_CASES = {
     "token_tis_batch_normalised": dict(rollout_is="token", rollout_is_threshold=1.5, rollout_is_batch_normalize=True),
     "decoupled_token_icepop": dict(preset="decoupled_token_icepop", rollout_is_threshold="0.7_1.4"),
@@ -54,8 +55,13 @@ HEAD_CASES = {
     "decoupled_geo_rs_seq_tis": dict(preset="decoupled_geo_rs_seq_tis", rollout_rs_threshold="0.9_1.1"),
     "decoupled_k3_rs_token_tis": dict(preset="decoupled_k3_rs_token_tis", rollout_rs_threshold=0.05),
     "geometric_clamp_batch_normalised_token_k2_seq_max_k3": dict(
-        rollout_is="geometric", rollout_is_threshold="0.9_1.1", rollout_is_mode="clamp",
-        rollout_is_batch_normalize=True, rollout_rs="token_k2,seq_max_k3", rollout_rs_threshold="0.3,0.8"),
+        rollout_is="geometric",
+        rollout_is_threshold="0.9_1.1",
+        rollout_is_mode="clamp",
+        rollout_is_batch_normalize=True,
+        rollout_rs="token_k2,seq_max_k3",
+        rollout_rs_threshold="0.3,0.8",
+    ),
     "disabled": dict(preset="disabled"),
 }
 
@@ -98,8 +104,11 @@ def patched_tree(tmp_path_factory) -> Path:
 
 
 def test_patch_applies_cleanly_with_git_apply_and_patch(patched_tree, tmp_path):
-    changed = [relative for relative in PATCHED_FILES
-               if (patched_tree / relative).read_text() != (UPSTREAM / relative).read_text()]
+    changed = [
+        relative
+        for relative in PATCHED_FILES
+        if (patched_tree / relative).read_text() != (UPSTREAM / relative).read_text()
+    ]
     assert changed == list(PATCHED_FILES)
     if shutil.which("patch") is None:
         pytest.skip("`patch` is not installed; `git apply` was checked above")
@@ -121,8 +130,12 @@ def test_truncation_coef_is_no_longer_passed_to_the_loss(patched_tree):
 
 
 def _calls(tree: ast.AST, name: str) -> list:
-    return [node for node in ast.walk(tree) if isinstance(node, ast.Call)
-            and (getattr(node.func, "id", None) == name or getattr(node.func, "attr", None) == name)]
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (getattr(node.func, "id", None) == name or getattr(node.func, "attr", None) == name)
+    ]
 
 
 def _function(tree: ast.AST, name: str) -> ast.FunctionDef:
@@ -156,8 +169,11 @@ def test_the_collection_is_corrected_where_pi_old_is_known_on_the_last_stage(pat
     prepare = _function(ast.parse((patched_tree / "megatron/rl/rl_utils.py").read_text()), "prepare_data_for_update")
     for method in ("correct", "correct_packed"):
         [call] = _calls(prepare, method)
-        guards = [ast.unparse(node.test) for node in ast.walk(prepare) if isinstance(node, ast.If)
-                  and any(inner is call for inner in ast.walk(node))]
+        guards = [
+            ast.unparse(node.test)
+            for node in ast.walk(prepare)
+            if isinstance(node, ast.If) and any(inner is call for inner in ast.walk(node))
+        ]
         assert any("is_pp_last_stage(pp_group)" in guard for guard in guards), guards
     forward_step = _function(ast.parse((patched_tree / "train_rl.py").read_text()), "forward_step")
     assert len(_calls(forward_step, "bin_columns")) == 1
@@ -193,7 +209,8 @@ def load_patched_rl_utils(rl_utils: Path, dp_group=None) -> dict:
     assert "GRPORolloutCorrection" in added
     module = ast.parse(source)
     wanted = [
-        node for node in module.body
+        node
+        for node in module.body
         if (isinstance(node, ast.ImportFrom) and node.module.startswith("megatron_rollout_is"))
         or getattr(node, "name", None) in added | {"calculate_grpo_loss"}
     ]
@@ -213,8 +230,12 @@ def load_patched_rl_utils(rl_utils: Path, dp_group=None) -> dict:
 def load_upstream_grpo_loss():
     """The UNPATCHED `calculate_grpo_loss` (token-level, upper-only truncation)."""
     source = _function_source(UPSTREAM / "megatron/rl/rl_utils.py", "calculate_grpo_loss")
-    namespace = {"torch": torch, "logging": logging, "logger": logging.getLogger("upstream"),
-                 "log_single_rank": _Recorder()}
+    namespace = {
+        "torch": torch,
+        "logging": logging,
+        "logger": logging.getLogger("upstream"),
+        "log_single_rank": _Recorder(),
+    }
     exec(compile(source, "upstream_rl_utils", "exec"), namespace)
     return namespace["calculate_grpo_loss"]
 
@@ -273,10 +294,17 @@ def expected_loss(batch: dict, weights: torch.Tensor, advantages_per_token: torc
 def grpo_terms(calculate_grpo_loss, batch: dict, rows: slice, weights, **packed) -> tuple:
     """The patched `calculate_grpo_loss` on `rows` of `batch`: (loss, kl, ratios, entropy, above, below)."""
     return calculate_grpo_loss(
-        current_logprobs=batch["current"][rows], old_logprobs=batch["old"][rows], ref_logprobs=batch["ref"][rows],
-        advantages=batch["advantages"][rows], clamp_eps_lower=EPS_LOW, clamp_eps_upper=EPS_HIGH,
-        kl_beta=KL_BETA, entropy_weight=ENTROPY_WEIGHT, inference_logprobs=batch["inference"][rows],
-        rollout_is_weights=None if weights is None else weights[rows], **packed,
+        current_logprobs=batch["current"][rows],
+        old_logprobs=batch["old"][rows],
+        ref_logprobs=batch["ref"][rows],
+        advantages=batch["advantages"][rows],
+        clamp_eps_lower=EPS_LOW,
+        clamp_eps_upper=EPS_HIGH,
+        kl_beta=KL_BETA,
+        entropy_weight=ENTROPY_WEIGHT,
+        inference_logprobs=batch["inference"][rows],
+        rollout_is_weights=None if weights is None else weights[rows],
+        **packed,
     )
 
 
@@ -308,8 +336,13 @@ def load_patched_loss_func(train_rl: Path, rollout_correction_class) -> Callable
     """The patched train_rl.py `loss_func` alone; Megatron-LM's `get_args` and rerun machine stubbed
     (NaN and spiky-loss checks off)."""
     args = SimpleNamespace(check_for_nan_in_loss_and_grad=False, check_for_spiky_loss=False)
-    namespace = {"torch": torch, "partial": functools.partial, "get_args": lambda: args,
-                 "get_rerun_state_machine": lambda: None, "GRPORolloutCorrection": rollout_correction_class}
+    namespace = {
+        "torch": torch,
+        "partial": functools.partial,
+        "get_args": lambda: args,
+        "get_rerun_state_machine": lambda: None,
+        "GRPORolloutCorrection": rollout_correction_class,
+    }
     exec(compile(_function_source(train_rl, "loss_func"), str(train_rl), "exec"), namespace)
     return namespace["loss_func"]
 
@@ -334,8 +367,14 @@ def valid_tokens(batch: dict) -> torch.Tensor:
 
 def _config(level, mode, veto, applies=True):
     upper, lower = THRESHOLDS[level]
-    return RolloutCorrectionConfig(rollout_is=applies, rollout_is_threshold=upper, rollout_is_threshold_lower=lower,
-                                   rollout_is_level=level, rollout_is_mode=mode, rollout_is_veto_threshold=veto)
+    return RolloutCorrectionConfig(
+        rollout_is=applies,
+        rollout_is_threshold=upper,
+        rollout_is_threshold_lower=lower,
+        rollout_is_level=level,
+        rollout_is_mode=mode,
+        rollout_is_veto_threshold=veto,
+    )
 
 
 def _oracle(batch, level, mode, veto):
@@ -352,9 +391,14 @@ def head_config(case: str) -> RolloutCorrectionConfig:
 def drop_in(batch: dict, config: RolloutCorrectionConfig) -> tuple:
     """verl HEAD's single-process function on the whole batch: (weights or ones, kept mask, metrics)."""
     weights, modified, metrics = compute_rollout_correction_and_rejection_mask(
-        batch["old"], batch["inference"], batch["mask"], rollout_is=config.rollout_is,
-        rollout_is_threshold=config.rollout_is_threshold, rollout_is_batch_normalize=config.rollout_is_batch_normalize,
-        rollout_rs=config.rollout_rs, rollout_rs_threshold=config.rollout_rs_threshold,
+        batch["old"],
+        batch["inference"],
+        batch["mask"],
+        rollout_is=config.rollout_is,
+        rollout_is_threshold=config.rollout_is_threshold,
+        rollout_is_batch_normalize=config.rollout_is_batch_normalize,
+        rollout_rs=config.rollout_rs,
+        rollout_rs_threshold=config.rollout_rs_threshold,
         rollout_is_mode=config.rollout_is_mode,
     )
     return torch.ones_like(batch["old"]) if weights is None else weights, modified != 0, metrics
@@ -505,9 +549,11 @@ def test_an_extra_forward_only_call_does_not_shift_the_metrics(patched_tree):
         return logged_step(patched, loss_func, batch, columns, micro_batches, rollout_correction)
 
     columns = _correct(rollout_correction, first)
-    logged = [(step(first, columns, MICRO_BATCHES), first),  # two micro-batches
-              (step(first, columns, [slice(0, 6)]), first),  # a forward-only call before the next step
-              (step(first, columns, [slice(0, 2), slice(2, 4), slice(4, 6)]), first)]  # the same collection
+    logged = [
+        (step(first, columns, MICRO_BATCHES), first),  # two micro-batches
+        (step(first, columns, [slice(0, 6)]), first),  # a forward-only call before the next step
+        (step(first, columns, [slice(0, 2), slice(2, 4), slice(4, 6)]), first),
+    ]  # the same collection
     columns = _correct(rollout_correction, second)
     logged.append((step(second, columns, MICRO_BATCHES), second))
 
@@ -582,8 +628,14 @@ def test_packed_bins_match_the_reference_on_the_unpacked_sequences(patched_tree,
         torch.testing.assert_close(bin_weights[want_kept], want_weights[want_kept], rtol=1e-12, atol=1e-12)
         one_bin = {key: value[b : b + 1] for key, value in packed.items()}
         one_bin["advantages"] = rows["advantages"][sequences]
-        loss = grpo_loss(patched["calculate_grpo_loss"], one_bin, slice(None), bin_weights,
-                         seq_starts=info.seq_starts[b], seq_lengths=[info.seq_lengths[s] for s in sequences])
+        loss = grpo_loss(
+            patched["calculate_grpo_loss"],
+            one_bin,
+            slice(None),
+            bin_weights,
+            seq_starts=info.seq_starts[b],
+            seq_lengths=[info.seq_lengths[s] for s in sequences],
+        )
         want = expected_loss(one_bin, want_weights, advantages[b : b + 1])
         torch.testing.assert_close(loss[want_kept], want[want_kept], rtol=1e-12, atol=1e-12)
 
@@ -601,8 +653,13 @@ def test_deprecated_truncation_coef_is_token_level_truncate_and_reproduces_the_o
     args = parse(parser, "--rl-inference-logprobs-is-correction --rl-importance-sampling-truncation-coef 1.5")
     rollout_correction = patched["GRPORolloutCorrection"].from_args(args)
     config = rollout_correction.config
-    assert (config.rollout_is, config.rollout_is_threshold, config.rollout_is_level, config.rollout_is_mode,
-            config.rollout_is_veto_threshold) == (True, 1.5, "token", "truncate", None)
+    assert (
+        config.rollout_is,
+        config.rollout_is_threshold,
+        config.rollout_is_level,
+        config.rollout_is_mode,
+        config.rollout_is_veto_threshold,
+    ) == (True, 1.5, "token", "truncate", None)
     assert all(name.startswith("mismatch/") for name in rollout_correction.metric_names)
     warnings = patched["warn_rank_0"].calls
     assert len(warnings) == 1 and "deprecated" in warnings[0][0] and "--rollout-is-threshold 1.5" in warnings[0][0]
@@ -612,8 +669,16 @@ def test_deprecated_truncation_coef_is_token_level_truncate_and_reproduces_the_o
     weights, trained, _ = _correct(rollout_correction, batch)
     new_loss = grpo_loss(patched["calculate_grpo_loss"], batch, slice(None), weights)
     old_loss, *_ = load_upstream_grpo_loss()(
-        batch["current"], batch["old"], batch["ref"], batch["advantages"], EPS_LOW, EPS_HIGH, KL_BETA,
-        ENTROPY_WEIGHT, inference_logprobs=batch["inference"], is_truncation_coef=1.5,
+        batch["current"],
+        batch["old"],
+        batch["ref"],
+        batch["advantages"],
+        EPS_LOW,
+        EPS_HIGH,
+        KL_BETA,
+        ENTROPY_WEIGHT,
+        inference_logprobs=batch["inference"],
+        is_truncation_coef=1.5,
     )
     assert torch.equal(trained, batch["mask"] > 0)  # upstream weights padding too; loss_func masks it out
     torch.testing.assert_close(new_loss[trained], old_loss[trained], rtol=1e-12, atol=1e-12)
@@ -630,30 +695,45 @@ def test_flag_combinations_and_refusals(patched_tree):
     assert from_args(parse(parser, "--rl-importance-sampling-truncation-coef 2")) is None
     assert len(patched["warn_rank_0"].calls) == 1
 
-    rollout_correction = from_args(parse(parser, "--rl-inference-logprobs-is-correction --rollout-is --rollout-is-threshold 3 "
-                                                 "--rollout-is-level sequence --rollout-is-mode mask --rollout-is-veto-threshold none"))
+    rollout_correction = from_args(
+        parse(
+            parser,
+            "--rl-inference-logprobs-is-correction --rollout-is --rollout-is-threshold 3 "
+            "--rollout-is-level sequence --rollout-is-mode mask --rollout-is-veto-threshold none",
+        )
+    )
     config = rollout_correction.config
-    assert (config.rollout_is_level, config.rollout_is_mode, config.rollout_is_veto_threshold) == ("sequence", "clip", None)
+    assert (config.rollout_is_level, config.rollout_is_mode, config.rollout_is_veto_threshold) == (
+        "sequence",
+        "clip",
+        None,
+    )
 
+    # Flags after --rl-inference-logprobs-is-correction (None: without it) -> part of the error message.
     errors = {
-        "--rl-inference-logprobs-is-correction --rl-importance-sampling-truncation-coef 2 --rollout-is-threshold 2":
-            "--rl-importance-sampling-truncation-coef is a deprecated alias of --rollout-is-threshold",
-        "--rl-inference-logprobs-is-correction --rl-importance-sampling-truncation-coef 2 --rollout-correction-preset "
-        "decoupled_k3_rs": "deprecated alias",
-        "--rollout-is --rollout-is-threshold 2": "add --rl-inference-logprobs-is-correction",
-        "--rollout-rs seq_mean_k1 --rollout-rs-threshold 0.999_1.001": "add --rl-inference-logprobs-is-correction",
-        "--rl-inference-logprobs-is-correction --rollout-is-threshold 2 --rollout-is-bypass": "--rollout-is-bypass",
-        "--rollout-is-bypass": "not supported by train_rl.py",
-        "--rl-inference-logprobs-is-correction --rollout-is-threshold 2 --rollout-is-dump-dir /tmp/x": "--rollout-is-dump-dir",
-        "--rl-inference-logprobs-is-correction --rollout-is-threshold -1": "--rollout-is-threshold must be",
-        "--rl-inference-logprobs-is-correction --rollout-is token --rollout-loss-denominator response":
-            "--rollout-loss-denominator response only changes the loss with rejection",
-        "--rl-inference-logprobs-is-correction --rollout-bypass-mode --rollout-rs seq_mean_k1 "
-        "--rollout-rs-threshold 0.999_1.001": "bypass mode",
-        "--rl-inference-logprobs-is-correction --rollout-correction-preset bypass_pg_geo_rs_token_tis":
-            "decoupled_geo_rs_token_tis",
-        "--rl-inference-logprobs-is-correction --rollout-rs seq_mean_k1": "--rollout-rs-threshold",
+        "--rl-importance-sampling-truncation-coef 2 --rollout-is-threshold 2": (
+            "--rl-importance-sampling-truncation-coef is a deprecated alias of --rollout-is-threshold"
+        ),
+        "--rl-importance-sampling-truncation-coef 2 --rollout-correction-preset decoupled_k3_rs": "deprecated alias",
+        None: "add --rl-inference-logprobs-is-correction",
+        "--rollout-is-threshold 2 --rollout-is-bypass": "--rollout-is-bypass",
+        "--rollout-is-threshold 2 --rollout-is-dump-dir /tmp/x": "--rollout-is-dump-dir",
+        "--rollout-is-threshold -1": "--rollout-is-threshold must be",
+        "--rollout-is token --rollout-loss-denominator response": (
+            "--rollout-loss-denominator response only changes the loss with rejection"
+        ),
+        "--rollout-bypass-mode --rollout-rs seq_mean_k1 --rollout-rs-threshold 0.999_1.001": "bypass mode",
+        "--rollout-correction-preset bypass_pg_geo_rs_token_tis": "decoupled_geo_rs_token_tis",
+        "--rollout-rs seq_mean_k1": "--rollout-rs-threshold",
     }
+    errors = {f"--rl-inference-logprobs-is-correction {flags}": message for flags, message in errors.items() if flags}
+    errors.update(
+        {
+            "--rollout-is --rollout-is-threshold 2": "add --rl-inference-logprobs-is-correction",
+            "--rollout-rs seq_mean_k1 --rollout-rs-threshold 0.999_1.001": "add --rl-inference-logprobs-is-correction",
+            "--rollout-is-bypass": "not supported by train_rl.py",
+        }
+    )
     for flags, message in errors.items():
         with pytest.raises(ValueError, match=message):
             from_args(parse(parser, flags))
@@ -665,30 +745,47 @@ def test_verl_head_flags_presets_and_yaml_select_rollout_corr_metrics(patched_tr
     from_args = patched["GRPORolloutCorrection"].from_args
     on = "--rl-inference-logprobs-is-correction "
 
-    flags = from_args(parse(parser, on + "--rollout-is token --rollout-is-threshold 0.5_2.0 --rollout-is-batch-normalize "
-                                     "--rollout-rs seq_mean_k1,token_k3 --rollout-rs-threshold 0.999_1.001,0.05 "
-                                     "--rollout-loss-denominator response"))
+    flags = from_args(
+        parse(
+            parser,
+            on + "--rollout-is token --rollout-is-threshold 0.5_2.0 --rollout-is-batch-normalize "
+            "--rollout-rs seq_mean_k1,token_k3 --rollout-rs-threshold 0.999_1.001,0.05 "
+            "--rollout-loss-denominator response",
+        )
+    )
     assert flags.config == RolloutCorrectionConfig(
-        rollout_is="token", rollout_is_threshold="0.5_2.0", rollout_is_batch_normalize=True,
-        rollout_rs="seq_mean_k1,token_k3", rollout_rs_threshold="0.999_1.001,0.05")
+        rollout_is="token",
+        rollout_is_threshold="0.5_2.0",
+        rollout_is_batch_normalize=True,
+        rollout_rs="seq_mean_k1,token_k3",
+        rollout_rs_threshold="0.999_1.001,0.05",
+    )
     assert flags.loss_denominator == "response"
     assert "rollout_corr/rollout_rs_token_k3_masked_fraction" in flags.metric_names
     assert all(name.startswith("rollout_corr/") for name in flags.metric_names)
 
-    preset = from_args(parse(parser, on + "--rollout-correction-preset decoupled_geo_rs_token_tis --rollout-is-threshold 3"))
+    preset = from_args(
+        parse(parser, on + "--rollout-correction-preset decoupled_geo_rs_token_tis --rollout-is-threshold 3")
+    )
     assert preset.config == RolloutCorrectionConfig.preset("decoupled_geo_rs_token_tis", rollout_is_threshold=3.0)
 
     head_yaml = tmp_path / "head.yaml"
-    head_yaml.write_text("algorithm:\n  rollout_correction:\n    rollout_is: sequence\n    rollout_is_threshold: 2.0\n"
-                         "    rollout_rs: seq_mean_k1\n    rollout_rs_threshold: 0.999_1.001\n")
+    head_yaml.write_text(
+        "algorithm:\n  rollout_correction:\n    rollout_is: sequence\n    rollout_is_threshold: 2.0\n"
+        "    rollout_rs: seq_mean_k1\n    rollout_rs_threshold: 0.999_1.001\n"
+    )
     from_yaml = from_args(parse(parser, on + f"--rollout-is-config {head_yaml} --rollout-is-threshold 4"))
     assert from_yaml.config == RolloutCorrectionConfig(
-        rollout_is="sequence", rollout_is_threshold=4.0, rollout_rs="seq_mean_k1", rollout_rs_threshold="0.999_1.001")
+        rollout_is="sequence", rollout_is_threshold=4.0, rollout_rs="seq_mean_k1", rollout_rs_threshold="0.999_1.001"
+    )
     assert all(name.startswith("rollout_corr/") for name in from_yaml.metric_names)
 
     old_yaml = tmp_path / "v06.yaml"
     old_yaml.write_text("algorithm:\n  rollout_is: true\n  rollout_is_threshold: 2.0\n  rollout_is_level: geometric\n")
-    assert all(name.startswith("mismatch/") for name in from_args(parse(parser, on + f"--rollout-is-config {old_yaml}")).metric_names)
+    assert all(
+        name.startswith("mismatch/")
+        for name in from_args(parse(parser, on + f"--rollout-is-config {old_yaml}")).metric_names
+    )
 
     bypass_yaml = tmp_path / "bypass.yaml"
     bypass_yaml.write_text("algorithm:\n  rollout_correction:\n    preset: bypass_pg_geo_rs\n")
@@ -700,9 +797,13 @@ def test_verl_head_flags_presets_and_yaml_select_rollout_corr_metrics(patched_tr
 # Data parallelism: one collection split over two ranks equals the reference on the whole batch.
 
 
-DP_CASES = [("verl-0.6", ("sequence", "clip", VETO)), ("verl-0.6", ("geometric", "truncate", VETO)),
-            ("verl-head", "token_tis_batch_normalised"), ("verl-head", "decoupled_seq_is_rs"),
-            ("verl-head", "geometric_clamp_batch_normalised_token_k2_seq_max_k3")]
+DP_CASES = [
+    ("verl-0.6", ("sequence", "clip", VETO)),
+    ("verl-0.6", ("geometric", "truncate", VETO)),
+    ("verl-head", "token_tis_batch_normalised"),
+    ("verl-head", "decoupled_seq_is_rs"),
+    ("verl-head", "geometric_clamp_batch_normalised_token_k2_seq_max_k3"),
+]
 
 
 def _case_config(dialect, case):

@@ -4,15 +4,18 @@ import math
 
 import pytest
 
-from megatron_rollout_is.regime import (PATTERN_MIN_STEPS, MismatchMonitor, classify, mismatch_patterns,
-                                        mismatch_regime)
+from megatron_rollout_is.regime import PATTERN_MIN_STEPS, MismatchMonitor, classify, mismatch_patterns, mismatch_regime
 
 
 def _steps(k3_values, k1_factor=1.0, mean_weight=1.0, prefix="rollout_corr/"):
-    names = ("kl", "k3_kl", "rollout_is_mean") if prefix == "rollout_corr/" else (
-        "mismatch_kl", "mismatch_k3_kl", "rollout_is_mean")
-    return [{prefix + names[0]: k1_factor * k3, prefix + names[1]: k3, prefix + names[2]: mean_weight}
-            for k3 in k3_values]
+    names = (
+        ("kl", "k3_kl", "rollout_is_mean")
+        if prefix == "rollout_corr/"
+        else ("mismatch_kl", "mismatch_k3_kl", "rollout_is_mean")
+    )
+    return [
+        {prefix + names[0]: k1_factor * k3, prefix + names[1]: k3, prefix + names[2]: mean_weight} for k3 in k3_values
+    ]
 
 
 def test_levels_follow_the_documented_limits():

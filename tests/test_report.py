@@ -26,24 +26,44 @@ from megatron_rollout_is.core import (
     compute_rollout_importance_weights,
 )
 from megatron_rollout_is.dumps import read_step_dumps, write_step_dump
+from megatron_rollout_is.regime import run_regime
 from megatron_rollout_is.report import build_report, mismatch_regime
 from megatron_rollout_is.report.analysis import analyze
 from megatron_rollout_is.report.findings import report_payload
 from megatron_rollout_is.report.markdown import render
-from megatron_rollout_is.regime import run_regime
 
 BATCH, LENGTH, VOCAB, STEPS = 32, 24, 16, 3
 
 # The migration guide's "Configuration Examples" (veto: the guide's default 1e-4 unless set).
 GUIDE_EXAMPLES = {
-    1: dict(rollout_is_level="token", rollout_is_mode="truncate", rollout_is_threshold=2.0,
-            rollout_is_threshold_lower=None, rollout_is_veto_threshold=1e-4),
-    2: dict(rollout_is_level="geometric", rollout_is_mode="clip", rollout_is_threshold=1.0002,
-            rollout_is_threshold_lower=0.9998, rollout_is_veto_threshold=1e-4),
-    3: dict(rollout_is_level="token", rollout_is_mode="clip", rollout_is_threshold=3.0,
-            rollout_is_threshold_lower=0.33, rollout_is_veto_threshold=1e-5),
-    4: dict(rollout_is_level="token", rollout_is_mode="clip", rollout_is_threshold=5.0,
-            rollout_is_threshold_lower=0.8, rollout_is_veto_threshold=1e-4),
+    1: dict(
+        rollout_is_level="token",
+        rollout_is_mode="truncate",
+        rollout_is_threshold=2.0,
+        rollout_is_threshold_lower=None,
+        rollout_is_veto_threshold=1e-4,
+    ),
+    2: dict(
+        rollout_is_level="geometric",
+        rollout_is_mode="clip",
+        rollout_is_threshold=1.0002,
+        rollout_is_threshold_lower=0.9998,
+        rollout_is_veto_threshold=1e-4,
+    ),
+    3: dict(
+        rollout_is_level="token",
+        rollout_is_mode="clip",
+        rollout_is_threshold=3.0,
+        rollout_is_threshold_lower=0.33,
+        rollout_is_veto_threshold=1e-5,
+    ),
+    4: dict(
+        rollout_is_level="token",
+        rollout_is_mode="clip",
+        rollout_is_threshold=5.0,
+        rollout_is_threshold_lower=0.8,
+        rollout_is_veto_threshold=1e-4,
+    ),
 }
 
 
@@ -65,8 +85,11 @@ def hand_recommendation(dump_dir) -> int:
             _, m = compute_rollout_importance_weights(
                 dump.old_log_prob, dump.rollout_log_prob, dump.response_mask, **config
             )
-            cut = m["mismatch/rollout_is_clipped_fraction" if config["rollout_is_mode"] == "clip"
-                    else "mismatch/rollout_is_ratio_fraction_high"]
+            cut = m[
+                "mismatch/rollout_is_clipped_fraction"
+                if config["rollout_is_mode"] == "clip"
+                else "mismatch/rollout_is_ratio_fraction_high"
+            ]
             fails = [
                 m["mismatch/rollout_is_std"] > 1.0 or m["mismatch/rollout_is_eff_sample_size"] < 0.3,
                 m["mismatch/rollout_is_veto_fraction"] > 0.1,
@@ -250,20 +273,54 @@ def test_empty_dump_dir_is_a_clear_error(tmp_path, capsys):
         main(["report", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"])
 
 
-PLOTS = ("log_ratio_histogram", "weights_by_level", "mismatch_by_position", "threshold_sweep", "metrics_over_steps",
-         "mismatch_regime", "rs_sweep")
+PLOTS = (
+    "log_ratio_histogram",
+    "weights_by_level",
+    "mismatch_by_position",
+    "threshold_sweep",
+    "metrics_over_steps",
+    "mismatch_regime",
+    "rs_sweep",
+)
 
 
 def test_report_on_a_demo_training_run(tmp_path, capsys):
     """Two steps of the CPU GRPO demo with rollout noise, dumped, then `megatron-rollout-is report`."""
     dumps, out = tmp_path / "dumps", tmp_path / "report"
     subprocess.run(
-        [sys.executable, "-m", "megatron_rollout_is.demo", "--train-iters", "2", "--global-batch-size", "16",
-         "--micro-batch-size", "16", "--group-size", "8", "--min-digits", "4", "--max-digits", "6",
-         "--eval-interval", "0", "--rollout-noise", "0.3", "--rollout-is-threshold", "2.0",
-         "--output-dir", str(tmp_path / "demo"), "--plot", "none", "--no-progress",
-         "--rollout-is-dump-dir", str(dumps)],
-        check=True, capture_output=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "megatron_rollout_is.demo",
+            "--train-iters",
+            "2",
+            "--global-batch-size",
+            "16",
+            "--micro-batch-size",
+            "16",
+            "--group-size",
+            "8",
+            "--min-digits",
+            "4",
+            "--max-digits",
+            "6",
+            "--eval-interval",
+            "0",
+            "--rollout-noise",
+            "0.3",
+            "--rollout-is-threshold",
+            "2.0",
+            "--output-dir",
+            str(tmp_path / "demo"),
+            "--plot",
+            "none",
+            "--no-progress",
+            "--rollout-is-dump-dir",
+            str(dumps),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     assert main(["report", str(dumps), "--out", str(out), "--no-progress"]) == 0
     payload = json.loads((out / "report.json").read_text())
@@ -291,8 +348,14 @@ def test_report_on_a_demo_training_run(tmp_path, capsys):
 K3_KL_LIMITS, CHI2_TOKEN_LIMITS = (1.25e-3, 2e-2), (2.5e-3, 4e-2)
 REGIMES = ("negligible", "moderate", "severe")
 FAMILIES = ("none", "IS only", "RS only", "IS + RS")
-HEAD_KEYS = ("rollout_is", "rollout_is_threshold", "rollout_is_batch_normalize", "rollout_rs", "rollout_rs_threshold",
-             "rollout_is_mode")
+HEAD_KEYS = (
+    "rollout_is",
+    "rollout_is_threshold",
+    "rollout_is_batch_normalize",
+    "rollout_rs",
+    "rollout_rs_threshold",
+    "rollout_is_mode",
+)
 
 
 def hand_level(k3_kl, chi2_token=None) -> int:
@@ -334,8 +397,9 @@ def hand_step(dump, everything, keys) -> tuple:
     total, count = valid.sum(), keep.sum()
     w = np.where(keep, weights.double().numpy() if weights is not None else 1.0, 0.0)
     kept = compute_offpolicy_metrics(old, rollout, kept_mask)
-    reduction = max(1 - abs(kept[name]) / everything[name] if everything[name] > 1e-12 else 0.0
-                    for name in ("k3_kl", "chi2_token"))
+    reduction = max(
+        1 - abs(kept[name]) / everything[name] if everything[name] > 1e-12 else 0.0 for name in ("k3_kl", "chi2_token")
+    )
     fails = []
     if keys["rollout_is"] is not None:
         lr = np.where(valid, (old.double() - rollout.double()).numpy(), 0.0)
@@ -376,8 +440,16 @@ def hand_correction(dump_dir, payload) -> str:
         if not weighted and max(rejected for _, _, rejected in steps) == 0:
             continue  # changes nothing: `none` under another name
         effective = sum(share for _, share, _ in steps) / len(steps)
-        keys.append((sum(bool(fails) for fails, _, _ in steps), sum(len(fails) for fails, _, _ in steps),
-                     -round(effective, 2), weighted + 2 * rejects, order, record["label"]))
+        keys.append(
+            (
+                sum(bool(fails) for fails, _, _ in steps),
+                sum(len(fails) for fails, _, _ in steps),
+                -round(effective, 2),
+                weighted + 2 * rejects,
+                order,
+                record["label"],
+            )
+        )
     return min(keys)[-1]
 
 
@@ -393,8 +465,13 @@ def stale_policy(directory, drift=1.0, seed=0):
         tokens = tokens.reshape(BATCH, LENGTH, 1)
         lengths = torch.randint(LENGTH // 2, LENGTH + 1, (BATCH,), generator=generator)
         mask = torch.arange(LENGTH)[None] < lengths[:, None]
-        write_step_dump(directory, step, torch.log_softmax(logits, -1).gather(-1, tokens)[..., 0],
-                        rollout_log_probs.gather(-1, tokens)[..., 0], mask)
+        write_step_dump(
+            directory,
+            step,
+            torch.log_softmax(logits, -1).gather(-1, tokens)[..., 0],
+            rollout_log_probs.gather(-1, tokens)[..., 0],
+            mask,
+        )
     return directory
 
 
@@ -413,8 +490,11 @@ def test_mismatch_regime_labels_hand_made_metrics():
     for metrics, expected in cases:
         label, sentence = mismatch_regime(metrics)
         assert label == expected, metrics
-        needed = {"negligible": "correction is not needed", "moderate": "correction is advisable",
-                  "severe": "correction is needed"}[expected]
+        needed = {
+            "negligible": "correction is not needed",
+            "moderate": "correction is advisable",
+            "severe": "correction is needed",
+        }[expected]
         assert sentence.endswith(f"{needed} ({expected})")
     # nats per token: the +-x log ratio with this k3 KL (cosh(x) - 1 = k3), or the measured mean |lr| when given
     _, sentence = mismatch_regime({"rollout_corr/k3_kl": math.cosh(0.3) - 1})
@@ -483,8 +563,11 @@ def test_rejected_shares_on_a_tiny_hand_made_dump(tmp_path):
     payload = _payload(tmp_path)
     records = {r["label"]: r for r in payload["corrections"]}
     # The top of the sweep sits just above the largest statistic, rounded up to 3 digits: it rejects nothing.
-    top = {r["rollout_rs"]: r["rollout_rs_threshold"] for r in records.values()
-           if r["kind"] == "sweep" and r["quantile"] == 1.0}
+    top = {
+        r["rollout_rs"]: r["rollout_rs_threshold"]
+        for r in records.values()
+        if r["kind"] == "sweep" and r["quantile"] == 1.0
+    }
     assert top["token_k1"] == 1.649  # 1 + 0.649 >= exp(0.5) = 1.6487
     assert top["seq_max_k2"] == 0.126  # >= 0.5^2 / 2
     assert top["seq_mean_k3"] == 0.0409  # >= exp(-0.3) - 1 + 0.3 = 0.04082
@@ -529,13 +612,15 @@ def test_presets_and_sweep_are_the_drop_in_functions_numbers(moderate_report):
     dumps, payload = moderate_report
     records = payload["corrections"]
     assert {r["preset"] for r in records if r["kind"] == "preset"} == {
-        name for name, keys in PRESETS.items() if not keys.get("bypass_mode")}
+        name for name, keys in PRESETS.items() if not keys.get("bypass_mode")
+    }
     cells = [r for r in records if r["kind"] == "preset"] + [r for r in records if r["kind"] == "sweep"][::9]
     for record in cells:
         settings = {key: record[key] for key in HEAD_KEYS}
         for dump, step in zip(dumps, record["per_step"]):
             weights, kept_mask, expected = compute_rollout_correction_and_rejection_mask(
-                dump.old_log_prob, dump.rollout_log_prob, dump.response_mask, **settings)
+                dump.old_log_prob, dump.rollout_log_prob, dump.response_mask, **settings
+            )
             metrics = step["metrics"]
             shown = {k: v for k, v in expected.items() if k in metrics}
             assert metrics == pytest.approx({**metrics, **shown}, rel=1e-12), record["label"]
@@ -545,8 +630,11 @@ def test_presets_and_sweep_are_the_drop_in_functions_numbers(moderate_report):
                 # IS only at token level: the kept-token numbers are verl's own over all tokens
                 band = "_" in str(record["rollout_is_threshold"])
                 bounded = "rollout_is_oob_ratio" if band else "rollout_is_ratio_fraction_high"
-                for mine, theirs in (("eff_sample_size", "rollout_is_eff_sample_size"),
-                                     ("weight_std", "rollout_is_std"), ("bounded_share", bounded)):
+                for mine, theirs in (
+                    ("eff_sample_size", "rollout_is_eff_sample_size"),
+                    ("weight_std", "rollout_is_std"),
+                    ("bounded_share", bounded),
+                ):
                     assert metrics[f"kept/{mine}"] == pytest.approx(expected[f"rollout_corr/{theirs}"], rel=1e-6)
     for dump, entry in zip(dumps, payload["offpolicy"]):  # all tokens' off-policy metrics, once per step
         expected = compute_offpolicy_metrics(dump.old_log_prob, dump.rollout_log_prob, dump.response_mask)
@@ -567,8 +655,10 @@ def test_sweep_runs_from_rejecting_most_to_rejecting_nothing(moderate_report):
     assert {r["rollout_rs"] for r in sweep} == {"token_k1", "seq_mean_k1", "seq_mean_k3", "seq_max_k2", "seq_max_k3"}
     for criterion in {r["rollout_rs"] for r in sweep}:
         points = sorted((r["quantile"], r["rollout_rs_threshold"], r) for r in sweep if r["rollout_rs"] == criterion)
-        shares = [np.mean([s["metrics"]["rollout_corr/rollout_rs_masked_fraction"] for s in r["per_step"]])
-                  for _, _, r in points]
+        shares = [
+            np.mean([s["metrics"]["rollout_corr/rollout_rs_masked_fraction"] for s in r["per_step"]])
+            for _, _, r in points
+        ]
         assert shares[0] > 0.5 and shares[-1] == 0.0, criterion
         assert all(a >= b for a, b in zip(shares, shares[1:])), criterion
         assert [t for _, t, _ in points] == sorted(t for _, t, _ in points)
@@ -621,8 +711,13 @@ def test_a_diagnosed_cause_is_named_next_to_the_correction(tmp_path):
 
 def test_head_run_config_is_evaluated_in_bypass_mode_on_pi_old(tmp_path):
     generator = torch.Generator().manual_seed(0)
-    run = RolloutCorrectionConfig(rollout_is="token", rollout_rs="seq_mean_k1", rollout_rs_threshold="0.9_1.1",
-                                  bypass_mode=True, loss_type="reinforce")
+    run = RolloutCorrectionConfig(
+        rollout_is="token",
+        rollout_rs="seq_mean_k1",
+        rollout_rs_threshold="0.9_1.1",
+        bypass_mode=True,
+        loss_type="reinforce",
+    )
     for step in range(STEPS):
         old, mask = _trainer_log_probs(generator)
         write_step_dump(tmp_path, step, old, moderate(old, mask, generator), mask, run)
@@ -634,7 +729,13 @@ def test_head_run_config_is_evaluated_in_bypass_mode_on_pi_old(tmp_path):
     assert [r["kind"] for r in payload["configurations"]].count("run") == 0  # not a verl 0.6.0 config
     for dump, step in zip(read_step_dumps(tmp_path), runs[0]["per_step"]):
         _, _, expected = compute_rollout_correction_and_rejection_mask(
-            dump.old_log_prob, dump.rollout_log_prob, dump.response_mask, rollout_is="token",
-            rollout_rs="seq_mean_k1", rollout_rs_threshold="0.9_1.1")
+            dump.old_log_prob,
+            dump.rollout_log_prob,
+            dump.response_mask,
+            rollout_is="token",
+            rollout_rs="seq_mean_k1",
+            rollout_rs_threshold="0.9_1.1",
+        )
         assert step["metrics"]["rollout_corr/rollout_rs_masked_fraction"] == pytest.approx(
-            expected["rollout_corr/rollout_rs_masked_fraction"], rel=1e-12)
+            expected["rollout_corr/rollout_rs_masked_fraction"], rel=1e-12
+        )

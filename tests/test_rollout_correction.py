@@ -37,6 +37,7 @@ from oracle_correction import RS_CRITERIA, SAFETY_BOUND, oracle_offpolicy_metric
 
 try:
     from megatron_rollout_is import compute_offpolicy_metrics, compute_rollout_correction_and_rejection_mask
+
     _MISSING = None
 except ImportError as error:  # the drop-ins land with issue 11; the oracle checks below run regardless
     _MISSING = f"megatron_rollout_is does not export the verl-HEAD drop-ins yet ({error})"
@@ -50,6 +51,7 @@ _SAFETY = 8.0  # multiplies every eps-based bound
 # ---------------------------------------------------------------------------------------------
 # Comparison with the oracle.
 # ---------------------------------------------------------------------------------------------
+
 
 def _make_batch(seed, dtype=torch.float64, mask_dtype=torch.bool, batch=8, length=48, huge=False):
     """Random batch of tests/correction_cases.py, empty rows included."""
@@ -65,7 +67,13 @@ def _error_model(old, rollout, mask):
     amplitude = float(lr.sum(-1).max()) if valid.any() else 0.0
     num_tokens = int(valid.sum())
     logprobs = torch.cat([old.double()[valid].abs(), rollout.double()[valid].abs()])
-    return eps, (1e-9 if wide else 1e-5), amplitude, math.log2(num_tokens + 2), float(logprobs.max()) if num_tokens else 0.0
+    return (
+        eps,
+        (1e-9 if wide else 1e-5),
+        amplitude,
+        math.log2(num_tokens + 2),
+        float(logprobs.max()) if num_tokens else 0.0,
+    )
 
 
 def assert_metrics_close(got, want, old, rollout, mask, options=None):
@@ -80,7 +88,7 @@ def assert_metrics_close(got, want, old, rollout, mask, options=None):
             continue
         if is_moment_std(key):
             scale = max(1.0, std_clamp_bound(key, options))
-            ok = abs(value ** 2 - expected ** 2) <= 2 * rel * expected ** 2 + _SAFETY * eps * log_n * scale ** 2
+            ok = abs(value**2 - expected**2) <= 2 * rel * expected**2 + _SAFETY * eps * log_n * scale**2
         else:
             absolute = _SAFETY * eps * log_n * (cancellation_scale(key, want) + amplitude + logprob_max)
             ok = abs(value - expected) <= rel * abs(expected) + absolute
@@ -113,6 +121,7 @@ def assert_matches_oracle(old, rollout, mask, **options):
 # The oracle against numbers worked out by hand (run with or without the drop-ins).
 # ---------------------------------------------------------------------------------------------
 
+
 def _from_log_ratios(old, log_ratio, mask):
     old = torch.tensor(old, dtype=torch.float64)
     return old, old - torch.tensor(log_ratio, dtype=torch.float64), torch.tensor(mask, dtype=torch.bool)
@@ -120,8 +129,9 @@ def _from_log_ratios(old, log_ratio, mask):
 
 LN = math.log
 # Row 0: lr = ln 3, 0, ln 1/2; row 1: ln 1.5, ln 0.8 and a padded token. N = 5.
-HAND_BATCH = _from_log_ratios([[-1.0, -2.0, -2.0], [-1.0, -1.0, -3.0]],
-                              [[LN(3), 0.0, LN(0.5)], [LN(1.5), LN(0.8), 7.0]], [[1, 1, 1], [1, 1, 0]])
+HAND_BATCH = _from_log_ratios(
+    [[-1.0, -2.0, -2.0], [-1.0, -1.0, -3.0]], [[LN(3), 0.0, LN(0.5)], [LN(1.5), LN(0.8), 7.0]], [[1, 1, 1], [1, 1, 0]]
+)
 
 
 def _hand_token_tis():
@@ -132,19 +142,34 @@ def _hand_token_tis():
     mo0, mo1 = -5.0 / (3 + E), -2.0 / (2 + E)
     d0, d1 = -LN(1.5) / (3 + E), -LN(1.2) / (2 + E)
     expected = {
-        "rollout_is_mean": mean, "rollout_is_max": 2.5, "rollout_is_min": 0.5,
-        "rollout_is_ratio_fraction_high": 1 / n, "rollout_is_ratio_fraction_low": 0.0,
-        "rollout_is_std": math.sqrt(mean_square - mean ** 2),
+        "rollout_is_mean": mean,
+        "rollout_is_max": 2.5,
+        "rollout_is_min": 0.5,
+        "rollout_is_ratio_fraction_high": 1 / n,
+        "rollout_is_ratio_fraction_low": 0.0,
+        "rollout_is_std": math.sqrt(mean_square - mean**2),
         "rollout_is_eff_sample_size": (mean + E) ** 2 / mean_square,
-        "rollout_is_seq_mean": (s0 + s1) / 2, "rollout_is_seq_std": (s0 - s1) / math.sqrt(2),
-        "rollout_is_seq_max": s0, "rollout_is_seq_min": s1, "rollout_is_seq_max_deviation": s0 - 1,
-        "rollout_is_seq_fraction_high": 0.0, "rollout_is_seq_fraction_low": 0.0,
-        "training_ppl": (math.exp(-mo0) + math.exp(-mo1)) / 2, "training_log_ppl": -(mo0 + mo1) / 2,
-        "rollout_ppl": (math.exp(-mo0 - d0) + math.exp(-mo1 - d1)) / 2, "rollout_log_ppl": -(mo0 + d0 + mo1 + d1) / 2,
-        "kl": -LN(1.8) / n, "k3_kl": (1.8 - LN(1.8)) / n,
-        "log_ppl_diff": (d0 + d1) / 2, "log_ppl_abs_diff": -(d0 + d1) / 2,
-        "log_ppl_diff_max": d1, "log_ppl_diff_min": d0, "ppl_ratio": (math.exp(d0) + math.exp(d1)) / 2,
-        "chi2_token": 13.14 / n - 1, "chi2_seq": (2.25 + 1.44) / 2 - 1, "nonfinite_token_fraction": 0.0,
+        "rollout_is_seq_mean": (s0 + s1) / 2,
+        "rollout_is_seq_std": (s0 - s1) / math.sqrt(2),
+        "rollout_is_seq_max": s0,
+        "rollout_is_seq_min": s1,
+        "rollout_is_seq_max_deviation": s0 - 1,
+        "rollout_is_seq_fraction_high": 0.0,
+        "rollout_is_seq_fraction_low": 0.0,
+        "training_ppl": (math.exp(-mo0) + math.exp(-mo1)) / 2,
+        "training_log_ppl": -(mo0 + mo1) / 2,
+        "rollout_ppl": (math.exp(-mo0 - d0) + math.exp(-mo1 - d1)) / 2,
+        "rollout_log_ppl": -(mo0 + d0 + mo1 + d1) / 2,
+        "kl": -LN(1.8) / n,
+        "k3_kl": (1.8 - LN(1.8)) / n,
+        "log_ppl_diff": (d0 + d1) / 2,
+        "log_ppl_abs_diff": -(d0 + d1) / 2,
+        "log_ppl_diff_max": d1,
+        "log_ppl_diff_min": d0,
+        "ppl_ratio": (math.exp(d0) + math.exp(d1)) / 2,
+        "chi2_token": 13.14 / n - 1,
+        "chi2_seq": (2.25 + 1.44) / 2 - 1,
+        "nonfinite_token_fraction": 0.0,
     }
     weights = [[2.5, 1.0, 0.5], [1.5, 0.8, 0.0]]
     return dict(rollout_is="token", rollout_is_threshold=2.5), weights, [[1, 1, 1], [1, 1, 0]], expected
@@ -154,14 +179,25 @@ def _hand_seq_sum_k2():
     """seq_sum_k2 at U = 0.2: v_0 = (ln^2 3 + ln^2 2) / 2 = 0.844 rejects row 0, v_1 = 0.107 keeps row 1."""
     n = 5 + E
     v0, v1 = (LN(3) ** 2 + LN(0.5) ** 2) / 2, (LN(1.5) ** 2 + LN(0.8) ** 2) / 2
-    c_mean, c_square = (0.6 + 2 * v1) / n, (0.12 + 2 * v1 ** 2) / n
+    c_mean, c_square = (0.6 + 2 * v1) / n, (0.12 + 2 * v1**2) / n
     p = "rollout_rs_seq_sum_k2_"
     expected = {
-        p + "mean": (3 * v0 + 2 * v1) / n, p + "max": v0, p + "min": v1, p + "fraction_high": 0.5,
-        p + "fraction_low": 0.0, p + "std": math.sqrt(c_square - c_mean ** 2), p + "seq_mean": (v0 + v1) / 2,
-        p + "seq_std": (v0 - v1) / math.sqrt(2), p + "seq_max": v0, p + "seq_min": v1, p + "seq_max_deviation": v0,
-        p + "seq_fraction_high": 0.5, p + "masked_fraction": 3 / n, p + "seq_masked_fraction": 0.5,
-        "rollout_rs_masked_fraction": 3 / n, "rollout_rs_seq_masked_fraction": 0.5,
+        p + "mean": (3 * v0 + 2 * v1) / n,
+        p + "max": v0,
+        p + "min": v1,
+        p + "fraction_high": 0.5,
+        p + "fraction_low": 0.0,
+        p + "std": math.sqrt(c_square - c_mean**2),
+        p + "seq_mean": (v0 + v1) / 2,
+        p + "seq_std": (v0 - v1) / math.sqrt(2),
+        p + "seq_max": v0,
+        p + "seq_min": v1,
+        p + "seq_max_deviation": v0,
+        p + "seq_fraction_high": 0.5,
+        p + "masked_fraction": 3 / n,
+        p + "seq_masked_fraction": 0.5,
+        "rollout_rs_masked_fraction": 3 / n,
+        "rollout_rs_seq_masked_fraction": 0.5,
     }
     return dict(rollout_rs="seq_sum_k2", rollout_rs_threshold=0.2), None, [[0, 0, 0], [1, 1, 0]], expected
 
@@ -205,8 +241,9 @@ def test_icepop_and_clamp_by_hand(source):
     assert m["rollout_corr/rollout_is_oob_ratio"] == pytest.approx(2 / n, rel=1e-12)
     assert m["rollout_corr/rollout_is_std"] == pytest.approx(math.sqrt(0.64 / n - (0.8 / n) ** 2), rel=1e-12)
     assert m["rollout_corr/rollout_is_eff_sample_size"] == pytest.approx((0.8 / n + E) ** 2 / (0.64 / n), rel=1e-12)
-    w, _, m = _run(source, old, rollout, mask, rollout_is="token", rollout_is_threshold="0.5_5.0",
-                   rollout_is_mode="clamp")
+    w, _, m = _run(
+        source, old, rollout, mask, rollout_is="token", rollout_is_threshold="0.5_5.0", rollout_is_mode="clamp"
+    )
     torch.testing.assert_close(w.double(), torch.tensor([[0.5, 0.8, 5.0]], dtype=torch.float64), rtol=1e-12, atol=0)
     assert "rollout_corr/rollout_is_oob_ratio" not in m
     assert m["rollout_corr/rollout_is_ratio_fraction_high"] == pytest.approx(1 / n, rel=1e-12)
@@ -239,8 +276,9 @@ def test_batch_normalisation_by_hand(source, level):
     w0 = 2.0 if level == "sequence" else math.exp(LN(2) / (2 + E))
     w1 = 0.5 if level == "sequence" else math.exp(-LN(2) / (1 + E))
     factor = (w0 * 2 / (2 + E) + w1 / (1 + E)) / 2  # the mean of the row means
-    w, _, m = _run(source, old, rollout, mask, rollout_is=level, rollout_is_threshold=3.0,
-                   rollout_is_batch_normalize=True)
+    w, _, m = _run(
+        source, old, rollout, mask, rollout_is=level, rollout_is_threshold=3.0, rollout_is_batch_normalize=True
+    )
     want = torch.tensor([[w0, w0], [w1, 0.0], [0.0, 0.0]], dtype=torch.float64) / factor
     torch.testing.assert_close(w.double(), want, rtol=1e-12, atol=0)
     assert m["rollout_corr/rollout_is_batch_norm_factor"] == pytest.approx(factor, rel=1e-12)
@@ -249,13 +287,35 @@ def test_batch_normalisation_by_hand(source, level):
 
 def test_oracle_key_sets():
     old, rollout, mask = _make_batch(1, batch=3, length=5)
-    _, _, m = oracle_rollout_correction(old, rollout, mask, rollout_is="token", rollout_is_threshold="0.5_2",
-                                        rollout_is_batch_normalize=True, rollout_rs="token_k1,seq_max_k3",
-                                        rollout_rs_threshold="0.5_2,1.0")
-    per_criterion = {"mean", "max", "min", "std", "fraction_high", "fraction_low", "seq_mean", "seq_std", "seq_max",
-                     "seq_min", "seq_max_deviation", "seq_fraction_high", "masked_fraction", "seq_masked_fraction"}
-    assert {k for k in m if "token_k1" in k} == {f"rollout_corr/rollout_rs_token_k1_{s}" for s in per_criterion
-                                                 | {"seq_fraction_low"}}
+    _, _, m = oracle_rollout_correction(
+        old,
+        rollout,
+        mask,
+        rollout_is="token",
+        rollout_is_threshold="0.5_2",
+        rollout_is_batch_normalize=True,
+        rollout_rs="token_k1,seq_max_k3",
+        rollout_rs_threshold="0.5_2,1.0",
+    )
+    per_criterion = {
+        "mean",
+        "max",
+        "min",
+        "std",
+        "fraction_high",
+        "fraction_low",
+        "seq_mean",
+        "seq_std",
+        "seq_max",
+        "seq_min",
+        "seq_max_deviation",
+        "seq_fraction_high",
+        "masked_fraction",
+        "seq_masked_fraction",
+    }
+    assert {k for k in m if "token_k1" in k} == {
+        f"rollout_corr/rollout_rs_token_k1_{s}" for s in per_criterion | {"seq_fraction_low"}
+    }
     assert {k for k in m if "seq_max_k3" in k} == {f"rollout_corr/rollout_rs_seq_max_k3_{s}" for s in per_criterion}
     assert len([k for k in m if k.startswith("rollout_corr/rollout_is_")]) == 16
     assert len(oracle_offpolicy_metrics(old, rollout, mask)) == 14
@@ -266,9 +326,11 @@ def test_oracle_key_sets():
 # The drop-ins against the oracle, randomized.
 # ---------------------------------------------------------------------------------------------
 
-IS_CASES = [(level, form, mode) for level in ("token", "sequence", "geometric", "sequence_mean")
-            for form, mode in (("number", None), ("string", None), ("band", None), ("number", "mask"),
-                               ("band", "clamp"))]
+IS_CASES = [
+    (level, form, mode)
+    for level in ("token", "sequence", "geometric", "sequence_mean")
+    for form, mode in (("number", None), ("string", None), ("band", None), ("number", "mask"), ("band", "clamp"))
+]
 
 
 @requires_dropin
@@ -279,8 +341,15 @@ def test_is_weights_match_oracle(level, form, mode):
     old, rollout, mask = _make_batch(seed, mask_dtype=(torch.bool, torch.float32, torch.int64)[seed % 3])
     threshold = is_threshold(form, "geometric" if level == "sequence_mean" else level, old, rollout, mask, gen)
     for normalize in (False, True):
-        assert_matches_oracle(old, rollout, mask, rollout_is=level, rollout_is_threshold=threshold,
-                              rollout_is_mode=mode, rollout_is_batch_normalize=normalize)
+        assert_matches_oracle(
+            old,
+            rollout,
+            mask,
+            rollout_is=level,
+            rollout_is_threshold=threshold,
+            rollout_is_mode=mode,
+            rollout_is_batch_normalize=normalize,
+        )
 
 
 @requires_dropin
@@ -291,12 +360,21 @@ def test_each_rejection_criterion_matches_oracle(criterion):
     for mask_dtype in (torch.bool, torch.float64):
         old, rollout, mask = _make_batch(seed, mask_dtype=mask_dtype)
         _, modified_mask, metrics = assert_matches_oracle(
-            old, rollout, mask, rollout_rs=criterion, rollout_rs_threshold=rs_threshold(criterion, old, rollout, mask, gen))
+            old,
+            rollout,
+            mask,
+            rollout_rs=criterion,
+            rollout_rs_threshold=rs_threshold(criterion, old, rollout, mask, gen),
+        )
         assert 0.0 < metrics[f"rollout_corr/rollout_rs_{criterion}_masked_fraction"] < 1.0  # it bites
 
 
-CHAINS = [("token_k1", "seq_mean_k3"), ("seq_sum_k2", "token_k3", "seq_max_k2"),
-          ("seq_mean_k1", "seq_sum_k1", "token_k2", "seq_max_k3"), ("seq_sum_k3", "seq_mean_k2")]
+CHAINS = [
+    ("token_k1", "seq_mean_k3"),
+    ("seq_sum_k2", "token_k3", "seq_max_k2"),
+    ("seq_mean_k1", "seq_sum_k1", "token_k2", "seq_max_k3"),
+    ("seq_sum_k3", "seq_mean_k2"),
+]
 
 
 @requires_dropin
@@ -330,27 +408,41 @@ def test_low_precision_inputs_match_oracle(dtype, level):
     chain = ("token_k1", "seq_sum_k2", "seq_max_k3")
     spec = ",".join(str(rs_threshold(name, old, rollout, mask, gen)) for name in chain)
     form = "band" if level == "token" else "number"
-    assert_matches_oracle(old, rollout, mask, rollout_is=level,
-                          rollout_is_threshold=is_threshold(form, level, old, rollout, mask, gen),
-                          rollout_is_batch_normalize=True, rollout_rs=",".join(chain), rollout_rs_threshold=spec)
+    assert_matches_oracle(
+        old,
+        rollout,
+        mask,
+        rollout_is=level,
+        rollout_is_threshold=is_threshold(form, level, old, rollout, mask, gen),
+        rollout_is_batch_normalize=True,
+        rollout_rs=",".join(chain),
+        rollout_rs_threshold=spec,
+    )
 
 
 @requires_dropin
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_offpolicy_metrics_match_oracle(dtype):
     old, rollout, mask = _make_batch(500, dtype=dtype, mask_dtype=torch.float32)
-    assert_metrics_close(compute_offpolicy_metrics(old, rollout, mask), oracle_offpolicy_metrics(old, rollout, mask),
-                         old, rollout, mask)
-    assert_metrics_close(compute_offpolicy_metrics(old, None, mask), oracle_offpolicy_metrics(old, None, mask),
-                         old, old, mask)
+    assert_metrics_close(
+        compute_offpolicy_metrics(old, rollout, mask), oracle_offpolicy_metrics(old, rollout, mask), old, rollout, mask
+    )
+    assert_metrics_close(
+        compute_offpolicy_metrics(old, None, mask), oracle_offpolicy_metrics(old, None, mask), old, old, mask
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Edge cases.
 # ---------------------------------------------------------------------------------------------
 
-EVERYTHING = dict(rollout_is="sequence", rollout_is_threshold="0.5_2.0", rollout_is_batch_normalize=True,
-                  rollout_rs="token_k1,seq_mean_k2,seq_max_k3", rollout_rs_threshold="0.5_2.0,0.1,1.0")
+EVERYTHING = dict(
+    rollout_is="sequence",
+    rollout_is_threshold="0.5_2.0",
+    rollout_is_batch_normalize=True,
+    rollout_rs="token_k1,seq_mean_k2,seq_max_k3",
+    rollout_rs_threshold="0.5_2.0,0.1,1.0",
+)
 
 
 @requires_dropin
@@ -403,8 +495,9 @@ def test_icepop_band_missing_every_weight_stays_finite(level):
     """Every raw weight outside the band: verl divides by zero in the ESS; here ESS 0, factor 1."""
     old, rollout, mask = _make_batch(12, batch=4, length=10)
     rollout = old + 3.0 + torch.rand(old.shape, dtype=torch.float64)  # every ratio below exp(-3)
-    weights, _, metrics = assert_matches_oracle(old, rollout, mask, rollout_is=level, rollout_is_threshold="0.5_2.0",
-                                                rollout_is_batch_normalize=True)
+    weights, _, metrics = assert_matches_oracle(
+        old, rollout, mask, rollout_is=level, rollout_is_threshold="0.5_2.0", rollout_is_batch_normalize=True
+    )
     assert not weights.any()
     assert metrics["rollout_corr/rollout_is_eff_sample_size"] == 0.0
     assert metrics["rollout_corr/rollout_is_batch_norm_factor"] == 1.0

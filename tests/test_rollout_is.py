@@ -54,7 +54,7 @@ def _make_mask(gen, batch, length):
         if kind == 0:
             mask[i, :n] = True
         elif kind == 1:
-            mask[i, length - n:] = True
+            mask[i, length - n :] = True
         elif kind == 2:
             mask[i] = torch.rand(length, generator=gen) < 0.7
         elif kind == 3:
@@ -85,9 +85,15 @@ def _make_inputs(seed, batch=16, length=128, level="token", dtype=torch.float64)
 
 def _run_impl(old, rollout, mask, level, mode, upper, lower, veto):
     return compute_rollout_importance_weights(
-        old, rollout, mask,
-        rollout_is_level=level, rollout_is_mode=mode,
-        rollout_is_threshold=upper, rollout_is_threshold_lower=lower, rollout_is_veto_threshold=veto)
+        old,
+        rollout,
+        mask,
+        rollout_is_level=level,
+        rollout_is_mode=mode,
+        rollout_is_threshold=upper,
+        rollout_is_threshold_lower=lower,
+        rollout_is_veto_threshold=veto,
+    )
 
 
 def _tolerances(old, rollout, mask, level, upper, lower, expected_metrics):
@@ -124,7 +130,7 @@ def _tolerances(old, rollout, mask, level, upper, lower, expected_metrics):
             tol[key] = ("value", base + _SAFETY * eps, 0.0)
         elif name in ("rollout_is_std", "rollout_is_seq_std"):
             scale = max(upper, lower) if name == "rollout_is_std" else expected_metrics["mismatch/rollout_is_seq_max"]
-            tol[key] = ("variance", weight_rel, 4.0 * weight_eps * scale ** 2)
+            tol[key] = ("variance", weight_rel, 4.0 * weight_eps * scale**2)
         elif name == "rollout_is_seq_max_deviation":
             tol[key] = ("value", weight_rel, weight_eps * max(1.0, expected_metrics["mismatch/rollout_is_seq_max"]))
         elif name.startswith("rollout_is_"):
@@ -148,7 +154,7 @@ def _percentile_slack(old, rollout, mask, level, eps):
         return slack
     for key, q in (("p25", 0.25), ("p50", 0.5), ("p75", 0.75), ("p95", 0.95), ("p99", 0.99)):
         pos = q * (len(w) - 1)
-        window = w[max(0, math.floor(pos) - 1): math.ceil(pos) + 2]
+        window = w[max(0, math.floor(pos) - 1) : math.ceil(pos) + 2]
         slack["mismatch/rollout_is_" + key] = 4.0 * eps * len(w) * (window[-1] - window[0])
     return slack
 
@@ -172,7 +178,8 @@ def _assert_close_to_oracle(old, rollout, mask, level, mode, upper, lower, veto)
     bad = error > token_rtol * expected_w.abs()
     assert not bad.any(), (
         f"weights differ at {bad.nonzero()[:5].tolist()}: got {got_w[bad][:5].tolist()}, "
-        f"oracle {expected_w[bad][:5].tolist()}")
+        f"oracle {expected_w[bad][:5].tolist()}"
+    )
 
     failures = []
     for key, want in expected_m.items():
@@ -195,6 +202,7 @@ def _assert_close_to_oracle(old, rollout, mask, level, mode, upper, lower, veto)
 # The oracle against numbers worked out by hand.
 # ---------------------------------------------------------------------------------------------
 
+
 def _from_log_ratios(old, log_ratio):
     old = torch.tensor(old, dtype=torch.float64)
     return old, old - torch.tensor(log_ratio, dtype=torch.float64)
@@ -205,8 +213,9 @@ def _hand_cases():
     cases = []
 
     # Token level, truncate at 2 (lower 1/2), no veto. Valid w = 3, 1, 1/4 | 3/2, 4/5 (row 1 ends padded).
-    old, rollout = _from_log_ratios([[-1.0, -2.0, -2.0], [-1.0, -1.0, -3.0]],
-                                    [[ln(3), 0.0, ln(0.25)], [ln(1.5), ln(0.8), 7.0]])
+    old, rollout = _from_log_ratios(
+        [[-1.0, -2.0, -2.0], [-1.0, -1.0, -3.0]], [[ln(3), 0.0, ln(0.25)], [ln(1.5), ln(0.8), 7.0]]
+    )
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     # wc = clamp(w, 1/2, 2) = 2, 1, 1/2, 3/2, 4/5: mean 5.8/5 = 1.16, mean of squares 8.14/5 = 1.628.
     # s_0 = 4.25/3, s_1 = 2.3/2 = 1.15. mo = -5/3, -1; d_i = mr_i - mo_i = -mean lr = -ln(3/4)/3, -ln(6/5)/2,
@@ -214,25 +223,40 @@ def _hand_cases():
     d0, d1 = -ln(0.75) / 3, -ln(1.2) / 2
     s0, s1 = 4.25 / 3, 1.15
     expected = {
-        "rollout_is_mean": 6.55 / 5, "rollout_is_std": math.sqrt(1.628 - 1.16 ** 2),
-        "rollout_is_eff_sample_size": 1.16 ** 2 / 1.628, "rollout_is_max": 3.0, "rollout_is_min": 0.25,
-        "rollout_is_ratio_fraction_high": 0.2, "rollout_is_ratio_fraction_low": 0.2,
-        "rollout_is_veto_fraction": 0.0, "rollout_is_catastrophic_token_fraction": 0.0,
+        "rollout_is_mean": 6.55 / 5,
+        "rollout_is_std": math.sqrt(1.628 - 1.16**2),
+        "rollout_is_eff_sample_size": 1.16**2 / 1.628,
+        "rollout_is_max": 3.0,
+        "rollout_is_min": 0.25,
+        "rollout_is_ratio_fraction_high": 0.2,
+        "rollout_is_ratio_fraction_low": 0.2,
+        "rollout_is_veto_fraction": 0.0,
+        "rollout_is_catastrophic_token_fraction": 0.0,
         "rollout_is_nonfinite_token_fraction": 0.0,
         # sorted w = 1/4, 4/5, 1, 3/2, 3; rank q*4: 1, 2, 3, 3.8, 3.96.
-        "rollout_is_p25": 0.8, "rollout_is_p50": 1.0, "rollout_is_p75": 1.5,
-        "rollout_is_p95": 1.5 + 0.8 * 1.5, "rollout_is_p99": 1.5 + 0.96 * 1.5,
-        "rollout_is_seq_mean": (s0 + s1) / 2, "rollout_is_seq_std": (s0 - s1) / math.sqrt(2),
-        "rollout_is_seq_max": s0, "rollout_is_seq_min": s1, "rollout_is_seq_max_deviation": s0 - 1,
-        "rollout_is_seq_fraction_high": 0.0, "rollout_is_seq_fraction_low": 0.0,
+        "rollout_is_p25": 0.8,
+        "rollout_is_p50": 1.0,
+        "rollout_is_p75": 1.5,
+        "rollout_is_p95": 1.5 + 0.8 * 1.5,
+        "rollout_is_p99": 1.5 + 0.96 * 1.5,
+        "rollout_is_seq_mean": (s0 + s1) / 2,
+        "rollout_is_seq_std": (s0 - s1) / math.sqrt(2),
+        "rollout_is_seq_max": s0,
+        "rollout_is_seq_min": s1,
+        "rollout_is_seq_max_deviation": s0 - 1,
+        "rollout_is_seq_fraction_high": 0.0,
+        "rollout_is_seq_fraction_low": 0.0,
         "mismatch_training_ppl": (math.exp(5 / 3) + math.e) / 2,
         "mismatch_rollout_ppl": (math.exp(5 / 3 - d0) + math.exp(1 - d1)) / 2,
-        "mismatch_training_log_ppl": (5 / 3 + 1) / 2, "mismatch_rollout_log_ppl": (5 / 3 - d0 + 1 - d1) / 2,
+        "mismatch_training_log_ppl": (5 / 3 + 1) / 2,
+        "mismatch_rollout_log_ppl": (5 / 3 - d0 + 1 - d1) / 2,
         # sum of lr = ln(3 * 1/4 * 3/2 * 4/5) = ln(0.9).
         "mismatch_kl": -ln(0.9) / 5,
         "mismatch_k3_kl": (3 + 1 + 0.25 + 1.5 + 0.8 - ln(0.9) - 5) / 5,
-        "mismatch_log_ppl_diff": (d0 + d1) / 2, "mismatch_log_ppl_abs_diff": (abs(d0) + abs(d1)) / 2,
-        "mismatch_log_ppl_diff_max": d0, "mismatch_log_ppl_diff_min": d1,
+        "mismatch_log_ppl_diff": (d0 + d1) / 2,
+        "mismatch_log_ppl_abs_diff": (abs(d0) + abs(d1)) / 2,
+        "mismatch_log_ppl_diff_max": d0,
+        "mismatch_log_ppl_diff_min": d1,
         "mismatch_ppl_ratio": (math.exp(d0) + math.exp(d1)) / 2,
     }
     weights = [[2.0, 1.0, 0.25], [1.5, 0.8, 0.0]]
@@ -240,65 +264,102 @@ def _hand_cases():
 
     # Sequence level, clip in [1/2, 2], veto 1e-2 (log = -4.6). Row 0: S = ln(2 * 3/4) = ln 1.5, kept.
     # Row 1: lr = ln 1e-3 (catastrophic), ln 2, ln 100, so S = ln 0.2: outside the band and vetoed.
-    old, rollout = _from_log_ratios([[-0.5, -1.0, -7.0], [-8.0, -0.2, -0.1]],
-                                    [[ln(2), ln(0.75), 3.0], [ln(1e-3), ln(2), ln(100)]])
+    old, rollout = _from_log_ratios(
+        [[-0.5, -1.0, -7.0], [-8.0, -0.2, -0.1]], [[ln(2), ln(0.75), 3.0], [ln(1e-3), ln(2), ln(100)]]
+    )
     mask = torch.tensor([[True, True, False], [True, True, True]])
     # Valid w = 1.5, 1.5, 0.2, 0.2, 0.2; wc = 1.5, 1.5, 0.5, 0.5, 0.5: mean 0.9, mean of squares 1.05.
     mo0, mo1 = -0.75, -8.3 / 3
     d0, d1 = -ln(1.5) / 2, -ln(0.2) / 3
     expected = {
-        "rollout_is_mean": 3.6 / 5, "rollout_is_std": math.sqrt(1.05 - 0.81),
-        "rollout_is_eff_sample_size": 0.81 / 1.05, "rollout_is_max": 1.5, "rollout_is_min": 0.2,
-        "rollout_is_ratio_fraction_high": 0.0, "rollout_is_ratio_fraction_low": 0.5,
-        "rollout_is_veto_fraction": 0.5, "rollout_is_catastrophic_token_fraction": 0.2,
+        "rollout_is_mean": 3.6 / 5,
+        "rollout_is_std": math.sqrt(1.05 - 0.81),
+        "rollout_is_eff_sample_size": 0.81 / 1.05,
+        "rollout_is_max": 1.5,
+        "rollout_is_min": 0.2,
+        "rollout_is_ratio_fraction_high": 0.0,
+        "rollout_is_ratio_fraction_low": 0.5,
+        "rollout_is_veto_fraction": 0.5,
+        "rollout_is_catastrophic_token_fraction": 0.2,
         "rollout_is_nonfinite_token_fraction": 0.0,
-        "rollout_is_p25": 0.2, "rollout_is_p50": 0.2, "rollout_is_p75": 1.5, "rollout_is_p95": 1.5,
+        "rollout_is_p25": 0.2,
+        "rollout_is_p50": 0.2,
+        "rollout_is_p75": 1.5,
+        "rollout_is_p95": 1.5,
         "rollout_is_p99": 1.5,
-        "rollout_is_seq_mean": 0.85, "rollout_is_seq_std": 1.3 / math.sqrt(2), "rollout_is_seq_max": 1.5,
-        "rollout_is_seq_min": 0.2, "rollout_is_seq_max_deviation": 0.8,
-        "rollout_is_seq_fraction_high": 0.0, "rollout_is_seq_fraction_low": 0.5,
-        "rollout_is_clipped_fraction": 0.6, "rollout_is_seq_clipped_fraction": 0.5,
-        "rollout_is_masked_fraction": 0.6, "rollout_is_seq_masked_fraction": 0.5,
+        "rollout_is_seq_mean": 0.85,
+        "rollout_is_seq_std": 1.3 / math.sqrt(2),
+        "rollout_is_seq_max": 1.5,
+        "rollout_is_seq_min": 0.2,
+        "rollout_is_seq_max_deviation": 0.8,
+        "rollout_is_seq_fraction_high": 0.0,
+        "rollout_is_seq_fraction_low": 0.5,
+        "rollout_is_clipped_fraction": 0.6,
+        "rollout_is_seq_clipped_fraction": 0.5,
+        "rollout_is_masked_fraction": 0.6,
+        "rollout_is_seq_masked_fraction": 0.5,
         "mismatch_training_ppl": (math.exp(-mo0) + math.exp(-mo1)) / 2,
         "mismatch_rollout_ppl": (math.exp(-mo0 - d0) + math.exp(-mo1 - d1)) / 2,
-        "mismatch_training_log_ppl": (-mo0 - mo1) / 2, "mismatch_rollout_log_ppl": (-mo0 - d0 - mo1 - d1) / 2,
+        "mismatch_training_log_ppl": (-mo0 - mo1) / 2,
+        "mismatch_rollout_log_ppl": (-mo0 - d0 - mo1 - d1) / 2,
         "mismatch_kl": -ln(0.3) / 5,
         "mismatch_k3_kl": (2 + 0.75 + 1e-3 + 2 + 100 - ln(0.3) - 5) / 5,
-        "mismatch_log_ppl_diff": (d0 + d1) / 2, "mismatch_log_ppl_abs_diff": (-d0 + d1) / 2,
-        "mismatch_log_ppl_diff_max": d1, "mismatch_log_ppl_diff_min": d0,
-        "mismatch_ppl_ratio": (1.5 ** -0.5 + 0.2 ** (-1 / 3)) / 2,
+        "mismatch_log_ppl_diff": (d0 + d1) / 2,
+        "mismatch_log_ppl_abs_diff": (-d0 + d1) / 2,
+        "mismatch_log_ppl_diff_max": d1,
+        "mismatch_log_ppl_diff_min": d0,
+        "mismatch_ppl_ratio": (1.5**-0.5 + 0.2 ** (-1 / 3)) / 2,
     }
     weights = [[1.5, 1.5, 0.0], [0.0, 0.0, 0.0]]
     cases.append(("sequence_clip_veto", (old, rollout, mask, "sequence", "clip", 2.0, None, 1e-2), weights, expected))
 
     # Geometric, truncate at 1.2 with lower 0.9, veto 1e-4. Row 0: G = ln(2 * 4 * 1)/3 = ln 2, so w = 2
     # on all three tokens, truncated to 1.2. Row 1 is empty (its garbage must not count): K = 1, N = 3.
-    old, rollout = _from_log_ratios([[-1.0, -1.0, -1.0], [500.0, -900.0, 3.0]],
-                                    [[ln(2), ln(4), 0.0], [-950.0, 900.0, 40.0]])
+    old, rollout = _from_log_ratios(
+        [[-1.0, -1.0, -1.0], [500.0, -900.0, 3.0]], [[ln(2), ln(4), 0.0], [-950.0, 900.0, 40.0]]
+    )
     mask = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     expected = {
         # wc = 1.2 everywhere, yet the 1e-8 of the masked means leaves a variance of
         # 1.44 * (3 / (3 + 1e-8) - 9 / (3 + 1e-8)^2) ~ 1.44e-8 / 3, so std ~ 6.9e-5 rather than 0.
-        "rollout_is_mean": 2.0, "rollout_is_std": math.sqrt(1.44 * 3 / (3 + 1e-8) - (3.6 / (3 + 1e-8)) ** 2),
+        "rollout_is_mean": 2.0,
+        "rollout_is_std": math.sqrt(1.44 * 3 / (3 + 1e-8) - (3.6 / (3 + 1e-8)) ** 2),
         "rollout_is_eff_sample_size": 1.0,
-        "rollout_is_max": 2.0, "rollout_is_min": 2.0,
-        "rollout_is_ratio_fraction_high": 1.0, "rollout_is_ratio_fraction_low": 0.0,
-        "rollout_is_veto_fraction": 0.0, "rollout_is_catastrophic_token_fraction": 0.0,
+        "rollout_is_max": 2.0,
+        "rollout_is_min": 2.0,
+        "rollout_is_ratio_fraction_high": 1.0,
+        "rollout_is_ratio_fraction_low": 0.0,
+        "rollout_is_veto_fraction": 0.0,
+        "rollout_is_catastrophic_token_fraction": 0.0,
         "rollout_is_nonfinite_token_fraction": 0.0,
-        "rollout_is_p25": 2.0, "rollout_is_p50": 2.0, "rollout_is_p75": 2.0, "rollout_is_p95": 2.0,
+        "rollout_is_p25": 2.0,
+        "rollout_is_p50": 2.0,
+        "rollout_is_p75": 2.0,
+        "rollout_is_p95": 2.0,
         "rollout_is_p99": 2.0,
-        "rollout_is_seq_mean": 2.0, "rollout_is_seq_std": 0.0, "rollout_is_seq_max": 2.0,
-        "rollout_is_seq_min": 2.0, "rollout_is_seq_max_deviation": 1.0,
-        "rollout_is_seq_fraction_high": 1.0, "rollout_is_seq_fraction_low": 0.0,
-        "mismatch_training_ppl": math.e, "mismatch_rollout_ppl": 2 * math.e,
-        "mismatch_training_log_ppl": 1.0, "mismatch_rollout_log_ppl": 1.0 + ln(2),
-        "mismatch_kl": -ln(2), "mismatch_k3_kl": (2 + 4 + 1 - ln(8) - 3) / 3,
-        "mismatch_log_ppl_diff": -ln(2), "mismatch_log_ppl_abs_diff": ln(2),
-        "mismatch_log_ppl_diff_max": -ln(2), "mismatch_log_ppl_diff_min": -ln(2), "mismatch_ppl_ratio": 0.5,
+        "rollout_is_seq_mean": 2.0,
+        "rollout_is_seq_std": 0.0,
+        "rollout_is_seq_max": 2.0,
+        "rollout_is_seq_min": 2.0,
+        "rollout_is_seq_max_deviation": 1.0,
+        "rollout_is_seq_fraction_high": 1.0,
+        "rollout_is_seq_fraction_low": 0.0,
+        "mismatch_training_ppl": math.e,
+        "mismatch_rollout_ppl": 2 * math.e,
+        "mismatch_training_log_ppl": 1.0,
+        "mismatch_rollout_log_ppl": 1.0 + ln(2),
+        "mismatch_kl": -ln(2),
+        "mismatch_k3_kl": (2 + 4 + 1 - ln(8) - 3) / 3,
+        "mismatch_log_ppl_diff": -ln(2),
+        "mismatch_log_ppl_abs_diff": ln(2),
+        "mismatch_log_ppl_diff_max": -ln(2),
+        "mismatch_log_ppl_diff_min": -ln(2),
+        "mismatch_ppl_ratio": 0.5,
     }
     weights = [[1.2, 1.2, 1.2], [0.0, 0.0, 0.0]]
-    cases.append(("geometric_empty_row", (old, rollout, mask, "geometric", "truncate", 1.2, 0.9, 1e-4),
-                  weights, expected))
+    cases.append(
+        ("geometric_empty_row", (old, rollout, mask, "geometric", "truncate", 1.2, 0.9, 1e-4), weights, expected)
+    )
     return cases
 
 
@@ -331,8 +392,10 @@ def test_oracle_quantile_is_torch_linear_quantile():
 # Randomized comparison with the oracle.
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("seed,level,mode,upper,lower,veto",
-                         [(1000 + i, *case) for i, case in enumerate(_case_matrix())])
+
+@pytest.mark.parametrize(
+    "seed,level,mode,upper,lower,veto", [(1000 + i, *case) for i, case in enumerate(_case_matrix())]
+)
 def test_matches_oracle_float64(seed, level, mode, upper, lower, veto):
     old, rollout, mask = _make_inputs(seed, level=level)
     _assert_close_to_oracle(old, rollout, mask, level, mode, upper, lower, veto)
@@ -353,11 +416,24 @@ def test_matches_oracle_low_precision(dtype, level, mode, veto):
 # ---------------------------------------------------------------------------------------------
 
 SEED_KEYS = (
-    "rollout_is_mean", "rollout_is_eff_sample_size", "rollout_is_veto_fraction", "rollout_is_max",
-    "rollout_is_min", "rollout_is_std", "rollout_is_p50", "rollout_is_p95", "rollout_is_p99",
-    "rollout_is_ratio_fraction_high", "rollout_is_ratio_fraction_low",
-    "rollout_is_catastrophic_token_fraction", "mismatch_training_ppl", "mismatch_rollout_ppl",
-    "mismatch_ppl_ratio", "mismatch_kl", "mismatch_k3_kl", "mismatch_log_ppl_diff",
+    "rollout_is_mean",
+    "rollout_is_eff_sample_size",
+    "rollout_is_veto_fraction",
+    "rollout_is_max",
+    "rollout_is_min",
+    "rollout_is_std",
+    "rollout_is_p50",
+    "rollout_is_p95",
+    "rollout_is_p99",
+    "rollout_is_ratio_fraction_high",
+    "rollout_is_ratio_fraction_low",
+    "rollout_is_catastrophic_token_fraction",
+    "mismatch_training_ppl",
+    "mismatch_rollout_ppl",
+    "mismatch_ppl_ratio",
+    "mismatch_kl",
+    "mismatch_k3_kl",
+    "mismatch_log_ppl_diff",
 )
 
 
@@ -368,8 +444,12 @@ def test_metric_keys_are_the_documented_set(mode):
     assert set(metrics) == expected_metric_keys(mode)
     assert {"mismatch/" + key for key in SEED_KEYS} <= set(metrics)
     clip_only = expected_metric_keys("clip") - expected_metric_keys("truncate")
-    assert clip_only == {"mismatch/rollout_is_clipped_fraction", "mismatch/rollout_is_seq_clipped_fraction",
-                         "mismatch/rollout_is_masked_fraction", "mismatch/rollout_is_seq_masked_fraction"}
+    assert clip_only == {
+        "mismatch/rollout_is_clipped_fraction",
+        "mismatch/rollout_is_seq_clipped_fraction",
+        "mismatch/rollout_is_masked_fraction",
+        "mismatch/rollout_is_seq_masked_fraction",
+    }
     assert all(type(value) is float for value in metrics.values())
 
 
@@ -475,7 +555,7 @@ def test_single_valid_token(level, mode):
     assert metrics["mismatch/rollout_is_seq_std"] == 0.0
     log_weight = 0.3 / (1 + 1e-8) if level == "geometric" else 0.3
     assert weights[1, 2] == pytest.approx(math.exp(log_weight), rel=1e-12)
-    assert (weights.count_nonzero() == 1)
+    assert weights.count_nonzero() == 1
 
 
 @pytest.mark.parametrize("level", LEVELS)

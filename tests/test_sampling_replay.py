@@ -14,7 +14,6 @@ import itertools
 import math
 import pathlib
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -32,14 +31,19 @@ MARGIN_P, MARGIN_MIN_P = 1e-6, 1e-5
 
 @dataclass(frozen=True)
 class Filters:
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    min_p: Optional[float] = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
 
 
 FILTERS = [
-    Filters(top_k=5), Filters(top_p=0.7), Filters(top_k=9, top_p=0.8), Filters(min_p=0.15),
-    Filters(top_k=12, top_p=0.9, min_p=0.05), Filters(top_k=1), Filters(top_k=2, top_p=0.3),
+    Filters(top_k=5),
+    Filters(top_p=0.7),
+    Filters(top_k=9, top_p=0.8),
+    Filters(min_p=0.15),
+    Filters(top_k=12, top_p=0.9, min_p=0.05),
+    Filters(top_k=1),
+    Filters(top_k=2, top_p=0.3),
 ]
 
 
@@ -130,18 +134,25 @@ class Case:
     dtype: torch.dtype
     temperature: float
     tied: bool  # logits from a few discrete values (ties at every cut) or continuous
-    chunk_size: Optional[int]
+    chunk_size: int | None
 
 
 def build_cases() -> list[Case]:
     cases = []
     combos = itertools.product(FILTERS, ("triton", "pytorch"), ("padded", "thd"))
     for seed, (filters, tie_rule, layout) in enumerate(combos):
-        cases.append(Case(
-            seed=seed, filters=filters, tie_rule=tie_rule, layout=layout,
-            dtype=(torch.float32, torch.bfloat16)[seed % 2], temperature=(1.0, 0.7, 1.3)[seed % 3],
-            tied=seed % 4 != 3, chunk_size=(None, 2, None, 1)[seed % 4],
-        ))
+        cases.append(
+            Case(
+                seed=seed,
+                filters=filters,
+                tie_rule=tie_rule,
+                layout=layout,
+                dtype=(torch.float32, torch.bfloat16)[seed % 2],
+                temperature=(1.0, 0.7, 1.3)[seed % 3],
+                tied=seed % 4 != 3,
+                chunk_size=(None, 2, None, 1)[seed % 4],
+            )
+        )
     return cases
 
 
@@ -219,9 +230,18 @@ def _run(case, logits, target, filters, grad_lp, grad_h, tp_group=None):
     """Forward + backward through the function under test on a shard."""
     shard = logits.detach().clone().requires_grad_()
     log_probs, entropy, in_support = vocab_parallel_token_log_probs(
-        shard, target, tp_group, case.temperature, return_entropy=True, chunk_size=case.chunk_size,
-        top_k=filters.top_k, top_p=filters.top_p, min_p=filters.min_p, tie_rule=case.tie_rule,
-        vocab_size=REAL_VOCAB, return_in_support=True,
+        shard,
+        target,
+        tp_group,
+        case.temperature,
+        return_entropy=True,
+        chunk_size=case.chunk_size,
+        top_k=filters.top_k,
+        top_p=filters.top_p,
+        min_p=filters.min_p,
+        tie_rule=case.tie_rule,
+        vocab_size=REAL_VOCAB,
+        return_in_support=True,
     )
     objective = (log_probs * grad_lp.to(log_probs.dtype)).sum() + (entropy * grad_h.to(entropy.dtype)).sum()
     objective.backward()
@@ -264,7 +284,9 @@ def test_tensor_parallel_replay_matches_the_oracle():
     for (budget, tp, _, index), shards in by_run.items():
         case = CASES[index]
         logits, target, grad_lp, grad_h, filters = prepared[index]
-        ref_lp, ref_support, ref_h, ref_grad = oracle(logits, target, case.temperature, filters, case.tie_rule, grad_lp, grad_h)
+        ref_lp, ref_support, ref_h, ref_grad = oracle(
+            logits, target, case.temperature, filters, case.tie_rule, grad_lp, grad_h
+        )
         shards.sort(key=lambda r: r["tp_rank"])
         first = shards[0]
         for r in shards:  # every TP rank holds the same, fully reduced result
@@ -348,8 +370,14 @@ def test_pytorch_rule_matches_vllm_cpu_sampler_code():
         logits = rows.unsqueeze(0).expand(vocab, num_rows, vocab).contiguous()
         target = torch.arange(vocab).unsqueeze(-1).expand(vocab, num_rows)
         log_probs, in_support = vocab_parallel_token_log_probs(
-            logits, target, temperature=0.8, top_k=filters.top_k, top_p=filters.top_p, min_p=filters.min_p,
-            tie_rule="pytorch", return_in_support=True,
+            logits,
+            target,
+            temperature=0.8,
+            top_k=filters.top_k,
+            top_p=filters.top_p,
+            min_p=filters.min_p,
+            tie_rule="pytorch",
+            return_in_support=True,
         )
         vllm_kept = torch.isfinite(expected).t()  # [V, R] like ours
         assert not (vllm_kept & ~in_support).any(), filters
@@ -379,7 +407,8 @@ def _vllm_triton_top_k_top_p(directory: pathlib.Path):
     tree = ast.parse(path.read_text().replace("row_id.to(tl.int64)", "tl.cast(row_id, tl.int64)"))
     names = {"_update_min_larger_stats", "_topk_topp_kernel", "_NORMAL_CDF_TO_SIGMA_TABLE", "_PERCENTILE_TO_STD_TABLE"}
     nodes = [
-        node for node in tree.body
+        node
+        for node in tree.body
         if (isinstance(node, ast.FunctionDef) and node.name in names)
         or (isinstance(node, ast.Assign) and any(getattr(t, "id", None) in names for t in node.targets))
     ]
@@ -394,13 +423,25 @@ def _vllm_triton_top_k_top_p(directory: pathlib.Path):
     def apply(logits, k, p):
         logits = logits.float().contiguous().clone()
         rows, vocab = logits.shape
-        tables = [torch.tensor(getattr(module, name), dtype=torch.float32)
-                  for name in ("_PERCENTILE_TO_STD_TABLE", "_NORMAL_CDF_TO_SIGMA_TABLE")]
+        tables = [
+            torch.tensor(getattr(module, name), dtype=torch.float32)
+            for name in ("_PERCENTILE_TO_STD_TABLE", "_NORMAL_CDF_TO_SIGMA_TABLE")
+        ]
         module._topk_topp_kernel[(rows,)](
-            logits, logits.stride(0), torch.empty_like(logits), *tables,
-            logits if k is None else k, logits if p is None else p, rows,
-            VOCAB_SIZE=vocab, MASK_VALUE=float("-inf"), BLOCK_SIZE=256, BLOCK_SIZE_TRUNC=128,
-            TOPK_ENABLED=k is not None, TOPP_ENABLED=p is not None, SPLIT_COVERS_PONLY=False,
+            logits,
+            logits.stride(0),
+            torch.empty_like(logits),
+            *tables,
+            logits if k is None else k,
+            logits if p is None else p,
+            rows,
+            VOCAB_SIZE=vocab,
+            MASK_VALUE=float("-inf"),
+            BLOCK_SIZE=256,
+            BLOCK_SIZE_TRUNC=128,
+            TOPK_ENABLED=k is not None,
+            TOPP_ENABLED=p is not None,
+            SPLIT_COVERS_PONLY=False,
         )
         return logits
 
@@ -428,8 +469,13 @@ def test_triton_rule_matches_vllm_triton_kernel(tmp_path, monkeypatch):
         logits = rows.unsqueeze(0).expand(vocab, num_rows, vocab).contiguous()
         target = torch.arange(vocab).unsqueeze(-1).expand(vocab, num_rows)
         log_probs, in_support = vocab_parallel_token_log_probs(
-            logits, target, temperature=temperature, top_k=filters.top_k, top_p=filters.top_p,
-            tie_rule="triton", return_in_support=True,
+            logits,
+            target,
+            temperature=temperature,
+            top_k=filters.top_k,
+            top_p=filters.top_p,
+            tie_rule="triton",
+            return_in_support=True,
         )
         vllm_kept = torch.isfinite(expected).t()
         assert torch.equal(in_support, vllm_kept), (tied, filters)

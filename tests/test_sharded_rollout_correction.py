@@ -11,7 +11,6 @@ compares them, and every `rollout_corr/` metric, with the float64 oracle on the 
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -25,7 +24,12 @@ from megatron_rollout_is.parallel.sharded import ShardedRolloutCorrection
 from mp_harness import init_megatron, run_distributed
 from oracle_correction import oracle_rollout_correction
 from test_sharded_rollout_is import (
-    TOLERANCES, _cached_batch, _coordinates, _global_weights, _metric_close, _vocab_parallel_old,
+    TOLERANCES,
+    _cached_batch,
+    _coordinates,
+    _global_weights,
+    _metric_close,
+    _vocab_parallel_old,
 )
 
 
@@ -34,30 +38,44 @@ class CorrectionCase:
     """A data case (`layouts.Case`: batch, packing, dtype, micro-batches) and verl HEAD keys."""
 
     data: Case
-    rollout_is: Optional[str] = None
+    rollout_is: str | None = None
     threshold: object = 2.0
-    mode: Optional[str] = None
+    mode: str | None = None
     batch_normalize: bool = False
-    rs: Optional[str] = None
+    rs: str | None = None
     rs_threshold: object = None
     bypass: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.data.name}|{self.rollout_is}:{self.threshold}:{self.mode}|{self.rs}:{self.rs_threshold}" + (
-            "|norm" if self.batch_normalize else "") + ("|per-micro-batch" if self.bypass else "|step")
+        return (
+            f"{self.data.name}|{self.rollout_is}:{self.threshold}:{self.mode}|{self.rs}:{self.rs_threshold}"
+            + ("|norm" if self.batch_normalize else "")
+            + ("|per-micro-batch" if self.bypass else "|step")
+        )
 
     def config(self) -> RolloutCorrectionConfig:
         return RolloutCorrectionConfig(
-            rollout_is=self.rollout_is, rollout_is_threshold=self.threshold if self.rollout_is else None,
-            rollout_is_mode=self.mode, rollout_is_batch_normalize=self.batch_normalize, rollout_rs=self.rs,
-            rollout_rs_threshold=self.rs_threshold, bypass_mode=self.bypass,
-            loss_type="reinforce" if self.bypass else "ppo_clip", dialect="verl-head")
+            rollout_is=self.rollout_is,
+            rollout_is_threshold=self.threshold if self.rollout_is else None,
+            rollout_is_mode=self.mode,
+            rollout_is_batch_normalize=self.batch_normalize,
+            rollout_rs=self.rs,
+            rollout_rs_threshold=self.rs_threshold,
+            bypass_mode=self.bypass,
+            loss_type="reinforce" if self.bypass else "ppo_clip",
+            dialect="verl-head",
+        )
 
     def oracle_kwargs(self) -> dict:
-        return dict(rollout_is=self.rollout_is, rollout_is_threshold=self.threshold, rollout_is_mode=self.mode,
-                    rollout_is_batch_normalize=self.batch_normalize, rollout_rs=self.rs,
-                    rollout_rs_threshold=self.rs_threshold)
+        return dict(
+            rollout_is=self.rollout_is,
+            rollout_is_threshold=self.threshold,
+            rollout_is_mode=self.mode,
+            rollout_is_batch_normalize=self.batch_normalize,
+            rollout_rs=self.rs,
+            rollout_rs_threshold=self.rs_threshold,
+        )
 
 
 def _data(name, packing, level, dtype, micro_batches, seed, kind="random", rows=16):
@@ -65,28 +83,73 @@ def _data(name, packing, level, dtype, micro_batches, seed, kind="random", rows=
 
 
 CASES = [
-    CorrectionCase(_data("a", "padded", "token", "float64", 3, 11), "token", 2.0, rs="token_k1",
-                   rs_threshold="0.7_1.4"),
-    CorrectionCase(_data("b", "padded", "sequence", "float32", 2, 12), "sequence", 3.0, batch_normalize=True,
-                   rs="seq_sum_k2", rs_threshold=0.4),
-    CorrectionCase(_data("c", "thd", "geometric", "float64", 3, 13), "geometric", "0.95_1.05",
-                   batch_normalize=True, rs="seq_mean_k1,seq_max_k3", rs_threshold="0.97_1.03,0.02"),
+    CorrectionCase(
+        _data("a", "padded", "token", "float64", 3, 11), "token", 2.0, rs="token_k1", rs_threshold="0.7_1.4"
+    ),
+    CorrectionCase(
+        _data("b", "padded", "sequence", "float32", 2, 12),
+        "sequence",
+        3.0,
+        batch_normalize=True,
+        rs="seq_sum_k2",
+        rs_threshold=0.4,
+    ),
+    CorrectionCase(
+        _data("c", "thd", "geometric", "float64", 3, 13),
+        "geometric",
+        "0.95_1.05",
+        batch_normalize=True,
+        rs="seq_mean_k1,seq_max_k3",
+        rs_threshold="0.97_1.03,0.02",
+    ),
     CorrectionCase(_data("d", "thd", "token", "float32", 2, 14), "token", "0.5_1.5", batch_normalize=True),
-    CorrectionCase(_data("e", "padded", "token", "float64", 4, 15), rs="seq_max_k2,token_k3",
-                   rs_threshold="0.3,0.2"),
-    CorrectionCase(_data("f", "padded", "sequence", "float64", 2, 16), "sequence", "0.5_2.0", mode="clamp",
-                   rs="seq_mean_k3", rs_threshold=0.01),
-    CorrectionCase(_data("g", "thd", "token", "float64", 1, 17), "sequence_mean", 1.05, mode="clamp",
-                   rs="seq_sum_k1,seq_mean_k2", rs_threshold="0.2_5,0.05"),
-    CorrectionCase(_data("h", "padded", "token", "float64", 2, 18, kind="nonfinite"), "token", 2.0,
-                   batch_normalize=True, rs="token_k2", rs_threshold=0.3),
-    CorrectionCase(_data("i", "thd", "sequence", "float32", 1, 19, kind="no_valid"), "sequence", 2.0,
-                   rs="seq_max_k3", rs_threshold=1.0),
-    CorrectionCase(_data("j", "padded", "geometric", "float32", 4, 20, kind="empty_first_rows"), "geometric", 1.05,
-                   rs="seq_mean_k1", rs_threshold=1.02),
+    CorrectionCase(_data("e", "padded", "token", "float64", 4, 15), rs="seq_max_k2,token_k3", rs_threshold="0.3,0.2"),
+    CorrectionCase(
+        _data("f", "padded", "sequence", "float64", 2, 16),
+        "sequence",
+        "0.5_2.0",
+        mode="clamp",
+        rs="seq_mean_k3",
+        rs_threshold=0.01,
+    ),
+    CorrectionCase(
+        _data("g", "thd", "token", "float64", 1, 17),
+        "sequence_mean",
+        1.05,
+        mode="clamp",
+        rs="seq_sum_k1,seq_mean_k2",
+        rs_threshold="0.2_5,0.05",
+    ),
+    CorrectionCase(
+        _data("h", "padded", "token", "float64", 2, 18, kind="nonfinite"),
+        "token",
+        2.0,
+        batch_normalize=True,
+        rs="token_k2",
+        rs_threshold=0.3,
+    ),
+    CorrectionCase(
+        _data("i", "thd", "sequence", "float32", 1, 19, kind="no_valid"),
+        "sequence",
+        2.0,
+        rs="seq_max_k3",
+        rs_threshold=1.0,
+    ),
+    CorrectionCase(
+        _data("j", "padded", "geometric", "float32", 4, 20, kind="empty_first_rows"),
+        "geometric",
+        1.05,
+        rs="seq_mean_k1",
+        rs_threshold=1.02,
+    ),
     CorrectionCase(_data("k", "padded", "token", "float32", 2, 21)),
-    CorrectionCase(_data("l", "padded", "token", "float32", 2, 22, kind="vocab"), "token", 2.0,
-                   rs="seq_mean_k1", rs_threshold="0.8_1.25"),
+    CorrectionCase(
+        _data("l", "padded", "token", "float32", 2, 22, kind="vocab"),
+        "token",
+        2.0,
+        rs="seq_mean_k1",
+        rs_threshold="0.8_1.25",
+    ),
 ]
 # The per-micro-batch path of bypass mode (its batch normalisation is per micro-batch, so not here).
 CASES += [CorrectionCase(**{**case.__dict__, "bypass": True}) for case in CASES if not case.batch_normalize]
@@ -109,15 +172,21 @@ def _local_inputs(case: CorrectionCase, batch, rows, layout: Layout, at: dict, g
 def _run_case(case: CorrectionCase, layout: Layout, at: dict, groups) -> dict:
     batch = _cached_batch(case.data)
     sharded = ShardedRolloutCorrection(case.config(), groups)
-    inputs = [_local_inputs(case, batch, rows, layout, at, groups)
-              for rows in micro_batch_rows(case.data, layout.dp, at["dp"])]
+    inputs = [
+        _local_inputs(case, batch, rows, layout, at, groups)
+        for rows in micro_batch_rows(case.data, layout.dp, at["dp"])
+    ]
     if case.bypass:
-        corrections = [sharded.micro_batch_thd(*item) if len(item) == 4 else sharded.micro_batch(*item)
-                       for item in inputs]
+        corrections = [
+            sharded.micro_batch_thd(*item) if len(item) == 4 else sharded.micro_batch(*item) for item in inputs
+        ]
     else:
         corrections = sharded.prepare_step(inputs)
-    return {"weights": [c.weights for c in corrections], "keep": [c.keep.double() for c in corrections],
-            "metrics": sharded.finalize()}
+    return {
+        "weights": [c.weights for c in corrections],
+        "keep": [c.keep.double() for c in corrections],
+        "metrics": sharded.finalize(),
+    }
 
 
 def _world_worker(rank: int, world_size: int) -> dict:
@@ -132,12 +201,12 @@ def _world_worker(rank: int, world_size: int) -> dict:
     return report
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _world_report(world_size: int) -> list:
     return run_distributed(world_size, _world_worker, timeout=600)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _oracle(case: CorrectionCase):
     batch = _cached_batch(case.data)
     return oracle_rollout_correction(batch.oracle_old, batch.rollout.double(), batch.mask, **case.oracle_kwargs())
@@ -152,8 +221,11 @@ def _case_failures(case: CorrectionCase, layout: Layout, last: list) -> list:
         if set(metrics) != set(want_metrics):
             failures.append(f"{where} rank {entry['rank']}: keys {sorted(set(metrics) ^ set(want_metrics))}")
             continue
-        failures += [f"{where} rank {entry['rank']} {key}: got {metrics[key]!r}, oracle {want!r}"
-                     for key, want in want_metrics.items() if not _metric_close(metrics[key], want, dtype)]
+        failures += [
+            f"{where} rank {entry['rank']} {key}: got {metrics[key]!r}, oracle {want!r}"
+            for key, want in want_metrics.items()
+            if not _metric_close(metrics[key], want, dtype)
+        ]
     for field, want in (("weights", want_weights), ("keep", want_mask)):
         if want is None:
             if any(w is not None for entry in last for w in entry["cases"][case.name][field]):

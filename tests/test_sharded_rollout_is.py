@@ -21,12 +21,25 @@ import torch
 import torch.distributed as dist
 
 from layouts import (
-    VOCAB, TEMPERATURE, Case, Layout, build_cases, global_batch, layouts_for_world, micro_batch_rows,
-    pack_documents, unpack_documents,
+    TEMPERATURE,
+    VOCAB,
+    Case,
+    Layout,
+    build_cases,
+    global_batch,
+    layouts_for_world,
+    micro_batch_rows,
+    pack_documents,
+    unpack_documents,
 )
 from megatron_rollout_is.config import RolloutISConfig
 from megatron_rollout_is.parallel.context_parallel import (
-    gather_cp_shards, local_cu_seqlens, split_for_cp, split_thd_for_cp, thd_partitioned_indices, zigzag_indices,
+    gather_cp_shards,
+    local_cu_seqlens,
+    split_for_cp,
+    split_thd_for_cp,
+    thd_partitioned_indices,
+    zigzag_indices,
 )
 from megatron_rollout_is.parallel.groups import RolloutISGroups
 from megatron_rollout_is.parallel.sharded import ShardedRolloutIS
@@ -50,10 +63,15 @@ _cached_batch = functools.lru_cache(maxsize=None)(global_batch)
 # Worker side (spawned processes).
 # ------------------------------------------------------------------------------------------------
 
+
 def _config(case: Case) -> RolloutISConfig:
     return RolloutISConfig(
-        rollout_is=True, rollout_is_threshold=case.upper, rollout_is_threshold_lower=case.lower,
-        rollout_is_level=case.level, rollout_is_mode=case.mode, rollout_is_veto_threshold=case.veto,
+        rollout_is=True,
+        rollout_is_threshold=case.upper,
+        rollout_is_threshold_lower=case.lower,
+        rollout_is_level=case.level,
+        rollout_is_mode=case.mode,
+        rollout_is_veto_threshold=case.veto,
     )
 
 
@@ -61,11 +79,17 @@ def _coordinates() -> dict:
     from megatron.core import parallel_state as ps
 
     return {
-        "tp": ps.get_tensor_model_parallel_rank(), "cp": ps.get_context_parallel_rank(),
-        "dp": ps.get_data_parallel_rank(), "pp": ps.get_pipeline_model_parallel_rank(),
+        "tp": ps.get_tensor_model_parallel_rank(),
+        "cp": ps.get_context_parallel_rank(),
+        "dp": ps.get_data_parallel_rank(),
+        "pp": ps.get_pipeline_model_parallel_rank(),
         "last_stage": ps.is_pipeline_last_stage(),
-        "sizes": (ps.get_tensor_model_parallel_world_size(), ps.get_context_parallel_world_size(),
-                  ps.get_pipeline_model_parallel_world_size(), ps.get_data_parallel_world_size()),
+        "sizes": (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_context_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_data_parallel_world_size(),
+        ),
     }
 
 
@@ -104,8 +128,10 @@ def _run_case(case: Case, layout: Layout, at: dict, groups: RolloutISGroups, log
     ]
     metrics = sharded.finalize()
     calls = log.take()
-    collectives = {"tp": sum(call["group"] == "tp" for call in calls),
-                   "groups": sorted({call["ranks"] for call in calls})}
+    collectives = {
+        "tp": sum(call["group"] == "tp" for call in calls),
+        "groups": sorted({call["ranks"] for call in calls}),
+    }
     return {"weights": weights, "metrics": metrics, "collectives": collectives}
 
 
@@ -119,9 +145,23 @@ class CollectiveLog:
     """
 
     NAMES = (
-        "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
-        "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "gather",
-        "scatter", "reduce", "send", "recv", "isend", "irecv", "batch_isend_irecv",
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_gather_object",
+        "broadcast",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "all_to_all",
+        "all_to_all_single",
+        "gather",
+        "scatter",
+        "reduce",
+        "send",
+        "recv",
+        "isend",
+        "irecv",
+        "batch_isend_irecv",
     )
 
     def __init__(self, labelled_groups, allowed_ranks=None):
@@ -163,11 +203,15 @@ class CollectiveLog:
             ranks = tuple(dist.get_process_group_ranks(dist.group.WORLD if group is None else group))
             if self.allowed_ranks is not None and not set(ranks) <= set(self.allowed_ranks):
                 raise AssertionError(f"{name} over ranks {ranks}, outside the allowed ranks {self.allowed_ranks}")
-            self.calls.append({
-                "name": name, "group": self._label(group), "ranks": ranks,
-                "op": str(bound.arguments.get("op", "")),
-                "bytes": 0 if tensor is None else tensor.numel() * tensor.element_size(),
-            })
+            self.calls.append(
+                {
+                    "name": name,
+                    "group": self._label(group),
+                    "ranks": ranks,
+                    "op": str(bound.arguments.get("op", "")),
+                    "bytes": 0 if tensor is None else tensor.numel() * tensor.element_size(),
+                }
+            )
             return real(*args, **kwargs)
 
         return counted
@@ -182,8 +226,18 @@ def _traffic(layout: Layout, at: dict, groups: RolloutISGroups) -> list:
             for level, veto in (("token", None), ("token", 1e-3), ("sequence", None), ("geometric", 1e-3)):
                 for dtype in ("float32", "float64"):
                     for seq_len in TRAFFIC_SEQ_LENS:
-                        case = Case("traffic", packing, level, "clip", veto, dtype, TRAFFIC_MICRO_BATCHES,
-                                    seed=7, rows=TRAFFIC_ROWS, width=seq_len)
+                        case = Case(
+                            "traffic",
+                            packing,
+                            level,
+                            "clip",
+                            veto,
+                            dtype,
+                            TRAFFIC_MICRO_BATCHES,
+                            seed=7,
+                            rows=TRAFFIC_ROWS,
+                            width=seq_len,
+                        )
                         batch = global_batch(case)
                         sharded = ShardedRolloutIS(_config(case), groups)
                         log.take()
@@ -192,9 +246,15 @@ def _traffic(layout: Layout, at: dict, groups: RolloutISGroups) -> list:
                             _micro_batch(sharded, case, batch, rows, layout, at, groups)
                             micro_batches.append({"sequences": len(rows), "calls": log.take()})
                         sharded.finalize()
-                        records.append({"key": (packing, level, veto, dtype), "seq_len": seq_len,
-                                        "columns": len(sharded.statistics.columns),
-                                        "micro_batches": micro_batches, "finalize": log.take()})
+                        records.append(
+                            {
+                                "key": (packing, level, veto, dtype),
+                                "seq_len": seq_len,
+                                "columns": len(sharded.statistics.columns),
+                                "micro_batches": micro_batches,
+                                "finalize": log.take(),
+                            }
+                        )
     return records
 
 
@@ -258,12 +318,13 @@ def _world_worker(rank: int, world_size: int) -> dict:
 # Parent side.
 # ------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _world_report(world_size: int) -> list:
     return run_distributed(world_size, _world_worker, timeout=400)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _oracle(case: Case):
     batch = _cached_batch(case)
     return oracle_rollout_is(
@@ -311,11 +372,14 @@ def _layout_failures(world_size: int, layout: Layout) -> list:
         for entry in last:
             metrics = entry["cases"][case.name]["metrics"]
             if set(metrics) != expected_metric_keys(case.mode):
-                failures.append(f"{where} rank {entry['rank']}: keys {sorted(set(metrics) ^ expected_metric_keys(case.mode))}")
+                failures.append(
+                    f"{where} rank {entry['rank']}: keys {sorted(set(metrics) ^ expected_metric_keys(case.mode))}"
+                )
                 continue
             failures += [
                 f"{where} rank {entry['rank']} {key}: got {metrics[key]!r}, oracle {want!r}"
-                for key, want in want_metrics.items() if not _metric_close(metrics[key], want, case.dtype)
+                for key, want in want_metrics.items()
+                if not _metric_close(metrics[key], want, case.dtype)
             ]
             if metrics != last[-1]["cases"][case.name]["metrics"]:
                 failures.append(f"{where}: rank {entry['rank']} metrics differ from the last rank's")
@@ -331,7 +395,9 @@ def _layout_failures(world_size: int, layout: Layout) -> list:
         bad = (got - want_weights).abs() > rtol * want_weights.abs() + 1e-300
         if bad.any() or not torch.isfinite(got).all():
             first = bad.nonzero()[:3].tolist()
-            failures.append(f"{where} weights at {first}: got {got[bad][:3].tolist()}, oracle {want_weights[bad][:3].tolist()}")
+            failures.append(
+                f"{where} weights at {first}: got {got[bad][:3].tolist()}, oracle {want_weights[bad][:3].tolist()}"
+            )
     return failures
 
 
@@ -351,8 +417,12 @@ def test_rollout_is_communicates_only_within_the_last_pipeline_stage(world_size)
         entries = [report["layouts"][str(layout)] for report in _world_report(world_size)]
         last_stage = {entry["rank"] for entry in entries if entry["at"]["pp"] == layout.pp - 1}
         assert {entry["rank"] for entry in entries if entry["at"]["last_stage"]} == last_stage, layout
-        used = {ranks for entry in entries for result in entry["cases"].values()
-                for ranks in result["collectives"]["groups"]}
+        used = {
+            ranks
+            for entry in entries
+            for result in entry["cases"].values()
+            for ranks in result["collectives"]["groups"]
+        }
         assert all(set(ranks) <= last_stage for ranks in used), f"{layout}: groups {used}, last stage {last_stage}"
         if len(last_stage) > 1:  # the stage's ranks do communicate, and it was recorded
             assert any(len(ranks) > 1 for ranks in used), f"{layout}: no collective recorded"
@@ -411,12 +481,17 @@ def test_cp_traffic_is_independent_of_sequence_length(world_size):
     for key, by_length in summary.items():
         assert set(by_length) == set(TRAFFIC_SEQ_LENS)
         assert len({repr(value) for value in by_length.values()}) == 1, (key, by_length)
-    print(f"\nCP={world_size}, {TRAFFIC_ROWS} sequences in {TRAFFIC_MICRO_BATCHES} micro-batches, bytes per rank "
-          f"(identical for seq_len {TRAFFIC_SEQ_LENS}):")
+    print(
+        f"\nCP={world_size}, {TRAFFIC_ROWS} sequences in {TRAFFIC_MICRO_BATCHES} micro-batches, bytes per rank "
+        f"(identical for seq_len {TRAFFIC_SEQ_LENS}):"
+    )
     for key, by_length in sorted(summary.items(), key=str):
         if key[0] == 0:
             per_micro_batch, finalize = by_length[TRAFFIC_SEQ_LENS[0]]
-            print(f"  {key[1:]}: per micro-batch {per_micro_batch}, finalize cp {finalize['cp']} dp_cp {finalize['dp_cp']}")
+            print(
+                f"  {key[1:]}: per micro-batch {per_micro_batch}, "
+                f"finalize cp {finalize['cp']} dp_cp {finalize['dp_cp']}"
+            )
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -60,7 +60,9 @@ def _is_binding(value) -> bool:
 
 def _snapshot() -> dict:
     return {
-        name: {key: value for key, value in list(vars(module).items()) if not key.startswith("__") and _is_binding(value)}
+        name: {
+            key: value for key, value in list(vars(module).items()) if not key.startswith("__") and _is_binding(value)
+        }
         for name, module in _watched_modules().items()
     }
 
@@ -88,7 +90,15 @@ def _use_arguments(tmp: Path):
     yaml_path.write_text("algorithm:\n  rollout_is_threshold: 3.0\n  rollout_is_level: token\n")
     parser = add_rollout_is_args(argparse.ArgumentParser())
     args = parser.parse_args(
-        ["--rollout-is", "--rollout-is-config", str(yaml_path), "--rollout-is-threshold", "2.0", "--rollout-is-mode", "truncate"]
+        [
+            "--rollout-is",
+            "--rollout-is-config",
+            str(yaml_path),
+            "--rollout-is-threshold",
+            "2.0",
+            "--rollout-is-mode",
+            "truncate",
+        ]
     )
     config = rollout_is_config_from_args(args)
     assert config.enabled and config.rollout_is_threshold == 2.0, config
@@ -159,7 +169,8 @@ def _probe(activate_rig: bool, tmp: Path) -> dict:
         importlib.import_module(name)
     before = _snapshot()
     result["rng_functions_defined_in_megatron"] = all(
-        getattr(sys.modules["megatron.core.tensor_parallel.random"], name).__module__ == "megatron.core.tensor_parallel.random"
+        getattr(sys.modules["megatron.core.tensor_parallel.random"], name).__module__
+        == "megatron.core.tensor_parallel.random"
         for name in ("_get_cuda_rng_state", "_set_cuda_rng_state")
     )
     # A package's own submodule named `torch` (0.20's dist_checkpointing.strategies.torch) is fine.
@@ -194,7 +205,10 @@ def _run_probe(tmp_path: Path, activate_rig: bool) -> dict:
 
 
 def test_importing_the_package_does_not_import_megatron():
-    code = "import sys, megatron_rollout_is, megatron_rollout_is.config; print(sorted(m for m in sys.modules if m.startswith('megatron')))"
+    code = (
+        "import sys, megatron_rollout_is, megatron_rollout_is.config; "
+        "print(sorted(m for m in sys.modules if m.startswith('megatron')))"
+    )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert all(name.startswith("megatron_rollout_is") for name in eval(completed.stdout)), completed.stdout

@@ -36,9 +36,7 @@ def _oracle(logits, target, temperature, grad_log_probs, grad_entropy):
 
 
 def _tolerances(dtype):
-    return {torch.float64: dict(rtol=1e-6, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}[
-        dtype
-    ]
+    return {torch.float64: dict(rtol=1e-6, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}[dtype]
 
 
 def _run(logits, target, temperature, chunk_size, grad_log_probs, grad_entropy, tp_group=None):
@@ -110,9 +108,7 @@ def test_minus_infinity_logits_give_finite_entropy_and_zero_gradient():
     log_probs, entropy, grad = _run(logits, target, 1.0, None, grad_lp, grad_h)
     # Reference: the same distribution over the vocabulary without the masked id.
     kept = [v for v in range(VOCAB) if v != masked]
-    ref_lp, ref_h, ref_grad = _oracle(
-        logits[..., kept], target - (target > masked).long(), 1.0, grad_lp, grad_h
-    )
+    ref_lp, ref_h, ref_grad = _oracle(logits[..., kept], target - (target > masked).long(), 1.0, grad_lp, grad_h)
     torch.testing.assert_close(log_probs, ref_lp)
     torch.testing.assert_close(entropy, ref_h)
     torch.testing.assert_close(grad[..., kept], ref_grad)
@@ -160,9 +156,7 @@ def test_bad_inputs_raise_clear_errors():
         call(logits, target, chunk_size=0)
 
 
-TP_CASES = list(
-    itertools.product([torch.float32, torch.float64, torch.bfloat16], [1.0, 0.8], [None, 3])
-)
+TP_CASES = list(itertools.product([torch.float32, torch.float64, torch.bfloat16], [1.0, 0.8], [None, 3]))
 
 
 def _tp_worker(rank, world_size, cases):
@@ -178,12 +172,8 @@ def _tp_worker(rank, world_size, cases):
             logits, target, grad_lp, grad_h = _case(case_seed, dtype)
             shard = logits.chunk(tp, dim=-1)[tp_rank].clone()
             before = shard.clone()
-            log_probs, entropy, grad = _run(
-                shard, target, temperature, chunk_size, grad_lp, grad_h, tp_group=group
-            )
-            results.append(
-                dict(tp=tp, tp_rank=tp_rank, seed=case_seed, lp=log_probs, h=entropy, grad=grad)
-            )
+            log_probs, entropy, grad = _run(shard, target, temperature, chunk_size, grad_lp, grad_h, tp_group=group)
+            results.append(dict(tp=tp, tp_rank=tp_rank, seed=case_seed, lp=log_probs, h=entropy, grad=grad))
             assert torch.equal(shard, before)
     return results
 
@@ -220,7 +210,9 @@ def test_vocabulary_padding_is_excluded_from_the_softmax():
     logits[..., real:] = 40.0  # padding columns that would dominate the softmax
     target = target.clamp(max=real - 1)
     x = logits.clone().requires_grad_()
-    log_probs, entropy = vocab_parallel_token_log_probs(x, target, temperature=0.8, return_entropy=True, vocab_size=real)
+    log_probs, entropy = vocab_parallel_token_log_probs(
+        x, target, temperature=0.8, return_entropy=True, vocab_size=real
+    )
     ((log_probs * grad_lp.float()).sum() + (entropy * grad_h.float()).sum()).backward()
     ref_lp, ref_h, ref_grad = _oracle(logits[..., :real], target, 0.8, grad_lp, grad_h)
     torch.testing.assert_close(log_probs.double(), ref_lp, **_tolerances(torch.float32))

@@ -3,8 +3,12 @@
 from .correction import Correction, correct_micro_batch
 from .inputs import SAFETY_BOUND
 from .plan import CorrectionPlan, Criterion, WeightSpec
-from .rollout_correction import (SUPPORTED_ROLLOUT_RS_OPTIONS, compute_is_metrics, compute_offpolicy_metrics,
-                                 compute_rollout_correction_and_rejection_mask)
+from .rollout_correction import (
+    SUPPORTED_ROLLOUT_RS_OPTIONS,
+    compute_is_metrics,
+    compute_offpolicy_metrics,
+    compute_rollout_correction_and_rejection_mask,
+)
 from .rollout_is import compute_mismatch_metrics, compute_rollout_importance_weights
 from .statistics import StepStatistics, metric_names
 

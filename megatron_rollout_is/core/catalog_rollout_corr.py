@@ -9,10 +9,10 @@ the overall rejected shares. Criteria metrics come from one template, so a new c
 import math
 
 from .catalog_mismatch import nonfinite_metric, perplexity_metrics
+from .inputs import SAFETY_BOUND
 from .metric import SequenceStat, TokenStat, criterion_column, metric
 from .plan import CorrectionPlan, Criterion, WeightSpec
 from .terms import MEAN_EPS
-from .inputs import SAFETY_BOUND
 
 
 def offpolicy_metrics(with_rollout: bool = True) -> list:
@@ -23,16 +23,17 @@ def offpolicy_metrics(with_rollout: bool = True) -> list:
     chi2_token = TokenStat("chi2_token", lambda t: t.on_valid(t.raw_weight).square())
     chi2_seq = SequenceStat("chi2_seq", lambda q: (2.0 * q.log_ratio_sum.clamp(-SAFETY_BOUND, SAFETY_BOUND)).exp())
     return metrics + [
-        metric("chi2_token", "mm(exp(2 clamp(lr, -B, B))) - 1", lambda r: r.token_mean("chi2_token") - 1.0,
-               chi2_token),
-        metric("chi2_seq", "mean_i exp(2 clamp(S_i, -B, B)) - 1", lambda r: r.sequence_mean("chi2_seq") - 1.0,
-               chi2_seq),
+        metric("chi2_token", "mm(exp(2 clamp(lr, -B, B))) - 1", lambda r: r.token_mean("chi2_token") - 1.0, chi2_token),
+        metric(
+            "chi2_seq", "mean_i exp(2 clamp(S_i, -B, B)) - 1", lambda r: r.sequence_mean("chi2_seq") - 1.0, chi2_seq
+        ),
         nonfinite_metric("nonfinite_token_fraction"),
     ]
 
 
 def _row_distribution(prefix: str, value, columns: tuple, upper: float, lower, center: float) -> list:
     """`_seq_mean/_std/_max/_min/_max_deviation/_fraction_high(/_low)` of a per-sequence value."""
+
     def seq(key, fn, op="sum"):
         return SequenceStat(f"{prefix}:{key}", fn, op, columns=columns)
 
@@ -41,19 +42,39 @@ def _row_distribution(prefix: str, value, columns: tuple, upper: float, lower, c
     high = seq("high", lambda q: value(q) > upper)
     metrics = [
         metric(f"{prefix}_seq_mean", "mean_i q_i", lambda r: r.sequence_mean(total.key), total),
-        metric(f"{prefix}_seq_std", "unbiased std of q_i; 0 when K <= 1",
-               lambda r: r.sequence_std(total.key, square.key), total, square),
+        metric(
+            f"{prefix}_seq_std",
+            "unbiased std of q_i; 0 when K <= 1",
+            lambda r: r.sequence_std(total.key, square.key),
+            total,
+            square,
+        ),
         metric(f"{prefix}_seq_max", "max_i q_i", lambda r: r[maximum.key], maximum),
         metric(f"{prefix}_seq_min", "min_i q_i", lambda r: r[minimum.key], minimum),
-        metric(f"{prefix}_seq_max_deviation", f"max_i |q_i - {center:g}|",
-               lambda r: max(r[maximum.key] - center, center - r[minimum.key]), maximum, minimum),
-        metric(f"{prefix}_seq_fraction_high", "share of sequences with q_i > upper",
-               lambda r: r.sequence_mean(high.key), high),
+        metric(
+            f"{prefix}_seq_max_deviation",
+            f"max_i |q_i - {center:g}|",
+            lambda r: max(r[maximum.key] - center, center - r[minimum.key]),
+            maximum,
+            minimum,
+        ),
+        metric(
+            f"{prefix}_seq_fraction_high",
+            "share of sequences with q_i > upper",
+            lambda r: r.sequence_mean(high.key),
+            high,
+        ),
     ]
     if lower is not None:
         low = seq("low", lambda q: value(q) < lower)
-        metrics.append(metric(f"{prefix}_seq_fraction_low", "share of sequences with q_i < lower",
-                              lambda r: r.sequence_mean(low.key), low))
+        metrics.append(
+            metric(
+                f"{prefix}_seq_fraction_low",
+                "share of sequences with q_i < lower",
+                lambda r: r.sequence_mean(low.key),
+                low,
+            )
+        )
     return metrics
 
 
@@ -92,52 +113,110 @@ def _token_weight_stats(spec: WeightSpec) -> dict:
 def is_metrics(spec: WeightSpec) -> list:
     """The `rollout_is_*` metrics of the bounded weights (before batch normalisation)."""
     stats = _token_weight_stats(spec)
-    token_level = spec.level == "token"
-    share = "token_mean" if token_level else "sequence_mean"
-    if token_level:
-        extreme = [metric("rollout_is_max", "max of w over valid tokens", lambda r: r["is:max"], stats["max"]),
-                   metric("rollout_is_min", "min of w over valid tokens", lambda r: r["is:min"], stats["min"])]
-        row_mean, raw_row_mean, columns = ((lambda q: q.mean_of("bounded_weight_sum")),
-                                           (lambda q: q.mean_of("raw_weight_sum")),
-                                           ("bounded_weight_sum", "raw_weight_sum"))
-    else:
-        extreme = [metric("rollout_is_max", "exp(min(max_i Y_i, B))",
-                          lambda r: math.exp(min(r["is:max"], SAFETY_BOUND)), stats["max"]),
-                   metric("rollout_is_min", "exp(min(min_i Y_i, B))",
-                          lambda r: math.exp(min(r["is:min"], SAFETY_BOUND)), stats["min"])]
-        row_mean = lambda q: q.bounded_weight * q.tokens / (q.tokens + MEAN_EPS)  # noqa: E731
-        raw_row_mean = lambda q: q.raw_weight * q.tokens / (q.tokens + MEAN_EPS)  # noqa: E731
-        columns = ()
+    share = "token_mean" if spec.level == "token" else "sequence_mean"
+    extreme, row_mean, raw_row_mean, columns = _level_specific(spec, stats)
     metrics = [
         metric("rollout_is_mean", "mm(w)", lambda r: r.token_mean("is:w"), stats["w"]),
         *extreme,
-        metric("rollout_is_ratio_fraction_high", "token: mm(raw > U); sequence: share of sequences with Y_i > log U",
-               lambda r: getattr(r, share)("is:high"), stats["high"]),
-        metric("rollout_is_ratio_fraction_low", "as _high, below L", lambda r: getattr(r, share)("is:low"),
-               stats["low"]),
-        metric("rollout_is_std", "sqrt(max(0, mm(c^2) - mm(c)^2)), c = clamp(w, 0, U)",
-               lambda r: r.token_std("is:wc", "is:w2"), stats["wc"], stats["w2"]),
-        metric("rollout_is_eff_sample_size", "1 / mm((c / (mm(c) + 1e-8))^2)",
-               lambda r: r.effective_sample_size("is:wc", "is:w2"), stats["wc"], stats["w2"]),
+        metric(
+            "rollout_is_ratio_fraction_high",
+            "token: mm(raw > U); sequence: share of sequences with Y_i > log U",
+            lambda r: getattr(r, share)("is:high"),
+            stats["high"],
+        ),
+        metric(
+            "rollout_is_ratio_fraction_low", "as _high, below L", lambda r: getattr(r, share)("is:low"), stats["low"]
+        ),
+        metric(
+            "rollout_is_std",
+            "sqrt(max(0, mm(c^2) - mm(c)^2)), c = clamp(w, 0, U)",
+            lambda r: r.token_std("is:wc", "is:w2"),
+            stats["wc"],
+            stats["w2"],
+        ),
+        metric(
+            "rollout_is_eff_sample_size",
+            "1 / mm((c / (mm(c) + 1e-8))^2)",
+            lambda r: r.effective_sample_size("is:wc", "is:w2"),
+            stats["wc"],
+            stats["w2"],
+        ),
     ]
+    metrics += _row_shares(spec, row_mean, raw_row_mean, columns)
+    if spec.bound == "mask":
+        metrics.append(
+            metric("rollout_is_oob_ratio", "mm(raw < L or raw > U)", lambda r: r.token_mean("is:oob"), _oob_stat(spec))
+        )
+    if spec.batch_normalize:
+        metrics.append(
+            metric(
+                "rollout_is_batch_norm_factor",
+                "f = the batch mean weight (1.0 if <= 1e-8)",
+                lambda r: r.local.get("batch_norm_factor", 1.0),
+            )
+        )
+    return metrics
+
+
+def _row_shares(spec: WeightSpec, row_mean, raw_row_mean, columns: tuple) -> list:
+    """The distribution of the per-sequence mean weights (`rollout_is_seq_*`)."""
     distribution = _row_distribution("rollout_is", row_mean, columns, spec.upper, spec.lower, 1.0)
     # The row-mean shares are taken on the raw weights: a truncated mean never exceeds the threshold.
-    raw = [SequenceStat(f"is:raw_{side}", test, columns=columns) for side, test in (
-        ("high", lambda q: raw_row_mean(q) > spec.upper), ("low", lambda q: raw_row_mean(q) < spec.lower))]
-    distribution[-2:] = [
-        metric("rollout_is_seq_fraction_high", "share of sequences with r_i > U",
-               lambda r: r.sequence_mean("is:raw_high"), raw[0]),
-        metric("rollout_is_seq_fraction_low", "share of sequences with r_i < L",
-               lambda r: r.sequence_mean("is:raw_low"), raw[1]),
+    raw = [
+        SequenceStat(f"is:raw_{side}", test, columns=columns)
+        for side, test in (
+            ("high", lambda q: raw_row_mean(q) > spec.upper),
+            ("low", lambda q: raw_row_mean(q) < spec.lower),
+        )
     ]
-    metrics += distribution
-    if spec.bound == "mask":
-        metrics.append(metric("rollout_is_oob_ratio", "mm(raw < L or raw > U)", lambda r: r.token_mean("is:oob"),
-                              _oob_stat(spec)))
-    if spec.batch_normalize:
-        metrics.append(metric("rollout_is_batch_norm_factor", "f = the batch mean weight (1.0 if <= 1e-8)",
-                              lambda r: r.local.get("batch_norm_factor", 1.0)))
-    return metrics
+    distribution[-2:] = [
+        metric(
+            "rollout_is_seq_fraction_high",
+            "share of sequences with r_i > U",
+            lambda r: r.sequence_mean("is:raw_high"),
+            raw[0],
+        ),
+        metric(
+            "rollout_is_seq_fraction_low",
+            "share of sequences with r_i < L",
+            lambda r: r.sequence_mean("is:raw_low"),
+            raw[1],
+        ),
+    ]
+    return distribution
+
+
+def _level_specific(spec: WeightSpec, stats: dict) -> tuple:
+    """The extremes' metrics, the row-mean weight (bounded, raw) and the columns they read, per level."""
+    if spec.level == "token":
+        extreme = [
+            metric("rollout_is_max", "max of w over valid tokens", lambda r: r["is:max"], stats["max"]),
+            metric("rollout_is_min", "min of w over valid tokens", lambda r: r["is:min"], stats["min"]),
+        ]
+        row_mean, raw_row_mean, columns = (
+            (lambda q: q.mean_of("bounded_weight_sum")),
+            (lambda q: q.mean_of("raw_weight_sum")),
+            ("bounded_weight_sum", "raw_weight_sum"),
+        )
+    else:
+        extreme = [
+            metric(
+                "rollout_is_max",
+                "exp(min(max_i Y_i, B))",
+                lambda r: math.exp(min(r["is:max"], SAFETY_BOUND)),
+                stats["max"],
+            ),
+            metric(
+                "rollout_is_min",
+                "exp(min(min_i Y_i, B))",
+                lambda r: math.exp(min(r["is:min"], SAFETY_BOUND)),
+                stats["min"],
+            ),
+        ]
+        row_mean = lambda q: q.bounded_weight * q.tokens / (q.tokens + MEAN_EPS)  # noqa: E731
+        raw_row_mean = lambda q: q.raw_weight * q.tokens / (q.tokens + MEAN_EPS)  # noqa: E731
+        columns = ()
+    return extreme, row_mean, raw_row_mean, columns
 
 
 def _oob_stat(spec: WeightSpec):
@@ -160,6 +239,7 @@ def _criterion_token_stats(criterion: Criterion, prefix: str) -> dict:
             def compute():
                 c = values(t).clamp(floor, high)
                 return c if floor <= 0.0 <= high else t.on_valid(c)
+
             return t.memo(f"{prefix}:c", compute)
 
         stats = {
@@ -206,28 +286,48 @@ def criterion_metrics(criterion: Criterion) -> list:
         metric(f"{prefix}_mean", "mm(v)", lambda r: r.token_mean(stats["sum"].key), stats["sum"]),
         metric(f"{prefix}_max", "max of v", lambda r: r[stats["max"].key], stats["max"]),
         metric(f"{prefix}_min", "min of v", lambda r: r[stats["min"].key], stats["min"]),
-        metric(f"{prefix}_fraction_high", "share above the upper bound",
-               lambda r: getattr(r, share)(stats["high"].key), stats["high"]),
-        metric(f"{prefix}_fraction_low", "share below the lower bound (k1), else 0",
-               (lambda r: getattr(r, share)(low.key)) if low is not None else (lambda r: 0.0),
-               *((low,) if low is not None else ())),
-        metric(f"{prefix}_std", "sqrt(max(0, mm(c^2) - mm(c)^2)), c = clamp(v, lo, hi)",
-               lambda r: r.token_std(stats["c"].key, stats["c2"].key), stats["c"], stats["c2"]),
+        metric(
+            f"{prefix}_fraction_high",
+            "share above the upper bound",
+            lambda r: getattr(r, share)(stats["high"].key),
+            stats["high"],
+        ),
+        metric(
+            f"{prefix}_fraction_low",
+            "share below the lower bound (k1), else 0",
+            (lambda r: getattr(r, share)(low.key)) if low is not None else (lambda r: 0.0),
+            *((low,) if low is not None else ()),
+        ),
+        metric(
+            f"{prefix}_std",
+            "sqrt(max(0, mm(c^2) - mm(c)^2)), c = clamp(v, lo, hi)",
+            lambda r: r.token_std(stats["c"].key, stats["c2"].key),
+            stats["c"],
+            stats["c2"],
+        ),
     ]
     columns = (criterion_column(criterion),)
     if criterion.per_sequence:
-        seq_rejected = SequenceStat(f"{prefix}:seq_rejected", lambda q: ~q.criterion_keep(criterion),
-                                    columns=columns)
+        seq_rejected = SequenceStat(f"{prefix}:seq_rejected", lambda q: ~q.criterion_keep(criterion), columns=columns)
     else:
         key = f"rejected_{criterion.name}"
         seq_rejected = SequenceStat(f"{prefix}:seq_rejected", lambda q: q.column(key) > 0, columns=(key,))
-    metrics += _row_distribution(prefix, lambda q: q.criterion_statistic(criterion), columns, criterion.upper,
-                                 criterion.lower, 0.0)
+    metrics += _row_distribution(
+        prefix, lambda q: q.criterion_statistic(criterion), columns, criterion.upper, criterion.lower, 0.0
+    )
     metrics += [
-        metric(f"{prefix}_masked_fraction", "mm(1 - keep_c)", lambda r: r.token_mean(stats["rejected"].key),
-               stats["rejected"]),
-        metric(f"{prefix}_seq_masked_fraction", "share of sequences with a valid token c rejects",
-               lambda r: r.sequence_mean(seq_rejected.key), seq_rejected),
+        metric(
+            f"{prefix}_masked_fraction",
+            "mm(1 - keep_c)",
+            lambda r: r.token_mean(stats["rejected"].key),
+            stats["rejected"],
+        ),
+        metric(
+            f"{prefix}_seq_masked_fraction",
+            "share of sequences with a valid token c rejects",
+            lambda r: r.sequence_mean(seq_rejected.key),
+            seq_rejected,
+        ),
     ]
     return metrics
 
@@ -244,8 +344,12 @@ def rejection_metrics(plan: CorrectionPlan) -> list:
     sequences = SequenceStat("rs:rejected_sequences", lambda q: rejected_tokens(q) > 0, columns=columns)
     return metrics + [
         metric("rollout_rs_masked_fraction", "mm(1 - keep)", lambda r: r.token_mean(tokens.key), tokens),
-        metric("rollout_rs_seq_masked_fraction", "share of sequences with a rejected valid token",
-               lambda r: r.sequence_mean(sequences.key), sequences),
+        metric(
+            "rollout_rs_seq_masked_fraction",
+            "share of sequences with a rejected valid token",
+            lambda r: r.sequence_mean(sequences.key),
+            sequences,
+        ),
     ]
 
 

@@ -11,7 +11,8 @@ geometric weights, the veto, sequence rejection criteria) is taken in three step
 Everything is in log space; the safety clamp and the bounds come last.
 """
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -28,7 +29,7 @@ NORMALISE_BELOW = 1e-8
 class Correction(NamedTuple):
     """What the loss needs from one micro-batch."""
 
-    weights: Optional[torch.Tensor]
+    weights: torch.Tensor | None
     """`[b, s]` detached weights (0 on invalid tokens), or None when the plan applies none."""
 
     keep: torch.Tensor
@@ -41,8 +42,8 @@ def correct_micro_batch(
     response_mask: torch.Tensor,
     plan: CorrectionPlan,
     statistics: StepStatistics,
-    reduce_partials: Optional[Reducer] = None,
-    normalize_over: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    reduce_partials: Reducer | None = None,
+    normalize_over: Callable[[torch.Tensor], torch.Tensor] | None = None,
     owns_sequences: bool = True,
 ) -> Correction:
     """Weights and rejection mask of one micro-batch shard; records its statistics.

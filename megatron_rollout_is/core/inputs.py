@@ -39,7 +39,11 @@ def check_inputs(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, res
         TypeError: an input is not a tensor, or a log-prob tensor is not floating point.
         ValueError: shapes differ or are not 2-D, or devices differ.
     """
-    for name, tensor in (("old_log_prob", old_log_prob), ("rollout_log_prob", rollout_log_prob), ("response_mask", response_mask)):
+    for name, tensor in (
+        ("old_log_prob", old_log_prob),
+        ("rollout_log_prob", rollout_log_prob),
+        ("response_mask", response_mask),
+    ):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [batch, response_len], got {type(tensor).__name__}.")
     for name, tensor in (("old_log_prob", old_log_prob), ("rollout_log_prob", rollout_log_prob)):
@@ -61,8 +65,7 @@ def check_inputs(old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, res
             )
         if tensor.device != old_log_prob.device:
             raise ValueError(
-                f"{name} is on {tensor.device} but old_log_prob is on {old_log_prob.device}; move them "
-                "to one device."
+                f"{name} is on {tensor.device} but old_log_prob is on {old_log_prob.device}; move them to one device."
             )
 
 

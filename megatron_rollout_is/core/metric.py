@@ -9,8 +9,8 @@ collective and all MAX/MINs in another, and evaluates the metrics: adding a metr
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -86,7 +86,7 @@ class Reduced:
         local: values that are the same on every rank without a reduction (e.g. batch-norm factors).
     """
 
-    def __init__(self, values: dict, tokens: float, sequences: float, local: Optional[dict] = None):
+    def __init__(self, values: dict, tokens: float, sequences: float, local: dict | None = None):
         self.values = values
         self.tokens = tokens
         self.sequences = sequences
@@ -168,7 +168,7 @@ def named_column(key: str, plan: CorrectionPlan) -> Column:
     if key == "token_rejected":
         return Column(key, lambda t: t.token_rejected)
     if key.startswith("rejected_"):
-        name = key[len("rejected_"):]
+        name = key[len("rejected_") :]
         criterion = next(c for c in plan.token_criteria if c.name == name)
         return Column(key, lambda t: t.valid & ~t.criterion_keep(criterion))
     raise KeyError(f"no column named {key!r}")
@@ -189,8 +189,8 @@ class QuantileStat:
     quantiles: tuple
     """The q's, in [0, 1]."""
 
-    token_values: Optional[Callable[[TokenTerms], torch.Tensor]] = None
+    token_values: Callable[[TokenTerms], torch.Tensor] | None = None
     """1-D non-negative values on valid tokens."""
 
-    sequence_values: Optional[Callable[[SequenceTerms], torch.Tensor]] = None
+    sequence_values: Callable[[SequenceTerms], torch.Tensor] | None = None
     """`[n]` non-negative values of the non-empty sequences."""

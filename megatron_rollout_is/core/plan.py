@@ -11,8 +11,9 @@ the sequence's valid tokens), named as verl names them (`token_k1`, `seq_sum_k2`
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 LEVELS = ("token", "sequence", "geometric")
 LEVEL_ALIASES = {"sequence_mean": "geometric"}
@@ -64,7 +65,7 @@ class Criterion:
     upper: float
     """Keep iff statistic <= upper (for k1: log of the band's upper end)."""
 
-    lower: Optional[float] = None
+    lower: float | None = None
     """k1 only: keep iff statistic >= lower (log of the band's lower end)."""
 
     @property
@@ -86,10 +87,10 @@ class CorrectionPlan:
     """Which metric set is reported: `mismatch` (verl 0.6.0's `mismatch/` keys), `rollout_corr`
     (verl HEAD's `rollout_corr/` keys), or `offpolicy` (the caller names the metrics)."""
 
-    weights: Optional[WeightSpec] = None
+    weights: WeightSpec | None = None
     """The importance weights; None computes none."""
 
-    veto_threshold: Optional[float] = None
+    veto_threshold: float | None = None
     """verl 0.6.0 veto: a sequence with a valid token ratio below this gets weight 0 (None: off)."""
 
     criteria: tuple = ()
@@ -147,8 +148,9 @@ def parse_band(name: str, value: Any) -> tuple:
     """A threshold `x` or `"lo_hi"` as `(lo or None, hi)`; checks positivity and `lo <= hi`."""
     if isinstance(value, str) and "_" in value:
         low_text, high_text = value.strip().split("_", 1)
-        low, high = positive_number(f"{name} (lower end of {value!r})", low_text), positive_number(
-            f"{name} (upper end of {value!r})", high_text
+        low, high = (
+            positive_number(f"{name} (lower end of {value!r})", low_text),
+            positive_number(f"{name} (upper end of {value!r})", high_text),
         )
         if low > high:
             raise ValueError(f"{name} {value!r} is inverted: write it as 'lower_upper' with lower <= upper.")
@@ -159,8 +161,10 @@ def parse_band(name: str, value: Any) -> tuple:
 def parse_level(name: str, value: Any) -> str:
     """An IS level name (aliases resolved); errors name `name`."""
     if name == "rollout_is" and isinstance(value, str) and LEVEL_ALIASES.get(value, value) not in LEVELS:
-        raise ValueError(f"rollout_is must be a bool (verl 0.6.0 keys: apply the weights) or a weight level (verl "
-                         f"HEAD keys: one of {LEVELS + tuple(LEVEL_ALIASES)}, or null), got {value!r}.")
+        raise ValueError(
+            f"rollout_is must be a bool (verl 0.6.0 keys: apply the weights) or a weight level (verl "
+            f"HEAD keys: one of {LEVELS + tuple(LEVEL_ALIASES)}, or null), got {value!r}."
+        )
     return _choice(name, value, LEVELS, LEVEL_ALIASES)
 
 
@@ -178,8 +182,9 @@ def _choice(name: str, value: Any, allowed: tuple, aliases: dict) -> str:
     return value
 
 
-def parse_criteria(options: Any, thresholds: Any, options_name: str = "rollout_rs",
-                   thresholds_name: str = "rollout_rs_threshold") -> tuple:
+def parse_criteria(
+    options: Any, thresholds: Any, options_name: str = "rollout_rs", thresholds_name: str = "rollout_rs_threshold"
+) -> tuple:
     """`rollout_rs` / `rollout_rs_threshold` as a tuple of `Criterion` (duplicates dropped).
 
     Args:

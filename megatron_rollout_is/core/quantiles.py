@@ -10,7 +10,7 @@ are sorted, which gives the same order statistics without the fixed cost of the 
 """
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,8 +41,8 @@ def quantile_ranks(count: int, quantiles: Sequence[float]) -> tuple[list[int], l
 def radix_select(
     values: torch.Tensor,
     ranks: Sequence[int],
-    all_reduce_sum: Optional[Reducer] = None,
-    multiplicity: Optional[torch.Tensor] = None,
+    all_reduce_sum: Reducer | None = None,
+    multiplicity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Finds the values of the given global ranks (0-based, ascending order) exactly.
 
@@ -103,7 +103,7 @@ def radix_select(
     return found[torch.searchsorted(targets, wanted)]
 
 
-def _sort_select(values: torch.Tensor, wanted: torch.Tensor, multiplicity: Optional[torch.Tensor]) -> torch.Tensor:
+def _sort_select(values: torch.Tensor, wanted: torch.Tensor, multiplicity: torch.Tensor | None) -> torch.Tensor:
     """`radix_select` of one process by a sort: the same order statistics, for few values."""
     ordered, order = torch.sort(values)
     if multiplicity is None:
@@ -117,8 +117,8 @@ def exact_quantiles(
     values: torch.Tensor,
     quantiles: Sequence[float],
     total_count: int,
-    all_reduce_sum: Optional[Reducer] = None,
-    multiplicity: Optional[torch.Tensor] = None,
+    all_reduce_sum: Reducer | None = None,
+    multiplicity: torch.Tensor | None = None,
 ) -> list[float]:
     """Quantiles of non-negative values held across processes, as `torch.quantile` (linear).
 

@@ -5,8 +5,6 @@ Signatures and return conventions follow verl HEAD, except that the weights come
 contract, including where this deliberately differs from verl.
 """
 
-from typing import Optional, Union
-
 import torch
 
 from .catalog_rollout_corr import is_metrics, offpolicy_metrics
@@ -20,7 +18,7 @@ SUPPORTED_ROLLOUT_RS_OPTIONS = set(rejection_options())
 """Every `rollout_rs` criterion name."""
 
 
-def head_weight_spec(rollout_is: Optional[str], threshold, mode: Optional[str], batch_normalize: bool) -> Optional[WeightSpec]:
+def head_weight_spec(rollout_is: str | None, threshold, mode: str | None, batch_normalize: bool) -> WeightSpec | None:
     """The weights of verl HEAD's keyword arguments (None when `rollout_is` or the threshold is None)."""
     if rollout_is is None or threshold is None:
         return None
@@ -28,8 +26,10 @@ def head_weight_spec(rollout_is: Optional[str], threshold, mode: Optional[str], 
     low, high = parse_band("rollout_is_threshold", threshold)
     bound = parse_bound("rollout_is_mode", mode or ("truncate" if low is None else "mask"))
     if bound == "truncate" and low is not None:
-        raise ValueError(f"rollout_is_threshold {threshold!r} is a band; rollout_is_mode truncate would ignore its "
-                         "lower end: use mask (IcePop) or clamp, or give one number.")
+        raise ValueError(
+            f"rollout_is_threshold {threshold!r} is a band; rollout_is_mode truncate would ignore its "
+            "lower end: use mask (IcePop) or clamp, or give one number."
+        )
     lower = low if low is not None else 1.0 / high
     if bound != "truncate" and lower >= high:
         raise ValueError(f"rollout_is_threshold {threshold!r} gives an empty band [{lower:g}, {high:g}].")
@@ -40,12 +40,12 @@ def compute_rollout_correction_and_rejection_mask(
     old_log_prob: torch.Tensor,
     rollout_log_prob: torch.Tensor,
     response_mask: torch.Tensor,
-    rollout_is: Optional[str] = None,
-    rollout_is_threshold: Optional[Union[str, float]] = 2.0,
+    rollout_is: str | None = None,
+    rollout_is_threshold: str | float | None = 2.0,
     rollout_is_batch_normalize: bool = False,
-    rollout_rs: Optional[str] = None,
-    rollout_rs_threshold: Optional[Union[str, float]] = None,
-    rollout_is_mode: Optional[str] = None,
+    rollout_rs: str | None = None,
+    rollout_rs_threshold: str | float | None = None,
+    rollout_is_mode: str | None = None,
 ) -> tuple:
     """IS weights, the rejection-modified response mask and every `rollout_corr/` metric of one batch.
 
@@ -80,7 +80,7 @@ def compute_rollout_correction_and_rejection_mask(
 
 
 def compute_offpolicy_metrics(
-    old_log_prob: torch.Tensor, rollout_log_prob: Optional[torch.Tensor], response_mask: torch.Tensor
+    old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor | None, response_mask: torch.Tensor
 ) -> dict:
     """Off-policy diagnostics of one batch, unprefixed (`kl`, `k3_kl`, `chi2_token`, ...).
 
@@ -96,7 +96,7 @@ def compute_is_metrics(
     response_mask: torch.Tensor,
     rollout_is: str,
     rollout_is_threshold: float,
-    rollout_is_threshold_lower: Optional[float] = None,
+    rollout_is_threshold_lower: float | None = None,
 ) -> dict:
     """verl HEAD's IS-metric helper, unprefixed `rollout_is_*` keys (TIS, or a band with a lower bound).
 
@@ -106,8 +106,11 @@ def compute_is_metrics(
     Raises:
         ValueError: the passed weights are not the ones the log ratios and thresholds give.
     """
-    threshold = rollout_is_threshold if rollout_is_threshold_lower is None else (
-        f"{rollout_is_threshold_lower}_{rollout_is_threshold}")
+    threshold = (
+        rollout_is_threshold
+        if rollout_is_threshold_lower is None
+        else (f"{rollout_is_threshold_lower}_{rollout_is_threshold}")
+    )
     spec = head_weight_spec(rollout_is, threshold, None, False)
     log_ratio = _token_log_ratios(log_ratio_for_metrics, response_mask, spec.level)
     plan = CorrectionPlan("rollout_corr", spec)
@@ -117,11 +120,15 @@ def compute_is_metrics(
     raw = torch.exp(log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND))
     if spec.level != "token":
         raw = torch.exp(log_ratio.sum(dim=1, keepdim=True).clamp(-SAFETY_BOUND, SAFETY_BOUND)).expand_as(raw)
-    for name, given, expected in (("rollout_is_weights", rollout_is_weights, correction.weights),
-                                  ("raw_rollout_is_weights", raw_rollout_is_weights, torch.where(valid, raw, 0.0))):
+    for name, given, expected in (
+        ("rollout_is_weights", rollout_is_weights, correction.weights),
+        ("raw_rollout_is_weights", raw_rollout_is_weights, torch.where(valid, raw, 0.0)),
+    ):
         if not torch.allclose(torch.where(valid, given, 0.0).to(expected.dtype), expected, rtol=1e-4, atol=1e-6):
-            raise ValueError(f"{name} are not the weights that log_ratio_for_metrics and the thresholds give; pass "
-                             "the weights computed from them (the metrics are recomputed from the log ratios).")
+            raise ValueError(
+                f"{name} are not the weights that log_ratio_for_metrics and the thresholds give; pass "
+                "the weights computed from them (the metrics are recomputed from the log ratios)."
+            )
     return statistics.finalize()
 
 

@@ -1,7 +1,5 @@
 """verl 0.6.0's single-process API (`mismatch_helper`): weights and `mismatch/` metrics of one batch."""
 
-from typing import Optional
-
 import torch
 
 from .catalog_mismatch import perplexity_metrics
@@ -11,7 +9,7 @@ from .statistics import StepStatistics
 
 
 def verl06_plan(
-    level: str, mode: str, threshold: float, lower: Optional[float], veto: Optional[float], applied: bool = True
+    level: str, mode: str, threshold: float, lower: float | None, veto: float | None, applied: bool = True
 ) -> CorrectionPlan:
     """The plan of verl 0.6.0's keyword arguments (validated; errors name the argument)."""
     upper = positive_number("rollout_is_threshold", threshold)
@@ -22,8 +20,9 @@ def verl06_plan(
         veto = positive_number("rollout_is_veto_threshold", veto)
         if veto >= 1.0:
             raise ValueError(f"rollout_is_veto_threshold must lie in (0, 1), got {veto}, or be None.")
-    spec = WeightSpec(parse_level("rollout_is_level", level), parse_bound("rollout_is_mode", mode), upper, lower,
-                      applied=applied)
+    spec = WeightSpec(
+        parse_level("rollout_is_level", level), parse_bound("rollout_is_mode", mode), upper, lower, applied=applied
+    )
     return CorrectionPlan("mismatch", spec, veto_threshold=veto)
 
 
@@ -33,9 +32,9 @@ def compute_rollout_importance_weights(
     response_mask: torch.Tensor,
     rollout_is_level: str = "token",
     rollout_is_mode: str = "truncate",
-    rollout_is_threshold: Optional[float] = 2.0,
-    rollout_is_threshold_lower: Optional[float] = None,
-    rollout_is_veto_threshold: Optional[float] = 1e-4,
+    rollout_is_threshold: float | None = 2.0,
+    rollout_is_threshold_lower: float | None = None,
+    rollout_is_veto_threshold: float | None = 1e-4,
 ) -> tuple:
     """Rollout importance weights and every `mismatch/` metric of one batch (single process).
 
@@ -56,23 +55,25 @@ def compute_rollout_importance_weights(
     """
     if rollout_is_threshold is None:
         return None, {}
-    plan = verl06_plan(rollout_is_level, rollout_is_mode, rollout_is_threshold, rollout_is_threshold_lower,
-                       rollout_is_veto_threshold)
+    plan = verl06_plan(
+        rollout_is_level, rollout_is_mode, rollout_is_threshold, rollout_is_threshold_lower, rollout_is_veto_threshold
+    )
     statistics = StepStatistics(plan)
     correction = correct_micro_batch(old_log_prob, rollout_log_prob, response_mask, plan, statistics)
     return correction.weights, statistics.finalize()
 
 
 def compute_mismatch_metrics(
-    old_log_prob: torch.Tensor, rollout_log_prob: Optional[torch.Tensor], response_mask: torch.Tensor
+    old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor | None, response_mask: torch.Tensor
 ) -> dict:
     """verl 0.6.0's training-vs-rollout metrics without IS: `{"mismatch_kl": ..., ...}` (no prefix).
 
     With `rollout_log_prob=None`, only the training perplexities (`mismatch_training_ppl`,
     `mismatch_training_log_ppl`).
     """
-    return batch_metrics(old_log_prob, rollout_log_prob, response_mask,
-                         perplexity_metrics("mismatch_", rollout_log_prob is not None))
+    return batch_metrics(
+        old_log_prob, rollout_log_prob, response_mask, perplexity_metrics("mismatch_", rollout_log_prob is not None)
+    )
 
 
 def batch_metrics(old_log_prob, rollout_log_prob, response_mask, metrics: list) -> dict:

@@ -3,18 +3,18 @@
 The metrics of a plan (`catalog_mismatch`, `catalog_rollout_corr`) name the statistics they need;
 this engine computes exactly those:
 
-| statistic | recorded | reduction |
-|---|---|---|
-| `TokenStat` SUMs, and N, K and a "float64 weights" flag | per micro-batch (token terms) / per step (sequences) | one SUM of a float64 vector over all ranks holding tokens |
-| `SequenceStat`s | once per step, from the reduced per-sequence `Column`s, by the rank that owns each sequence | in the same SUM / MAX vectors |
-| MAX and MIN statistics (MIN stored negated) | both | one MAX of a float64 vector |
-| one `QuantileStat` | token values or per-sequence values with their token counts | `exact_quantiles` histogram rounds (SUM) |
+- `TokenStat` SUMs, and N, K and a "float64 weights" flag: recorded per micro-batch (token terms)
+  or per step (sequences); reduced by one SUM of a float64 vector over all ranks holding tokens.
+- `SequenceStat`s: recorded once per step, from the reduced per-sequence `Column`s, by the rank
+  that owns each sequence; reduced in the same SUM / MAX vectors.
+- MAX and MIN statistics (MIN stored negated): both; one MAX of a float64 vector.
+- one `QuantileStat`: token values, or per-sequence values with their token counts; reduced by
+  `exact_quantiles` histogram rounds (SUM).
 
 In one process every reduction is the identity.
 """
 
 import math
-from typing import Optional
 
 import torch
 
@@ -43,7 +43,7 @@ def metric_names(plan: CorrectionPlan) -> list:
 class StepStatistics:
     """Accumulates one training step's statistics, micro-batch by micro-batch."""
 
-    def __init__(self, plan: CorrectionPlan, metrics: Optional[list] = None, prefix: Optional[str] = None):
+    def __init__(self, plan: CorrectionPlan, metrics: list | None = None, prefix: str | None = None):
         self.plan = plan
         self.metrics = plan_metrics(plan) if metrics is None else metrics
         self.prefix = PREFIXES[plan.metric_names] if prefix is None else prefix
@@ -68,8 +68,9 @@ class StepStatistics:
         # Which stacked sequence sums are per token (times n_i; the counts N, K come last), and the
         # sign of each stacked extreme (MIN is the MAX of the negation).
         self._per_token = torch.tensor([stat.per_token for stat in self.sequence_sums] + [False, False])
-        self._extreme_signs = torch.tensor([1.0 if stat.op == "max" else -1.0 for stat in self.sequence_extremes],
-                                           dtype=torch.float64)
+        self._extreme_signs = torch.tensor(
+            [1.0 if stat.op == "max" else -1.0 for stat in self.sequence_extremes], dtype=torch.float64
+        )
         self.reset()
 
     def reset(self) -> None:
@@ -118,10 +119,10 @@ class StepStatistics:
 
     def finalize(
         self,
-        reduce_partials: Optional[Reducer] = None,
+        reduce_partials: Reducer | None = None,
         owns_sequences: bool = True,
-        all_reduce_sum: Optional[Reducer] = None,
-        all_reduce_max: Optional[Reducer] = None,
+        all_reduce_sum: Reducer | None = None,
+        all_reduce_max: Reducer | None = None,
     ) -> dict:
         """Computes the step's metrics and resets the statistics.
 
@@ -157,8 +158,10 @@ class StepStatistics:
         local = {"batch_norm_factor": sum(factors) / len(factors)} if factors else {}
         self.reset()
         reduced = Reduced(values, tokens, count, local)
-        return {self.prefix + m.name: m.value(reduced) if tokens > 0 or m.defined_without_tokens else 0.0
-                for m in self.metrics}
+        return {
+            self.prefix + m.name: m.value(reduced) if tokens > 0 or m.defined_without_tokens else 0.0
+            for m in self.metrics
+        }
 
     def _local_vectors(self, sequences: SequenceTerms, owns_sequences: bool, dtype: torch.dtype):
         """This rank's SUM vector (token sums, sequence sums, N, K, float64 flag) and MAX vector.
@@ -170,7 +173,9 @@ class StepStatistics:
         seq_sums = torch.zeros(len(self.sequence_sums) + 2, dtype=torch.float64)
         seq_extremes = torch.full((len(self.sequence_extremes),), -math.inf, dtype=torch.float64)
         if owns_sequences:
-            values = torch.stack([stat.value(sequences) for stat in self.sequence_sums] + [tokens, torch.ones_like(tokens)])
+            values = torch.stack(
+                [stat.value(sequences) for stat in self.sequence_sums] + [tokens, torch.ones_like(tokens)]
+            )
             multiplier = torch.where(self._per_token.to(tokens.device).unsqueeze(1), tokens, 1.0)
             seq_sums = (values * multiplier).sum(dim=1).cpu()
             if self.sequence_extremes and tokens.numel():
@@ -192,7 +197,6 @@ class StepStatistics:
                 values, multiplicity = values[:0], multiplicity[:0]
         found = exact_quantiles(values.to(value_dtype), list(stat.quantiles), count, all_reduce_sum, multiplicity)
         return {f"{stat.key}@{q}": value for q, value in zip(stat.quantiles, found)}
-
 
 
 def _extreme(values: torch.Tensor, op: str) -> torch.Tensor:

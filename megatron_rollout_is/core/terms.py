@@ -7,14 +7,14 @@ plan pays only for what its weights, criteria and metrics read.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Optional
 
 import torch
 
-from .plan import CorrectionPlan, Criterion, WeightSpec
 from .inputs import SAFETY_BOUND, TokenShard
+from .plan import CorrectionPlan, Criterion, WeightSpec
 
 MEAN_EPS = 1e-8
 """verl's epsilon in every masked mean: sum / (count + 1e-8)."""
@@ -128,8 +128,11 @@ class TokenTerms:
         """`term` where a token is valid and the neutral value of `op` elsewhere (0 for `sum`, -inf
         for `max`, +inf for `min`), computed once per term and op: a `[b, s]` statistic then needs
         no gather of the valid tokens."""
-        return self._once(("neutral", id(term), op), term,
-                          lambda: torch.where(self.valid, term, {"sum": 0.0, "max": -math.inf, "min": math.inf}[op]))
+        return self._once(
+            ("neutral", id(term), op),
+            term,
+            lambda: torch.where(self.valid, term, {"sum": 0.0, "max": -math.inf, "min": math.inf}[op]),
+        )
 
     def valid_values(self, term: torch.Tensor) -> torch.Tensor:
         """The values of `term` on valid tokens (1-D), gathered once per term."""
@@ -240,7 +243,7 @@ class SequenceTerms:
         return keep
 
     @cached_property
-    def not_vetoed(self) -> Optional[torch.Tensor]:
+    def not_vetoed(self) -> torch.Tensor | None:
         """verl 0.6.0 veto: sequences without a catastrophic token (None without veto)."""
         if self.plan.veto_threshold is None:
             return None

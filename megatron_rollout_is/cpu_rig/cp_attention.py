@@ -118,9 +118,7 @@ def build_cp_attention_mask(
         )
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.long)
     query_pos = _local_token_positions(num_local, cp_size, cp_rank, cu_seqlens, device)
-    key_pos = torch.cat(
-        [_local_token_positions(num_local, cp_size, r, cu_seqlens, device) for r in range(cp_size)]
-    )
+    key_pos = torch.cat([_local_token_positions(num_local, cp_size, r, cu_seqlens, device) for r in range(cp_size)])
     masked = torch.zeros(num_local, key_pos.numel(), dtype=torch.bool, device=device)
     if causal:
         masked |= key_pos[None, :] > query_pos[:, None]
@@ -168,8 +166,7 @@ class ContextParallelDotProductAttention(MegatronModule):
             )
         if config.window_size is not None:
             raise ValueError(
-                "ContextParallelDotProductAttention does not implement sliding-window attention; "
-                "set window_size=None."
+                "ContextParallelDotProductAttention does not implement sliding-window attention; set window_size=None."
             )
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
@@ -180,9 +177,7 @@ class ContextParallelDotProductAttention(MegatronModule):
         self.attention_type = attention_type
         # apply_query_key_layer_scaling divides and re-multiplies by the layer number in megatron;
         # with an fp32 softmax the two cancel, so the plain scale is used.
-        self.softmax_scale = (
-            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
-        )
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.attention_dropout = torch.nn.Dropout(
             config.attention_dropout if attention_dropout is None else attention_dropout
         )

@@ -16,7 +16,7 @@ Layouts: ``b`` micro-batch size, ``s`` local sequence length (``S / cp``), ``V``
 
 import importlib.util
 import re
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -102,7 +102,7 @@ def transformer_engine_usable() -> bool:
 
 
 def rollout_is_layer_spec(
-    normalization: Optional[str] = None, qk_layernorm: bool = False, force_local: bool = False
+    normalization: str | None = None, qk_layernorm: bool = False, force_local: bool = False
 ) -> ModuleSpec:
     """The GPT layer spec: TE's when usable, else the local spec with a CP-capable core attention.
 
@@ -127,9 +127,9 @@ def build_gpt_model(
     config: TransformerConfig,
     vocab_size: int,
     max_seq_len: int,
-    pre_process: Optional[bool] = None,
-    post_process: Optional[bool] = None,
-    layer_spec: Optional[ModuleSpec] = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    layer_spec: ModuleSpec | None = None,
     position_embedding_type: str = "learned_absolute",
 ) -> GPTModel:
     """Build this pipeline stage's GPTModel (untied embedding and output weights).
@@ -183,10 +183,10 @@ def global_parameter_name(model: GPTModel, name: str) -> str:
     if match is None:
         return name
     layer = model.decoder.layers[int(match.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}." + name[match.end():]
+    return f"decoder.layers.{layer.layer_number - 1}." + name[match.end() :]
 
 
-def load_full_state_dict(model: GPTModel, full_state: Dict[str, Tensor], tp_group) -> None:
+def load_full_state_dict(model: GPTModel, full_state: dict[str, Tensor], tp_group) -> None:
     """Copy a single-process (unsharded) state into this rank's TP/PP shard of the model.
 
     Args:
@@ -209,9 +209,7 @@ def load_full_state_dict(model: GPTModel, full_state: Dict[str, Tensor], tp_grou
             param.copy_(full)
 
 
-def unshard_named_tensors(
-    model: GPTModel, local: Dict[str, Tensor], tp_group, pp_group
-) -> Dict[str, Tensor]:
+def unshard_named_tensors(model: GPTModel, local: dict[str, Tensor], tp_group, pp_group) -> dict[str, Tensor]:
     """Reassemble per-parameter tensors (weights, gradients) into the single-process layout.
 
     TP shards are concatenated along their partition dim; all pipeline stages' tensors are

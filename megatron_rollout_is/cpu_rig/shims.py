@@ -52,7 +52,8 @@ as ``model.tiny_gpt_config`` does) and gradient clipping itself, which asserts C
 
 import importlib
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -8,7 +8,7 @@ Parallel layout flags follow Megatron-LM's names; the data-parallel size is deri
 
 import argparse
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ class _DemoHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The demo's parser: layout, model, task, optimisation, rollout, checkpoint, logging, IS flags."""
     parser = argparse.ArgumentParser(
         # No abbreviated flags: `megatron-rollout-is demo` looks for --rollout-is-config by its name.
@@ -37,9 +37,17 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         formatter_class=_DemoHelpFormatter,
     )
     # Help lists the groups in the order they are added.
-    for add_group in (_add_layout_args, _add_model_args, _add_task_args, _add_optimisation_args,
-                      _add_rollout_engine_args, _add_checkpoint_args, _add_logging_args, _add_process_args,
-                      _add_fault_injection_args):
+    for add_group in (
+        _add_layout_args,
+        _add_model_args,
+        _add_task_args,
+        _add_optimisation_args,
+        _add_rollout_engine_args,
+        _add_checkpoint_args,
+        _add_logging_args,
+        _add_process_args,
+        _add_fault_injection_args,
+    ):
         add_group(parser)
     add_rollout_is_args(parser)
     return parser
@@ -51,10 +59,17 @@ def _add_layout_args(parser: argparse.ArgumentParser) -> None:
     layout.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size.")
     layout.add_argument("--context-parallel-size", type=int, default=1, help="CP size.")
     layout.add_argument("--micro-batch-size", type=int, default=16, help="Sequences per micro-batch.")
-    layout.add_argument("--global-batch-size", type=int, default=64,
-                        help="Sequences per step over all DP ranks (prompts x --group-size).")
-    layout.add_argument("--packed", action="store_true",
-                        help="THD micro-batches: documents packed with cu_seqlens, each split over CP ranks.")
+    layout.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=64,
+        help="Sequences per step over all DP ranks (prompts x --group-size).",
+    )
+    layout.add_argument(
+        "--packed",
+        action="store_true",
+        help="THD micro-batches: documents packed with cu_seqlens, each split over CP ranks.",
+    )
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +82,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_task_args(parser: argparse.ArgumentParser) -> None:
     task = parser.add_argument_group("task")
-    task.add_argument("--task", choices=TASKS, default="reverse",
-                      help="reverse: reverse a short digit string (responses of --max-digits + 1 tokens); count: "
-                           "count up from a digit for --response-tokens symbols (long responses).")
+    task.add_argument(
+        "--task",
+        choices=TASKS,
+        default="reverse",
+        help="reverse: reverse a short digit string (responses of --max-digits + 1 tokens); count: "
+        "count up from a digit for --response-tokens symbols (long responses).",
+    )
     task.add_argument("--min-digits", type=int, default=3, help="Shortest digit string (reverse).")
     task.add_argument("--max-digits", type=int, default=3, help="Longest digit string (reverse).")
     task.add_argument("--response-tokens", type=int, default=256, help="Symbols of the correct answer (count).")
@@ -84,79 +103,149 @@ def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1.")
     optim.add_argument("--adam-beta2", type=float, default=0.99, help="Adam beta2.")
     optim.add_argument("--weight-decay", type=float, default=0.0, help="Decoupled weight decay.")
-    optim.add_argument("--clip-grad", type=float, default=0.0,
-                       help="Gradient-norm clipping (needs CUDA: megatron's clip_grads asserts CUDA tensors).")
+    optim.add_argument(
+        "--clip-grad",
+        type=float,
+        default=0.0,
+        help="Gradient-norm clipping (needs CUDA: megatron's clip_grads asserts CUDA tensors).",
+    )
     optim.add_argument("--clip-eps", type=float, default=0.2, help="PPO ratio clip (pi_theta / pi_old).")
     optim.add_argument("--seed", type=int, default=1234, help="Weights, prompts and sampling.")
 
 
 def _add_rollout_engine_args(parser: argparse.ArgumentParser) -> None:
     rollout = parser.add_argument_group("rollout engine")
-    rollout.add_argument("--rollout-noise", type=float, default=0.0,
-                         help="Std of Gaussian noise added to every rollout logit (0: bf16 mismatch only).")
-    rollout.add_argument("--rollout-dtype", choices=("bf16", "fp32"), default="bf16",
-                         help="Engine precision (fp32: no mismatch but the injected noise).")
+    rollout.add_argument(
+        "--rollout-noise",
+        type=float,
+        default=0.0,
+        help="Std of Gaussian noise added to every rollout logit (0: bf16 mismatch only).",
+    )
+    rollout.add_argument(
+        "--rollout-dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="Engine precision (fp32: no mismatch but the injected noise).",
+    )
     rollout.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (trainer too).")
-    rollout.add_argument("--top-k", type=int, default=0,
-                         help="Engine samples from the k most likely tokens (ties with the k-th kept; vLLM's rule); "
-                              "the trainer still scores the full vocabulary. 0: off.")
-    rollout.add_argument("--top-p", type=float, default=1.0,
-                         help="Engine samples from the smallest head of mass >= p (after --top-k; vLLM's rule); "
-                              "the trainer still scores the full vocabulary. 1: off.")
-    rollout.add_argument("--rollout-logprobs-mode", choices=LOGPROBS_MODES, default="processed_logprobs",
-                         help="Rollout log-prob the engine reports (vLLM's logprobs_mode): processed_logprobs is "
-                              "renormalised over what --top-k/--top-p kept (biased by -log(kept mass)); "
-                              "raw_logprobs is the unfiltered log-prob before the temperature.")
-    rollout.add_argument("--rollout-staleness", type=int, default=0, metavar="K",
-                         help="Engine samples with the weights of K optimizer steps ago while pi_old is scored at "
-                              "the current weights (asynchronous RL); rank 0 keeps K + 1 weight snapshots.")
-    rollout.add_argument("--rollout-quantization", choices=QUANTIZATION_SCHEMES, default="none",
-                         help="Quantised engine: fp8 is W8A8 (decoder weights fp8-e4m3 with one scale per tensor, "
-                              "linear-layer inputs fp8 with one scale per token); int8 rounds the decoder weights "
-                              "to int8 with one scale per output channel. Embeddings and output layer stay bf16.")
-    rollout.add_argument("--eval-interval", type=int, default=10,
-                         help="Greedy fp32 reward of the current weights on fixed prompts every N steps, "
-                              "without any rollout mismatch (0: never).")
+    rollout.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="Engine samples from the k most likely tokens (ties with the k-th kept; vLLM's rule); "
+        "the trainer still scores the full vocabulary. 0: off.",
+    )
+    rollout.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="Engine samples from the smallest head of mass >= p (after --top-k; vLLM's rule); "
+        "the trainer still scores the full vocabulary. 1: off.",
+    )
+    rollout.add_argument(
+        "--rollout-logprobs-mode",
+        choices=LOGPROBS_MODES,
+        default="processed_logprobs",
+        help="Rollout log-prob the engine reports (vLLM's logprobs_mode): processed_logprobs is "
+        "renormalised over what --top-k/--top-p kept (biased by -log(kept mass)); "
+        "raw_logprobs is the unfiltered log-prob before the temperature.",
+    )
+    rollout.add_argument(
+        "--rollout-staleness",
+        type=int,
+        default=0,
+        metavar="K",
+        help="Engine samples with the weights of K optimizer steps ago while pi_old is scored at "
+        "the current weights (asynchronous RL); rank 0 keeps K + 1 weight snapshots.",
+    )
+    rollout.add_argument(
+        "--rollout-quantization",
+        choices=QUANTIZATION_SCHEMES,
+        default="none",
+        help="Quantised engine: fp8 is W8A8 (decoder weights fp8-e4m3 with one scale per tensor, "
+        "linear-layer inputs fp8 with one scale per token); int8 rounds the decoder weights "
+        "to int8 with one scale per output channel. Embeddings and output layer stay bf16.",
+    )
+    rollout.add_argument(
+        "--eval-interval",
+        type=int,
+        default=10,
+        help="Greedy fp32 reward of the current weights on fixed prompts every N steps, "
+        "without any rollout mismatch (0: never).",
+    )
     rollout.add_argument("--eval-prompts", type=int, default=128, help="Fixed prompts of the greedy eval.")
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     ckpt = parser.add_argument_group("checkpointing (megatron.core dist_checkpointing)")
     ckpt.add_argument("--save", default=None, metavar="DIR", help="Checkpoint directory to write.")
-    ckpt.add_argument("--load", default=None, metavar="DIR",
-                      help="Checkpoint directory to resume from (the same as --save: resume if present).")
+    ckpt.add_argument(
+        "--load",
+        default=None,
+        metavar="DIR",
+        help="Checkpoint directory to resume from (the same as --save: resume if present).",
+    )
     ckpt.add_argument("--save-interval", type=int, default=0, help="Save every N steps (0: only at the end).")
-    ckpt.add_argument("--ckpt-step", type=int, default=None,
-                      help="Load this step's checkpoint instead of the latest one.")
+    ckpt.add_argument(
+        "--ckpt-step", type=int, default=None, help="Load this step's checkpoint instead of the latest one."
+    )
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     logs = parser.add_argument_group("logging")
     logs.add_argument("--output-dir", default="demo_output", help="metrics.jsonl (one line per step) goes here.")
-    logs.add_argument("--tensorboard-dir", default=None, help="TensorBoard event files; None: <output-dir>/tensorboard.")
-    logs.add_argument("--plot", default=None, metavar="PNG|none", help="Training plot (PNG) or none; None: <output-dir>/training.png.")
+    logs.add_argument(
+        "--tensorboard-dir", default=None, help="TensorBoard event files; None: <output-dir>/tensorboard."
+    )
+    logs.add_argument(
+        "--plot", default=None, metavar="PNG|none", help="Training plot (PNG) or none; None: <output-dir>/training.png."
+    )
     logs.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
 
 
 def _add_process_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cpu-threads", type=int, default=1,
-                        help="torch threads per process on CPU (tiny models: extra threads only spin).")
-    parser.add_argument("--distributed-timeout-minutes", type=float, default=10.0, metavar="MINUTES",
-                        help="Timeout of every collective (fractions allowed): a rank stuck waiting on a peer "
-                             "that died fails after this long instead of hanging.")
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=1,
+        help="torch threads per process on CPU (tiny models: extra threads only spin).",
+    )
+    parser.add_argument(
+        "--distributed-timeout-minutes",
+        type=float,
+        default=10.0,
+        metavar="MINUTES",
+        help="Timeout of every collective (fractions allowed): a rank stuck waiting on a peer "
+        "that died fails after this long instead of hanging.",
+    )
 
 
 def _add_fault_injection_args(parser: argparse.ArgumentParser) -> None:
     faults = parser.add_argument_group("fault injection (testing)")
-    faults.add_argument("--inject-nonfinite-rollout-step", type=int, default=0, metavar="N",
-                        help="At step N, one response token's rollout log-prob becomes NaN and another's +inf, on "
-                             "every rank (a broken inference engine); rollout IS drops both. 0: never.")
-    faults.add_argument("--inject-is-fault-step", type=int, default=0, metavar="N",
-                        help="At step N, rank --inject-is-fault-rank hands the rollout IS an integer "
-                             "rollout_log_prob, which its input check rejects; the job must stop on every rank. "
-                             "0: never.")
-    faults.add_argument("--inject-is-fault-rank", type=int, default=0, metavar="R",
-                        help="Global rank of --inject-is-fault-step (a rank of the last pipeline stage).")
+    faults.add_argument(
+        "--inject-nonfinite-rollout-step",
+        type=int,
+        default=0,
+        metavar="N",
+        help="At step N, one response token's rollout log-prob becomes NaN and another's +inf, on "
+        "every rank (a broken inference engine); rollout IS drops both. 0: never.",
+    )
+    faults.add_argument(
+        "--inject-is-fault-step",
+        type=int,
+        default=0,
+        metavar="N",
+        help="At step N, rank --inject-is-fault-rank hands the rollout IS an integer "
+        "rollout_log_prob, which its input check rejects; the job must stop on every rank. "
+        "0: never.",
+    )
+    faults.add_argument(
+        "--inject-is-fault-rank",
+        type=int,
+        default=0,
+        metavar="R",
+        help="Global rank of --inject-is-fault-step (a rank of the last pipeline stage).",
+    )
 
 
 def world_size_from_env() -> int:
@@ -182,11 +271,17 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
 def _validate_layout(args: argparse.Namespace, world_size: int) -> int:
     """Checks the parallel layout, batch sizes and model shape; returns the data-parallel size."""
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    for flag, value in (("--tensor-model-parallel-size", tp), ("--pipeline-model-parallel-size", pp),
-                        ("--context-parallel-size", cp), ("--micro-batch-size", args.micro_batch_size),
-                        ("--global-batch-size", args.global_batch_size), ("--train-iters", args.train_iters),
-                        ("--num-layers", args.num_layers), ("--hidden-size", args.hidden_size),
-                        ("--num-attention-heads", args.num_attention_heads)):
+    for flag, value in (
+        ("--tensor-model-parallel-size", tp),
+        ("--pipeline-model-parallel-size", pp),
+        ("--context-parallel-size", cp),
+        ("--micro-batch-size", args.micro_batch_size),
+        ("--global-batch-size", args.global_batch_size),
+        ("--train-iters", args.train_iters),
+        ("--num-layers", args.num_layers),
+        ("--hidden-size", args.hidden_size),
+        ("--num-attention-heads", args.num_attention_heads),
+    ):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}.")
     if world_size % (tp * pp * cp) != 0:
@@ -209,8 +304,9 @@ def _validate_layout(args: argparse.Namespace, world_size: int) -> int:
             f"{groups}, which must be divisible by --tensor-model-parallel-size {tp}."
         )
     if args.hidden_size % args.num_attention_heads != 0:
-        raise ValueError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
-                         f"{args.num_attention_heads}.")
+        raise ValueError(
+            f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}."
+        )
     return dp
 
 
@@ -243,8 +339,9 @@ def _validate_fault_injection(args: argparse.Namespace, world_size: int, is_conf
     if not args.inject_is_fault_step:
         return
     if not is_config.enabled:
-        raise ValueError("--inject-is-fault-step needs rollout IS on (--rollout-is-threshold): the fault is "
-                         "raised inside it.")
+        raise ValueError(
+            "--inject-is-fault-step needs rollout IS on (--rollout-is-threshold): the fault is raised inside it."
+        )
     # Megatron orders ranks tp-cp-dp-pp: the last pipeline stage holds the highest world_size / PP ranks.
     first_last_stage = world_size - world_size // args.pipeline_model_parallel_size
     if not first_last_stage <= args.inject_is_fault_rank < world_size:
@@ -254,7 +351,7 @@ def _validate_fault_injection(args: argparse.Namespace, world_size: int, is_conf
         )
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defaults: Optional[dict] = None):
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None, defaults: dict | None = None):
     """Parses and validates; returns ``(args, rollout_is_config)``.
 
     Args:

@@ -9,7 +9,7 @@ Layouts: ``N`` sequences, ``S`` padded sequence length (a multiple of ``2 * cp``
 budget, ``b`` micro-batch size, ``t`` packed tokens of a THD micro-batch.
 """
 
-from typing import Any, Dict, List
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +29,14 @@ from .task import PAD, round_up
 PER_TOKEN_KEYS = ("tokens", "labels", "loss_mask", "rollout_log_prob", "position_ids")
 
 
-def sequence_tensors(prompts: Tensor, prompt_lengths: Tensor, responses: Tensor, response_mask: Tensor,
-                     rollout_log_probs: Tensor, seq_len: int) -> Dict[str, Tensor]:
+def sequence_tensors(
+    prompts: Tensor,
+    prompt_lengths: Tensor,
+    responses: Tensor,
+    response_mask: Tensor,
+    rollout_log_probs: Tensor,
+    seq_len: int,
+) -> dict[str, Tensor]:
     """Prompt + response as trainer-aligned per-position tensors.
 
     Args:
@@ -75,8 +81,9 @@ def response_view(per_position: Tensor, prompt_lengths: Tensor, response_len: in
     return per_position.gather(1, index.to(per_position.device))
 
 
-def padded_micro_batches(sequences: Dict[str, Tensor], advantages: Tensor, rows: Tensor,
-                         micro_batch_size: int, cp_size: int, cp_rank: int) -> List[Dict[str, Any]]:
+def padded_micro_batches(
+    sequences: dict[str, Tensor], advantages: Tensor, rows: Tensor, micro_batch_size: int, cp_size: int, cp_rank: int
+) -> list[dict[str, Any]]:
     """Micro-batches ``[b, S / cp]`` of the given rows, zigzag-split for this CP rank.
 
     Returns:
@@ -97,8 +104,9 @@ def packed_cu_seqlens(lengths: Tensor, cp_size: int) -> Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.long), padded.cumsum(0)])
 
 
-def packed_micro_batches(sequences: Dict[str, Tensor], advantages: Tensor, rows: Tensor,
-                         micro_batch_size: int, cp_size: int, cp_rank: int) -> List[Dict[str, Any]]:
+def packed_micro_batches(
+    sequences: dict[str, Tensor], advantages: Tensor, rows: Tensor, micro_batch_size: int, cp_size: int, cp_rank: int
+) -> list[dict[str, Any]]:
     """THD micro-batches: ``micro_batch_size`` documents packed into ``[1, t]``, split for CP.
 
     Each document is its sequence cut to its real length and padded (PAD, loss mask 0) to a
@@ -118,15 +126,17 @@ def packed_micro_batches(sequences: Dict[str, Tensor], advantages: Tensor, rows:
             for key in PER_TOKEN_KEYS:
                 pieces[key].append(sequences[key][row, :width])
             pieces["advantages"].append(advantages[row].float().expand(width))
-        batch = {key: split_thd_for_cp(torch.cat(values).unsqueeze(0), cu, cp_size, cp_rank)
-                 for key, values in pieces.items()}
+        batch = {
+            key: split_thd_for_cp(torch.cat(values).unsqueeze(0), cu, cp_size, cp_rank)
+            for key, values in pieces.items()
+        }
         batch["cu_seqlens"] = cu
         batch["local_cu_seqlens"] = local_cu_seqlens(cu, cp_size)
         batches.append(batch)
     return batches
 
 
-def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Moves a micro-batch to ``device`` and adds ``packed_seq_params`` for THD batches."""
     moved = {key: value.to(device) for key, value in batch.items()}
     if "cu_seqlens" in moved:
@@ -134,7 +144,7 @@ def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return moved
 
 
-def unsplit_micro_batch(shards: List[Tensor], cp_size: int, seq_len: int, cu_seqlens: Tensor = None) -> Tensor:
+def unsplit_micro_batch(shards: list[Tensor], cp_size: int, seq_len: int, cu_seqlens: Tensor = None) -> Tensor:
     """Reassembles one micro-batch's per-position values from all CP ranks' shards.
 
     Args:

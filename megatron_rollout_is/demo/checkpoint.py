@@ -12,7 +12,6 @@ an ``if __name__ == "__main__":`` guard (``demo/__main__.py`` has one).
 
 import random
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -23,7 +22,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-def _step_dir(directory: Union[str, Path], step: int) -> Path:
+def _step_dir(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"iter_{step:07d}"
 
 
@@ -45,7 +44,7 @@ def _sharded_state(ddp_model, optimizer, step: int, is_loading: bool) -> dict:
     }
 
 
-def save_checkpoint(directory: Union[str, Path], step: int, ddp_model, optimizer) -> Path:
+def save_checkpoint(directory: str | Path, step: int, ddp_model, optimizer) -> Path:
     """Saves model, optimizer, step and RNG states after ``step`` updates (collective)."""
     path = _step_dir(directory, step)
     if dist.get_rank() == 0:
@@ -61,7 +60,7 @@ def save_checkpoint(directory: Union[str, Path], step: int, ddp_model, optimizer
     return path
 
 
-def load_checkpoint(directory: Union[str, Path], ddp_model, optimizer, step: Optional[int] = None) -> int:
+def load_checkpoint(directory: str | Path, ddp_model, optimizer, step: int | None = None) -> int:
     """Loads a checkpoint of ``directory`` into the model and optimizer; returns its step.
 
     Args:

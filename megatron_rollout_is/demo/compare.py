@@ -24,10 +24,10 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 from .reporting import read_metrics
 
@@ -37,7 +37,7 @@ class Arm:
     """A scenario or a correction: what it is, and the demo flags that make it."""
 
     description: str
-    flags: Tuple[str, ...]
+    flags: tuple[str, ...]
 
 
 SCENARIOS = {
@@ -46,36 +46,82 @@ SCENARIOS = {
     "stale": Arm("rollouts from the weights of 8 optimizer steps ago", ("--rollout-staleness", "8")),
     "top-p": Arm("top-p 0.8 sampling, processed (renormalised) log-probs", ("--top-p", "0.8")),
     "fp8": Arm("fp8-e4m3 W8A8 engine (weights per tensor, inputs per token)", ("--rollout-quantization", "fp8")),
-    "long": Arm("count task, 200-token responses, logit noise std 0.2",
-                ("--task", "count", "--response-tokens", "200", "--rollout-noise", "0.2", "--eval-prompts", "32")),
+    "long": Arm(
+        "count task, 200-token responses, logit noise std 0.2",
+        ("--task", "count", "--response-tokens", "200", "--rollout-noise", "0.2", "--eval-prompts", "32"),
+    ),
 }
 # "none" computes and logs the token-level weights and every mismatch/ metric without applying them.
 CORRECTIONS = {
-    "none": Arm("no correction (token-level metrics monitored)",
-                ("--rollout-is-threshold", "2", "--rollout-is-level", "token")),
-    "token-tis": Arm("token-level IS, truncated at 2, veto 1e-4",
-                     ("--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "token")),
-    "seq-tis": Arm("sequence-level IS, truncated at 2, veto 1e-4",
-                   ("--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "sequence")),
-    "geo-tis": Arm("geometric-mean IS, truncated at 2, veto 1e-4",
-                   ("--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "geometric")),
-    "geo-mask": Arm("geometric-mean IS, masked outside [0.9998, 1.0002] (the migration guide's example 2)",
-                    ("--rollout-is", "--rollout-is-threshold", "1.0002", "--rollout-is-threshold-lower", "0.9998",
-                     "--rollout-is-level", "geometric", "--rollout-is-mode", "clip")),
-    "geo-rs": Arm("geometric rejection (verl HEAD seq_mean_k1), sequences outside a geometric ratio of [0.9, 1.1]",
-                  ("--rollout-rs", "seq_mean_k1", "--rollout-rs-threshold", "0.9_1.1")),
-    "token-icepop": Arm("token-level IcePop (verl HEAD): weights outside [0.5, 2] zeroed",
-                        ("--rollout-is", "token", "--rollout-is-threshold", "0.5_2.0")),
+    "none": Arm(
+        "no correction (token-level metrics monitored)", ("--rollout-is-threshold", "2", "--rollout-is-level", "token")
+    ),
+    "token-tis": Arm(
+        "token-level IS, truncated at 2, veto 1e-4",
+        ("--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "token"),
+    ),
+    "seq-tis": Arm(
+        "sequence-level IS, truncated at 2, veto 1e-4",
+        ("--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "sequence"),
+    ),
+    "geo-tis": Arm(
+        "geometric-mean IS, truncated at 2, veto 1e-4",
+        ("--rollout-is", "--rollout-is-threshold", "2", "--rollout-is-level", "geometric"),
+    ),
+    "geo-mask": Arm(
+        "geometric-mean IS, masked outside [0.9998, 1.0002] (the migration guide's example 2)",
+        (
+            "--rollout-is",
+            "--rollout-is-threshold",
+            "1.0002",
+            "--rollout-is-threshold-lower",
+            "0.9998",
+            "--rollout-is-level",
+            "geometric",
+            "--rollout-is-mode",
+            "clip",
+        ),
+    ),
+    "geo-rs": Arm(
+        "geometric rejection (verl HEAD seq_mean_k1), sequences outside a geometric ratio of [0.9, 1.1]",
+        ("--rollout-rs", "seq_mean_k1", "--rollout-rs-threshold", "0.9_1.1"),
+    ),
+    "token-icepop": Arm(
+        "token-level IcePop (verl HEAD): weights outside [0.5, 2] zeroed",
+        ("--rollout-is", "token", "--rollout-is-threshold", "0.5_2.0"),
+    ),
     # The demo engine breaks ties as vLLM's PyTorch sampler does (tie rule "pytorch").
-    "replay": Arm("the trainer replays the engine's top-p 0.8 (processed pi_old and pi_theta); top-p scenario only",
-                  ("--rollout-top-p", "0.8", "--rollout-tie-rule", "pytorch", "--rollout-is-threshold", "2",
-                   "--rollout-is-level", "token")),
+    "replay": Arm(
+        "the trainer replays the engine's top-p 0.8 (processed pi_old and pi_theta); top-p scenario only",
+        (
+            "--rollout-top-p",
+            "0.8",
+            "--rollout-tie-rule",
+            "pytorch",
+            "--rollout-is-threshold",
+            "2",
+            "--rollout-is-level",
+            "token",
+        ),
+    ),
 }
 DEFAULT_CORRECTIONS = ("none", "token-tis", "seq-tis", "geo-tis")
 SHARED_FLAGS = ("--rollout-is-bypass", "--no-progress", "--plot", "none", "--cpu-threads", "1", "--eval-interval", "10")
 # --quick: a tiny batch, short long-responses, a handful of steps.
-QUICK_FLAGS = ("--global-batch-size", "16", "--micro-batch-size", "8", "--group-size", "4", "--eval-prompts", "8",
-               "--eval-interval", "2", "--response-tokens", "24")
+QUICK_FLAGS = (
+    "--global-batch-size",
+    "16",
+    "--micro-batch-size",
+    "8",
+    "--group-size",
+    "4",
+    "--eval-prompts",
+    "8",
+    "--eval-interval",
+    "2",
+    "--response-tokens",
+    "24",
+)
 # The metrics the study reads from every run's metrics.jsonl: verl 0.6.0 keys' name, then verl HEAD's.
 METRICS = {
     "reward": ("reward/mean",),
@@ -90,7 +136,7 @@ METRICS = {
 }
 
 
-def metric_value(record: dict, name: str) -> Optional[float]:
+def metric_value(record: dict, name: str) -> float | None:
     """A step's value of one of the study's :data:`METRICS` (None when the run does not log it)."""
     return next((record[key] for key in METRICS[name] if key in record), None)
 
@@ -110,15 +156,26 @@ def _run_directory(out: Path, scenario: str, correction: str, seed: int) -> Path
     return out / "runs" / f"{scenario}__{correction}__seed{seed}"
 
 
-def run_command(scenario: str, correction: str, seed: int, directory: Path, train_iters: int,
-                quick: bool) -> List[str]:
+def run_command(scenario: str, correction: str, seed: int, directory: Path, train_iters: int, quick: bool) -> list[str]:
     """The demo command line of one run (quick flags last: they override the scenario's sizes)."""
-    return [sys.executable, "-m", "megatron_rollout_is.demo", *SHARED_FLAGS, "--train-iters", str(train_iters),
-            *SCENARIOS[scenario].flags, *CORRECTIONS[correction].flags, *(QUICK_FLAGS if quick else ()),
-            "--seed", str(seed), "--output-dir", str(directory)]
+    return [
+        sys.executable,
+        "-m",
+        "megatron_rollout_is.demo",
+        *SHARED_FLAGS,
+        "--train-iters",
+        str(train_iters),
+        *SCENARIOS[scenario].flags,
+        *CORRECTIONS[correction].flags,
+        *(QUICK_FLAGS if quick else ()),
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(directory),
+    ]
 
 
-def _finished(directory: Path, command: List[str], train_iters: int) -> bool:
+def _finished(directory: Path, command: list[str], train_iters: int) -> bool:
     """Whether ``directory`` holds a complete run of exactly these flags (a changed scenario retrains)."""
     flags, metrics = directory / "flags.json", directory / "metrics.jsonl"
     if not (flags.is_file() and metrics.is_file()) or json.loads(flags.read_text()) != command[1:]:
@@ -127,7 +184,7 @@ def _finished(directory: Path, command: List[str], train_iters: int) -> bool:
     return bool(records) and records[-1]["step"] == train_iters
 
 
-def _train(command: List[str]) -> None:
+def _train(command: list[str]) -> None:
     directory = Path(command[command.index("--output-dir") + 1])
     directory.mkdir(parents=True, exist_ok=True)
     # The interpreter's path is left out: the same run from another environment is the same run.
@@ -142,11 +199,11 @@ def _mean(values: Sequence[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
-def _round(value: float) -> Optional[float]:
+def _round(value: float) -> float | None:
     return float(f"{value:.4g}") if value is not None and math.isfinite(value) else None
 
 
-def run_series(records: Sequence[dict]) -> Dict[str, list]:
+def run_series(records: Sequence[dict]) -> dict[str, list]:
     """Per-step series of one run: ``steps`` and, per :data:`PER_STEP` name, values (None where absent)."""
     series = {"steps": [r["step"] for r in records]}
     for name in PER_STEP:
@@ -165,7 +222,7 @@ def _quantile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def run_summary(records: Sequence[dict], tail: int) -> Dict[str, float]:
+def run_summary(records: Sequence[dict], tail: int) -> dict[str, float]:
     """One run's numbers: rewards at the end and over the whole run, mismatch early and late.
 
     ``early`` averages the first ``tail`` steps (the mismatch the uncorrected run starts with),
@@ -187,7 +244,7 @@ def run_summary(records: Sequence[dict], tail: int) -> Dict[str, float]:
     return summary
 
 
-def summarize(runs: Dict[str, Dict[str, Dict[int, List[dict]]]], tail: int) -> Dict[str, Dict[str, dict]]:
+def summarize(runs: dict[str, dict[str, dict[int, list[dict]]]], tail: int) -> dict[str, dict[str, dict]]:
     """Per scenario and correction: per-seed :func:`run_summary`, seed means, and the change
     against ``none`` on the same seed (``reward_last`` and ``reward_all_steps``: mean, min, max)."""
     summary = {}
@@ -206,10 +263,18 @@ def summarize(runs: Dict[str, Dict[str, Dict[int, List[dict]]]], tail: int) -> D
         for result in summary[scenario].values():
             result["vs_none"] = {}
             for key in ("reward_last", "reward_all_steps"):
-                deltas = [s[key] - baseline["per_seed"][seed][key] for seed, s in result["per_seed"].items()
-                          if seed in baseline["per_seed"]]
-                result["vs_none"][key] = {"mean": _mean(deltas), "min": min(deltas), "max": max(deltas),
-                                          "seeds_better": sum(d > 0 for d in deltas), "seeds": len(deltas)}
+                deltas = [
+                    s[key] - baseline["per_seed"][seed][key]
+                    for seed, s in result["per_seed"].items()
+                    if seed in baseline["per_seed"]
+                ]
+                result["vs_none"][key] = {
+                    "mean": _mean(deltas),
+                    "min": min(deltas),
+                    "max": max(deltas),
+                    "seeds_better": sum(d > 0 for d in deltas),
+                    "seeds": len(deltas),
+                }
     return summary
 
 
@@ -221,7 +286,7 @@ def _cell(result: dict, key: str, spec: str = "{:.3f}") -> str:
     return head if len(values) == 1 else f"{head} [{spec.format(min(values))}, {spec.format(max(values))}]"
 
 
-def _pivot(summary: Dict[str, Dict[str, dict]], corrections: Sequence[str], key: str, spec: str) -> List[str]:
+def _pivot(summary: dict[str, dict[str, dict]], corrections: Sequence[str], key: str, spec: str) -> list[str]:
     lines = ["| scenario | " + " | ".join(corrections) + " |", "|---|" + "---|" * len(corrections)]
     for scenario, by_correction in summary.items():
         cells = [_cell(by_correction[c], key, spec) if c in by_correction else "" for c in corrections]
@@ -229,16 +294,18 @@ def _pivot(summary: Dict[str, Dict[str, dict]], corrections: Sequence[str], key:
     return lines
 
 
-def _best_correction(by_correction: Dict[str, dict]) -> str:
+def _best_correction(by_correction: dict[str, dict]) -> str:
     gains = {c: r["vs_none"]["reward_last"] for c, r in by_correction.items() if c != "none" and "vs_none" in r}
     if not gains:
         return "n/a"
     name, gain = max(gains.items(), key=lambda item: item[1]["mean"])
-    return (f"{name} {gain['mean']:+.3f} [{gain['min']:+.3f}, {gain['max']:+.3f}], better on "
-            f"{gain['seeds_better']}/{gain['seeds']} seeds")
+    return (
+        f"{name} {gain['mean']:+.3f} [{gain['min']:+.3f}, {gain['max']:+.3f}], better on "
+        f"{gain['seeds_better']}/{gain['seeds']} seeds"
+    )
 
 
-def markdown(summary: Dict[str, Dict[str, dict]], corrections: Sequence[str], tail: int, settings: str) -> str:
+def markdown(summary: dict[str, dict[str, dict]], corrections: Sequence[str], tail: int, settings: str) -> str:
     """The study as Markdown: rewards per scenario x correction, then what the uncorrected run saw."""
     lines = [settings, "", "Scenarios:", ""]
     lines += [f"- `{name}`: {SCENARIOS[name].description}" for name in summary]
@@ -246,15 +313,19 @@ def markdown(summary: Dict[str, Dict[str, dict]], corrections: Sequence[str], ta
     lines += [f"- `{name}`: {CORRECTIONS[name].description}" for name in corrections]
     lines += ["", f"Rollout reward, mean of the last {tail} steps (mean over seeds [min, max]):", ""]
     lines += _pivot(summary, corrections, "reward_last", "{:.3f}")
-    lines += ["", f"Rollout reward, mean over all steps (learning speed):", ""]
+    lines += ["", "Rollout reward, mean over all steps (learning speed):", ""]
     lines += _pivot(summary, corrections, "reward_all_steps", "{:.3f}")
     lines += ["", "Greedy fp32 reward of the trained policy on the eval prompts, at the end:", ""]
     lines += _pivot(summary, corrections, "greedy_reward_final", "{:.3f}")
-    lines += ["", f"What the uncorrected run (`none`) logs, first {tail} steps -> last {tail} steps, and the best "
-              f"correction's change of the last-{tail}-step reward against `none` on the same seeds:", "",
-              "| scenario | mismatch_kl (k1) | k3_kl | k3_kl per step: median, p95 | token IS ESS | IS weight mean "
-              "| best correction vs none |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"What the uncorrected run (`none`) logs, first {tail} steps -> last {tail} steps, and the best "
+        f"correction's change of the last-{tail}-step reward against `none` on the same seeds:",
+        "",
+        "| scenario | mismatch_kl (k1) | k3_kl | k3_kl per step: median, p95 | token IS ESS | IS weight mean "
+        "| best correction vs none |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for scenario, by_correction in summary.items():
         if "none" not in by_correction:
             continue
@@ -266,11 +337,11 @@ def markdown(summary: Dict[str, Dict[str, dict]], corrections: Sequence[str], ta
     return "\n".join(lines) + "\n"
 
 
-def _smooth(values: List[float], window: int) -> List[float]:
-    return [_mean(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+def _smooth(values: list[float], window: int) -> list[float]:
+    return [_mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
 
 
-def plot(series: Dict[str, Dict[str, Dict[int, dict]]], path: Path, title: str) -> None:
+def plot(series: dict[str, dict[str, dict[int, dict]]], path: Path, title: str) -> None:
     """One row per scenario, one column per :data:`PANELS` entry, one line per correction (seed mean,
     min-max band over seeds)."""
     from matplotlib.figure import Figure
@@ -293,10 +364,15 @@ def plot(series: Dict[str, Dict[str, Dict[int, dict]]], path: Path, title: str) 
                 if log_scale:
                     smoothed = [[max(v, 1e-9) for v in curve] for curve in smoothed]
                 mean = [_mean(values) for values in zip(*smoothed)]
-                line, = axis.plot(steps, mean, label=correction, marker="o" if window == 1 else None, markersize=2.5)
+                (line,) = axis.plot(steps, mean, label=correction, marker="o" if window == 1 else None, markersize=2.5)
                 if len(smoothed) > 1:
-                    axis.fill_between(steps, [min(v) for v in zip(*smoothed)], [max(v) for v in zip(*smoothed)],
-                                      color=line.get_color(), alpha=0.15)
+                    axis.fill_between(
+                        steps,
+                        [min(v) for v in zip(*smoothed)],
+                        [max(v) for v in zip(*smoothed)],
+                        color=line.get_color(),
+                        alpha=0.15,
+                    )
             if log_scale and axis.lines:
                 axis.set_yscale("log")
             axis.set_title(f"{scenario}: {panel}", fontsize=9)
@@ -316,9 +392,11 @@ def _settings(quick: bool, train_iters: int, seeds: Sequence[int]) -> str:
     from .arguments import build_parser
 
     demo = build_parser().parse_args(list(QUICK_FLAGS) if quick else [])
-    return (f"GRPO on the demo: {demo.num_layers}-layer, {demo.hidden_size}-wide GPTModel, "
-            f"{demo.global_batch_size // demo.group_size} prompts x {demo.group_size} samples per step, "
-            f"Adam lr {demo.lr:g}, bypass mode; {train_iters} steps; seeds {', '.join(map(str, seeds))}")
+    return (
+        f"GRPO on the demo: {demo.num_layers}-layer, {demo.hidden_size}-wide GPTModel, "
+        f"{demo.global_batch_size // demo.group_size} prompts x {demo.group_size} samples per step, "
+        f"Adam lr {demo.lr:g}, bypass mode; {train_iters} steps; seeds {', '.join(map(str, seeds))}"
+    )
 
 
 def _finite_or_none(value):
@@ -333,31 +411,57 @@ def _finite_or_none(value):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m megatron_rollout_is.demo.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="Directory of the runs (DIR/runs/<scenario>__<correction>__seed<N>/).")
-    parser.add_argument("--results", default=None, metavar="DIR",
-                        help="Where study.json, study.md and study.png go; default --out.")
-    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS),
-                        help="Mismatch scenarios to run. " + "; ".join(
-                            f"{name}: {arm.description} ({' '.join(arm.flags) or 'no flags'})"
-                            for name, arm in SCENARIOS.items()))
-    parser.add_argument("--corrections", nargs="+", choices=list(CORRECTIONS), default=list(DEFAULT_CORRECTIONS),
-                        help="Corrections to run (default %(default)s). " + "; ".join(
-                            f"{name}: {' '.join(arm.flags)}" for name, arm in CORRECTIONS.items()))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
-                        help="Seeds (weights, prompts, sampling); default %(default)s.")
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_rollout_is.demo.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--out", required=True, help="Directory of the runs (DIR/runs/<scenario>__<correction>__seed<N>/)."
+    )
+    parser.add_argument(
+        "--results", default=None, metavar="DIR", help="Where study.json, study.md and study.png go; default --out."
+    )
+    parser.add_argument(
+        "--scenarios",
+        nargs="+",
+        choices=list(SCENARIOS),
+        default=list(SCENARIOS),
+        help="Mismatch scenarios to run. "
+        + "; ".join(
+            f"{name}: {arm.description} ({' '.join(arm.flags) or 'no flags'})" for name, arm in SCENARIOS.items()
+        ),
+    )
+    parser.add_argument(
+        "--corrections",
+        nargs="+",
+        choices=list(CORRECTIONS),
+        default=list(DEFAULT_CORRECTIONS),
+        help="Corrections to run (default %(default)s). "
+        + "; ".join(f"{name}: {' '.join(arm.flags)}" for name, arm in CORRECTIONS.items()),
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        help="Seeds (weights, prompts, sampling); default %(default)s.",
+    )
     parser.add_argument("--train-iters", type=int, default=200, help="Steps of every run; default %(default)s.")
     parser.add_argument("--tail", type=int, default=None, help="Steps averaged at the start and end; default a fifth.")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="Runs at once, one CPU thread each (each process also takes ~0.4 GB).")
-    parser.add_argument("--quick", action="store_true",
-                        help="Smoke test: one seed, 4 steps, a batch of 16 and 24-token long responses, unless "
-                             "--seeds/--train-iters are given.")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="Runs at once, one CPU thread each (each process also takes ~0.4 GB)."
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="Smoke test: one seed, 4 steps, a batch of 16 and 24-token long responses, unless "
+        "--seeds/--train-iters are given.",
+    )
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.quick:
@@ -368,11 +472,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--train-iters and --jobs must be >= 1")
     tail = args.tail or max(1, args.train_iters // 5)
     out = Path(args.out)
-    cells = [(scenario, correction, seed) for scenario in args.scenarios for correction in args.corrections
-             for seed in args.seeds]
+    cells = [
+        (scenario, correction, seed)
+        for scenario in args.scenarios
+        for correction in args.corrections
+        for seed in args.seeds
+    ]
     commands = {cell: run_command(*cell, _run_directory(out, *cell), args.train_iters, args.quick) for cell in cells}
-    todo = [command for cell, command in commands.items()
-            if not _finished(_run_directory(out, *cell), command, args.train_iters)]
+    todo = [
+        command
+        for cell, command in commands.items()
+        if not _finished(_run_directory(out, *cell), command, args.train_iters)
+    ]
     print(f"{len(cells)} runs, {len(cells) - len(todo)} already finished", flush=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         list(pool.map(_train, todo))
@@ -382,14 +493,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs[scenario][correction][seed] = read_metrics(directory / "metrics.jsonl")
     settings = _settings(args.quick, args.train_iters, args.seeds)
     summary = summarize(runs, tail)
-    series = {s: {c: {seed: run_series(records) for seed, records in by_seed.items()}
-                  for c, by_seed in by_correction.items()} for s, by_correction in runs.items()}
+    series = {
+        s: {c: {seed: run_series(records) for seed, records in by_seed.items()} for c, by_seed in by_correction.items()}
+        for s, by_correction in runs.items()
+    }
     document = {
-        "settings": settings, "train_iters": args.train_iters, "tail": tail, "seeds": args.seeds, "quick": args.quick,
+        "settings": settings,
+        "train_iters": args.train_iters,
+        "tail": tail,
+        "seeds": args.seeds,
+        "quick": args.quick,
         "scenarios": {s: {"description": SCENARIOS[s].description, "flags": list(SCENARIOS[s].flags)} for s in runs},
-        "corrections": {c: {"description": CORRECTIONS[c].description, "flags": list(CORRECTIONS[c].flags)}
-                        for c in args.corrections},
-        "summary": summary, "series": series,
+        "corrections": {
+            c: {"description": CORRECTIONS[c].description, "flags": list(CORRECTIONS[c].flags)}
+            for c in args.corrections
+        },
+        "summary": summary,
+        "series": series,
     }
     results = Path(args.results or args.out)
     results.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,9 @@ vocabulary, ``h`` hidden size, ``T`` key/value slots (``P + R``).
 """
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, List, NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,7 @@ def filter_top_k_top_p(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Te
     return logits
 
 
-def quantize_weights(state: Dict[str, Tensor], scheme: str) -> Dict[str, Tensor]:
+def quantize_weights(state: dict[str, Tensor], scheme: str) -> dict[str, Tensor]:
     """The state with the weight of every linear layer inside the decoder rounded to ``scheme``.
 
     Embeddings, the output layer, norms and biases stay as they are, as in vLLM's fp8 and int8
@@ -157,9 +158,9 @@ class WeightHistory:
     def __init__(self, staleness: int):
         if staleness < 0:
             raise ValueError(f"--rollout-staleness must be >= 0, got {staleness}.")
-        self._snapshots: Deque[Dict[str, Tensor]] = deque(maxlen=staleness + 1)
+        self._snapshots: deque[dict[str, Tensor]] = deque(maxlen=staleness + 1)
 
-    def push(self, state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    def push(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Stores a copy of the current weights; returns the snapshot to sample with."""
         if self._snapshots.maxlen == 1:
             return state
@@ -229,8 +230,14 @@ class RolloutEngine:
             (weight-only, one scale per output channel); see :func:`quantize_weights`.
     """
 
-    def __init__(self, state: Dict[str, Tensor], shape: EngineShape, dtype: torch.dtype = torch.bfloat16,
-                 device: Optional[torch.device] = None, quantization: str = "none"):
+    def __init__(
+        self,
+        state: dict[str, Tensor],
+        shape: EngineShape,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | None = None,
+        quantization: str = "none",
+    ):
         if "embedding.position_embeddings.weight" not in state:
             raise ValueError("the rollout engine needs learned absolute position embeddings.")
         self.shape = shape
@@ -242,8 +249,7 @@ class RolloutEngine:
 
     def _layer_norm(self, x: Tensor, prefix: str) -> Tensor:
         weight = self.weights[prefix + ".weight"]
-        return F.layer_norm(x, weight.shape, weight, self.weights.get(prefix + ".bias"),
-                            self.shape.layernorm_epsilon)
+        return F.layer_norm(x, weight.shape, weight, self.weights.get(prefix + ".bias"), self.shape.layernorm_epsilon)
 
     def _linear(self, x: Tensor, prefix: str) -> Tensor:
         """A decoder linear layer (the output layer is not one: it never sees fp8 inputs)."""
@@ -251,13 +257,18 @@ class RolloutEngine:
             x = _fp8_round_trip(x, x.abs().amax(dim=-1, keepdim=True))
         return F.linear(x, self.weights[prefix + ".weight"], self.weights.get(prefix + ".bias"))
 
-    def _new_cache(self, batch: int, slots: int) -> List[Tuple[Tensor, Tensor]]:
+    def _new_cache(self, batch: int, slots: int) -> list[tuple[Tensor, Tensor]]:
         """Per layer, keys and values ``[b, T, heads, head_dim]`` (query groups already expanded)."""
         size = (batch, slots, self.shape.num_attention_heads, self.shape.kv_channels)
-        return [(torch.zeros(size, dtype=self.dtype, device=self.device),
-                 torch.zeros(size, dtype=self.dtype, device=self.device)) for _ in range(self.shape.num_layers)]
+        return [
+            (
+                torch.zeros(size, dtype=self.dtype, device=self.device),
+                torch.zeros(size, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.shape.num_layers)
+        ]
 
-    def _attention(self, x: Tensor, prefix: str, cache: Tuple[Tensor, Tensor], start: int, allowed: Tensor) -> Tensor:
+    def _attention(self, x: Tensor, prefix: str, cache: tuple[Tensor, Tensor], start: int, allowed: Tensor) -> Tensor:
         """Self-attention of ``x`` ``[b, q, h]`` (slots ``[start, start + q)``) over the cached keys."""
         batch, seq, _ = x.shape
         heads, groups, head_dim = self.shape.num_attention_heads, self.shape.num_query_groups, self.shape.kv_channels
@@ -266,28 +277,36 @@ class RolloutEngine:
         qkv = self._linear(x, prefix + ".linear_qkv").view(batch, seq, groups, per_group + 2, head_dim)
         query = qkv[:, :, :, :per_group].reshape(batch, seq, heads, head_dim)
         keys, values = cache
-        keys[:, start:start + seq] = qkv[:, :, :, per_group].repeat_interleave(per_group, dim=2)
-        values[:, start:start + seq] = qkv[:, :, :, per_group + 1].repeat_interleave(per_group, dim=2)
+        keys[:, start : start + seq] = qkv[:, :, :, per_group].repeat_interleave(per_group, dim=2)
+        values[:, start : start + seq] = qkv[:, :, :, per_group + 1].repeat_interleave(per_group, dim=2)
         end = start + seq
         scores = torch.einsum("bqnd,bknd->bnqk", query, keys[:, :end]).float() / head_dim**0.5
         probs = torch.softmax(scores.masked_fill(~allowed.unsqueeze(1), float("-inf")), dim=-1).to(values.dtype)
         context = torch.einsum("bnqk,bknd->bqnd", probs, values[:, :end]).reshape(batch, seq, heads * head_dim)
         return self._linear(context, prefix + ".linear_proj")
 
-    def _forward(self, tokens: Tensor, position_ids: Tensor, cache: List[Tuple[Tensor, Tensor]], start: int,
-                 allowed: Tensor) -> Tensor:
+    def _forward(
+        self, tokens: Tensor, position_ids: Tensor, cache: list[tuple[Tensor, Tensor]], start: int, allowed: Tensor
+    ) -> Tensor:
         """Logits, float32 ``[b, q, V]``, of ``q`` new tokens written to cache slots ``[start, start + q)``.
 
         Args:
             tokens, position_ids (Tensor): int64 ``[b, q]`` on the engine's device.
             allowed (Tensor): bool ``[b or 1, q, start + q]``, which cache slots each new token attends to.
         """
-        hidden = (self.weights["embedding.word_embeddings.weight"][tokens]
-                  + self.weights["embedding.position_embeddings.weight"][position_ids])
+        hidden = (
+            self.weights["embedding.word_embeddings.weight"][tokens]
+            + self.weights["embedding.position_embeddings.weight"][position_ids]
+        )
         for layer in range(self.shape.num_layers):
             prefix = f"decoder.layers.{layer}"
-            hidden = hidden + self._attention(self._layer_norm(hidden, prefix + ".input_layernorm"),
-                                              prefix + ".self_attention", cache[layer], start, allowed)
+            hidden = hidden + self._attention(
+                self._layer_norm(hidden, prefix + ".input_layernorm"),
+                prefix + ".self_attention",
+                cache[layer],
+                start,
+                allowed,
+            )
             mlp_in = self._layer_norm(hidden, prefix + ".pre_mlp_layernorm")
             mlp_hidden = self.shape.activation(self._linear(mlp_in, prefix + ".mlp.linear_fc1"))
             hidden = hidden + self._linear(mlp_hidden, prefix + ".mlp.linear_fc2")
@@ -299,13 +318,21 @@ class RolloutEngine:
         """Full-vocabulary logits, float32 ``[b, s, V]``, of int64 ``tokens``/``position_ids`` ``[b, s]``."""
         batch, seq = tokens.shape
         causal = torch.ones(1, seq, seq, dtype=torch.bool, device=self.device).tril()
-        return self._forward(tokens.to(self.device), position_ids.to(self.device), self._new_cache(batch, seq), 0,
-                             causal)
+        return self._forward(
+            tokens.to(self.device), position_ids.to(self.device), self._new_cache(batch, seq), 0, causal
+        )
 
     @torch.no_grad()
-    def generate(self, prompts: Tensor, prompt_lengths: Tensor, response_len: int,
-                 generator: Optional[torch.Generator] = None, noise_std: float = 0.0,
-                 sampling: SamplingParams = SamplingParams(), greedy: bool = False) -> Rollout:
+    def generate(
+        self,
+        prompts: Tensor,
+        prompt_lengths: Tensor,
+        response_len: int,
+        generator: torch.Generator | None = None,
+        noise_std: float = 0.0,
+        sampling: SamplingParams = SamplingParams(),
+        greedy: bool = False,
+    ) -> Rollout:
         """Sample ``response_len`` tokens after each prompt (stopping each row at its EOS).
 
         The prompts fill cache slots ``[0, P)`` (slots past a prompt's length are never attended
@@ -334,8 +361,13 @@ class RolloutEngine:
         attendable = torch.zeros(num, prompt_width + response_len, dtype=torch.bool)
         attendable[:, :prompt_width] = torch.arange(prompt_width) < lengths.unsqueeze(1)
         causal = torch.ones(prompt_width, prompt_width, dtype=torch.bool).tril()
-        logits = self._forward(prompts.to(self.device), torch.arange(prompt_width, device=self.device).expand(num, -1),
-                               cache, 0, (causal & attendable[:, None, :prompt_width]).to(self.device))
+        logits = self._forward(
+            prompts.to(self.device),
+            torch.arange(prompt_width, device=self.device).expand(num, -1),
+            cache,
+            0,
+            (causal & attendable[:, None, :prompt_width]).to(self.device),
+        )
         # The position that predicts response token 0 is the prompt's last one.
         step_logits = logits[rows.to(self.device), (lengths - 1).to(self.device)].cpu()
         responses = torch.full((num, response_len), PAD, dtype=torch.long)
@@ -355,18 +387,20 @@ class RolloutEngine:
             slot = prompt_width + step
             attendable[:, slot] = True
             new_token = (tokens.unsqueeze(1).to(self.device), (lengths + step).unsqueeze(1).to(self.device))
-            step_logits = self._forward(*new_token, cache, slot, attendable[:, None, :slot + 1].to(self.device))
+            step_logits = self._forward(*new_token, cache, slot, attendable[:, None, : slot + 1].to(self.device))
             step_logits = step_logits[:, 0].cpu()
         return Rollout(responses, log_probs, mask)
 
 
-def _sample(logits: Tensor, generator: Optional[torch.Generator], noise_std: float, sampling: SamplingParams,
-            greedy: bool) -> Tuple[Tensor, Tensor]:
+def _sample(
+    logits: Tensor, generator: torch.Generator | None, noise_std: float, sampling: SamplingParams, greedy: bool
+) -> tuple[Tensor, Tensor]:
     """One token per row from float32 ``[N, V]`` logits and its reported log-prob, both ``[N]``."""
     if noise_std > 0:
         logits = logits + noise_std * torch.randn(logits.shape, generator=generator)
-    processed = torch.log_softmax(filter_top_k_top_p(logits / sampling.temperature, sampling.top_k, sampling.top_p),
-                                  dim=-1)
+    processed = torch.log_softmax(
+        filter_top_k_top_p(logits / sampling.temperature, sampling.top_k, sampling.top_p), dim=-1
+    )
     if greedy:
         tokens = processed.argmax(-1)
     else:

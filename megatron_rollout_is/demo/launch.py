@@ -10,8 +10,8 @@ import os
 import socket
 import sys
 import warnings
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -53,12 +53,13 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> tuple:
     if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                                timeout=timeout)
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+        )
     return device, True
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None, defaults: Optional[dict] = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str | None = None, defaults: dict | None = None) -> int:
     """Entry point of ``python -m megatron_rollout_is.demo``, torchrun and ``megatron-rollout-is demo``.
 
     Args:

@@ -7,7 +7,6 @@ asserts CUDA gradient types).
 
 import math
 import zlib
-from typing import Dict, Tuple
 
 import torch
 from torch import Tensor
@@ -16,18 +15,23 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-from ..cpu_rig.model import (build_gpt_model, global_parameter_name, load_full_state_dict, rollout_is_layer_spec,
-                               tiny_gpt_config)
+from ..cpu_rig.model import (
+    build_gpt_model,
+    global_parameter_name,
+    load_full_state_dict,
+    rollout_is_layer_spec,
+    tiny_gpt_config,
+)
 
 
-def _full_shape(param: Tensor, tp_size: int) -> Tuple[int, ...]:
+def _full_shape(param: Tensor, tp_size: int) -> tuple[int, ...]:
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
         shape[param.partition_dim] *= tp_size
     return tuple(shape)
 
 
-def initial_full_state(model, num_layers: int, tp_size: int, seed: int, std: float = 0.02) -> Dict[str, Tensor]:
+def initial_full_state(model, num_layers: int, tp_size: int, seed: int, std: float = 0.02) -> dict[str, Tensor]:
     """Layout-independent initial weights of this stage's parameters (single-process names).
 
     Megatron's init scheme (normal(0, std) weights, output projections of each layer scaled by
@@ -64,7 +68,9 @@ def build_model_and_optimizer(args, vocab_size: int, seq_len: int, device: torch
     """
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     config = tiny_gpt_config(
-        tp, pp, cp,
+        tp,
+        pp,
+        cp,
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,

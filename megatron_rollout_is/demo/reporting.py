@@ -66,8 +66,9 @@ class MetricsLog:
         progress (bool): show the tqdm bar.
     """
 
-    def __init__(self, output_dir: str, tensorboard_dir: str | None, total_steps: int, start_step: int = 0,
-                 progress: bool = True):
+    def __init__(
+        self, output_dir: str, tensorboard_dir: str | None, total_steps: int, start_step: int = 0, progress: bool = True
+    ):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
@@ -83,8 +84,9 @@ class MetricsLog:
         from tqdm import tqdm
 
         self.total_steps = total_steps
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="GRPO", unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, disable=not progress, desc="GRPO", unit="step", dynamic_ncols=True
+        )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Appends one step's metrics to every sink."""
@@ -109,8 +111,7 @@ class MetricsLog:
         self.bar.close()
 
 
-def plot_runs(runs: dict[str, Sequence[dict[str, float]]], path: str | Path, title: str,
-              panels=PLOT_PANELS) -> Path:
+def plot_runs(runs: dict[str, Sequence[dict[str, float]]], path: str | Path, title: str, panels=PLOT_PANELS) -> Path:
     """Draws one line per (run, metric) in a grid of panels and saves a PNG.
 
     Args:
@@ -139,7 +140,7 @@ def plot_runs(runs: dict[str, Sequence[dict[str, float]]], path: str | Path, tit
         axis.grid(alpha=0.3)
         if axis.lines:
             axis.legend(fontsize=7)
-    for axis in list(axes.flat)[len(panels):]:
+    for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     figure.suptitle(title)
     path = Path(path)

@@ -14,7 +14,6 @@ Layouts: ``N`` sequences, ``P`` = longest prompt, ``R`` = response budget (the l
 """
 
 from dataclasses import dataclass
-from typing import Tuple, Union
 
 import torch
 from torch import Tensor
@@ -65,9 +64,7 @@ class ReverseTask(_SymbolAlphabet):
 
     def __post_init__(self):
         if not 1 <= self.min_digits <= self.max_digits:
-            raise ValueError(
-                f"need 1 <= --min-digits <= --max-digits, got {self.min_digits} and {self.max_digits}."
-            )
+            raise ValueError(f"need 1 <= --min-digits <= --max-digits, got {self.min_digits} and {self.max_digits}.")
         self._check_alphabet()
 
     @property
@@ -80,7 +77,7 @@ class ReverseTask(_SymbolAlphabet):
         """R: the response budget, the longest answer plus ``EOS``."""
         return self.max_digits + 1
 
-    def sample_prompts(self, num: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    def sample_prompts(self, num: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``num`` random prompts.
 
         Returns:
@@ -151,7 +148,7 @@ class CountTask(_SymbolAlphabet):
         """R: ``length`` symbols plus ``EOS``."""
         return self.length + 1
 
-    def sample_prompts(self, num: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    def sample_prompts(self, num: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``num`` prompts ``BOS d =`` (int64 ``[num, 3]``) and their lengths (all 3)."""
         start = torch.randint(0, self.num_symbols, (num,), generator=generator) + FIRST_SYMBOL
         prompts = torch.stack([torch.full((num,), BOS), start, torch.full((num,), EQUALS)], dim=1)
@@ -181,20 +178,21 @@ class CountTask(_SymbolAlphabet):
         Returns:
             Tensor: float32 ``[N]`` in [0, 1].
         """
-        previous = torch.cat([prompts[:, 1:2], responses[:, :self.length - 1]], dim=1)
+        previous = torch.cat([prompts[:, 1:2], responses[:, : self.length - 1]], dim=1)
         expected = self._successor(previous)
         # After a non-symbol (EOS, PAD) nothing is right: PAD must not match PAD.
-        counted = ((responses[:, :self.length] == expected) & (expected != PAD)).sum(1)
+        counted = ((responses[:, : self.length] == expected) & (expected != PAD)).sum(1)
         stopped = responses[:, self.length] == EOS
         return (counted + stopped).float() / self.response_len
 
 
-Task = Union[ReverseTask, CountTask]
+Task = ReverseTask | CountTask
 TASKS = ("reverse", "count")
 
 
-def make_task(name: str, min_digits: int = 3, max_digits: int = 3, num_symbols: int = 10,
-              response_tokens: int = 256) -> Task:
+def make_task(
+    name: str, min_digits: int = 3, max_digits: int = 3, num_symbols: int = 10, response_tokens: int = 256
+) -> Task:
     """The task of ``--task`` from its flags (each task checks its own values)."""
     if name == "reverse":
         return ReverseTask(min_digits, max_digits, num_symbols)
@@ -216,8 +214,7 @@ def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tens
     """
     if group_size < 2 or rewards.numel() % group_size != 0:
         raise ValueError(
-            f"--group-size must be >= 2 and divide the {rewards.numel()} sequences of the batch, "
-            f"got {group_size}."
+            f"--group-size must be >= 2 and divide the {rewards.numel()} sequences of the batch, got {group_size}."
         )
     grouped = rewards.float().view(-1, group_size)
     mean = grouped.mean(1, keepdim=True)

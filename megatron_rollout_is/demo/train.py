@@ -22,8 +22,8 @@ Sampling is seeded per step, so a run resumed from a checkpoint replays the same
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,14 +31,21 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ..dumps import write_step_dump
 from ..cpu_rig.model import unshard_named_tensors
-from ..integration.forward_step import make_gpt_forward_step
+from ..dumps import write_step_dump
 from ..integration.arguments import sampling_replay_settings
+from ..integration.forward_step import make_gpt_forward_step
 from ..integration.loss import PolicyLossConfig, RolloutISPolicyLoss
 from ..parallel.groups import RolloutISGroups
-from .batches import (packed_cu_seqlens, packed_micro_batches, padded_micro_batches, response_view,
-                      sequence_tensors, to_device, unsplit_micro_batch)
+from .batches import (
+    packed_cu_seqlens,
+    packed_micro_batches,
+    padded_micro_batches,
+    response_view,
+    sequence_tensors,
+    to_device,
+    unsplit_micro_batch,
+)
 from .checkpoint import TRACKER, load_checkpoint, save_checkpoint
 from .generator import EngineShape, RolloutEngine, SamplingParams, WeightHistory
 from .model_setup import build_model_and_optimizer
@@ -59,14 +66,23 @@ class GRPOTrainer:
         tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
         self.seq_len = round_up(self.task.sequence_len, 2 * cp)
         self.ddp, self.optimizer, self.config = build_model_and_optimizer(
-            args, self.task.vocab_size(tp), self.seq_len, device)
+            args, self.task.vocab_size(tp), self.seq_len, device
+        )
         self.model = self.ddp.module
         self.engine_shape = EngineShape.from_transformer_config(self.config)
         self.groups = RolloutISGroups.from_parallel_state()
-        self.loss = RolloutISPolicyLoss(is_config, self.groups, PolicyLossConfig(
-            clip_eps_low=args.clip_eps, clip_eps_high=args.clip_eps, temperature=args.temperature,
-            bypass=args.rollout_is_bypass, loss_denominator=args.rollout_loss_denominator,
-            **sampling_replay_settings(args)))
+        self.loss = RolloutISPolicyLoss(
+            is_config,
+            self.groups,
+            PolicyLossConfig(
+                clip_eps_low=args.clip_eps,
+                clip_eps_high=args.clip_eps,
+                temperature=args.temperature,
+                bypass=args.rollout_is_bypass,
+                loss_denominator=args.rollout_loss_denominator,
+                **sampling_replay_settings(args),
+            ),
+        )
         self.rank, self.last_rank = dist.get_rank(), dist.get_world_size() - 1
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.cp_rank = parallel_state.get_context_parallel_rank()
@@ -78,13 +94,17 @@ class GRPOTrainer:
     def _generator(self, step: int, purpose: int) -> torch.Generator:
         return torch.Generator().manual_seed((self.args.seed * 1_000_003 + step) * 8 + purpose)
 
-    def _engine_state(self) -> Optional[Dict[str, torch.Tensor]]:
+    def _engine_state(self) -> dict[str, torch.Tensor] | None:
         """Full weights on rank 0; only the ranks of rank 0's model replica take part."""
         if self.dp_rank != 0 or self.cp_rank != 0:
             return None
         local = {name: param.detach() for name, param in self.model.named_parameters()}
-        full = unshard_named_tensors(self.model, local, parallel_state.get_tensor_model_parallel_group(),
-                                     parallel_state.get_pipeline_model_parallel_group())
+        full = unshard_named_tensors(
+            self.model,
+            local,
+            parallel_state.get_tensor_model_parallel_group(),
+            parallel_state.get_pipeline_model_parallel_group(),
+        )
         return full if self.rank == 0 else None
 
     def _broadcast_from_rank0(self, tensors: Sequence[torch.Tensor]) -> None:
@@ -93,11 +113,12 @@ class GRPOTrainer:
             dist.broadcast(staged, src=0)
             tensor.copy_(staged.cpu())
 
-    def rollout(self, step: int, evaluate: bool) -> Dict[str, torch.Tensor]:
+    def rollout(self, step: int, evaluate: bool) -> dict[str, torch.Tensor]:
         """The step's global batch (identical on every rank) and, on rank 0, the eval reward."""
         args, task = self.args, self.task
-        prompts, lengths = task.sample_prompts(args.global_batch_size // args.group_size,
-                                               self._generator(step, _PROMPTS))
+        prompts, lengths = task.sample_prompts(
+            args.global_batch_size // args.group_size, self._generator(step, _PROMPTS)
+        )
         prompts = prompts.repeat_interleave(args.group_size, 0)
         lengths = lengths.repeat_interleave(args.group_size, 0)
         shape = (args.global_batch_size, task.response_len)
@@ -107,10 +128,12 @@ class GRPOTrainer:
         full_state = self._engine_state()
         if self.rank == 0:
             dtype = torch.bfloat16 if args.rollout_dtype == "bf16" else torch.float32
-            engine = RolloutEngine(self.weight_history.push(full_state), self.engine_shape, dtype, self.device,
-                                   args.rollout_quantization)
-            sampled = engine.generate(prompts, lengths, task.response_len, self._generator(step, _SAMPLING),
-                                      args.rollout_noise, self.sampling)
+            engine = RolloutEngine(
+                self.weight_history.push(full_state), self.engine_shape, dtype, self.device, args.rollout_quantization
+            )
+            sampled = engine.generate(
+                prompts, lengths, task.response_len, self._generator(step, _SAMPLING), args.rollout_noise, self.sampling
+            )
             responses.copy_(sampled.responses)
             log_probs.copy_(sampled.log_probs)
             mask.copy_(sampled.mask)
@@ -120,12 +143,18 @@ class GRPOTrainer:
         if step == args.inject_nonfinite_rollout_step:
             _inject_nonfinite_log_probs(log_probs, mask.bool(), step)
         rewards = task.rewards(responses, prompts, lengths)
-        batch.update(prompts=prompts, prompt_lengths=lengths, responses=responses, rollout_log_probs=log_probs,
-                     response_mask=mask.bool(), rewards=rewards,
-                     advantages=grpo_advantages(rewards, args.group_size))
+        batch.update(
+            prompts=prompts,
+            prompt_lengths=lengths,
+            responses=responses,
+            rollout_log_probs=log_probs,
+            response_mask=mask.bool(),
+            rewards=rewards,
+            advantages=grpo_advantages(rewards, args.group_size),
+        )
         return batch
 
-    def evaluate(self, full_state: Dict[str, torch.Tensor]) -> float:
+    def evaluate(self, full_state: dict[str, torch.Tensor]) -> float:
         """Mean reward of greedy fp32 answers of the current weights to the fixed eval prompts (rank 0).
 
         None of the rollout mismatches applies: no noise, no top-k/top-p, no quantisation, no staleness.
@@ -139,43 +168,63 @@ class GRPOTrainer:
         per_rank = self.args.global_batch_size // self.args.data_parallel_size
         return torch.arange(dp_rank * per_rank, (dp_rank + 1) * per_rank)
 
-    def micro_batches(self, sequences, advantages) -> List[dict]:
+    def micro_batches(self, sequences, advantages) -> list[dict]:
         """This rank's micro-batches, on the device."""
         args = self.args
         make = packed_micro_batches if args.packed else padded_micro_batches
-        batches = make(sequences, advantages, self._rows(self.dp_rank), args.micro_batch_size,
-                       args.context_parallel_size, self.cp_rank)
+        batches = make(
+            sequences,
+            advantages,
+            self._rows(self.dp_rank),
+            args.micro_batch_size,
+            args.context_parallel_size,
+            self.cp_rank,
+        )
         return [to_device(batch, self.device) for batch in batches]
 
-    def _schedule(self, loss_fn, batches: List[dict], forward_only: bool):
+    def _schedule(self, loss_fn, batches: list[dict], forward_only: bool):
         if self.args.packed:
             seq_length, micro_batch_size = max(int(b["cu_seqlens"][-1]) for b in batches), 1
         else:
             seq_length, micro_batch_size = self.seq_len, self.args.micro_batch_size
         return self.forward_backward(
-            forward_step_func=make_gpt_forward_step(loss_fn), data_iterator=iter(batches), model=[self.ddp],
-            num_microbatches=len(batches), seq_length=seq_length, micro_batch_size=micro_batch_size,
-            forward_only=forward_only)
+            forward_step_func=make_gpt_forward_step(loss_fn),
+            data_iterator=iter(batches),
+            model=[self.ddp],
+            num_microbatches=len(batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
 
-    def record_old_log_probs(self, batches: List[dict]) -> None:
+    def record_old_log_probs(self, batches: list[dict]) -> None:
         """Forward-only pass that stores pi_old ``[b, s/cp]`` as ``old_log_prob`` (last stage), scored
         as the loss scores pi_theta (temperature, sampling replay)."""
         with torch.no_grad():
             self._schedule(self.loss.record_old_log_prob, batches, forward_only=True)
 
-    def train_step(self, step: int, evaluate: bool = False) -> Dict[str, float]:
+    def train_step(self, step: int, evaluate: bool = False) -> dict[str, float]:
         """One GRPO step; returns the step's metrics on rank 0 (an empty dict elsewhere)."""
         start = time.perf_counter()
         args = self.args
         rollout = self.rollout(step, evaluate)
-        sequences = sequence_tensors(rollout["prompts"], rollout["prompt_lengths"], rollout["responses"],
-                                     rollout["response_mask"], rollout["rollout_log_probs"], self.seq_len)
+        sequences = sequence_tensors(
+            rollout["prompts"],
+            rollout["prompt_lengths"],
+            rollout["responses"],
+            rollout["response_mask"],
+            rollout["rollout_log_probs"],
+            self.seq_len,
+        )
         batches = self.micro_batches(sequences, rollout["advantages"])
         if not self.loss.bypass or args.rollout_is_dump_dir:
             self.record_old_log_probs(batches)
         if step == args.inject_is_fault_step and self.rank == args.inject_is_fault_rank:
-            print(f"fault injection: step {step}: rank {self.rank} hands the rollout IS an integer "
-                  "rollout_log_prob", file=sys.stderr, flush=True)
+            print(
+                f"fault injection: step {step}: rank {self.rank} hands the rollout IS an integer rollout_log_prob",
+                file=sys.stderr,
+                flush=True,
+            )
             batches[0]["rollout_log_prob"] = batches[0]["rollout_log_prob"].to(torch.int32)
         if self.is_last_stage and not self.loss.bypass:
             self.loss.prepare_step(batches)  # pi_old is known: correct the whole step at once
@@ -189,19 +238,21 @@ class GRPOTrainer:
         if self.rank != 0:
             return {}
         rewards = rollout["rewards"]
-        metrics.update({
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item(),
-            "reward/solved_fraction": (rewards == 1).float().mean().item(),
-            "response/length_mean": rollout["response_mask"].sum(1).float().mean().item(),
-            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "time/step_seconds": time.perf_counter() - start,
-        })
+        metrics.update(
+            {
+                "reward/mean": rewards.mean().item(),
+                "reward/std": rewards.std().item(),
+                "reward/solved_fraction": (rewards == 1).float().mean().item(),
+                "response/length_mean": rollout["response_mask"].sum(1).float().mean().item(),
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "time/step_seconds": time.perf_counter() - start,
+            }
+        )
         if "eval/greedy_reward" in rollout:
             metrics["eval/greedy_reward"] = rollout["eval/greedy_reward"]
         return metrics
 
-    def _last_stage_metrics(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    def _last_stage_metrics(self, reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Loss reports summed over micro-batches and DP x CP, plus ``finalize_step()``, sent to all ranks."""
         metrics = None
         if self.is_last_stage:
@@ -235,8 +286,14 @@ class GRPOTrainer:
                 pieces = [shards[(dp_rank, cp_rank)][index] for cp_rank in range(cp_size)]
                 old[chunk] = unsplit_micro_batch(pieces, cp_size, self.seq_len, cu)
         lengths = rollout["prompt_lengths"]
-        write_step_dump(args.rollout_is_dump_dir, step, response_view(old, lengths, self.task.response_len),
-                        rollout["rollout_log_probs"], rollout["response_mask"], self.is_config)
+        write_step_dump(
+            args.rollout_is_dump_dir,
+            step,
+            response_view(old, lengths, self.task.response_len),
+            rollout["rollout_log_probs"],
+            rollout["response_mask"],
+            self.is_config,
+        )
 
 
 def _inject_nonfinite_log_probs(log_probs: torch.Tensor, mask: torch.Tensor, step: int) -> None:
@@ -247,8 +304,12 @@ def _inject_nonfinite_log_probs(log_probs: torch.Tensor, mask: torch.Tensor, ste
     for value, row, column in zip((float("nan"), float("inf")), rows.tolist(), columns.tolist()):
         log_probs[row, column] = value
         if dist.get_rank() == 0:
-            print(f"fault injection: step {step}: rollout log-prob of sequence {row}, response token {column} "
-                  f"set to {value}", file=sys.stderr, flush=True)
+            print(
+                f"fault injection: step {step}: rollout log-prob of sequence {row}, response token {column} "
+                f"set to {value}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _start_step(args, trainer: GRPOTrainer) -> int:
@@ -262,13 +323,16 @@ def _start_step(args, trainer: GRPOTrainer) -> int:
     start = load_checkpoint(args.load, trainer.ddp, trainer.optimizer, args.ckpt_step)
     if args.rollout_staleness and dist.get_rank() == 0:
         # The snapshots are not checkpointed: the lag rebuilds from the resumed weights.
-        print(f"--rollout-staleness {args.rollout_staleness}: the weight snapshots start empty after a resume; steps "
-              f"{start + 1}-{start + args.rollout_staleness} sample with weights at most {args.rollout_staleness} "
-              f"steps old but no older than step {start}'s", file=sys.stderr)
+        print(
+            f"--rollout-staleness {args.rollout_staleness}: the weight snapshots start empty after a resume; steps "
+            f"{start + 1}-{start + args.rollout_staleness} sample with weights at most {args.rollout_staleness} "
+            f"steps old but no older than step {start}'s",
+            file=sys.stderr,
+        )
     return start
 
 
-def run(args, is_config, device: torch.device) -> Optional[List[Dict[str, float]]]:
+def run(args, is_config, device: torch.device) -> list[dict[str, float]] | None:
     """Trains; returns the run's metric records on rank 0 (None elsewhere)."""
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -319,20 +383,24 @@ def _describe_rollout(args) -> str:
     return ", ".join(parts)
 
 
-def _print_summary(records: List[Dict[str, float]], metrics_path, plot: str, tensorboard: str) -> None:
+def _print_summary(records: list[dict[str, float]], metrics_path, plot: str, tensorboard: str) -> None:
     if not records:
         return
     first, last = records[0], records[-1]
     evals = [r["eval/greedy_reward"] for r in records if "eval/greedy_reward" in r]
-    lines = [f"reward/mean: step {first['step']} {first['reward/mean']:.3f} -> step {last['step']} "
-             f"{last['reward/mean']:.3f}"]
+    lines = [
+        f"reward/mean: step {first['step']} {first['reward/mean']:.3f} -> step {last['step']} {last['reward/mean']:.3f}"
+    ]
     if len(evals) > 1:
         lines.append(f"eval/greedy_reward: {evals[0]:.3f} -> {evals[-1]:.3f}")
-    for kl, ess in (("mismatch/mismatch_kl", "mismatch/rollout_is_eff_sample_size"),
-                    ("rollout_corr/kl", "rollout_corr/rollout_is_eff_sample_size")):
+    for kl, ess in (
+        ("mismatch/mismatch_kl", "mismatch/rollout_is_eff_sample_size"),
+        ("rollout_corr/kl", "rollout_corr/rollout_is_eff_sample_size"),
+    ):
         if kl in last:
             line = f"{kl}: {first[kl]:.4f} -> {last[kl]:.4f}"
             lines.append(line + (f", {ess.split('/')[1]}: {last[ess]:.3f}" if ess in last else ""))
-    lines.append(f"metrics: {metrics_path}   tensorboard: {tensorboard}" + (
-        f"   plot: {plot}" if plot.lower() != "none" else ""))
+    lines.append(
+        f"metrics: {metrics_path}   tensorboard: {tensorboard}" + (f"   plot: {plot}" if plot.lower() != "none" else "")
+    )
     print("\n".join(lines), flush=True)

@@ -61,78 +61,172 @@ def add_rollout_is_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     _add_weight_flags(group)
     _add_rejection_and_mode_flags(group)
     _add_sampling_replay_flags(group)
-    group.add_argument("--rollout-is-config", default=None, metavar="YAML",
-                       help="verl-style YAML: verl HEAD's algorithm.rollout_correction section (a `preset:` key "
-                       "allowed) or verl 0.6.0's algorithm.rollout_is* keys; flags given explicitly override it.")
-    group.add_argument("--rollout-is-dump-dir", default=None, metavar="DIR",
-                       help="Write per-step old/rollout log-probs and masks here for `megatron-rollout-is report`.")
+    group.add_argument(
+        "--rollout-is-config",
+        default=None,
+        metavar="YAML",
+        help="verl-style YAML: verl HEAD's algorithm.rollout_correction section (a `preset:` key "
+        "allowed) or verl 0.6.0's algorithm.rollout_is* keys; flags given explicitly override it.",
+    )
+    group.add_argument(
+        "--rollout-is-dump-dir",
+        default=None,
+        metavar="DIR",
+        help="Write per-step old/rollout log-probs and masks here for `megatron-rollout-is report`.",
+    )
     return parser
 
 
 def _add_weight_flags(group) -> None:
     group.add_argument(
-        "--rollout-is", nargs="?", const=True, default=None, type=_rollout_is, metavar="LEVEL",
+        "--rollout-is",
+        nargs="?",
+        const=True,
+        default=None,
+        type=_rollout_is,
+        metavar="LEVEL",
         help="verl 0.6.0: alone, multiply the policy loss by the IS weights (without it, a threshold only logs the "
-        "mismatch/ metrics). verl HEAD: with a LEVEL (token, sequence, geometric), compute weights at that level.")
-    group.add_argument("--no-rollout-is", dest="rollout_is", action="store_const", const=False,
-                       help="verl 0.6.0: monitoring only (weights computed and logged, not applied).")
+        "mismatch/ metrics). verl HEAD: with a LEVEL (token, sequence, geometric), compute weights at that level.",
+    )
     group.add_argument(
-        "--rollout-is-threshold", type=_threshold, default=None, metavar="X|LO_HI",
+        "--no-rollout-is",
+        dest="rollout_is",
+        action="store_const",
+        const=False,
+        help="verl 0.6.0: monitoring only (weights computed and logged, not applied).",
+    )
+    group.add_argument(
+        "--rollout-is-threshold",
+        type=_threshold,
+        default=None,
+        metavar="X|LO_HI",
         help="Upper bound of the IS weights (> 0); verl 0.6.0: unset turns rollout IS off. verl HEAD: a band "
-        "'lo_hi' is IcePop (weights outside it become 0). Typical: token 1.5-5, sequence 2-10.")
-    group.add_argument("--rollout-is-threshold-lower", type=float, default=None,
-                       help="verl 0.6.0: lower bound for clip mode and the metrics; default 1/upper.")
-    group.add_argument("--rollout-is-level", choices=LEVELS, default=None,
-                       help="verl 0.6.0: aggregation level (default token).")
-    group.add_argument("--rollout-is-mode", choices=BOUNDS + tuple(BOUND_ALIASES), default=None,
-                       help="truncate: cap at the upper bound; clip (alias mask): zero weights outside [lower, upper]; "
-                       "clamp: two-sided truncation. Default: truncate (mask for a 'lo_hi' band).")
-    group.add_argument("--rollout-is-veto-threshold", type=_veto, default=None, metavar="RATIO|none",
-                       help="verl 0.6.0: zero the whole sequence when a token ratio falls below this (default 1e-4); "
-                       "'none' disables it.")
-    group.add_argument("--rollout-is-batch-normalize", action="store_true", default=None,
-                       help="verl HEAD: divide the weights by their mean over the step (one extra all-reduce).")
+        "'lo_hi' is IcePop (weights outside it become 0). Typical: token 1.5-5, sequence 2-10.",
+    )
+    group.add_argument(
+        "--rollout-is-threshold-lower",
+        type=float,
+        default=None,
+        help="verl 0.6.0: lower bound for clip mode and the metrics; default 1/upper.",
+    )
+    group.add_argument(
+        "--rollout-is-level", choices=LEVELS, default=None, help="verl 0.6.0: aggregation level (default token)."
+    )
+    group.add_argument(
+        "--rollout-is-mode",
+        choices=BOUNDS + tuple(BOUND_ALIASES),
+        default=None,
+        help="truncate: cap at the upper bound; clip (alias mask): zero weights outside [lower, upper]; "
+        "clamp: two-sided truncation. Default: truncate (mask for a 'lo_hi' band).",
+    )
+    group.add_argument(
+        "--rollout-is-veto-threshold",
+        type=_veto,
+        default=None,
+        metavar="RATIO|none",
+        help="verl 0.6.0: zero the whole sequence when a token ratio falls below this (default 1e-4); "
+        "'none' disables it.",
+    )
+    group.add_argument(
+        "--rollout-is-batch-normalize",
+        action="store_true",
+        default=None,
+        help="verl HEAD: divide the weights by their mean over the step (one extra all-reduce).",
+    )
 
 
 def _add_rejection_and_mode_flags(group) -> None:
-    group.add_argument("--rollout-rs", default=None, metavar="CRITERIA",
-                       help="verl HEAD: comma-separated rejection criteria, all must pass: token_k1/k2/k3, "
-                       "seq_sum_k1/k2/k3, seq_mean_k1/k2/k3 (seq_mean_k1 is geometric rejection), seq_max_k2/k3.")
-    group.add_argument("--rollout-rs-threshold", default=None, metavar="T[,T...]",
-                       help="verl HEAD: one threshold for all criteria or one per criterion; k2/k3: upper bound; "
-                       "k1: 'lo_hi' band on -log(ratio), or x for [1/x, x].")
-    group.add_argument("--rollout-bypass-mode", dest="bypass_mode", action="store_true", default=None,
-                       help="verl HEAD: no old-log-prob pass; pi_old := rollout log-probs, the correction uses the "
-                       "current policy per micro-batch.")
-    group.add_argument("--rollout-loss-type", dest="loss_type", choices=LOSS_TYPES, default=None,
-                       help="verl HEAD bypass mode: ppo_clip (ratio against the rollout) or reinforce (-w log pi A).")
-    group.add_argument("--rollout-correction-preset", default=None, choices=list(PRESETS), metavar="NAME",
-                       help=f"verl HEAD's named presets: {', '.join(PRESETS)}; other flags override it.")
-    group.add_argument("--rollout-is-bypass", action="store_true",
-                       help="verl 0.6.0 keys: take pi_old as the detached current log-prob (no old-log-prob pass); "
-                       "the weights are then computed per micro-batch inside the loss.")
-    group.add_argument("--rollout-loss-denominator", choices=("kept", "response"), default="kept",
-                       help="Token count the loss is averaged over: kept tokens (after rejection, the default) or all "
-                       "response tokens (verl HEAD's bypass mode).")
+    group.add_argument(
+        "--rollout-rs",
+        default=None,
+        metavar="CRITERIA",
+        help="verl HEAD: comma-separated rejection criteria, all must pass: token_k1/k2/k3, "
+        "seq_sum_k1/k2/k3, seq_mean_k1/k2/k3 (seq_mean_k1 is geometric rejection), seq_max_k2/k3.",
+    )
+    group.add_argument(
+        "--rollout-rs-threshold",
+        default=None,
+        metavar="T[,T...]",
+        help="verl HEAD: one threshold for all criteria or one per criterion; k2/k3: upper bound; "
+        "k1: 'lo_hi' band on -log(ratio), or x for [1/x, x].",
+    )
+    group.add_argument(
+        "--rollout-bypass-mode",
+        dest="bypass_mode",
+        action="store_true",
+        default=None,
+        help="verl HEAD: no old-log-prob pass; pi_old := rollout log-probs, the correction uses the "
+        "current policy per micro-batch.",
+    )
+    group.add_argument(
+        "--rollout-loss-type",
+        dest="loss_type",
+        choices=LOSS_TYPES,
+        default=None,
+        help="verl HEAD bypass mode: ppo_clip (ratio against the rollout) or reinforce (-w log pi A).",
+    )
+    group.add_argument(
+        "--rollout-correction-preset",
+        default=None,
+        choices=list(PRESETS),
+        metavar="NAME",
+        help=f"verl HEAD's named presets: {', '.join(PRESETS)}; other flags override it.",
+    )
+    group.add_argument(
+        "--rollout-is-bypass",
+        action="store_true",
+        help="verl 0.6.0 keys: take pi_old as the detached current log-prob (no old-log-prob pass); "
+        "the weights are then computed per micro-batch inside the loss.",
+    )
+    group.add_argument(
+        "--rollout-loss-denominator",
+        choices=("kept", "response"),
+        default="kept",
+        help="Token count the loss is averaged over: kept tokens (after rejection, the default) or all "
+        "response tokens (verl HEAD's bypass mode).",
+    )
 
 
 def _add_sampling_replay_flags(group) -> None:
-    group.add_argument("--rollout-top-k", type=int, default=None, metavar="K",
-                       help="The rollout engine's top-k: the trainer scores the processed distribution it sampled "
-                       "from (with vLLM's logprobs_mode=processed_logprobs). Default: off.")
-    group.add_argument("--rollout-top-p", type=float, default=None, metavar="P",
-                       help="The rollout engine's top-p in (0, 1], replayed as --rollout-top-k. Default: off.")
-    group.add_argument("--rollout-min-p", type=float, default=None, metavar="P",
-                       help="The rollout engine's min-p in [0, 1], replayed as --rollout-top-k. Default: off.")
-    group.add_argument("--rollout-tie-rule", choices=("triton", "pytorch"), default="triton",
-                       help="Which vLLM top-k/top-p implementation sampled: triton (an engine on a GPU, the default) "
-                       "or pytorch (without Triton); they keep different tokens among ties at the cut.")
+    group.add_argument(
+        "--rollout-top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="The rollout engine's top-k: the trainer scores the processed distribution it sampled "
+        "from (with vLLM's logprobs_mode=processed_logprobs). Default: off.",
+    )
+    group.add_argument(
+        "--rollout-top-p",
+        type=float,
+        default=None,
+        metavar="P",
+        help="The rollout engine's top-p in (0, 1], replayed as --rollout-top-k. Default: off.",
+    )
+    group.add_argument(
+        "--rollout-min-p",
+        type=float,
+        default=None,
+        metavar="P",
+        help="The rollout engine's min-p in [0, 1], replayed as --rollout-top-k. Default: off.",
+    )
+    group.add_argument(
+        "--rollout-tie-rule",
+        choices=("triton", "pytorch"),
+        default="triton",
+        help="Which vLLM top-k/top-p implementation sampled: triton (an engine on a GPU, the default) "
+        "or pytorch (without Triton); they keep different tokens among ties at the cut.",
+    )
 
 
 def sampling_replay_settings(args: argparse.Namespace) -> dict:
     """The `PolicyLossConfig` keywords of the sampling-replay flags."""
-    return {"rollout_top_k": args.rollout_top_k, "rollout_top_p": args.rollout_top_p,
-            "rollout_min_p": args.rollout_min_p, "rollout_tie_rule": args.rollout_tie_rule}
+    return {
+        "rollout_top_k": args.rollout_top_k,
+        "rollout_top_p": args.rollout_top_p,
+        "rollout_min_p": args.rollout_min_p,
+        "rollout_tie_rule": args.rollout_tie_rule,
+    }
 
 
 def rollout_is_config_from_args(args: argparse.Namespace) -> RolloutCorrectionConfig:
@@ -148,8 +242,10 @@ def rollout_is_config_from_args(args: argparse.Namespace) -> RolloutCorrectionCo
     yaml_path = getattr(args, "rollout_is_config", None)
     preset = getattr(args, "rollout_correction_preset", None)
     if yaml_path and preset:
-        raise ValueError("--rollout-correction-preset and --rollout-is-config both set the base config; name the "
-                         "preset inside the YAML (`preset:` in algorithm.rollout_correction), or use one of them.")
+        raise ValueError(
+            "--rollout-correction-preset and --rollout-is-config both set the base config; name the "
+            "preset inside the YAML (`preset:` in algorithm.rollout_correction), or use one of them."
+        )
     # Errors of the YAML file itself name its keys; only what the flags set is named as flags.
     base = RolloutCorrectionConfig.from_yaml(yaml_path) if yaml_path else None
     try:
@@ -159,8 +255,11 @@ def rollout_is_config_from_args(args: argparse.Namespace) -> RolloutCorrectionCo
             return RolloutCorrectionConfig(**overrides)
         return replace(base, **overrides)
     except (ValueError, TypeError) as error:
-        flagged = [f.name for f in fields(RolloutCorrectionConfig) if f.name in _CONFIG_FLAGS] if base is None \
+        flagged = (
+            [f.name for f in fields(RolloutCorrectionConfig) if f.name in _CONFIG_FLAGS]
+            if base is None
             else list(overrides)
+        )
         raise type(error)(_with_flag_names(str(error), flagged)) from None
 
 

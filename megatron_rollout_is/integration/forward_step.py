@@ -10,14 +10,15 @@ Layouts: ``b`` micro-batch size, ``s`` local sequence length (``S / cp``), ``V``
 """
 
 import functools
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from megatron.core.packed_seq_params import PackedSeqParams
 
-LossFn = Callable[[Dict[str, Any], Tensor], Tuple[Tensor, Tensor, Dict[str, Tensor]]]
+LossFn = Callable[[dict[str, Any], Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]]
 
 
 def thd_packed_seq_params(cu_seqlens: Tensor) -> PackedSeqParams:
@@ -44,8 +45,8 @@ def gpt_forward(
     model: torch.nn.Module,
     tokens: Tensor,
     position_ids: Tensor,
-    attention_mask: Optional[Tensor] = None,
-    packed_seq_params: Optional[PackedSeqParams] = None,
+    attention_mask: Tensor | None = None,
+    packed_seq_params: PackedSeqParams | None = None,
 ) -> Tensor:
     """Run one micro-batch through (this stage of) a GPTModel.
 
@@ -77,7 +78,7 @@ def gpt_forward(
     )
 
 
-def _loss_on_seq_first_logits(loss_fn: LossFn, batch: Dict[str, Any], logits: Tensor):
+def _loss_on_seq_first_logits(loss_fn: LossFn, batch: dict[str, Any], logits: Tensor):
     return loss_fn(batch, logits.transpose(0, 1))
 
 
@@ -94,7 +95,7 @@ def make_gpt_forward_step(loss_fn: LossFn) -> Callable:
             the last pipeline stage only.
     """
 
-    def forward_step(data_iterator: Iterator[Dict[str, Any]], model: torch.nn.Module):
+    def forward_step(data_iterator: Iterator[dict[str, Any]], model: torch.nn.Module):
         batch = next(data_iterator)
         output = gpt_forward(
             model,

@@ -10,8 +10,9 @@ are `torch.stack([sum, count])`, summed over micro-batches and DP by Megatron's 
 """
 
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -46,22 +47,22 @@ class PolicyLossConfig:
     temperature: float = 1.0
     """Sampling temperature of the rollouts; logits are divided by it before the softmax."""
 
-    rollout_top_k: Optional[int] = None
+    rollout_top_k: int | None = None
     """The rollout engine's top-k (None: off). With any of the three filters set, pi_theta and pi_old
     are the processed distribution the engine sampled from (temperature, min-p, top-k, top-p, as
     vLLM: `parallel.sampling_replay`), to match vLLM's `logprobs_mode="processed_logprobs"`; a token
     outside the kept set is dropped from the loss and counted in the report."""
 
-    rollout_top_p: Optional[float] = None
+    rollout_top_p: float | None = None
     """The rollout engine's top-p in (0, 1] (None: off)."""
 
-    rollout_min_p: Optional[float] = None
+    rollout_min_p: float | None = None
     """The rollout engine's min-p in [0, 1] (None: off)."""
 
     rollout_tie_rule: str = "triton"
     """Which vLLM top-k/top-p implementation sampled: `triton` (an engine on a GPU) or `pytorch`."""
 
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     """The tokenizer's vocabulary size; logits columns past it (Megatron's padding) are excluded
     from every softmax. None: every column is a token."""
 
@@ -82,8 +83,9 @@ class PolicyLossConfig:
         if self.loss_denominator not in DENOMINATORS:
             raise ValueError(f"loss_denominator must be one of {DENOMINATORS}, got {self.loss_denominator!r}.")
         try:
-            self.sampling_filter = SamplingFilter(self.rollout_top_k, self.rollout_top_p, self.rollout_min_p,
-                                                  self.rollout_tie_rule)
+            self.sampling_filter = SamplingFilter(
+                self.rollout_top_k, self.rollout_top_p, self.rollout_min_p, self.rollout_tie_rule
+            )
         except ValueError as error:
             raise ValueError(f"rollout_{error}") from None
 
@@ -114,26 +116,32 @@ class RolloutISPolicyLoss:
         rollout_correction: written by `prepare_step`.
     """
 
-    def __init__(self, is_config: RolloutCorrectionConfig, groups: RolloutISGroups,
-                 loss_config: Optional[PolicyLossConfig] = None):
+    def __init__(
+        self, is_config: RolloutCorrectionConfig, groups: RolloutISGroups, loss_config: PolicyLossConfig | None = None
+    ):
         self.is_config = is_config
         self.plan = is_config.plan
         self.groups = groups
         self.loss_config = loss_config or PolicyLossConfig()
         if self.loss_config.bypass and self.plan is not None and self.plan.bypass:
-            raise ValueError("PolicyLossConfig.bypass (--rollout-is-bypass, verl 0.6.0 keys) and bypass_mode (verl "
-                             "HEAD keys) both set; use bypass_mode with loss_type with verl HEAD keys.")
+            raise ValueError(
+                "PolicyLossConfig.bypass (--rollout-is-bypass, verl 0.6.0 keys) and bypass_mode (verl "
+                "HEAD keys) both set; use bypass_mode with loss_type with verl HEAD keys."
+            )
         if self.loss_config.loss_denominator != "kept" and (self.plan is None or not self.plan.criteria):
-            raise ValueError("loss_denominator 'response' (--rollout-loss-denominator) only matters with rejection "
-                             "(rollout_rs): without it every valid token is kept. Set rollout_rs, or drop it.")
+            raise ValueError(
+                "loss_denominator 'response' (--rollout-loss-denominator) only matters with rejection "
+                "(rollout_rs): without it every valid token is kept. Set rollout_rs, or drop it."
+            )
         self.rollout_is = ShardedRolloutCorrection(self.plan, groups) if self.plan is not None else None
         # One rank per (TP, CP) replica warns: the others hold the same or split sequences.
         warns = self.plan is not None and group_rank(groups.tp) == 0 and group_rank(groups.cp) == 0
         self._warner = MismatchWarner() if warns and self.loss_config.diagnose_interval > 0 else None
         self._step = 0
         self._diagnosed = False
-        self._corrects = self.plan is not None and (bool(self.plan.criteria) or (
-            self.plan.weights is not None and self.plan.weights.applied))
+        self._corrects = self.plan is not None and (
+            bool(self.plan.criteria) or (self.plan.weights is not None and self.plan.weights.applied)
+        )
         self._monitor = MismatchMonitor() if warns else None
 
     @property
@@ -154,12 +162,16 @@ class RolloutISPolicyLoss:
         if self.rollout_is is None:
             return
         if self.bypass:
-            raise ValueError("prepare_step is for decoupled mode; in bypass mode the correction uses pi_theta and is "
-                             "computed per micro-batch inside the loss, so do not call prepare_step.")
+            raise ValueError(
+                "prepare_step is for decoupled mode; in bypass mode the correction uses pi_theta and is "
+                "computed per micro-batch inside the loss, so do not call prepare_step."
+            )
         items = []
         for batch in micro_batches:
-            tensors = tuple(_required(batch, key, batch["labels"].shape, "record it before prepare_step")
-                            for key in ("old_log_prob", "rollout_log_prob", "loss_mask"))
+            tensors = tuple(
+                _required(batch, key, batch["labels"].shape, "record it before prepare_step")
+                for key in ("old_log_prob", "rollout_log_prob", "loss_mask")
+            )
             items.append(tensors + ((batch["local_cu_seqlens"],) if "local_cu_seqlens" in batch else ()))
         for batch, correction in zip(micro_batches, self.rollout_is.prepare_step(items)):
             batch["rollout_correction"] = correction
@@ -226,10 +238,17 @@ class RolloutISPolicyLoss:
         metrics = self.rollout_is.finalize()
         if self._monitor is not None:
             for code, sentence in self._monitor.update(metrics):
-                if (code == "bursts" and not self._corrects) or (code == "support" and not self.loss_config.replays_sampling) \
-                        or (code == "steady" and self.is_config.applies_weights):
-                    warnings.warn(f"[rollout correction, step {self._step}] {sentence}. See `megatron-rollout-is report` "
-                                  "and docs/study.", RolloutLogProbWarning, stacklevel=2)
+                if (
+                    (code == "bursts" and not self._corrects)
+                    or (code == "support" and not self.loss_config.replays_sampling)
+                    or (code == "steady" and self.is_config.applies_weights)
+                ):
+                    warnings.warn(
+                        f"[rollout correction, step {self._step}] {sentence}. See `megatron-rollout-is report` "
+                        "and docs/study.",
+                        RolloutLogProbWarning,
+                        stacklevel=2,
+                    )
         return metrics
 
     def _token_log_probs(self, batch, logits, with_entropy: bool):
@@ -237,20 +256,30 @@ class RolloutISPolicyLoss:
         cfg = self.loss_config
         replay = cfg.replays_sampling
         outputs = vocab_parallel_token_log_probs(
-            logits, batch["labels"].t(), self.groups.tp, cfg.temperature, return_entropy=with_entropy,
-            top_k=cfg.rollout_top_k, top_p=cfg.rollout_top_p, min_p=cfg.rollout_min_p,
-            tie_rule=cfg.rollout_tie_rule, vocab_size=cfg.vocab_size, return_in_support=replay,
+            logits,
+            batch["labels"].t(),
+            self.groups.tp,
+            cfg.temperature,
+            return_entropy=with_entropy,
+            top_k=cfg.rollout_top_k,
+            top_p=cfg.rollout_top_p,
+            min_p=cfg.rollout_min_p,
+            tie_rule=cfg.rollout_tie_rule,
+            vocab_size=cfg.vocab_size,
+            return_in_support=replay,
         )
         outputs = [t.t() for t in (outputs if isinstance(outputs, tuple) else (outputs,))]
         log_probs = outputs.pop(0)
         entropy = outputs.pop(0) if with_entropy else None
         return log_probs, entropy, outputs.pop(0) if replay else None
 
-    def _rollout_log_probs(self, batch) -> Optional[torch.Tensor]:
+    def _rollout_log_probs(self, batch) -> torch.Tensor | None:
         rollout = batch.get("rollout_log_prob")
         if rollout is None and self.plan is not None:
-            raise ValueError("the micro-batch has no rollout_log_prob; rollout correction is on: return log-probs "
-                             "from the rollout engine.")
+            raise ValueError(
+                "the micro-batch has no rollout_log_prob; rollout correction is on: return log-probs "
+                "from the rollout engine."
+            )
         return rollout
 
     def _old_log_probs(self, batch, log_probs, rollout, shape) -> torch.Tensor:

@@ -28,9 +28,7 @@ def _check_cp(cp_size: int, cp_rank: int) -> None:
         raise ValueError(f"cp_rank must be in [0, cp_size={cp_size}), got {cp_rank}")
 
 
-def zigzag_indices(
-    seq_len: int, cp_size: int, cp_rank: int, device: torch.device = None
-) -> torch.Tensor:
+def zigzag_indices(seq_len: int, cp_size: int, cp_rank: int, device: torch.device = None) -> torch.Tensor:
     """Indices of the sequence positions that CP rank ``cp_rank`` holds, in local order.
 
     They are also the global positions of the rank's local tokens (what a CP attention needs
@@ -59,9 +57,7 @@ def zigzag_indices(
     return torch.cat([first, second])
 
 
-def split_for_cp(
-    tensor: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int = 1
-) -> torch.Tensor:
+def split_for_cp(tensor: torch.Tensor, cp_size: int, cp_rank: int, seq_dim: int = 1) -> torch.Tensor:
     """This CP rank's zigzag share of a padded batch tensor.
 
     Args:
@@ -137,9 +133,7 @@ def check_cu_seqlens(
     return lengths
 
 
-def thd_partitioned_indices(
-    cu_seqlens: torch.Tensor, total_tokens: int, cp_size: int, cp_rank: int
-) -> torch.Tensor:
+def thd_partitioned_indices(cu_seqlens: torch.Tensor, total_tokens: int, cp_size: int, cp_rank: int) -> torch.Tensor:
     """Token indices a CP rank holds in a packed THD batch, in local order.
 
     CPU equivalent of TransformerEngine's ``tex.thd_get_partitioned_indices``.
@@ -208,9 +202,7 @@ def local_cu_seqlens(cu_seqlens: torch.Tensor, cp_size: int) -> torch.Tensor:
     return torch.div(cu_seqlens, cp_size, rounding_mode="floor")
 
 
-def thd_global_positions(
-    cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def thd_global_positions(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Document id and position within the document of a rank's local THD tokens.
 
     Args:
@@ -231,9 +223,7 @@ def thd_global_positions(
     return document_ids, index - cu[document_ids]
 
 
-def gather_cp_shards(
-    shards: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], seq_dim: int = 1
-) -> torch.Tensor:
+def gather_cp_shards(shards: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], seq_dim: int = 1) -> torch.Tensor:
     """Inverse of a split: puts every rank's shard back at its global positions.
 
     Pure indexing (no communication): for tests, dumps and debugging, after the shards were
@@ -264,8 +254,7 @@ def gather_cp_shards(
     coverage = torch.bincount(all_indices.clamp(0, max(total - 1, 0)), minlength=total)
     if (all_indices < 0).any() or (all_indices >= total).any() or (coverage != 1).any():
         raise ValueError(
-            "the indices do not cover every global position exactly once; pass the indices of "
-            "all CP ranks of one split"
+            "the indices do not cover every global position exactly once; pass the indices of all CP ranks of one split"
         )
     shape = list(shards[0].shape)
     shape[seq_dim] = total

@@ -1,7 +1,6 @@
 """The process groups the sharded rollout IS reduces over, passed in explicitly."""
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -13,13 +12,13 @@ ProcessGroup = dist.ProcessGroup
 class RolloutISGroups:
     """Process groups of one rank; None stands for a group of this rank alone."""
 
-    tp: Optional[ProcessGroup] = None
+    tp: ProcessGroup | None = None
     """Tensor-parallel group: holds the vocabulary shards of the logits `[s, b, V/tp]`."""
 
-    cp: Optional[ProcessGroup] = None
+    cp: ProcessGroup | None = None
     """Context-parallel group: the ranks holding the pieces of the same sequences."""
 
-    dp_cp: Optional[ProcessGroup] = None
+    dp_cp: ProcessGroup | None = None
     """Data x context-parallel group: every rank of this pipeline stage and TP rank that holds
     distinct tokens of the step; the step's metrics are reduced over it."""
 
@@ -50,17 +49,17 @@ class RolloutISGroups:
         return cls(tp=groups.tp, cp=groups.cp, dp_cp=groups.dp_cp)
 
 
-def group_size(group: Optional[ProcessGroup]) -> int:
+def group_size(group: ProcessGroup | None) -> int:
     """World size of `group`; 1 for None."""
     return 1 if group is None else dist.get_world_size(group)
 
 
-def group_rank(group: Optional[ProcessGroup]) -> int:
+def group_rank(group: ProcessGroup | None) -> int:
     """This rank's index in `group`; 0 for None."""
     return 0 if group is None else dist.get_rank(group)
 
 
-def all_reduce(tensor: torch.Tensor, op, group: Optional[ProcessGroup]) -> torch.Tensor:
+def all_reduce(tensor: torch.Tensor, op, group: ProcessGroup | None) -> torch.Tensor:
     """In-place all-reduce that skips groups of one rank; returns `tensor`."""
     if group_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)

@@ -43,8 +43,8 @@ then exactly vLLM's, every tied token counts as sampleable, and the log-prob of 
 exactly vLLM's.
 
 Numerics: vLLM decides the cuts in float32 (a float32 cumulative sum, or a bisection on float32
-probabilities with at most 18 steps in the Triton kernel). This module decides them on the same float32 scaled logits with
-exact comparisons and float64 sums, so the kept sets agree unless ``p`` (or the min-p bound)
+probabilities with at most 18 steps in the Triton kernel). This module decides them on the same
+float32 scaled logits with exact comparisons and float64 sums, so the kept sets agree unless ``p`` (or the min-p bound)
 lies within float32 rounding of a prefix mass (or of a value). With ``processed_logprobs`` vLLM
 never uses its FlashInfer sampler (it cannot return processed log-probs), so one of the two
 implementations above did the sampling.
@@ -68,9 +68,10 @@ Nothing of size ``V/tp`` is kept between forward and backward: the logits are re
 block and backward recomputes the kept set from the saved per-position cut.
 """
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed
@@ -94,15 +95,15 @@ _SUM = torch.distributed.ReduceOp.SUM
 class SamplingFilter:
     """The rollout engine's vocabulary filters, with vLLM 0.33.0 semantics (see the module doc)."""
 
-    top_k: Optional[int] = None
+    top_k: int | None = None
     """Keep the ``top_k`` largest scaled logits. None, 0 or -1 (vLLM's values for off) or a value
     at least the vocabulary size: no top-k."""
 
-    top_p: Optional[float] = None
+    top_p: float | None = None
     """Keep the shortest most-probable prefix (of the top-k survivors) whose mass reaches
     ``top_p``, in (0, 1]. None or 1.0: no top-p."""
 
-    min_p: Optional[float] = None
+    min_p: float | None = None
     """Drop tokens whose probability is below ``min_p`` times the largest one, in [0, 1]. None or
     0.0: no min-p."""
 
@@ -112,7 +113,9 @@ class SamplingFilter:
     kept; top-p ties counted with their expected membership)."""
 
     def __post_init__(self):
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1):
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1
+        ):
             raise ValueError(
                 f"top_k must be None, 0 or -1 (off) or a positive int, got {self.top_k!r}; pass the "
                 "rollout engine's top_k"
@@ -131,17 +134,17 @@ class SamplingFilter:
                 "(vLLM's Triton top-k/top-p kernel), 'pytorch' for one without Triton"
             )
 
-    def effective_top_k(self, vocab_size: int) -> Optional[int]:
+    def effective_top_k(self, vocab_size: int) -> int | None:
         """``top_k`` if it cuts a vocabulary of ``vocab_size`` tokens, else None."""
         return self.top_k if self.top_k is not None and 0 < self.top_k < vocab_size else None
 
     @property
-    def effective_top_p(self) -> Optional[float]:
+    def effective_top_p(self) -> float | None:
         """``top_p`` if it cuts (below 1), else None."""
         return float(self.top_p) if self.top_p is not None and self.top_p < 1.0 else None
 
     @property
-    def effective_min_p(self) -> Optional[float]:
+    def effective_min_p(self) -> float | None:
         """``min_p`` if it cuts (above 0), else None."""
         return float(self.min_p) if self.min_p is not None and self.min_p > 0.0 else None
 
@@ -220,6 +223,11 @@ class _Shard:
         return all_reduce(out, _SUM, self.tp_group)
 
 
+def _at_pivot(statistic, pivot, rows, z):
+    """`statistic` of the rows' values `z` against each row's own pivot value."""
+    return statistic(rows, z, pivot[rows])
+
+
 def _bisect(shard, lo, hi, stats_lo, stats_hi, statistic, go_up):
     """Per-row bisection on float keys until ``hi == lo + 1``.
 
@@ -237,8 +245,7 @@ def _bisect(shard, lo, hi, stats_lo, stats_hi, statistic, go_up):
         if not bool(open_rows.any()):
             return lo, hi, stats_lo, stats_hi
         mid = lo + (hi - lo) // 2
-        pivot = _values(mid)
-        stats = shard.row_sums(lambda rows, z: statistic(rows, z, pivot[rows]), stats_lo.size(1))
+        stats = shard.row_sums(functools.partial(_at_pivot, statistic, _values(mid)), stats_lo.size(1))
         up = go_up(stats)
         move_lo, move_hi = open_rows & up, open_rows & ~up
         lo, hi = torch.where(move_lo, mid, lo), torch.where(move_hi, mid, hi)
@@ -282,7 +289,7 @@ class _Cut:
     keep: torch.Tensor
 
 
-def _top_k_cut(shard, floor, row_max, top_k, tie_rule) -> Tuple[_Cut, torch.Tensor]:
+def _top_k_cut(shard, floor, row_max, top_k, tie_rule) -> tuple[_Cut, torch.Tensor]:
     """The k-th largest value among ``z >= floor``; rows with fewer candidates keep them all.
 
     Returns the cut and a per-row flag: whether the row has a top-k cut.
@@ -290,7 +297,12 @@ def _top_k_cut(shard, floor, row_max, top_k, tie_rule) -> Tuple[_Cut, torch.Tens
     sentinel = _keys(floor) - 1
     unknown = torch.full((shard.num_rows, 1), math.nan, dtype=torch.float64, device=floor.device)
     lo, _, count_lo, count_hi = _bisect(
-        shard, sentinel, _keys(row_max) + 1, unknown, torch.zeros_like(unknown), _count_at_least,
+        shard,
+        sentinel,
+        _keys(row_max) + 1,
+        unknown,
+        torch.zeros_like(unknown),
+        _count_at_least,
         lambda counts: counts[:, 0] >= top_k,
     )
     has_cut = lo > sentinel
@@ -311,13 +323,20 @@ def _top_p_cut(shard, base: _Cut, row_max, top_p) -> _Cut:
     mass_above, count_above, ties_at_floor = shard.row_sums(floor_statistic, 3).unbind(-1)
     # `base.keep` limits the ties at a top-k cut; rows without a cut keep all of them.
     kept_ties = torch.where(base.ties > 0, torch.minimum(ties_at_floor, base.keep), ties_at_floor)
-    unit = lambda value: torch.exp(value.double() - row_max.double())
+
+    def unit(value):
+        return torch.exp(value.double() - row_max.double())
+
     total = mass_above + kept_ties * unit(at_floor)
     needed = top_p * total
     sentinel = _keys(at_floor) - 1
     lo, hi, stats_lo, stats_hi = _bisect(
-        shard, sentinel, _keys(row_max), torch.stack([total, count_above + kept_ties], dim=-1),
-        torch.zeros(shard.num_rows, 2, dtype=torch.float64, device=total.device), _mass_above(shard, row_max),
+        shard,
+        sentinel,
+        _keys(row_max),
+        torch.stack([total, count_above + kept_ties], dim=-1),
+        torch.zeros(shard.num_rows, 2, dtype=torch.float64, device=total.device),
+        _mass_above(shard, row_max),
         lambda stats: stats[:, 0] >= needed,
     )
     value = _values(hi)
@@ -341,7 +360,7 @@ class _Candidates:
     complete_above: torch.Tensor
     per_rank: int
     local_max: torch.Tensor
-    local_mass: Optional[torch.Tensor] = None
+    local_mass: torch.Tensor | None = None
     """``[R]`` float64 sum over this rank's values of ``exp(z - local_max)``, if asked for."""
 
     def total_mass(self, shard: _Shard, row_max: torch.Tensor) -> torch.Tensor:
@@ -378,7 +397,7 @@ def _tie_counts(shard: _Shard, value: torch.Tensor) -> torch.Tensor:
     return all_reduce(counts, _SUM, shard.tp_group)
 
 
-def _top_k_from_candidates(shard, candidates, floor, top_k, tie_rule) -> Tuple[_Cut, torch.Tensor]:
+def _top_k_from_candidates(shard, candidates, floor, top_k, tie_rule) -> tuple[_Cut, torch.Tensor]:
     """The top-k cut read off the candidates (exact when each rank sent at least ``top_k`` values).
 
     All values above the k-th largest are among the candidates, and so are enough copies of it;
@@ -394,10 +413,12 @@ def _top_k_from_candidates(shard, candidates, floor, top_k, tie_rule) -> Tuple[_
         ties = torch.where(incomplete, _tie_counts(shard, value).sum(dim=-1), ties)
     keep = top_k - above if tie_rule == "triton" else ties
     zero = torch.zeros_like(ties)
-    return _Cut(torch.where(has_cut, value, floor), torch.where(has_cut, ties, zero), torch.where(has_cut, keep, zero)), has_cut
+    return _Cut(
+        torch.where(has_cut, value, floor), torch.where(has_cut, ties, zero), torch.where(has_cut, keep, zero)
+    ), has_cut
 
 
-def _top_p_walk(shard, candidates, base: _Cut, has_cut, row_max, top_p) -> Tuple[_Cut, torch.Tensor]:
+def _top_p_walk(shard, candidates, base: _Cut, has_cut, row_max, top_p) -> tuple[_Cut, torch.Tensor]:
     """The top-p cut by walking the candidates from the top; returns it and the rows it cannot settle.
 
     On rows with a top-k cut every value above it is a candidate and its own copies are counted
@@ -421,9 +442,11 @@ def _top_p_walk(shard, candidates, base: _Cut, has_cut, row_max, top_p) -> Tuple
         # No min-p: rows without a top-k cut keep the whole row before top-p.
         total = torch.where(has_cut, total, candidates.total_mass(shard, row_max))
     elif not bool(has_cut.all()):
-        at_least_floor = lambda rows, z: _mass_above(shard, row_max)(
-            rows, z, torch.nextafter(base.value[rows], torch.full_like(base.value[rows], -math.inf))
-        )
+
+        def at_least_floor(rows, z):
+            floor = base.value[rows]
+            return _mass_above(shard, row_max)(rows, z, torch.nextafter(floor, torch.full_like(floor, -math.inf)))
+
         total = torch.where(has_cut, total, shard.row_sums(at_least_floor, 2)[:, 0])
     needed = (top_p * total).unsqueeze(-1)
     before = mass.cumsum(dim=-1) - mass
@@ -437,7 +460,7 @@ def _top_p_walk(shard, candidates, base: _Cut, has_cut, row_max, top_p) -> Tuple
     return _Cut(value, ties, keep), unsettled
 
 
-def find_cut(shard: "_Shard", sampling: SamplingFilter, vocab_size: int) -> Tuple[_Cut, torch.Tensor]:
+def find_cut(shard: "_Shard", sampling: SamplingFilter, vocab_size: int) -> tuple[_Cut, torch.Tensor]:
     """The per-row cut of min-p, then top-k, then top-p, and the per-row maximum scaled logit."""
     top_k = sampling.effective_top_k(vocab_size)
     # Without min-p, a top-p over rows without a top-k cut needs the mass of the whole row.
@@ -463,8 +486,12 @@ def find_cut(shard: "_Shard", sampling: SamplingFilter, vocab_size: int) -> Tupl
     walked, unsettled = _top_p_walk(shard, candidates, cut, has_cut, row_max, top_p)
     if bool(unsettled.any()):
         searched = _top_p_cut(shard, cut, row_max, top_p)
-        walked = _Cut(*(torch.where(unsettled, b, a) for a, b in
-                        ((walked.value, searched.value), (walked.ties, searched.ties), (walked.keep, searched.keep))))
+        walked = _Cut(
+            *(
+                torch.where(unsettled, b, a)
+                for a, b in ((walked.value, searched.value), (walked.ties, searched.ties), (walked.keep, searched.keep))
+            )
+        )
     return walked, row_max
 
 
@@ -485,7 +512,7 @@ class _KeptSet:
         """Whether every row of `rows` keeps all its ties with weight 1 (membership is ``z >= value``)."""
         return bool(((self.col_lo[rows] == 0) & (self.col_hi[rows] >= width) & (self.tie_weight[rows] == 1.0)).all())
 
-    def weigh_(self, rows, z: torch.Tensor, out: torch.Tensor, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def weigh_(self, rows, z: torch.Tensor, out: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
         """Multiplies ``out`` in place by the membership weights of the values ``z`` (same shape).
 
         ``z`` is ``[n, m]`` float32 of the rows ``rows``; ``columns`` their local columns (default
@@ -585,8 +612,16 @@ class _ReplayLogProbs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.shard_args = (tp_group, temperature, vocab_size, chunk_size)
         ctx.save_for_backward(
-            logits, local_target, owned, in_support, top + log_mass, entropy,
-            kept.value, kept.col_lo, kept.col_hi, kept.tie_weight,
+            logits,
+            local_target,
+            owned,
+            in_support,
+            top + log_mass,
+            entropy,
+            kept.value,
+            kept.col_lo,
+            kept.col_hi,
+            kept.tie_weight,
         )
         shape = target.shape
         outputs = [log_probs.to(out_dtype).view(shape), in_support.view(shape)]
@@ -615,7 +650,11 @@ class _ReplayLogProbs(torch.autograd.Function):
         for rows, z in shard.blocks():
             # The gradient is built in its own block where the dtypes allow: no block temporary.
             block = grad[rows, : shard.real]
-            probs = block if block.dtype == compute_dtype else torch.empty(block.shape, dtype=compute_dtype, device=z.device)
+            probs = (
+                block
+                if block.dtype == compute_dtype
+                else torch.empty(block.shape, dtype=compute_dtype, device=z.device)
+            )
             values = shard.exact(rows, z) if wide else z
             torch.sub(values, normalizer[rows].unsqueeze(-1), out=probs).exp_()
             # Membership is decided on the float32 values, as in forward, whatever the logits' dtype.
@@ -629,11 +668,11 @@ class _ReplayLogProbs(torch.autograd.Function):
 def replay_token_log_probs(
     logits: torch.Tensor,
     target: torch.Tensor,
-    tp_group: Optional[torch.distributed.ProcessGroup],
+    tp_group: torch.distributed.ProcessGroup | None,
     temperature: float,
     sampling: SamplingFilter,
     vocab_size: int,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
     return_entropy: bool = False,
 ):
     """Log-prob of each target token under vLLM's processed (filtered) distribution.

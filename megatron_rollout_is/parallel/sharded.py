@@ -25,7 +25,7 @@ rounds of the verl 0.6.0 metrics (3 SUMs of `[10, 2048]` int64 histograms for fl
 float64).
 """
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,12 +49,15 @@ class ShardedRolloutCorrection:
             one shape before the partials are reduced.
     """
 
-    def __init__(self, config: Union[RolloutCorrectionConfig, CorrectionPlan], groups: RolloutISGroups,
-                 check_layout: bool = True):
+    def __init__(
+        self, config: RolloutCorrectionConfig | CorrectionPlan, groups: RolloutISGroups, check_layout: bool = True
+    ):
         plan = config.plan if isinstance(config, RolloutCorrectionConfig) else config
         if plan is None:
-            raise ValueError("rollout correction is off in this config (verl 0.6.0 keys: rollout_is_threshold is "
-                             "null); set a threshold, or do not build a ShardedRolloutCorrection.")
+            raise ValueError(
+                "rollout correction is off in this config (verl 0.6.0 keys: rollout_is_threshold is "
+                "null); set a threshold, or do not build a ShardedRolloutCorrection."
+            )
         self.plan = plan
         self.groups = groups
         self.check_layout = check_layout
@@ -66,8 +69,9 @@ class ShardedRolloutCorrection:
         self._dp_cp_size = group_size(groups.dp_cp)
         self._owns_sequences = group_rank(groups.cp) == 0
 
-    def micro_batch(self, old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
-                    response_mask: torch.Tensor) -> Correction:
+    def micro_batch(
+        self, old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor, response_mask: torch.Tensor
+    ) -> Correction:
         """Weights and keep mask of this rank's share of a padded micro-batch.
 
         Args:
@@ -91,12 +95,17 @@ class ShardedRolloutCorrection:
             )
         return self._correct(old_log_prob, rollout_log_prob, response_mask)
 
-    def micro_batch_weights(self, old_log_prob, rollout_log_prob, response_mask) -> Optional[torch.Tensor]:
+    def micro_batch_weights(self, old_log_prob, rollout_log_prob, response_mask) -> torch.Tensor | None:
         """`micro_batch(...).weights` (verl 0.6.0 plans: the IS weights of the micro-batch)."""
         return self.micro_batch(old_log_prob, rollout_log_prob, response_mask).weights
 
-    def micro_batch_thd(self, old_log_prob: torch.Tensor, rollout_log_prob: torch.Tensor,
-                        response_mask: torch.Tensor, local_cu_seqlens: torch.Tensor) -> Correction:
+    def micro_batch_thd(
+        self,
+        old_log_prob: torch.Tensor,
+        rollout_log_prob: torch.Tensor,
+        response_mask: torch.Tensor,
+        local_cu_seqlens: torch.Tensor,
+    ) -> Correction:
         """Weights and keep mask of this rank's share of a packed (THD) micro-batch.
 
         Args:
@@ -144,8 +153,12 @@ class ShardedRolloutCorrection:
         corrections = []
         for index, (one, original) in enumerate(zip(packed, micro_batches)):
             width = one.rows[0].shape[1]
-            piece = Correction(*(None if t is None else t[index].narrow(1, 0, width) if t[index].shape[1] > width
-                                 else t[index] for t in pieces))
+            piece = Correction(
+                *(
+                    None if t is None else t[index].narrow(1, 0, width) if t[index].shape[1] > width else t[index]
+                    for t in pieces
+                )
+            )
             corrections.append(one.repack(piece, original[0].shape))
         return corrections
 
@@ -174,7 +187,11 @@ class ShardedRolloutCorrection:
         if normalize_over is None and self.plan.bypass:
             normalize_over = self._dp_cp_sum  # bypass: one factor per micro-batch, over DP x CP
         return correct_micro_batch(
-            old_log_prob, rollout_log_prob, response_mask, self.plan, self.statistics,
+            old_log_prob,
+            rollout_log_prob,
+            response_mask,
+            self.plan,
+            self.statistics,
             reduce_partials=self._reduce_partials if self._cp_size > 1 else None,
             normalize_over=normalize_over if self._dp_cp_size > 1 else None,
             owns_sequences=self._owns_sequences,
@@ -213,7 +230,7 @@ class ShardedRolloutCorrection:
         all_reduce(staged, op, group)
         return tensor.copy_(staged)
 
-    def _agree_on_inputs(self, old_log_prob: Optional[torch.Tensor], error: Optional[Exception]) -> None:
+    def _agree_on_inputs(self, old_log_prob: torch.Tensor | None, error: Exception | None) -> None:
         """Lets every CP rank learn whether any rank's inputs failed validation or disagree in shape.
 
         A rank whose inputs are bad still joins this one collective (then raises its own error), so
@@ -225,8 +242,9 @@ class ShardedRolloutCorrection:
                 raise error
             return
         rows, columns = (0, 0) if error is not None else (old_log_prob.shape[0], old_log_prob.shape[-1])
-        layout = torch.tensor([rows, columns, -rows, -columns, int(error is not None)], dtype=torch.long,
-                              device=self._device)
+        layout = torch.tensor(
+            [rows, columns, -rows, -columns, int(error is not None)], dtype=torch.long, device=self._device
+        )
         all_reduce(layout, dist.ReduceOp.MAX, group)
         if error is not None:
             raise error
@@ -270,15 +288,19 @@ class _Documents:
 
     def __init__(self, tensors, local_cu_seqlens: torch.Tensor):
         if not all(isinstance(tensor, torch.Tensor) for tensor in (*tensors, local_cu_seqlens)):
-            raise TypeError("packed old_log_prob, rollout_log_prob, response_mask and local_cu_seqlens must be "
-                            "tensors.")
+            raise TypeError(
+                "packed old_log_prob, rollout_log_prob, response_mask and local_cu_seqlens must be tensors."
+            )
         flat = [tensor.reshape(-1) for tensor in tensors]
         count = flat[0].numel()
         if any(tensor.numel() != count for tensor in flat):
-            raise ValueError(f"packed old_log_prob, rollout_log_prob and response_mask must hold the same number of "
-                             f"tokens, got {[tensor.numel() for tensor in flat]}.")
-        lengths = check_cu_seqlens(local_cu_seqlens, total_tokens=count, name="local_cu_seqlens",
-                                   fix="use context_parallel.local_cu_seqlens").to(flat[0].device)
+            raise ValueError(
+                f"packed old_log_prob, rollout_log_prob and response_mask must hold the same number of "
+                f"tokens, got {[tensor.numel() for tensor in flat]}."
+            )
+        lengths = check_cu_seqlens(
+            local_cu_seqlens, total_tokens=count, name="local_cu_seqlens", fix="use context_parallel.local_cu_seqlens"
+        ).to(flat[0].device)
         self.document = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
         self.position = torch.arange(count, device=lengths.device) - (lengths.cumsum(0) - lengths)[self.document]
         width = int(lengths.max()) if lengths.numel() else 0
@@ -290,8 +312,7 @@ class _Documents:
         self.rows = tuple(grids)
 
     def repack(self, correction: Correction, shape) -> Correction:
-        return Correction(*(None if t is None else t[self.document, self.position].reshape(shape)
-                            for t in correction))
+        return Correction(*(None if t is None else t[self.document, self.position].reshape(shape) for t in correction))
 
 
 def _concatenate_rows(grids: list) -> torch.Tensor:
@@ -302,6 +323,6 @@ def _concatenate_rows(grids: list) -> torch.Tensor:
     stacked = grids[0].new_zeros(sum(grid.shape[0] for grid in grids), width)
     start = 0
     for grid in grids:
-        stacked[start:start + grid.shape[0], :grid.shape[1]] = grid
+        stacked[start : start + grid.shape[0], : grid.shape[1]] = grid
         start += grid.shape[0]
     return stacked

@@ -23,7 +23,6 @@ them.
 """
 
 import math
-from typing import Optional, Tuple, Union
 
 import torch
 import torch.distributed
@@ -55,9 +54,7 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
         keep_buffer = keep_probs and not recompute
         # Holds z, then exp(z), then the softmax, chunk by chunk; kept whole only for backward.
         buffer_len = seq_len if keep_buffer else min(step, seq_len)
-        probs = torch.empty(
-            (buffer_len, batch, local_vocab), dtype=compute_dtype, device=logits.device
-        )
+        probs = torch.empty((buffer_len, batch, local_vocab), dtype=compute_dtype, device=logits.device)
         log_probs = torch.empty((seq_len, batch), dtype=compute_dtype, device=logits.device)
         entropy = torch.empty_like(log_probs) if with_entropy else None
         log_normalizer = torch.empty_like(log_probs) if recompute else None
@@ -117,7 +114,7 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
                 if ctx.temperature != 1.0:
                     p.div_(ctx.temperature)
                 p.sub_(log_normalizer[rows].unsqueeze(-1)).exp_()
-                p[..., ctx.real_local:] = 0.0
+                p[..., ctx.real_local :] = 0.0
                 softmax_to_grad_(p, rows, grad_log_probs, grad_entropy, entropy, local_target, owned, ctx.temperature)
                 grad_logits[rows] = p
             return grad_logits, None, None, None, None, None, None, None
@@ -127,7 +124,9 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
         # version check instead of returning a wrong gradient.
         for start in range(0, probs.size(0), ctx.step):
             rows = slice(start, start + ctx.step)
-            softmax_to_grad_(probs[rows], rows, grad_log_probs, grad_entropy, entropy, local_target, owned, ctx.temperature)
+            softmax_to_grad_(
+                probs[rows], rows, grad_log_probs, grad_entropy, entropy, local_target, owned, ctx.temperature
+            )
         return probs, None, None, None, None, None, None, None
 
 
@@ -140,10 +139,15 @@ def _validate(logits, target, tp_group, temperature, chunk_size, vocab_size) -> 
         )
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
-    if not isinstance(target, torch.Tensor) or target.dtype.is_floating_point or target.dtype in (
-        torch.bool,
-        torch.complex64,
-        torch.complex128,
+    if (
+        not isinstance(target, torch.Tensor)
+        or target.dtype.is_floating_point
+        or target.dtype
+        in (
+            torch.bool,
+            torch.complex64,
+            torch.complex128,
+        )
     ):
         raise TypeError(
             "target must be an integer tensor of global vocabulary ids (int64), got "
@@ -160,14 +164,11 @@ def _validate(logits, target, tp_group, temperature, chunk_size, vocab_size) -> 
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     if tp_group is not None and not torch.distributed.is_initialized():
         raise ValueError(
-            "tp_group was given but torch.distributed is not initialised; pass tp_group=None "
-            "for a single process"
+            "tp_group was given but torch.distributed is not initialised; pass tp_group=None for a single process"
         )
     padded_vocab = logits.size(-1) * group_size(tp_group)
     if vocab_size is None:
@@ -203,17 +204,17 @@ def _check_support(in_support: torch.Tensor, sampling: SamplingFilter) -> None:
 def vocab_parallel_token_log_probs(
     logits: torch.Tensor,
     target: torch.Tensor,
-    tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    tp_group: torch.distributed.ProcessGroup | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
-    chunk_size: Optional[int] = None,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    min_p: Optional[float] = None,
+    chunk_size: int | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
     tie_rule: str = "triton",
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
     return_in_support: bool = False,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Log-probability of each target token under the (filtered) temperature-scaled softmax.
 
     Without filters this is ``log_softmax(logits / temperature, full vocab)[target]``. With

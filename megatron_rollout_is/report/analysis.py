@@ -226,21 +226,32 @@ def _evaluate_corrections(dump: StepDump, analysis: Analysis, index: int) -> Non
     for evaluation in analysis.corrections:
         candidate: CorrectionCandidate = evaluation.candidate
         weights, kept_mask, metrics = compute_rollout_correction_and_rejection_mask(
-            old, rollout, mask, **candidate.kwargs())
+            old, rollout, mask, **candidate.kwargs()
+        )
         rejection = (candidate.rollout_rs, candidate.rollout_rs_threshold)
         if rejection not in kept_by_rejection:
             kept_by_rejection[rejection] = compute_offpolicy_metrics(old, rollout, kept_mask)
         kept = kept_by_rejection[rejection]
         factor = metrics.get("rollout_corr/rollout_is_batch_norm_factor", 1.0)
         per_criterion = f"rollout_corr/rollout_rs_{candidate.rollout_rs}_" if evaluation.kind == "sweep" else None
-        metrics = {k: v for k, v in metrics.items()
-                   if k not in everything and not (per_criterion and k.startswith(per_criterion))}
+        metrics = {
+            k: v
+            for k, v in metrics.items()
+            if k not in everything and not (per_criterion and k.startswith(per_criterion))
+        }
         metrics.update(kept_metrics(weights, kept_mask != 0, valid, kept, everything, candidate.weight_spec, factor))
         evaluation.metrics.append(metrics)
 
 
-def kept_metrics(weights: torch.Tensor | None, keep: torch.Tensor, valid: torch.Tensor, kept: dict, everything: dict,
-                 spec: WeightSpec | None = None, factor: float = 1.0) -> dict:
+def kept_metrics(
+    weights: torch.Tensor | None,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    kept: dict,
+    everything: dict,
+    spec: WeightSpec | None = None,
+    factor: float = 1.0,
+) -> dict:
     """The report's `kept/` metrics of one candidate on one step.
 
     Args:
@@ -275,7 +286,8 @@ def kept_metrics(weights: torch.Tensor | None, keep: torch.Tensor, valid: torch.
     mean = factor * first / count if count else 0.0
     reductions = [
         1.0 - abs(kept[name]) / everything[f"rollout_corr/{name}"]
-        if everything[f"rollout_corr/{name}"] > REDUCTION_FLOOR else 0.0
+        if everything[f"rollout_corr/{name}"] > REDUCTION_FLOOR
+        else 0.0
         for name in ("k3_kl", "chi2_token")
     ]
     return {
@@ -350,6 +362,13 @@ class _PoolBuilder:
             return np.concatenate(parts) if parts else np.zeros(0)
 
         return PooledRatios(
-            joined(self.token), joined(self.sequence), joined(self.geometric), joined(self.mean_k3),
-            joined(self.max_k2), joined(self.max_k3), self.position_abs, self.position_k3, self.position_count,
+            joined(self.token),
+            joined(self.sequence),
+            joined(self.geometric),
+            joined(self.mean_k3),
+            joined(self.max_k2),
+            joined(self.max_k3),
+            self.position_abs,
+            self.position_k3,
+            self.position_count,
         )

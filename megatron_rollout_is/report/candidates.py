@@ -44,8 +44,14 @@ QUANTILE_MARGIN = 1e-5
 LOG_RATIO_RESOLUTION = 1e-5
 """Absolute margin (nats) of k1 thresholds, squared over 2 for k2/k3: float32 log-probs of tens of
 nats carry ~1e-6 of rounding, so finer thresholds would judge noise (and k2/k3 bounds stay > 0)."""
-CONFIG_KEYS = ("rollout_is", "rollout_is_threshold", "rollout_is_mode", "rollout_is_batch_normalize", "rollout_rs",
-               "rollout_rs_threshold")
+CONFIG_KEYS = (
+    "rollout_is",
+    "rollout_is_threshold",
+    "rollout_is_mode",
+    "rollout_is_batch_normalize",
+    "rollout_rs",
+    "rollout_rs_threshold",
+)
 
 
 @dataclass(frozen=True)
@@ -158,9 +164,9 @@ def run_correction_candidate(config: RolloutCorrectionConfig) -> CorrectionCandi
     values = {key: getattr(config, key) for key in CONFIG_KEYS}
     note = None
     if config.bypass_mode:
-        note = (f"bypass mode ({config.loss_type}): evaluated on the dumps' pi_old as a stand-in for pi_theta"
-                + ("; its PPO clip against the rollout log-probs is not modelled" if config.loss_type == "ppo_clip"
-                   else ""))
+        note = f"bypass mode ({config.loss_type}): evaluated on the dumps' pi_old as a stand-in for pi_theta" + (
+            "; its PPO clip against the rollout log-probs is not modelled" if config.loss_type == "ppo_clip" else ""
+        )
     return CorrectionCandidate(label=f"run config: {config.describe()}", note=note, **values)
 
 
@@ -206,8 +212,10 @@ def rs_sweep(statistics: Mapping[str, "np.ndarray"]) -> list[CorrectionCandidate
         if values.size == 0:
             continue
         # Equal thresholds (few or tied values) are one point, labelled with the highest level.
-        levels = {sweep_threshold(criterion, float(q)): level for level, q in zip(SWEEP_LEVELS, np.quantile(
-            values, SWEEP_LEVELS))}
+        levels = {
+            sweep_threshold(criterion, float(q)): level
+            for level, q in zip(SWEEP_LEVELS, np.quantile(values, SWEEP_LEVELS))
+        }
         for threshold, level in levels.items():
             label = f"RS {criterion} {threshold!r} (q{level:g})"
             point = dict(rollout_rs=criterion, rollout_rs_threshold=threshold, quantile=level)

@@ -29,11 +29,14 @@ def _run(args: argparse.Namespace) -> int:
     if not correction["needed"]:
         print(f"recommended (verl HEAD keys): {correction['label']}: no correction needed")
     else:
-        verdict = "passes every rule" if correction["passes_all_rules"] else (
-            f"fails the rules on {correction['failing_steps']} step(s)")
+        verdict = (
+            "passes every rule"
+            if correction["passes_all_rules"]
+            else (f"fails the rules on {correction['failing_steps']} step(s)")
+        )
         print(f"recommended (verl HEAD keys): {correction['label']} ({correction['family']}, {verdict})")
-    verdict = "passes every rule" if chosen["passes_all_rules"] else (
-        f"fails the rules on {chosen['failing_steps']} step(s)"
+    verdict = (
+        "passes every rule" if chosen["passes_all_rules"] else (f"fails the rules on {chosen['failing_steps']} step(s)")
     )
     print(f"recommended (verl 0.6.0 keys): {chosen['label']} ({verdict})")
     symptoms: dict[str, list] = {}

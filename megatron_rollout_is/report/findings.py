@@ -40,9 +40,7 @@ CORRECTION_DECISION_RULE = RULES_DOC.split("Decision rule (`recommend_correction
 def judged_metrics(analysis: Analysis, evaluation: Evaluation) -> list:
     """`(step, metrics)` of the steps with valid tokens that this configuration was evaluated on."""
     return [
-        (analysis.steps[i], evaluation.metrics[i])
-        for i in analysis.judged_steps
-        if evaluation.metrics[i] is not None
+        (analysis.steps[i], evaluation.metrics[i]) for i in analysis.judged_steps if evaluation.metrics[i] is not None
     ]
 
 
@@ -65,8 +63,10 @@ def _troubleshooting_finding(code: str, evaluation: Evaluation, hits: list, judg
             "max_rollout_is_std": max(metric(m, "rollout_is_std") for m in metrics),
             "min_rollout_is_eff_sample_size": min(metric(m, "rollout_is_eff_sample_size") for m in metrics),
         }
-        seen = f"rollout_is_std up to {numbers['max_rollout_is_std']:.3g} (> {STD_MAX:g}) or ESS down to " \
-               f"{numbers['min_rollout_is_eff_sample_size']:.3g} (< {ESS_MIN:g})"
+        seen = (
+            f"rollout_is_std up to {numbers['max_rollout_is_std']:.3g} (> {STD_MAX:g}) or ESS down to "
+            f"{numbers['min_rollout_is_eff_sample_size']:.3g} (< {ESS_MIN:g})"
+        )
     elif code == TOO_MANY_VETOED:
         numbers = {"max_rollout_is_veto_fraction": max(metric(m, "rollout_is_veto_fraction") for m in metrics)}
         seen = f"rollout_is_veto_fraction up to {numbers['max_rollout_is_veto_fraction']:.3g} (> {VETO_FRACTION_MAX:g})"
@@ -167,8 +167,10 @@ def run_verdict(analysis: Analysis) -> dict:
         {
             "step": analysis.steps[i],
             "label": label,
-            **{name: analysis.offpolicy[i][f"rollout_corr/{name}"]
-               for name in ("k3_kl", "chi2_token", "chi2_seq", "kl")},
+            **{
+                name: analysis.offpolicy[i][f"rollout_corr/{name}"]
+                for name in ("k3_kl", "chi2_token", "chi2_seq", "kl")
+            },
             "outside_share": analysis.outside_share[i],
             "mean_abs_log_ratio": analysis.mean_abs_log_ratio[i],
         }
@@ -246,8 +248,11 @@ def _diagnostics_codes(analysis: Analysis, severity: str) -> list:
 def _correction_record(analysis: Analysis, evaluation: Evaluation) -> dict:
     candidate = evaluation.candidate
     per_step = [
-        {"step": step, "failed_rules": correction_failed_rules(candidate, metrics) if tokens else ["(empty step)"],
-         "metrics": metrics}
+        {
+            "step": step,
+            "failed_rules": correction_failed_rules(candidate, metrics) if tokens else ["(empty step)"],
+            "metrics": metrics,
+        }
         for step, tokens, metrics in zip(analysis.steps, analysis.tokens, evaluation.metrics)
         if metrics is not None
     ]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core import SAFETY_BOUND
 from .. import regime
+from ..core import SAFETY_BOUND
 from .analysis import Analysis
 from .candidates import SWEEP_CRITERIA
 from .findings import judged_metrics
@@ -86,10 +86,19 @@ def _log_ratio_histogram(analysis: Analysis):
     ratios = analysis.pooled.token
     _histogram(axes, ratios, "tab:blue")
     if ratios.size:
-        text = (f"{ratios.size} tokens, {len(analysis.steps)} step(s)\nmean {ratios.mean():.3g}, "
-                f"std {ratios.std():.3g}\nmin {ratios.min():.3g}, max {ratios.max():.3g}")
-        axes.text(0.02, 0.97, text, transform=axes.transAxes, va="top", family="monospace",
-                  bbox={"facecolor": "white", "alpha": 0.8})
+        text = (
+            f"{ratios.size} tokens, {len(analysis.steps)} step(s)\nmean {ratios.mean():.3g}, "
+            f"std {ratios.std():.3g}\nmin {ratios.min():.3g}, max {ratios.max():.3g}"
+        )
+        axes.text(
+            0.02,
+            0.97,
+            text,
+            transform=axes.transAxes,
+            va="top",
+            family="monospace",
+            bbox={"facecolor": "white", "alpha": 0.8},
+        )
     axes.axvline(0.0, color="black", linewidth=0.8)
     axes.set_xlabel("per-token log ratio  log pi_train - log pi_rollout  (nats)")
     axes.set_title("Token log-ratio distribution (valid tokens, all steps)")
@@ -149,9 +158,11 @@ def _threshold_sweep(analysis: Analysis):
     for evaluation in analysis.evaluation("grid"):
         judged = [m for _, m in judged_metrics(analysis, evaluation)]
         grid.setdefault(evaluation.candidate.level, []).append(
-            (evaluation.candidate.threshold,
-             [metric(m, "rollout_is_eff_sample_size") for m in judged],
-             [bounded_fraction(m, evaluation.candidate.mode) for m in judged])
+            (
+                evaluation.candidate.threshold,
+                [metric(m, "rollout_is_eff_sample_size") for m in judged],
+                [bounded_fraction(m, evaluation.candidate.mode) for m in judged],
+            )
         )
     for column, (level, points) in enumerate(grid.items()):
         x = np.arange(len(points))
@@ -162,11 +173,22 @@ def _threshold_sweep(analysis: Analysis):
             axes_ = axes[row, column]
             values = [np.asarray(values_of(p)) for p in points]
             mean = np.array([v.mean() for v in values])
-            axes_.fill_between(x, [v.min() for v in values], [v.max() for v in values], alpha=0.25,
-                               color="tab:blue", label="min-max over steps")
+            axes_.fill_between(
+                x,
+                [v.min() for v in values],
+                [v.max() for v in values],
+                alpha=0.25,
+                color="tab:blue",
+                label="min-max over steps",
+            )
             axes_.plot(x, mean, marker="o", color="tab:blue", label="mean over steps")
-            axes_.axhline(limit, color="tab:red", linestyle="--", linewidth=1,
-                          label=f"rule: {'ESS <' if row == 0 else 'bounded >'} {limit:g}")
+            axes_.axhline(
+                limit,
+                color="tab:red",
+                linestyle="--",
+                linewidth=1,
+                label=f"rule: {'ESS <' if row == 0 else 'bounded >'} {limit:g}",
+            )
             axes_.set_xticks(x, labels)
             axes_.set_ylim(-0.03, 1.03)
             axes_.set_xlabel(f"upper threshold (lower = 1/upper), {level} level")
@@ -192,10 +214,18 @@ def _metrics_over_steps(analysis: Analysis):
     for axes_, (name, title, limit) in zip(axes.flat, panels):
         for evaluation, color in zip(examples, EXAMPLE_COLORS):
             judged = judged_metrics(analysis, evaluation)
-            values = [bounded_fraction(m, evaluation.candidate.mode) if name == "bounded" else metric(m, name)
-                      for _, m in judged]
-            axes_.plot([step for step, _ in judged], values, marker="o", markersize=3, color=color,
-                       label=f"Ex. {evaluation.candidate.example}")
+            values = [
+                bounded_fraction(m, evaluation.candidate.mode) if name == "bounded" else metric(m, name)
+                for _, m in judged
+            ]
+            axes_.plot(
+                [step for step, _ in judged],
+                values,
+                marker="o",
+                markersize=3,
+                color=color,
+                label=f"Ex. {evaluation.candidate.example}",
+            )
         for value in limit if isinstance(limit, tuple) else (limit,):
             axes_.axhline(value, color="black", linestyle="--", linewidth=0.8)
         if name == "rollout_is_mean":
@@ -259,25 +289,40 @@ def _rs_sweep(analysis: Analysis):
     figure, axes = _figure(3, len(SWEEP_CRITERIA), (4 * len(SWEEP_CRITERIA), 9), sharey="row")
     points = _sweep_means(analysis)
     everything = [analysis.offpolicy[i] for i in analysis.judged_steps]
-    totals = {name: float(np.mean([m[f"rollout_corr/{name}"] for m in everything])) if everything else 0.0
-              for name in ("k3_kl", "chi2_token")}
+    totals = {
+        name: float(np.mean([m[f"rollout_corr/{name}"] for m in everything])) if everything else 0.0
+        for name in ("k3_kl", "chi2_token")
+    }
     for column, criterion in enumerate(SWEEP_CRITERIA):
         by_level = dict(sorted(points.get(criterion, {}).items()))
         x = np.arange(len(by_level))
         rejected, mismatch, shares = axes[:, column]
         alone = [point[False] for point in by_level.values()]
-        rejected.plot(x, [p["rollout_corr/rollout_rs_masked_fraction"] for p in alone], marker="o",
-                      label="rejected tokens")
+        rejected.plot(
+            x, [p["rollout_corr/rollout_rs_masked_fraction"] for p in alone], marker="o", label="rejected tokens"
+        )
         rejected.axhline(REJECTED_FRACTION_MAX, color="tab:red", linestyle="--", linewidth=1, label="rule limit")
         for name, color in (("k3_kl", "tab:purple"), ("chi2_token", "tab:green")):
             if totals[name] > 0:
-                mismatch.plot(x, [abs(p[f"kept/{name}"]) / totals[name] for p in alone], marker="o", color=color,
-                              label=f"{name}: |kept| / all tokens")
-        mismatch.plot(x, [1 - 2 * p["rollout_corr/rollout_rs_masked_fraction"] for p in alone], color="tab:red",
-                      linestyle="--", linewidth=1, label="rule: at most 1 - 2 x rejected")
+                mismatch.plot(
+                    x,
+                    [abs(p[f"kept/{name}"]) / totals[name] for p in alone],
+                    marker="o",
+                    color=color,
+                    label=f"{name}: |kept| / all tokens",
+                )
+        mismatch.plot(
+            x,
+            [1 - 2 * p["rollout_corr/rollout_rs_masked_fraction"] for p in alone],
+            color="tab:red",
+            linestyle="--",
+            linewidth=1,
+            label="rule: at most 1 - 2 x rejected",
+        )
         for weighted, label in ((False, "RS only"), (True, "+ token TIS 2")):
-            shares.plot(x, [point[weighted]["kept/effective_share"] for point in by_level.values()], marker="o",
-                        label=label)
+            shares.plot(
+                x, [point[weighted]["kept/effective_share"] for point in by_level.values()], marker="o", label=label
+            )
         rejected.set_title(criterion)
         for axes_ in (rejected, mismatch, shares):
             axes_.set_xticks(x, [f"{level:g}" for level in by_level])

@@ -72,8 +72,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..config import RolloutISConfig
-from .candidates import FAMILIES, NONE, CorrectionCandidate
 from ..regime import NEGLIGIBLE, REGIMES, classify
+from .candidates import FAMILIES, NONE, CorrectionCandidate
 
 STD_MAX = 1.0
 ESS_MIN = 0.3
@@ -317,6 +317,7 @@ def justification(ranking: Sequence[Score], steps: int) -> str:
 
 def correction_failed_rules(candidate: CorrectionCandidate, metrics: Mapping[str, float]) -> list[str]:
     """The verl HEAD rules (table above) that one step's metrics of `candidate` break, in table order."""
+
     def value(name):
         return metrics.get(name, 0.0)
 
@@ -377,13 +378,20 @@ def score_correction(candidate: CorrectionCandidate, order: int, step_metrics: S
         values = list(values)
         return sum(values) / len(values)
 
-    means = {name: mean(m.get(f"kept/{name}", 0.0) for m in step_metrics)
-             for name in ("effective_share", "token_share", "eff_sample_size", "mismatch_reduction", "k3_kl",
-                          "bounded_share")}
+    means = {
+        name: mean(m.get(f"kept/{name}", 0.0) for m in step_metrics)
+        for name in (
+            "effective_share",
+            "token_share",
+            "eff_sample_size",
+            "mismatch_reduction",
+            "k3_kl",
+            "bounded_share",
+        )
+    }
     rejected = [m.get("rollout_corr/rollout_rs_masked_fraction", 0.0) for m in step_metrics]
     means["rejected"] = mean(rejected)
-    return CorrectionScore(candidate, order, len(failed), sum(map(len, failed.values())), failed, means,
-                           max(rejected))
+    return CorrectionScore(candidate, order, len(failed), sum(map(len, failed.values())), failed, means, max(rejected))
 
 
 def recommend_correction(
@@ -411,22 +419,32 @@ def recommend_correction(
     return correcting[0], ranking
 
 
-def correction_justification(chosen: CorrectionScore, ranking: Sequence[CorrectionScore], regime_label: str,
-                             steps: int) -> str:
+def correction_justification(
+    chosen: CorrectionScore, ranking: Sequence[CorrectionScore], regime_label: str, steps: int
+) -> str:
     """Why `chosen` was picked, with its numbers, and why the best of every other family was not."""
     means = chosen.means
-    text = (f"{chosen.candidate.label} ({chosen.candidate.family}): effective share {means['effective_share']:.3f} "
-            f"(kept {means['token_share']:.3f} of the tokens, ESS {means['eff_sample_size']:.3f} over them), "
-            f"kept-token k3 KL {means['k3_kl']:.3g}, fails the rules on {chosen.failing_steps} of {steps} step(s)"
-            f" ({chosen.violations} violation(s)).")
+    text = (
+        f"{chosen.candidate.label} ({chosen.candidate.family}): effective share {means['effective_share']:.3f} "
+        f"(kept {means['token_share']:.3f} of the tokens, ESS {means['eff_sample_size']:.3f} over them), "
+        f"kept-token k3 KL {means['k3_kl']:.3g}, fails the rules on {chosen.failing_steps} of {steps} step(s)"
+        f" ({chosen.violations} violation(s))."
+    )
     if regime_label == NEGLIGIBLE:
         text += " The mismatch is negligible, so no correction is needed; the ranking below is for reference."
     elif chosen.failing_steps:
-        text += (" No candidate passes every rule on every step, so this is the least-failing one; fix the findings "
-                 "below before trusting any configuration.")
+        text += (
+            " No candidate passes every rule on every step, so this is the least-failing one; fix the findings "
+            "below before trusting any configuration."
+        )
     for family in FAMILIES:
-        shown = (s for s in ranking if s.candidate.family == family and s is not chosen
-                 and (family == NONE or regime_label == NEGLIGIBLE or _changes(s)))
+        shown = (
+            s
+            for s in ranking
+            if s.candidate.family == family
+            and s is not chosen
+            and (family == NONE or regime_label == NEGLIGIBLE or _changes(s))
+        )
         best = next(shown, None)
         if best is not None:
             text += f" Best {family}: {best.candidate.label}, {_why_not(best, chosen, regime_label)}."

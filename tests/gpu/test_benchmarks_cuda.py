@@ -23,7 +23,10 @@ def test_full_benchmark_runs_on_cuda_with_a_1b_parameter_model(tmp_path):
     out = Path(os.environ.get("BENCHMARK_OUT", tmp_path / "results_cuda.json"))
     completed = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=420,  # inside run.sh's 480 s for the suite
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=420,  # inside run.sh's 480 s for the suite
     )
     print(completed.stdout)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-5000:]

@@ -23,7 +23,13 @@ def test_run_script_is_shellcheck_clean():
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this torch is a CUDA build")
 def test_run_script_refuses_a_cpu_torch_before_installing(tmp_path):
-    result = subprocess.run(["bash", str(RUN_SH)], env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        ["bash", str(RUN_SH)],
+        env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "torch is a CPU build (torch.version.cuda is None); install a CUDA build" in result.stderr

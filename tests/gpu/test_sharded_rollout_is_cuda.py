@@ -47,8 +47,12 @@ DEVICE_TOLERANCES = {"float64": (1e-9, 1e-12), "float32": (1e-5, 2e-6)}
 
 def _config(case) -> RolloutISConfig:
     return RolloutISConfig(
-        rollout_is=True, rollout_is_threshold=case.upper, rollout_is_threshold_lower=case.lower,
-        rollout_is_level=case.level, rollout_is_mode=case.mode, rollout_is_veto_threshold=case.veto,
+        rollout_is=True,
+        rollout_is_threshold=case.upper,
+        rollout_is_threshold_lower=case.lower,
+        rollout_is_level=case.level,
+        rollout_is_mode=case.mode,
+        rollout_is_veto_threshold=case.veto,
     )
 
 
@@ -73,8 +77,7 @@ def _shard_run(case, groups, device, cp: int = 1, cp_rank: int = 0, dp: int = 1,
     batch = global_batch(case)
     sharded = ShardedRolloutIS(_config(case), groups)
     weights = [
-        _local_weights(sharded, case, batch, rows, cp, cp_rank, device)
-        for rows in micro_batch_rows(case, dp, dp_rank)
+        _local_weights(sharded, case, batch, rows, cp, cp_rank, device) for rows in micro_batch_rows(case, dp, dp_rank)
     ]
     return weights, sharded.finalize()
 
@@ -163,8 +166,9 @@ def _two_rank_failures(reports) -> list[str]:
             reference_weights, reference_metrics = _shard_run(case, RolloutISGroups(), torch.device("cpu"))
             want = _whole_batch(case, {(0, 0): reference_weights}, 1, 1)
             per_rank = [report[(name, case.name)] for report in reports]
-            shards = {(rank if dp > 1 else 0, rank if cp > 1 else 0): weights
-                      for rank, (weights, _) in enumerate(per_rank)}
+            shards = {
+                (rank if dp > 1 else 0, rank if cp > 1 else 0): weights for rank, (weights, _) in enumerate(per_rank)
+            }
             got = _whole_batch(case, shards, cp, dp)
             for rank, (_, metrics) in enumerate(per_rank):
                 differences = _differences(case, got, metrics, want, reference_metrics, ORACLE_TOLERANCES)

@@ -34,8 +34,9 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 def _build(layer_spec):
     from megatron_rollout_is.cpu_rig.model import build_gpt_model, tiny_gpt_config
 
-    config = tiny_gpt_config(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
-                             use_cpu_initialization=False)
+    config = tiny_gpt_config(
+        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS, use_cpu_initialization=False
+    )
     return build_gpt_model(config, VOCAB, SEQ, layer_spec=layer_spec)
 
 
@@ -106,16 +107,20 @@ def _errors(got, want, name_map) -> dict:
     errors = {
         "logits": _relative_error(got_logits, want_logits),
         "loss": _relative_error(got_loss, want_loss),
-        "gradients (all)": _relative_error(torch.cat([paired[n].flatten() for n in names]),
-                                           torch.cat([want_grads[n].flatten() for n in names])),
+        "gradients (all)": _relative_error(
+            torch.cat([paired[n].flatten() for n in names]), torch.cat([want_grads[n].flatten() for n in names])
+        ),
     }
     errors.update({f"gradient {name}": _relative_error(paired[name], want_grads[name]) for name in names})
     return errors
 
 
 def _too_large(errors: dict) -> list[str]:
-    return [f"{key}: {value:.2e}" for key, value in errors.items()
-            if not value <= TOLERANCE[key if key in TOLERANCE else "gradient"]]
+    return [
+        f"{key}: {value:.2e}"
+        for key, value in errors.items()
+        if not value <= TOLERANCE[key if key in TOLERANCE else "gradient"]
+    ]
 
 
 def test_te_spec_forward_backward_in_bf16_matches_the_local_spec(nccl_world):
@@ -139,8 +144,9 @@ def test_te_spec_forward_backward_in_bf16_matches_the_local_spec(nccl_world):
     with torch.no_grad():
         old = _token_log_probs(gpt_forward(local, batch["tokens"], batch["position_ids"]), batch["labels"])
     generator = torch.Generator(device=old.device).manual_seed(12)
-    batch.update(old_log_prob=old, rollout_log_prob=old + 0.4 * torch.randn(old.shape, generator=generator,
-                                                                              device=old.device))
+    batch.update(
+        old_log_prob=old, rollout_log_prob=old + 0.4 * torch.randn(old.shape, generator=generator, device=old.device)
+    )
     steps = {"fp32 local": _step(reference, batch), "bf16 local": _step(local, batch), "bf16 TE": _step(te, batch)}
     comparisons = {
         "bf16 TE vs bf16 local": _errors(steps["bf16 TE"], steps["bf16 local"], to_te),
@@ -149,8 +155,11 @@ def test_te_spec_forward_backward_in_bf16_matches_the_local_spec(nccl_world):
     }
     print()
     for title, errors in comparisons.items():
-        print(f"{title}: " + ", ".join(f"{key} {value:.2e}" for key, value in list(errors.items())[:3])
-              + f", worst parameter {max(list(errors.values())[3:]):.2e}")
+        print(
+            f"{title}: "
+            + ", ".join(f"{key} {value:.2e}" for key, value in list(errors.items())[:3])
+            + f", worst parameter {max(list(errors.values())[3:]):.2e}"
+        )
 
     # The IS weights and metrics come from old/rollout log-probs only: the same for every model.
     metrics = [step[3] for step in steps.values()]

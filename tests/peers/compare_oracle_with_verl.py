@@ -37,7 +37,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from correction_cases import (  # noqa: E402
-    cancellation_scale, is_moment_std, is_threshold, random_batch, rs_threshold, std_clamp_bound)
+    cancellation_scale,
+    is_moment_std,
+    is_threshold,
+    random_batch,
+    rs_threshold,
+    std_clamp_bound,
+)
 from oracle import oracle_mismatch_metrics, oracle_rollout_is  # noqa: E402
 from oracle_correction import RS_CRITERIA, oracle_offpolicy_metrics, oracle_rollout_correction  # noqa: E402
 
@@ -48,6 +54,7 @@ PROJECT_ONLY_KEYS = {"rollout_corr/nonfinite_token_fraction", "nonfinite_token_f
 # ---------------------------------------------------------------------------------------------
 # Random batches.
 # ---------------------------------------------------------------------------------------------
+
 
 def _random_batch(gen, dtype=torch.float64, mask_dtype=torch.bool, empty_rows=False):
     """A batch of 1..8 rows of 1..48 tokens, without empty rows unless asked."""
@@ -78,22 +85,37 @@ def head_options(gen, old, rollout, mask):
     for rollout_is in (None, "token", "sequence"):
         for normalize in (False, True):
             threshold = _is_threshold(rollout_is or "token", old, rollout, mask, gen)
-            options.append(dict(rollout_is=rollout_is, rollout_is_threshold=threshold,
-                                rollout_is_batch_normalize=normalize))
+            options.append(
+                dict(rollout_is=rollout_is, rollout_is_threshold=threshold, rollout_is_batch_normalize=normalize)
+            )
     for name in RS_CRITERIA:
         options.append(dict(rollout_rs=name, rollout_rs_threshold=_rs_threshold(name, old, rollout, mask, gen)))
     chain = [RS_CRITERIA[int(i)] for i in torch.randperm(len(RS_CRITERIA), generator=gen)[:3]]
     per_criterion = ",".join(str(_rs_threshold(name, old, rollout, mask, gen)) for name in chain)
-    options.append(dict(rollout_is="token", rollout_is_threshold=_is_threshold("token", old, rollout, mask, gen),
-                        rollout_rs=" , ".join(chain), rollout_rs_threshold=per_criterion))
-    options.append(dict(rollout_is="sequence", rollout_is_threshold=2.0, rollout_is_batch_normalize=True,
-                        rollout_rs=",".join(chain + chain[:1]), rollout_rs_threshold=1.0 + float(torch.rand(1, generator=gen))))
+    options.append(
+        dict(
+            rollout_is="token",
+            rollout_is_threshold=_is_threshold("token", old, rollout, mask, gen),
+            rollout_rs=" , ".join(chain),
+            rollout_rs_threshold=per_criterion,
+        )
+    )
+    options.append(
+        dict(
+            rollout_is="sequence",
+            rollout_is_threshold=2.0,
+            rollout_is_batch_normalize=True,
+            rollout_rs=",".join(chain + chain[:1]),
+            rollout_rs_threshold=1.0 + float(torch.rand(1, generator=gen)),
+        )
+    )
     return options
 
 
 # ---------------------------------------------------------------------------------------------
 # Comparison.
 # ---------------------------------------------------------------------------------------------
+
 
 def _tolerance(key, mask_dtype, wide, want):
     """(kind, rel, abs) for one metric, per the module docstring; `want` is the oracle's metrics."""
@@ -144,7 +166,8 @@ def compare_head_case(verl, old, rollout, mask, options):
     weights, oracle_mask, oracle_metrics = oracle_rollout_correction(old, rollout, mask, **options)
     try:
         proto, verl_mask, verl_metrics = verl.compute_rollout_correction_and_rejection_mask(
-            old, rollout, mask, **options)
+            old, rollout, mask, **options
+        )
     except ZeroDivisionError:
         # Documented: verl's effective sample size divides by zero when every IcePop weight is 0.
         all_zero = weights is not None and not weights.any()
@@ -167,7 +190,7 @@ def compare_head_case(verl, old, rollout, mask, options):
 def _bites(metrics):
     """What bit in this case: criteria rejecting a proper subset of tokens, TIS, IcePop, normalisation."""
     prefix, suffix = "rollout_corr/rollout_rs_", "_masked_fraction"
-    names = {key[len(prefix):-len(suffix)] for key in metrics if key.startswith(prefix) and key.endswith(suffix)}
+    names = {key[len(prefix) : -len(suffix)] for key in metrics if key.startswith(prefix) and key.endswith(suffix)}
     bitten = {name for name in names if name in RS_CRITERIA and 0.0 < metrics[prefix + name + suffix] < 1.0}
     if 0.0 < metrics.get("rollout_corr/rollout_is_ratio_fraction_high", 0.0) < 1.0:
         bitten.add("IS weights above U")
@@ -189,20 +212,30 @@ def run_head_random(verl, cases, seed):
             problems, oracle_metrics = compare_head_case(verl, old, rollout, mask, options)
             compared += 1
             if "icepop_all_zero" in oracle_metrics:
-                bitten["(IcePop band empty: verl ZeroDivisionError)"] = bitten.get("(IcePop band empty: verl ZeroDivisionError)", 0) + 1
+                bitten["(IcePop band empty: verl ZeroDivisionError)"] = (
+                    bitten.get("(IcePop band empty: verl ZeroDivisionError)", 0) + 1
+                )
             for name in _bites(oracle_metrics):
                 bitten[name] = bitten.get(name, 0) + 1
             failures += [f"case {case} {old.dtype} mask {mask_dtype} {options}: {p}" for p in problems]
         got = verl.compute_offpolicy_metrics(old, rollout, mask)
-        failures += [f"case {case} offpolicy: {p}" for p in
-                     compare_metrics(got, oracle_offpolicy_metrics(old, rollout, mask), mask.dtype, wide)]
+        failures += [
+            f"case {case} offpolicy: {p}"
+            for p in compare_metrics(got, oracle_offpolicy_metrics(old, rollout, mask), mask.dtype, wide)
+        ]
         got = verl.compute_offpolicy_metrics(old, None, mask)
-        failures += [f"case {case} offpolicy without rollout: {p}" for p in
-                     compare_metrics(got, oracle_offpolicy_metrics(old, None, mask), mask.dtype, wide)]
-    print(f"head: {compared} option sets on {cases} random batches (float64 and float32, masks "
-          f"{', '.join(str(d).removeprefix('torch.') for d in MASK_DTYPES)}), plus compute_offpolicy_metrics")
-    print("  cases where it bit (criteria: rejected a proper subset of tokens): "
-          + ", ".join(f"{name} {count}" for name, count in sorted(bitten.items())))
+        failures += [
+            f"case {case} offpolicy without rollout: {p}"
+            for p in compare_metrics(got, oracle_offpolicy_metrics(old, None, mask), mask.dtype, wide)
+        ]
+    print(
+        f"head: {compared} option sets on {cases} random batches (float64 and float32, masks "
+        f"{', '.join(str(d).removeprefix('torch.') for d in MASK_DTYPES)}), plus compute_offpolicy_metrics"
+    )
+    print(
+        "  cases where it bit (criteria: rejected a proper subset of tokens): "
+        + ", ".join(f"{name} {count}" for name, count in sorted(bitten.items()))
+    )
     return failures
 
 
@@ -210,31 +243,41 @@ def run_head_random(verl, cases, seed):
 # The documented differences, one probe each.
 # ---------------------------------------------------------------------------------------------
 
+
 def probe_empty_rows(verl):
     """Empty rows: the oracle equals verl on the batch without them; verl with them differs."""
     gen = torch.Generator().manual_seed(7)
     old, rollout, mask = random_batch(gen, 4, 12, empty_rows=False)
     mask[1] = False
     keep_rows = [i for i in range(len(mask)) if i != 1]
-    options = dict(rollout_is="sequence", rollout_is_threshold=1.5, rollout_rs="token_k2,seq_mean_k1",
-                   rollout_rs_threshold=f"{_rs_threshold('token_k2', old, rollout, mask, gen)},1.05")
+    options = dict(
+        rollout_is="sequence",
+        rollout_is_threshold=1.5,
+        rollout_rs="token_k2,seq_mean_k1",
+        rollout_rs_threshold=f"{_rs_threshold('token_k2', old, rollout, mask, gen)},1.05",
+    )
     _, _, oracle_metrics = oracle_rollout_correction(old, rollout, mask, **options)
     _, _, verl_without = verl.compute_rollout_correction_and_rejection_mask(
-        old[keep_rows], rollout[keep_rows], mask[keep_rows], **options)
+        old[keep_rows], rollout[keep_rows], mask[keep_rows], **options
+    )
     _, _, verl_with = verl.compute_rollout_correction_and_rejection_mask(old, rollout, mask, **options)
     scales = _std_scales(options, oracle_metrics)
     same_without = compare_metrics(verl_without, oracle_metrics, torch.bool, True, scales)
-    differing = sorted(problem.split(":")[0].removeprefix("rollout_corr/")
-                       for problem in compare_metrics(verl_with, oracle_metrics, torch.bool, True, scales))
-    return not same_without, (f"oracle == verl without the empty row {same_without or ''}; with it verl differs in "
-                              f"{differing}")
+    differing = sorted(
+        problem.split(":")[0].removeprefix("rollout_corr/")
+        for problem in compare_metrics(verl_with, oracle_metrics, torch.bool, True, scales)
+    )
+    return not same_without, (
+        f"oracle == verl without the empty row {same_without or ''}; with it verl differs in {differing}"
+    )
 
 
 def probe_all_masked(verl):
     old = torch.randn(2, 3, dtype=torch.float64)
     mask = torch.zeros(2, 3, dtype=torch.bool)
-    _, _, metrics = oracle_rollout_correction(old, old - 0.1, mask, rollout_is="token", rollout_rs="token_k2",
-                                              rollout_rs_threshold=1.0)
+    _, _, metrics = oracle_rollout_correction(
+        old, old - 0.1, mask, rollout_is="token", rollout_rs="token_k2", rollout_rs_threshold=1.0
+    )
     try:
         verl.compute_rollout_correction_and_rejection_mask(old, old - 0.1, mask, rollout_is="token")
         raised = "nothing"
@@ -251,14 +294,24 @@ def probe_icepop_all_zero(verl):
     for normalize in (False, True):
         try:
             _, _, m = verl.compute_rollout_correction_and_rejection_mask(
-                old, rollout, mask, rollout_is="token", rollout_is_threshold="0.5_2.0", rollout_is_batch_normalize=normalize)
+                old,
+                rollout,
+                mask,
+                rollout_is="token",
+                rollout_is_threshold="0.5_2.0",
+                rollout_is_batch_normalize=normalize,
+            )
             outcome[normalize] = f"factor {m.get('rollout_corr/rollout_is_batch_norm_factor')}"
         except ZeroDivisionError:
             outcome[normalize] = "ZeroDivisionError"
-    _, _, m = oracle_rollout_correction(old, rollout, mask, rollout_is="token", rollout_is_threshold="0.5_2.0",
-                                        rollout_is_batch_normalize=True)
-    detail = (f"verl without normalisation: {outcome[False]}, with: {outcome[True]}; oracle factor "
-              f"{m['rollout_corr/rollout_is_batch_norm_factor']}, eff_sample_size {m['rollout_corr/rollout_is_eff_sample_size']}")
+    _, _, m = oracle_rollout_correction(
+        old, rollout, mask, rollout_is="token", rollout_is_threshold="0.5_2.0", rollout_is_batch_normalize=True
+    )
+    detail = (
+        f"verl without normalisation: {outcome[False]}, with: {outcome[True]}; oracle factor "
+        f"{m['rollout_corr/rollout_is_batch_norm_factor']}, "
+        f"eff_sample_size {m['rollout_corr/rollout_is_eff_sample_size']}"
+    )
     return outcome[True] == "ZeroDivisionError", detail
 
 
@@ -271,20 +324,30 @@ def probe_saturation(verl):
     oracle_m = oracle_offpolicy_metrics(old, rollout, mask)
     k3 = (verl_m["k3_kl"], oracle_m["k3_kl"])
     low = torch.full((2, 3), -30.0, dtype=torch.float64)  # d_i = 25 and -mo_i = 30 nats, past B
-    ppl = (verl.compute_offpolicy_metrics(low, low + 25.0, mask.new_ones(2, 3))["ppl_ratio"],
-           oracle_offpolicy_metrics(low, low + 25.0, mask.new_ones(2, 3))["ppl_ratio"],
-           verl.compute_offpolicy_metrics(low, low, mask.new_ones(2, 3))["training_ppl"],
-           oracle_offpolicy_metrics(low, low, mask.new_ones(2, 3))["training_ppl"])
+    ppl = (
+        verl.compute_offpolicy_metrics(low, low + 25.0, mask.new_ones(2, 3))["ppl_ratio"],
+        oracle_offpolicy_metrics(low, low + 25.0, mask.new_ones(2, 3))["ppl_ratio"],
+        verl.compute_offpolicy_metrics(low, low, mask.new_ones(2, 3))["training_ppl"],
+        oracle_offpolicy_metrics(low, low, mask.new_ones(2, 3))["training_ppl"],
+    )
     far = torch.tensor([[0.0] * 4, [0.0] * 4], dtype=torch.float64)
     far_rollout = torch.tensor([[-6.0] * 4, [-7.0] * 4], dtype=torch.float64)  # S = 24, 28
-    _, _, vm = verl.compute_rollout_correction_and_rejection_mask(far, far_rollout, mask.new_ones(2, 4), rollout_is="sequence")
+    _, _, vm = verl.compute_rollout_correction_and_rejection_mask(
+        far, far_rollout, mask.new_ones(2, 4), rollout_is="sequence"
+    )
     _, _, om = oracle_rollout_correction(far, far_rollout, mask.new_ones(2, 4), rollout_is="sequence")
     seq_min = (vm["rollout_corr/rollout_is_min"], om["rollout_corr/rollout_is_min"])
-    ok = (math.isinf(k3[0]) and math.isfinite(k3[1]) and ppl[0] > ppl[1] == ppl[3] == math.exp(20.0) < ppl[2]
-          and seq_min[0] > seq_min[1] == math.exp(20.0))
-    return ok, (f"k3_kl verl {k3[0]} oracle {k3[1]:.6g}; ppl_ratio verl {ppl[0]:.6g} oracle {ppl[1]:.6g}; "
-                f"training_ppl verl {ppl[2]:.6g} oracle {ppl[3]:.6g}; sequence rollout_is_min verl {seq_min[0]:.6g} "
-                f"oracle {seq_min[1]:.6g}")
+    ok = (
+        math.isinf(k3[0])
+        and math.isfinite(k3[1])
+        and ppl[0] > ppl[1] == ppl[3] == math.exp(20.0) < ppl[2]
+        and seq_min[0] > seq_min[1] == math.exp(20.0)
+    )
+    return ok, (
+        f"k3_kl verl {k3[0]} oracle {k3[1]:.6g}; ppl_ratio verl {ppl[0]:.6g} oracle {ppl[1]:.6g}; "
+        f"training_ppl verl {ppl[2]:.6g} oracle {ppl[3]:.6g}; sequence rollout_is_min verl {seq_min[0]:.6g} "
+        f"oracle {seq_min[1]:.6g}"
+    )
 
 
 def probe_nonfinite(verl):
@@ -301,8 +364,10 @@ def probe_nonfinite(verl):
     same = all(math.isclose(om[k], clean[k], rel_tol=1e-12, abs_tol=0) for k in clean if k not in PROJECT_ONLY_KEYS)
     return (bool(verl_nan) and same and not bool(oracle_mask[row, col]) and bool(verl_mask[row, col])), (
         f"verl NaN metrics: {verl_nan}; oracle = oracle without the token, nonfinite_token_fraction "
-        f"{om['rollout_corr/nonfinite_token_fraction']:.4g}; modified mask at the token: verl {bool(verl_mask[row, col])}, "
-        f"oracle {bool(oracle_mask[row, col])} (the contract's 'dropped', see the findings)")
+        f"{om['rollout_corr/nonfinite_token_fraction']:.4g}; "
+        f"modified mask at the token: verl {bool(verl_mask[row, col])}, "
+        f"oracle {bool(oracle_mask[row, col])} (the contract's 'dropped', see the findings)"
+    )
 
 
 def probe_padding_nan(verl):
@@ -314,7 +379,11 @@ def probe_padding_nan(verl):
     weights, _, om = oracle_rollout_correction(old, rollout, mask, rollout_is="token")
     verl_w = proto.batch["rollout_is_weights"]
     nan_metrics = sorted(k for k, v in vm.items() if math.isnan(v))
-    return True, f"verl weight at the padding: {verl_w[0, 2].item()} (oracle {weights[0, 2].item()}); verl NaN metrics {nan_metrics}"
+    return (
+        True,
+        f"verl weight at the padding: {verl_w[0, 2].item()} (oracle {weights[0, 2].item()}); "
+        f"verl NaN metrics {nan_metrics}",
+    )
 
 
 def probe_threshold_dtype(verl):
@@ -325,8 +394,9 @@ def probe_threshold_dtype(verl):
     old = torch.tensor([[target, 0.0]], dtype=torch.float64)
     rollout = torch.zeros(1, 2, dtype=torch.float64)
     mask = torch.ones(1, 2, dtype=torch.bool)
-    _, _, vm = verl.compute_rollout_correction_and_rejection_mask(old, rollout, mask, rollout_is="sequence",
-                                                                  rollout_is_threshold=upper)
+    _, _, vm = verl.compute_rollout_correction_and_rejection_mask(
+        old, rollout, mask, rollout_is="sequence", rollout_is_threshold=upper
+    )
     _, _, om = oracle_rollout_correction(old, rollout, mask, rollout_is="sequence", rollout_is_threshold=upper)
     key = "rollout_corr/rollout_is_ratio_fraction_high"
     return vm[key] != om[key], f"S = {target!r} between float32 and float64 log(1.3): verl {vm[key]}, oracle {om[key]}"
@@ -339,18 +409,30 @@ def probe_k3_precision(verl):
     old = rollout + 3e-4 * torch.randn(4, 64, generator=gen)
     mask = torch.ones(4, 64, dtype=torch.bool)
     threshold = 2e-8
-    _, vmask, vm = verl.compute_rollout_correction_and_rejection_mask(old, rollout, mask, rollout_rs="token_k3",
-                                                                      rollout_rs_threshold=threshold)
+    _, vmask, vm = verl.compute_rollout_correction_and_rejection_mask(
+        old, rollout, mask, rollout_rs="token_k3", rollout_rs_threshold=threshold
+    )
     _, omask, om = oracle_rollout_correction(old, rollout, mask, rollout_rs="token_k3", rollout_rs_threshold=threshold)
     flips = int((vmask != omask).sum())
     key = "rollout_corr/rollout_rs_token_k3_min"
-    return flips > 0, f"{flips} of 256 token decisions differ at U = {threshold}; k3 min verl {vm[key]:.3g} oracle {om[key]:.3g}"
+    return (
+        flips > 0,
+        f"{flips} of 256 token decisions differ at U = {threshold}; k3 min verl {vm[key]:.3g} oracle {om[key]:.3g}",
+    )
 
 
 def run_head_probes(verl):
     failures = []
-    for probe in (probe_empty_rows, probe_all_masked, probe_icepop_all_zero, probe_saturation, probe_nonfinite,
-                  probe_padding_nan, probe_threshold_dtype, probe_k3_precision):
+    for probe in (
+        probe_empty_rows,
+        probe_all_masked,
+        probe_icepop_all_zero,
+        probe_saturation,
+        probe_nonfinite,
+        probe_padding_nan,
+        probe_threshold_dtype,
+        probe_k3_precision,
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             confirmed, detail = probe(verl)
@@ -364,6 +446,7 @@ def run_head_probes(verl):
 # verl 0.6.0.
 # ---------------------------------------------------------------------------------------------
 
+
 def run_060(helper, cases, seed):
     gen = torch.Generator().manual_seed(seed)
     failures, compared = [], 0
@@ -376,24 +459,37 @@ def run_060(helper, cases, seed):
                 lower = None if case % 2 else 1.0 / (upper + 0.5)
                 veto = (None, 1e-4, 1e-2)[case % 3]
                 proto, got = helper.compute_rollout_importance_weights(
-                    old, rollout, mask, rollout_is_level=level, rollout_is_mode=mode, rollout_is_threshold=upper,
-                    rollout_is_threshold_lower=lower, rollout_is_veto_threshold=veto)
+                    old,
+                    rollout,
+                    mask,
+                    rollout_is_level=level,
+                    rollout_is_mode=mode,
+                    rollout_is_threshold=upper,
+                    rollout_is_threshold_lower=lower,
+                    rollout_is_veto_threshold=veto,
+                )
                 weights, want = oracle_rollout_is(old, rollout, mask, level, mode, upper, lower, veto)
                 compared += 1
                 want = {k: v for k, v in want.items() if "clipped_fraction" not in k and "nonfinite" not in k}
                 problems = compare_metrics(got, want, mask_dtype, True, {"mismatch/rollout_is_std": upper})
                 if not torch.allclose(proto.batch["rollout_is_weights"].double(), weights, rtol=1e-7, atol=0):
                     problems.append("weights differ")
-                failures += [f"case {case} mask {mask_dtype} {level} {mode} {upper} {lower} {veto}: {p}" for p in problems]
+                failures += [
+                    f"case {case} mask {mask_dtype} {level} {mode} {upper} {lower} {veto}: {p}" for p in problems
+                ]
         for source in (rollout, None):
             got = helper.compute_mismatch_metrics(old, source, mask)
-            failures += [f"case {case} compute_mismatch_metrics: {p}" for p in
-                         compare_metrics(got, oracle_mismatch_metrics(old, source, mask), mask_dtype, True)]
+            failures += [
+                f"case {case} compute_mismatch_metrics: {p}"
+                for p in compare_metrics(got, oracle_mismatch_metrics(old, source, mask), mask_dtype, True)
+            ]
     none_result = helper.compute_rollout_importance_weights(old, rollout, mask, rollout_is_threshold=None)
     if none_result != oracle_rollout_is(old, rollout, mask, "token", "truncate", None, None, None):
         failures.append(f"threshold None: verl {none_result}")
-    print(f"0.6.0: {compared} option sets on {cases} random batches, plus compute_mismatch_metrics with and "
-          "without rollout log-probs and threshold None")
+    print(
+        f"0.6.0: {compared} option sets on {cases} random batches, plus compute_mismatch_metrics with and "
+        "without rollout log-probs and threshold None"
+    )
     return failures
 
 
@@ -406,11 +502,13 @@ def main():
     torch.set_num_threads(1)
     if args.verl == "head":
         import verl.trainer.ppo.rollout_corr_helper as verl
+
         failures = run_head_random(verl, args.cases or 300, args.seed)
         print("head: documented differences")
         failures += run_head_probes(verl)
     else:
         import verl.trainer.ppo.mismatch_helper as helper
+
         failures = run_060(helper, args.cases or 200, args.seed)
     for failure in failures[:60]:
         print("DISAGREEMENT:", failure)

@@ -12,8 +12,9 @@ a function that fails with that message, so a test can never pass on verl's own 
 
 import os
 
-import megatron_rollout_is
 from verl.protocol import DataProto
+
+import megatron_rollout_is
 
 VERSION = os.environ["PEER_VERL"]
 SELF_CHECK = os.environ.get("PEER_SELF_CHECK") == "1"
@@ -73,9 +74,15 @@ def _install_head():
     else:
         _missing.append("RolloutCorrectionConfig")
         algorithm.RolloutCorrectionConfig = _ours("RolloutCorrectionConfig")
-    _swapped.extend(f"rollout_corr_helper.{name}" for name in (
-        "compute_rollout_correction_and_rejection_mask", "compute_offpolicy_metrics", "compute_is_metrics",
-        "SUPPORTED_ROLLOUT_RS_OPTIONS"))
+    _swapped.extend(
+        f"rollout_corr_helper.{name}"
+        for name in (
+            "compute_rollout_correction_and_rejection_mask",
+            "compute_offpolicy_metrics",
+            "compute_is_metrics",
+            "SUPPORTED_ROLLOUT_RS_OPTIONS",
+        )
+    )
     _swapped.append("config.algorithm.RolloutCorrectionConfig")
 
 
