@@ -170,7 +170,6 @@ class ContextParallelDotProductAttention(MegatronModule):
             )
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
-        self.tp_group = getattr(pg_collection, "tp", None)
         self.cp_group = getattr(pg_collection, "cp", None)
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type

@@ -144,7 +144,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return moved
 
 
-def unsplit_micro_batch(shards: list[Tensor], cp_size: int, seq_len: int, cu_seqlens: Tensor = None) -> Tensor:
+def unsplit_micro_batch(shards: list[Tensor], cp_size: int, seq_len: int, cu_seqlens: Tensor | None = None) -> Tensor:
     """Reassembles one micro-batch's per-position values from all CP ranks' shards.
 
     Args:
