@@ -273,6 +273,18 @@ def test_empty_dump_dir_is_a_clear_error(tmp_path, capsys):
         main(["report", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"])
 
 
+def test_dumps_with_only_empty_masks_are_a_clear_error(tmp_path, capsys):
+    """Every mask empty: the CLI says no step can be judged, before drawing a single plot."""
+    generator = torch.Generator().manual_seed(0)
+    for step in range(STEPS):
+        old, mask = _trainer_log_probs(generator)
+        write_step_dump(tmp_path / "dumps", step, old, clean(old, mask, generator), torch.zeros_like(mask))
+    out = tmp_path / "out"
+    assert main(["report", str(tmp_path / "dumps"), "--out", str(out), "--no-progress"]) == 2
+    assert "no step with valid tokens to judge" in capsys.readouterr().err
+    assert list(out.glob("*.png")) == []
+
+
 PLOTS = (
     "log_ratio_histogram",
     "weights_by_level",

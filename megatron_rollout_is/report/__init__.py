@@ -37,6 +37,7 @@ def build_report(dump_dir: str | Path, out_dir: str | Path, progress: bool = Tru
     Raises:
         ImportError: matplotlib is missing (the message names the `report` extra).
         FileNotFoundError: `dump_dir` holds no dumps.
+        ValueError: no dumped step has a valid token.
     """
     from .analysis import analyze
     from .findings import report_payload
@@ -47,7 +48,9 @@ def build_report(dump_dir: str | Path, out_dir: str | Path, progress: bool = Tru
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     analysis = analyze(dump_dir, progress=progress)
-    payload = report_payload(analysis, write_plots(analysis, out_dir))
+    # The payload first: dumps with no valid token stop here with a clear error, not inside a plot.
+    payload = report_payload(analysis)
+    payload["plots"] = write_plots(analysis, out_dir)
     (out_dir / "report.json").write_text(json.dumps(payload, indent=1))
     (out_dir / "report.md").write_text(render(payload))
     return payload

@@ -284,8 +284,14 @@ def _evaluation_record(analysis: Analysis, evaluation: Evaluation) -> dict:
     }
 
 
-def report_payload(analysis: Analysis, plots: dict | None = None) -> dict:
-    """Everything `report.json` holds (JSON-ready; non-finite numbers become null)."""
+def report_payload(analysis: Analysis) -> dict:
+    """Everything `report.json` holds (JSON-ready; non-finite numbers become null).
+
+    `plots` is left empty: `build_report` fills it once the figures are drawn.
+
+    Raises:
+        ValueError: no step has a valid token (`run_verdict`).
+    """
     verdict = run_verdict(analysis)
     payload = {
         "dump_dir": analysis.dump_dir,
@@ -319,7 +325,7 @@ def report_payload(analysis: Analysis, plots: dict | None = None) -> dict:
         "rs_sweep": {"levels": list(SWEEP_LEVELS), "criteria": SWEEP_CRITERIA, "with_is": SWEEP_IS},
         "bypass_presets": bypass_twins(),
         "corrections": [_correction_record(analysis, e) for e in analysis.corrections],
-        "plots": plots or {},
+        "plots": {},
     }
     return _finite(payload)
 
