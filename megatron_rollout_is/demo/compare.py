@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .reporting import read_metrics
+from .reporting import METRIC_NAMES, figure_grid, read_metrics, save_png
 
 
 @dataclass(frozen=True)
@@ -126,12 +126,10 @@ QUICK_FLAGS = (
 METRICS = {
     "reward": ("reward/mean",),
     "greedy_reward": ("eval/greedy_reward",),
-    "mismatch_kl": ("mismatch/mismatch_kl", "rollout_corr/kl"),
-    "k3_kl": ("mismatch/mismatch_k3_kl", "rollout_corr/k3_kl"),
-    "ess": ("mismatch/rollout_is_eff_sample_size", "rollout_corr/rollout_is_eff_sample_size"),
-    "is_mean": ("mismatch/rollout_is_mean", "rollout_corr/rollout_is_mean"),
-    "veto_fraction": ("mismatch/rollout_is_veto_fraction",),
-    "log_ppl_abs_diff": ("mismatch/mismatch_log_ppl_abs_diff", "rollout_corr/log_ppl_abs_diff"),
+    **{
+        name: METRIC_NAMES[name]
+        for name in ("mismatch_kl", "k3_kl", "ess", "is_mean", "veto_fraction", "log_ppl_abs_diff")
+    },
     "response_length": ("response/length_mean",),
 }
 
@@ -344,11 +342,8 @@ def _smooth(values: list[float], window: int) -> list[float]:
 def plot(series: dict[str, dict[str, dict[int, dict]]], path: Path, title: str) -> None:
     """One row per scenario, one column per :data:`PANELS` entry, one line per correction (seed mean,
     min-max band over seeds)."""
-    from matplotlib.figure import Figure
-
     scenarios = list(series)
-    figure = Figure(figsize=(4.6 * len(PANELS), 2.9 * len(scenarios) + 0.8))
-    axes = figure.subplots(len(scenarios), len(PANELS), squeeze=False)
+    figure, axes = figure_grid(len(scenarios), len(PANELS), (4.6 * len(PANELS), 2.9 * len(scenarios) + 0.8))
     for row, scenario in enumerate(scenarios):
         for column, (panel, name, window, log_scale) in enumerate(PANELS):
             axis = axes[row][column]
@@ -382,9 +377,7 @@ def plot(series: dict[str, dict[str, dict[int, dict]]], path: Path, title: str) 
             if column == 0 and axis.lines:
                 axis.legend(fontsize=7)
     figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=72)
+    save_png(figure, path, dpi=72)
 
 
 def _settings(quick: bool, train_iters: int, seeds: Sequence[int]) -> str:

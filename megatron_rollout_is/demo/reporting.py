@@ -7,6 +7,8 @@ consistent run. Each step also prints one line to stdout (through ``tqdm.write``
 break the bar), which is what a torchrun or SLURM log shows::
 
     step 3/10 | reward 0.412 | loss -0.0123 | mismatch/rollout_is_mean 1.0003 | ...
+
+(``rollout_corr/...`` in place of ``mismatch/...`` for a run with verl HEAD keys.)
 """
 
 import json
@@ -15,30 +17,50 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+# The correction metrics the demo shows, each by its verl 0.6.0 name, then its verl HEAD name: a run
+# logs one dialect, so every panel, progress field and log line lists both. HEAD has no veto; its
+# rejected share stands in that place.
+METRIC_NAMES = {
+    "mismatch_kl": ("mismatch/mismatch_kl", "rollout_corr/kl"),
+    "k3_kl": ("mismatch/mismatch_k3_kl", "rollout_corr/k3_kl"),
+    "ess": ("mismatch/rollout_is_eff_sample_size", "rollout_corr/rollout_is_eff_sample_size"),
+    "is_mean": ("mismatch/rollout_is_mean", "rollout_corr/rollout_is_mean"),
+    "veto_fraction": ("mismatch/rollout_is_veto_fraction",),
+    "rejected_fraction": ("rollout_corr/rollout_rs_masked_fraction",),
+    "log_ppl_abs_diff": ("mismatch/mismatch_log_ppl_abs_diff", "rollout_corr/log_ppl_abs_diff"),
+}
 # Panels of the training plot: (title, metric names drawn in it).
 PLOT_PANELS = (
     ("reward", ("reward/mean", "eval/greedy_reward")),
-    ("mismatch KL (k1)", ("mismatch/mismatch_kl",)),
-    ("rollout IS weight mean", ("mismatch/rollout_is_mean",)),
-    ("effective sample size", ("mismatch/rollout_is_eff_sample_size",)),
-    ("veto fraction", ("mismatch/rollout_is_veto_fraction",)),
+    ("mismatch KL (k1)", METRIC_NAMES["mismatch_kl"]),
+    ("rollout IS weight mean", METRIC_NAMES["is_mean"]),
+    ("effective sample size", METRIC_NAMES["ess"]),
+    ("vetoed / rejected fraction", METRIC_NAMES["veto_fraction"] + METRIC_NAMES["rejected_fraction"]),
     ("policy loss", ("train/loss",)),
 )
 # Short names shown on the progress bar.
 PROGRESS_KEYS = {
     "reward/mean": "reward",
-    "mismatch/mismatch_kl": "kl",
-    "mismatch/rollout_is_eff_sample_size": "ess",
-    "mismatch/rollout_is_veto_fraction": "veto",
+    **{
+        name: short
+        for key, short in (
+            ("mismatch_kl", "kl"),
+            ("ess", "ess"),
+            ("veto_fraction", "veto"),
+            ("rejected_fraction", "rejected"),
+        )
+        for name in METRIC_NAMES[key]
+    },
 }
 # The per-step log line: (label, metric name), in this order, each shown when the step has it.
 STEP_LINE_KEYS = (
     ("reward", "reward/mean"),
     ("loss", "train/loss"),
-    ("mismatch/rollout_is_mean", "mismatch/rollout_is_mean"),
-    ("mismatch/rollout_is_eff_sample_size", "mismatch/rollout_is_eff_sample_size"),
-    ("mismatch/mismatch_kl", "mismatch/mismatch_kl"),
-    ("mismatch/rollout_is_veto_fraction", "mismatch/rollout_is_veto_fraction"),
+    *(
+        (name, name)
+        for key in ("is_mean", "ess", "mismatch_kl", "veto_fraction", "rejected_fraction")
+        for name in METRIC_NAMES[key]
+    ),
 )
 
 
@@ -111,6 +133,25 @@ class MetricsLog:
         self.bar.close()
 
 
+def figure_grid(rows: int, columns: int, size: tuple[float, float]):
+    """A ``Figure`` and its ``[rows, columns]`` array of axes, tight layout.
+
+    The object API (no pyplot): nothing process-wide changes, and ``savefig`` picks the PNG writer.
+    """
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, layout="tight")
+    return figure, figure.subplots(rows, columns, squeeze=False)
+
+
+def save_png(figure, path: str | Path, dpi: int) -> Path:
+    """Saves ``figure`` as the PNG ``path`` (parent directories created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi)
+    return path
+
+
 def plot_runs(runs: dict[str, Sequence[dict[str, float]]], path: str | Path, title: str, panels=PLOT_PANELS) -> Path:
     """Draws one line per (run, metric) in a grid of panels and saves a PNG.
 
@@ -120,13 +161,9 @@ def plot_runs(runs: dict[str, Sequence[dict[str, float]]], path: str | Path, tit
         title (str): figure title.
         panels: ``(panel title, metric names)`` pairs; metrics a run lacks are skipped.
     """
-    # The object API (no pyplot): nothing process-wide changes, and savefig picks the PNG writer.
-    from matplotlib.figure import Figure
-
     columns = 3
     rows = -(-len(panels) // columns)
-    figure = Figure(figsize=(5 * columns, 3.4 * rows), layout="tight")
-    axes = figure.subplots(rows, columns, squeeze=False)
+    figure, axes = figure_grid(rows, columns, (5 * columns, 3.4 * rows))
     for axis, (panel_title, names) in zip(axes.flat, panels):
         for label, records in runs.items():
             for name in names:
@@ -143,7 +180,4 @@ def plot_runs(runs: dict[str, Sequence[dict[str, float]]], path: str | Path, tit
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
     figure.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return save_png(figure, path, dpi=110)
