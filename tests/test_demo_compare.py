@@ -106,6 +106,25 @@ def test_every_scenario_and_correction_is_a_valid_demo_command(quick, tmp_path):
             assert args.global_batch_size == (16 if quick else 64)
 
 
+def test_replay_is_trained_on_the_top_p_scenario_only(tmp_path, capsys):
+    cells = compare._cells(["bf16", "top-p", "noise"], ["none", "replay"], [1, 2])
+    assert cells == [
+        ("bf16", "none", 1),
+        ("bf16", "none", 2),
+        ("top-p", "none", 1),
+        ("top-p", "none", 2),
+        ("top-p", "replay", 1),
+        ("top-p", "replay", 2),
+        ("noise", "none", 1),
+        ("noise", "none", 2),
+    ]
+    assert "replay: skipped on bf16, noise" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path), "--scenarios", "bf16", "--corrections", "replay"])
+    assert "apply to none of --scenarios bf16" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "nothing trained"
+
+
 def _quick(out, *extra):
     command = [
         sys.executable,

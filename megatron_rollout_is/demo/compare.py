@@ -8,7 +8,13 @@ GRPO, bypass mode: pi_old is the detached current log-prob) once per scenario, c
   engine, long responses);
 * a **correction** is what the trainer does about it (``CORRECTIONS``: nothing but monitoring,
   token / sequence / geometric truncated IS, a geometric mask, geometric rejection, token IcePop,
-  replaying the engine's top-p); adding one is one entry of demo flags.
+  replaying the engine's top-p, on the top-p scenario only); adding one is one entry of demo flags.
+
+Every arm shares ``--rollout-is-bypass``, which works with either dialect: pi_old is the detached
+current log-prob and the loss is a mean over the kept tokens. The verl HEAD arms (``geo-rs``,
+``token-icepop``) run in this bypass too, not in verl HEAD's own ``bypass_mode``
+(``--rollout-bypass-mode``: pi_old is the rollout log-prob, and verl averages the loss over all
+response tokens, which ``--rollout-loss-denominator response`` reproduces).
 
 Every run of a cell shares the seed's prompts and initial weights. Finished runs are kept: rerunning
 the command only trains what is missing or was trained with other flags (each run directory
@@ -34,10 +40,27 @@ from .reporting import METRIC_NAMES, figure_grid, read_metrics, save_png
 
 @dataclass(frozen=True)
 class Arm:
-    """A scenario or a correction: what it is, and the demo flags that make it."""
+    """A scenario or a correction: what it is, and the demo flags that make it.
+
+    Attributes:
+        description: what the arm is, in words.
+        flags: the demo flags that make it.
+        scenarios: a correction's scenarios (None: every one); the study skips the other cells.
+    """
 
     description: str
     flags: tuple[str, ...]
+    scenarios: tuple[str, ...] | None = None
+
+    def applies_to(self, scenario: str) -> bool:
+        """Whether the study trains this correction on ``scenario``."""
+        return self.scenarios is None or scenario in self.scenarios
+
+    def describe(self) -> str:
+        """The description, with the scenarios a correction is limited to."""
+        if self.scenarios is None:
+            return self.description
+        return f"{self.description}; {', '.join(self.scenarios)} scenario only"
 
 
 SCENARIOS = {
@@ -92,7 +115,7 @@ CORRECTIONS = {
     ),
     # The demo engine breaks ties as vLLM's PyTorch sampler does (tie rule "pytorch").
     "replay": Arm(
-        "the trainer replays the engine's top-p 0.8 (processed pi_old and pi_theta); top-p scenario only",
+        "the trainer replays the engine's top-p 0.8 (processed pi_old and pi_theta)",
         (
             "--rollout-top-p",
             "0.8",
@@ -103,6 +126,7 @@ CORRECTIONS = {
             "--rollout-is-level",
             "token",
         ),
+        scenarios=("top-p",),
     ),
 }
 DEFAULT_CORRECTIONS = ("none", "token-tis", "seq-tis", "geo-tis")
@@ -308,7 +332,7 @@ def markdown(summary: dict[str, dict[str, dict]], corrections: Sequence[str], ta
     lines = [settings, "", "Scenarios:", ""]
     lines += [f"- `{name}`: {SCENARIOS[name].description}" for name in summary]
     lines += ["", "Corrections:", ""]
-    lines += [f"- `{name}`: {CORRECTIONS[name].description}" for name in corrections]
+    lines += [f"- `{name}`: {CORRECTIONS[name].describe()}" for name in corrections]
     lines += ["", f"Rollout reward, mean of the last {tail} steps (mean over seeds [min, max]):", ""]
     lines += _pivot(summary, corrections, "reward_last", "{:.3f}")
     lines += ["", "Rollout reward, mean over all steps (learning speed):", ""]
@@ -392,6 +416,18 @@ def _settings(quick: bool, train_iters: int, seeds: Sequence[int]) -> str:
     )
 
 
+def _cells(scenarios: Sequence[str], corrections: Sequence[str], seeds: Sequence[int]) -> list[tuple]:
+    """``(scenario, correction, seed)`` of every run to train; prints the cells a correction does not apply to."""
+    cells = []
+    for correction in corrections:
+        skipped = [s for s in scenarios if not CORRECTIONS[correction].applies_to(s)]
+        if skipped:
+            print(f"{correction}: skipped on {', '.join(skipped)} ({CORRECTIONS[correction].describe()})", flush=True)
+    for scenario in scenarios:
+        cells += [(scenario, c, seed) for c in corrections if CORRECTIONS[c].applies_to(scenario) for seed in seeds]
+    return cells
+
+
 def _finite_or_none(value):
     """``value`` with every non-finite float replaced by None (JSON has no NaN)."""
     if isinstance(value, dict):
@@ -431,7 +467,10 @@ def _parser() -> argparse.ArgumentParser:
         choices=list(CORRECTIONS),
         default=list(DEFAULT_CORRECTIONS),
         help="Corrections to run (default %(default)s). "
-        + "; ".join(f"{name}: {' '.join(arm.flags)}" for name, arm in CORRECTIONS.items()),
+        + "; ".join(
+            f"{name}: {' '.join(arm.flags)}" + (f" ({', '.join(arm.scenarios)} only)" if arm.scenarios else "")
+            for name, arm in CORRECTIONS.items()
+        ),
     )
     parser.add_argument(
         "--seeds",
@@ -454,36 +493,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        given = set(argv if argv is not None else sys.argv[1:])
-        args.seeds = args.seeds if "--seeds" in given else [1]
-        args.train_iters = args.train_iters if "--train-iters" in given else 4
-    if args.train_iters < 1 or args.jobs < 1:
-        parser.error("--train-iters and --jobs must be >= 1")
-    tail = args.tail or max(1, args.train_iters // 5)
-    out = Path(args.out)
-    cells = [
-        (scenario, correction, seed)
-        for scenario in args.scenarios
-        for correction in args.corrections
-        for seed in args.seeds
-    ]
-    commands = {cell: run_command(*cell, _run_directory(out, *cell), args.train_iters, args.quick) for cell in cells}
+def _train_and_read(out: Path, cells: list[tuple], train_iters: int, quick: bool, jobs: int) -> dict:
+    """Trains the cells without a finished run of the same flags; returns every cell's records.
+
+    Returns:
+        ``{scenario: {correction: {seed: records}}}``.
+    """
+    commands = {cell: run_command(*cell, _run_directory(out, *cell), train_iters, quick) for cell in cells}
     todo = [
-        command
-        for cell, command in commands.items()
-        if not _finished(_run_directory(out, *cell), command, args.train_iters)
+        command for cell, command in commands.items() if not _finished(_run_directory(out, *cell), command, train_iters)
     ]
     print(f"{len(cells)} runs, {len(cells) - len(todo)} already finished", flush=True)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(_train, todo))
-    runs = {s: {c: {} for c in args.corrections} for s in args.scenarios}
+    runs = {}
     for scenario, correction, seed in cells:
-        directory = _run_directory(out, scenario, correction, seed)
-        runs[scenario][correction][seed] = read_metrics(directory / "metrics.jsonl")
+        records = read_metrics(_run_directory(out, scenario, correction, seed) / "metrics.jsonl")
+        runs.setdefault(scenario, {}).setdefault(correction, {})[seed] = records
+    return runs
+
+
+def _write_results(results: Path, runs: dict, args: argparse.Namespace, tail: int) -> None:
+    """Writes study.json, study.md and study.png into ``results`` and prints the tables."""
     settings = _settings(args.quick, args.train_iters, args.seeds)
     summary = summarize(runs, tail)
     series = {
@@ -498,13 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "scenarios": {s: {"description": SCENARIOS[s].description, "flags": list(SCENARIOS[s].flags)} for s in runs},
         "corrections": {
-            c: {"description": CORRECTIONS[c].description, "flags": list(CORRECTIONS[c].flags)}
-            for c in args.corrections
+            c: {"description": CORRECTIONS[c].describe(), "flags": list(CORRECTIONS[c].flags)} for c in args.corrections
         },
         "summary": summary,
         "series": series,
     }
-    results = Path(args.results or args.out)
     results.mkdir(parents=True, exist_ok=True)
     # Compact: the per-step series of every run make up most of the file.
     (results / "study.json").write_text(json.dumps(_finite_or_none(document), separators=(",", ":"), allow_nan=False))
@@ -512,6 +541,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot(series, results / "study.png", settings)
     print((results / "study.md").read_text())
     print(f"json: {results / 'study.json'}   plot: {results / 'study.png'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        given = set(argv if argv is not None else sys.argv[1:])
+        args.seeds = args.seeds if "--seeds" in given else [1]
+        args.train_iters = args.train_iters if "--train-iters" in given else 4
+    if args.train_iters < 1 or args.jobs < 1:
+        parser.error("--train-iters and --jobs must be >= 1")
+    cells = _cells(args.scenarios, args.corrections, args.seeds)
+    if not cells:
+        parser.error(
+            f"--corrections {' '.join(args.corrections)} apply to none of --scenarios {' '.join(args.scenarios)}; "
+            "add a scenario the corrections apply to"
+        )
+    runs = _train_and_read(Path(args.out), cells, args.train_iters, args.quick, args.jobs)
+    _write_results(Path(args.results or args.out), runs, args, args.tail or max(1, args.train_iters // 5))
     return 0
 
 
