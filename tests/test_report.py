@@ -285,6 +285,22 @@ def test_dumps_with_only_empty_masks_are_a_clear_error(tmp_path, capsys):
     assert list(out.glob("*.png")) == []
 
 
+def test_the_report_runs_without_docstrings(tmp_path):
+    """`python -OO` strips docstrings; the decision rules the report prints must not come from one."""
+    _write(tmp_path / "dumps", clean)
+    script = f"""
+from megatron_rollout_is.report.analysis import analyze
+from megatron_rollout_is.report.findings import report_payload
+from megatron_rollout_is.report.markdown import render
+payload = report_payload(analyze({str(tmp_path / "dumps")!r}, progress=False))
+print(render(payload))
+"""
+    result = subprocess.run([sys.executable, "-OO", "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the smallest key wins" in result.stdout  # the verl 0.6.0 rule
+    assert "the simpler family (none, IS only, RS only, IS + RS)" in result.stdout  # the verl HEAD rule
+
+
 PLOTS = (
     "log_ratio_histogram",
     "weights_by_level",

@@ -7,6 +7,8 @@ from .analysis import OUTSIDE_BAND, Analysis, Evaluation
 from .candidates import SWEEP_CRITERIA, SWEEP_IS, SWEEP_LEVELS, bypass_twins
 from .rules import (
     BOUNDED_FRACTION_MAX,
+    CORRECTION_DECISION_RULE,
+    DECISION_RULE,
     EFFECTIVE_SHARE_DECIMALS,
     ESS_MIN,
     GRID_MODE,
@@ -31,10 +33,6 @@ from .rules import (
     recommend_correction,
     troubleshoot,
 )
-from .rules import __doc__ as RULES_DOC
-
-DECISION_RULE = RULES_DOC.split("Decision rule (`recommend`): ", 1)[1].split("\n\nverl HEAD candidates", 1)[0].strip()
-CORRECTION_DECISION_RULE = RULES_DOC.split("Decision rule (`recommend_correction`), in two stages:", 1)[1].strip()
 
 
 def judged_metrics(analysis: Analysis, evaluation: Evaluation) -> list:
@@ -304,11 +302,11 @@ def report_payload(analysis: Analysis) -> dict:
             "rollout_is_veto_fraction_max": VETO_FRACTION_MAX,
             "rollout_is_mean_range": [MEAN_MIN, MEAN_MAX],
             "bounded_fraction_max": BOUNDED_FRACTION_MAX,
-            "decision_rule": " ".join(DECISION_RULE.split()),
+            "decision_rule": DECISION_RULE,
             "rejected_fraction_max": REJECTED_FRACTION_MAX,
             "rejection_gain_min": REJECTION_GAIN_MIN,
             "effective_share_decimals": EFFECTIVE_SHARE_DECIMALS,
-            "correction_decision_rule": " ".join(CORRECTION_DECISION_RULE.split()),
+            "correction_decision_rule": CORRECTION_DECISION_RULE,
         },
         "regime": verdict,
         "offpolicy": [{"step": step, "metrics": m} for step, m in zip(analysis.steps, analysis.offpolicy)],

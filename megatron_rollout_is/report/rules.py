@@ -17,15 +17,8 @@ The recommendation adds one rule of its own, `too_much_bounded`: the *bounded fr
 `bounded_fraction`) above 0.1, i.e. the bound rewrites more than a tenth of the batch, and the
 estimator then describes the thresholds more than the data.
 
-Decision rule (`recommend`): each of the guide's four example configurations gets the key
-`(failing steps, violations, -round(mean ESS, 3), round(mean bounded fraction, 3), example number)`,
-where a failing step is a step on which any of the four rules (the three troubleshooting rules and
-`too_much_bounded`) fires, violations counts the (step, rule) pairs that fire, and the means are over
-steps; the smallest key wins. In words: pass every rule on every step; among those that do, take the
-highest effective sample size (compared at 3 decimals, finer differences are noise); then the one that
-rewrites the fewest weights; then the earlier example (example 1, the guide's starting point, on a
-full tie). When no example passes everywhere, the one failing on the fewest steps, then breaking the
-fewest rules, is named, and flagged. Steps whose dump holds no valid token are not judged.
+Decision rules: `DECISION_RULE` (`recommend`, the guide's examples) and `CORRECTION_DECISION_RULE`
+(`recommend_correction`, verl HEAD candidates), in words; the report prints both.
 
 verl HEAD candidates (`algorithm.rollout_correction`: the decoupled presets, the rejection sweep
 alone and with token TIS 2.0, the run's own config; see `candidates`) are judged on the
@@ -52,20 +45,6 @@ alone and with token TIS 2.0, the run's own config; see `candidates`) are judged
 - `residual_mismatch`: without weights (none, RS only) nothing corrects the kept tokens, so their
   mismatch must be negligible. `severe_residual_mismatch` fires with it when that mismatch is
   severe: leaving a severe mismatch uncorrected counts as two violations.
-
-Decision rule (`recommend_correction`), in two stages:
-1. Regime (`regime.run_regime`): a run whose mismatch is negligible gets "no correction needed"
-   (the `none` candidate), whatever the ranking.
-2. Otherwise the candidates that change something on these dumps (weights, or a rejected share
-   above 0 on some step; the others are `none` under another name) get the key `(failing steps,
-   violations, -round(mean kept/effective_share, 2), family order, candidate order)`: pass every
-   rule on every step; among those that do, keep the largest effective share, the effective sample
-   size of the loss weights as a share of all valid tokens (it charges rejection and weight spread
-   alike: RS only scores its kept share, IS only its ESS, IS + RS their product), compared at 2
-   decimals (a difference under 1% of the batch is noise); then the simpler family (none, IS only,
-   RS only, IS + RS); then the earlier candidate (presets in verl's order, then the sweep, then
-   the run's config). When no candidate passes everywhere, the least-failing one is named and
-   flagged.
 """
 
 from collections.abc import Mapping, Sequence
@@ -86,6 +65,33 @@ BOUNDED_DECIMALS = 3
 REJECTED_FRACTION_MAX = 0.1
 REJECTION_GAIN_MIN = 2.0
 EFFECTIVE_SHARE_DECIMALS = 2
+
+# The decision rules in words (report.md and report.json print them); constants, not docstring text,
+# so they survive `python -OO`.
+DECISION_RULE = (
+    "Each of the guide's four example configurations gets the key `(failing steps, violations, "
+    "-round(mean ESS, 3), round(mean bounded fraction, 3), example number)`, where a failing step is a step "
+    "on which any of the four rules (the three troubleshooting rules and `too_much_bounded`) fires, "
+    "violations counts the (step, rule) pairs that fire, and the means are over steps; the smallest key "
+    "wins. In words: pass every rule on every step; among those that do, take the highest effective "
+    "sample size (compared at 3 decimals, finer differences are noise); then the one that rewrites the "
+    "fewest weights; then the earlier example (example 1, the guide's starting point, on a full tie). "
+    "When no example passes everywhere, the one failing on the fewest steps, then breaking the fewest "
+    "rules, is named, and flagged. Steps whose dump holds no valid token are not judged."
+)
+CORRECTION_DECISION_RULE = (
+    '1. Regime (`regime.run_regime`): a run whose mismatch is negligible gets "no correction needed" '
+    "(the `none` candidate), whatever the ranking. 2. Otherwise the candidates that change something on "
+    "these dumps (weights, or a rejected share above 0 on some step; the others are `none` under another "
+    "name) get the key `(failing steps, violations, -round(mean kept/effective_share, 2), family order, "
+    "candidate order)`: pass every rule on every step; among those that do, keep the largest effective "
+    "share, the effective sample size of the loss weights as a share of all valid tokens (it charges "
+    "rejection and weight spread alike: RS only scores its kept share, IS only its ESS, IS + RS their "
+    "product), compared at 2 decimals (a difference under 1% of the batch is noise); then the simpler "
+    "family (none, IS only, RS only, IS + RS); then the earlier candidate (presets in verl's order, then "
+    "the sweep, then the run's config). When no candidate passes everywhere, the least-failing one is "
+    "named and flagged."
+)
 
 HIGH_VARIANCE = "high_variance"
 TOO_MANY_VETOED = "too_many_vetoed"
@@ -272,7 +278,7 @@ def score(candidate: Candidate, step_metrics: Sequence[Mapping[str, float]]) -> 
 
 
 def recommend(per_example: Mapping[Candidate, Sequence[Mapping[str, float]]]) -> list[Score]:
-    """Ranks the guide's examples by the decision rule; the first is the recommendation.
+    """Ranks the guide's examples by `DECISION_RULE`; the first is the recommendation.
 
     Args:
         per_example: each example candidate (with `example` set) -> its metrics, one dict per step.
@@ -397,7 +403,7 @@ def score_correction(candidate: CorrectionCandidate, order: int, step_metrics: S
 def recommend_correction(
     per_candidate: Sequence[tuple[CorrectionCandidate, Sequence[Mapping]]], regime_label: str
 ) -> tuple[CorrectionScore, list[CorrectionScore]]:
-    """Applies the decision rule (module docstring) to verl HEAD candidates.
+    """Applies `CORRECTION_DECISION_RULE` to verl HEAD candidates.
 
     Args:
         per_candidate: `(candidate, its metrics on each judged step)`, in candidate order; must hold
