@@ -186,8 +186,17 @@ def mismatch_regime(metrics: Mapping[str, float]) -> tuple[str, str]:
     return label, sentence
 
 
-def _quantile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
+def quantile(values: Sequence[float | None], q: float) -> float:
+    """Linear-interpolation quantile (as `torch.quantile`) of the finite values (None skipped).
+
+    The patterns' p95 and median; the demo study reports the same numbers.
+
+    Returns:
+        The quantile; NaN when no value is finite.
+    """
+    ordered = sorted(v for v in values if v is not None and math.isfinite(v))
+    if not ordered:
+        return float("nan")
     position = q * (len(ordered) - 1)
     low = math.floor(position)
     return ordered[low] + (ordered[min(low + 1, len(ordered) - 1)] - ordered[low]) * (position - low)
@@ -206,7 +215,7 @@ def mismatch_patterns(step_metrics: Sequence[Mapping[str, float]]) -> list:
     k3 = [v for v in (_lookup(m, "k3_kl") for m in step_metrics) if v is not None and math.isfinite(v)]
     if len(k3) < PATTERN_MIN_STEPS:
         return []
-    median, p95 = _quantile(k3, 0.5), _quantile(k3, 0.95)
+    median, p95 = quantile(k3, 0.5), quantile(k3, 0.95)
     found = []
     if p95 > BURST_P95 and p95 > BURST_RATIO * median:
         found.append(
@@ -218,16 +227,16 @@ def mismatch_patterns(step_metrics: Sequence[Mapping[str, float]]) -> list:
         )
     k1 = [v for v in (_lookup(m, "k1_kl") for m in step_metrics) if v is not None]
     weight = [v for v in (_lookup(m, "is_mean") for m in step_metrics) if v is not None]
-    mean_weight = _quantile(weight, 0.5) if weight else None
+    mean_weight = quantile(weight, 0.5) if weight else None
     if (
         k1
         and median >= K3_KL_LIMITS[0]
-        and _quantile(k1, 0.5) > SUPPORT_RATIO * median
+        and quantile(k1, 0.5) > SUPPORT_RATIO * median
         and (mean_weight is None or mean_weight < SUPPORT_MEAN_WEIGHT)
     ):
         shown = "" if mean_weight is None else f", mean IS weight {mean_weight:.3g}"
         found.append(
-            ("support", f"median k1 {_quantile(k1, 0.5):.3g} vs k3 {median:.3g}{shown}: {PATTERN_ADVICE['support']}")
+            ("support", f"median k1 {quantile(k1, 0.5):.3g} vs k3 {median:.3g}{shown}: {PATTERN_ADVICE['support']}")
         )
     if median >= K3_KL_LIMITS[1] and p95 < STEADY_RATIO * median:
         found.append(("steady", f"per-step k3 KL median {median:.3g}, p95 {p95:.3g}: {PATTERN_ADVICE['steady']}"))

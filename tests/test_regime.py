@@ -3,8 +3,16 @@
 import math
 
 import pytest
+import torch
 
-from megatron_rollout_is.regime import PATTERN_MIN_STEPS, MismatchMonitor, classify, mismatch_patterns, mismatch_regime
+from megatron_rollout_is.regime import (
+    PATTERN_MIN_STEPS,
+    MismatchMonitor,
+    classify,
+    mismatch_patterns,
+    mismatch_regime,
+    quantile,
+)
 
 
 def _steps(k3_values, k1_factor=1.0, mean_weight=1.0, prefix="rollout_corr/"):
@@ -48,3 +56,13 @@ def test_the_monitor_reports_each_pattern_once():
     for step in _steps([0.01] * 25 + [1.0] * 3 + [0.01] * 30):
         reported += [code for code, _ in monitor.update(step)]
     assert reported == ["bursts"]
+
+
+def test_quantile_is_torch_quantile_of_the_finite_values():
+    """The patterns' p95 and median (and the study's, which imports the same function)."""
+    values = [0.3, 4.0, 1.0, 0.02, 3.0, 2.0, 9.5]
+    for q in (0.0, 0.5, 0.95, 1.0):
+        expected = torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
+        assert quantile(values + [math.nan, None, math.inf], q) == pytest.approx(expected, rel=1e-12)
+    assert quantile([0.0, 10.0], 0.95) == pytest.approx(9.5)
+    assert math.isnan(quantile([None, math.nan], 0.5))

@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..regime import quantile
 from .reporting import METRIC_NAMES, figure_grid, read_metrics, save_png
 
 
@@ -233,23 +234,13 @@ def run_series(records: Sequence[dict]) -> dict[str, list]:
     return series
 
 
-def _quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (as ``torch.quantile``) of the finite values."""
-    ordered = sorted(v for v in values if v is not None and math.isfinite(v))
-    if not ordered:
-        return float("nan")
-    position = q * (len(ordered) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def run_summary(records: Sequence[dict], tail: int) -> dict[str, float]:
     """One run's numbers: rewards at the end and over the whole run, mismatch early and late.
 
     ``early`` averages the first ``tail`` steps (the mismatch the uncorrected run starts with),
     ``last`` the last ``tail`` steps; ``k3_kl_median`` and ``k3_kl_p95`` are quantiles of the
-    per-step k3 over the whole run (a mismatch that comes in bursts has p95 >> median).
+    per-step k3 over the whole run (a mismatch that comes in bursts has p95 >> median), by
+    ``regime.quantile``, as the burst pattern reads them.
     """
     first, last = records[:tail], records[-tail:]
     evals = [r["eval/greedy_reward"] for r in records if "eval/greedy_reward" in r]
@@ -262,7 +253,7 @@ def run_summary(records: Sequence[dict], tail: int) -> dict[str, float]:
         summary[f"{name}_early"] = _mean([metric_value(r, name) for r in first])
         summary[f"{name}_last"] = _mean([metric_value(r, name) for r in last])
     k3 = [metric_value(r, "k3_kl") for r in records]
-    summary["k3_kl_median"], summary["k3_kl_p95"] = _quantile(k3, 0.5), _quantile(k3, 0.95)
+    summary["k3_kl_median"], summary["k3_kl_p95"] = quantile(k3, 0.5), quantile(k3, 0.95)
     return summary
 
 
@@ -428,17 +419,6 @@ def _cells(scenarios: Sequence[str], corrections: Sequence[str], seeds: Sequence
     return cells
 
 
-def _finite_or_none(value):
-    """``value`` with every non-finite float replaced by None (JSON has no NaN)."""
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_rollout_is.demo.compare",
@@ -515,6 +495,8 @@ def _train_and_read(out: Path, cells: list[tuple], train_iters: int, quick: bool
 
 def _write_results(results: Path, runs: dict, args: argparse.Namespace, tail: int) -> None:
     """Writes study.json, study.md and study.png into ``results`` and prints the tables."""
+    from ..report.findings import finite_or_none
+
     settings = _settings(args.quick, args.train_iters, args.seeds)
     summary = summarize(runs, tail)
     series = {
@@ -536,7 +518,7 @@ def _write_results(results: Path, runs: dict, args: argparse.Namespace, tail: in
     }
     results.mkdir(parents=True, exist_ok=True)
     # Compact: the per-step series of every run make up most of the file.
-    (results / "study.json").write_text(json.dumps(_finite_or_none(document), separators=(",", ":"), allow_nan=False))
+    (results / "study.json").write_text(json.dumps(finite_or_none(document), separators=(",", ":"), allow_nan=False))
     (results / "study.md").write_text(markdown(summary, args.corrections, tail, settings))
     plot(series, results / "study.png", settings)
     print((results / "study.md").read_text())

@@ -325,14 +325,15 @@ def report_payload(analysis: Analysis) -> dict:
         "corrections": [_correction_record(analysis, e) for e in analysis.corrections],
         "plots": {},
     }
-    return _finite(payload)
+    return finite_or_none(payload)
 
 
-def _finite(value):
+def finite_or_none(value):
+    """``value`` with every non-finite float replaced by None, at any depth (JSON has no NaN)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: finite_or_none(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
+        return [finite_or_none(item) for item in value]
     return value
