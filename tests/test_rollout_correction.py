@@ -533,3 +533,64 @@ def test_bad_arguments_name_the_argument(options, argument):
     old, rollout, mask = _make_batch(11, batch=2, length=4)
     with pytest.raises((ValueError, TypeError), match=argument):
         compute_rollout_correction_and_rejection_mask(old, rollout, mask, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# compute_is_metrics: verl HEAD's helper takes the weights its caller built.
+# ---------------------------------------------------------------------------------------------
+
+
+def _hand_weights(log_ratio, mask, level, threshold):
+    """float64 raw and truncated weights `[b, s]` written from the contract (0 on masked tokens)."""
+    valid = mask != 0
+    if level == "token":
+        log_weight = log_ratio
+    else:
+        log_weight = torch.where(valid, log_ratio, 0.0).sum(dim=1, keepdim=True)
+        if level == "geometric":
+            log_weight = log_weight / valid.sum(dim=1, keepdim=True)
+        log_weight = log_weight.expand_as(log_ratio)
+    raw = torch.where(valid, torch.exp(log_weight.clamp(-SAFETY_BOUND, SAFETY_BOUND)), 0.0)
+    return raw.clamp(max=threshold), raw
+
+
+@pytest.mark.parametrize(
+    "level, form",
+    [
+        ("token", "tokens"),
+        ("sequence", "tokens"),
+        ("sequence", "row_sums"),
+        ("geometric", "tokens"),
+        ("geometric", "row_sums"),
+    ],
+)
+def test_compute_is_metrics_accepts_the_weights_of_each_level(level, form):
+    from megatron_rollout_is import compute_is_metrics
+
+    old, rollout, mask = _make_batch(12, batch=6, length=10)
+    mask[:, -2:] = False  # padding whose log ratios are not 0
+    log_ratio = old - rollout
+    assert bool((log_ratio[:, -2:] != 0).all())
+    weights, raw = _hand_weights(log_ratio, mask, level, 2.0)
+    if form == "row_sums":  # verl passes a sequence level's [b, 1] sums
+        log_ratio = torch.where(mask, log_ratio, 0.0).sum(dim=1, keepdim=True)
+    metrics = compute_is_metrics(weights, raw, log_ratio, mask, level, 2.0)
+    _, _, expected = oracle_rollout_correction(old, rollout, mask, rollout_is=level, rollout_is_threshold=2.0)
+    expected = {key.split("/", 1)[1]: value for key, value in expected.items() if "/rollout_is_" in key}
+    assert metrics.keys() == expected.keys()
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    with pytest.raises(ValueError, match="raw_rollout_is_weights are not the weights"):
+        compute_is_metrics(weights, raw * 1.1, log_ratio, mask, level, 2.0)
+
+
+@pytest.mark.parametrize("argument", ["rollout_is", "rollout_is_threshold"])
+def test_compute_is_metrics_without_weights_names_the_argument(argument):
+    from megatron_rollout_is import compute_is_metrics
+
+    old, rollout, mask = _make_batch(13, batch=2, length=4)
+    weights, raw = _hand_weights(old - rollout, mask, "token", 2.0)
+    arguments = {"rollout_is": "token", "rollout_is_threshold": 2.0}
+    arguments[argument] = None
+    with pytest.raises(ValueError, match=rf"needs {argument}, got None: rollout_is is one of"):
+        compute_is_metrics(weights, raw, old - rollout, mask, **arguments)

@@ -10,7 +10,7 @@ import math
 from .inputs import SAFETY_BOUND
 from .metric import Metric, QuantileStat, SequenceStat, TokenStat, metric
 from .plan import CorrectionPlan, WeightSpec
-from .terms import MEAN_EPS
+from .terms import MEAN_EPS, out_of_band
 
 QUANTILES = {
     "rollout_is_p25": 0.25,
@@ -42,7 +42,7 @@ def _weight_stats(spec: WeightSpec) -> dict:
             "wc2": TokenStat("wc2", lambda t: clamped(t).square()),
             "w_high": TokenStat("w_high", lambda t: values(t) > upper),
             "w_low": TokenStat("w_low", lambda t: values(t) < lower),
-            "w_out": TokenStat("w_out", lambda t: (values(t) < lower) | (values(t) > upper)),
+            "w_out": TokenStat("w_out", lambda t: out_of_band(values(t), spec)),
             "w_max": TokenStat("w_max", values, "max"),
             "w_min": TokenStat("w_min", values, "min"),
         }
@@ -54,7 +54,7 @@ def _weight_stats(spec: WeightSpec) -> dict:
         # Geometric level: a token-weighted share; sequence level: a share of sequences.
         "w_high": SequenceStat("w_high", lambda q: q.log_weight > log_upper, per_token=spec.level == "geometric"),
         "w_low": SequenceStat("w_low", lambda q: q.log_weight < log_lower, per_token=spec.level == "geometric"),
-        "w_out": SequenceStat("w_out", lambda q: (q.raw_weight < lower) | (q.raw_weight > upper), per_token=True),
+        "w_out": SequenceStat("w_out", lambda q: out_of_band(q.raw_weight, spec), per_token=True),
         "w_max": SequenceStat("w_max", lambda q: q.log_weight, "max"),
         "w_min": SequenceStat("w_min", lambda q: q.log_weight, "min"),
     }
@@ -64,7 +64,7 @@ def _row_mean_weight(spec: WeightSpec):
     """`s_i`: the masked mean of the weight over sequence i, and the columns it reads."""
     if spec.level == "token":
         return (lambda q: q.mean_of("raw_weight_sum")), ("raw_weight_sum",)
-    return (lambda q: q.raw_weight * q.tokens / (q.tokens + MEAN_EPS)), ()
+    return (lambda q: q.row_mean(q.raw_weight)), ()
 
 
 def _weight_metrics(spec: WeightSpec) -> list:
@@ -181,7 +181,7 @@ def _clip_metrics(spec: WeightSpec) -> list:
     if spec.level == "token":
         clipped = SequenceStat("clipped", lambda q: q.column("not_kept") > 0, columns=("not_kept",))
     else:
-        clipped = SequenceStat("clipped", lambda q: (q.raw_weight < spec.lower) | (q.raw_weight > spec.upper))
+        clipped = SequenceStat("clipped", lambda q: out_of_band(q.raw_weight, spec))
     metrics = []
     for token_name, sequence_name in (
         ("rollout_is_clipped_fraction", "rollout_is_seq_clipped_fraction"),

@@ -12,7 +12,7 @@ from .catalog_mismatch import nonfinite_metric, perplexity_metrics
 from .inputs import SAFETY_BOUND
 from .metric import SequenceStat, TokenStat, criterion_column, metric
 from .plan import CorrectionPlan, Criterion, WeightSpec
-from .terms import MEAN_EPS
+from .terms import out_of_band
 
 
 def offpolicy_metrics(with_rollout: bool = True) -> list:
@@ -89,10 +89,11 @@ def _token_weight_stats(spec: WeightSpec) -> dict:
         def square(t):
             return t.memo("is:w2", lambda: bounded(t).square())
 
+        w = TokenStat("is:w", bounded)
         return {
-            "w": TokenStat("is:w", bounded),
+            "w": w,
             "w2": TokenStat("is:w2", square),
-            "wc": TokenStat("is:wc", bounded),
+            "wc": w,  # the same sum: one statistic, reduced once
             "high": TokenStat("is:high", lambda t: (t.raw_weight > upper) & t.valid),
             "low": TokenStat("is:low", lambda t: (t.raw_weight < lower) & t.valid),
             "max": TokenStat("is:max", lambda t: t.neutral(t.bounded_weight, "max"), "max"),
@@ -130,14 +131,14 @@ def is_metrics(spec: WeightSpec) -> list:
         metric(
             "rollout_is_std",
             "sqrt(max(0, mm(c^2) - mm(c)^2)), c = clamp(w, 0, U)",
-            lambda r: r.token_std("is:wc", "is:w2"),
+            lambda r: r.token_std(stats["wc"].key, stats["w2"].key),
             stats["wc"],
             stats["w2"],
         ),
         metric(
             "rollout_is_eff_sample_size",
             "1 / mm((c / (mm(c) + 1e-8))^2)",
-            lambda r: r.effective_sample_size("is:wc", "is:w2"),
+            lambda r: r.effective_sample_size(stats["wc"].key, stats["w2"].key),
             stats["wc"],
             stats["w2"],
         ),
@@ -169,7 +170,7 @@ def _row_shares(spec: WeightSpec, row_mean, raw_row_mean, columns: tuple) -> lis
             ("low", lambda q: raw_row_mean(q) < spec.lower),
         )
     ]
-    distribution[-2:] = [
+    replaced = [
         metric(
             "rollout_is_seq_fraction_high",
             "share of sequences with r_i > U",
@@ -183,7 +184,8 @@ def _row_shares(spec: WeightSpec, row_mean, raw_row_mean, columns: tuple) -> lis
             raw[1],
         ),
     ]
-    return distribution
+    by_name = {entry.name: entry for entry in replaced}
+    return [by_name.get(entry.name, entry) for entry in distribution]
 
 
 def _level_specific(spec: WeightSpec, stats: dict) -> tuple:
@@ -213,16 +215,16 @@ def _level_specific(spec: WeightSpec, stats: dict) -> tuple:
                 stats["min"],
             ),
         ]
-        row_mean = lambda q: q.bounded_weight * q.tokens / (q.tokens + MEAN_EPS)  # noqa: E731
-        raw_row_mean = lambda q: q.raw_weight * q.tokens / (q.tokens + MEAN_EPS)  # noqa: E731
+        row_mean = lambda q: q.row_mean(q.bounded_weight)  # noqa: E731
+        raw_row_mean = lambda q: q.row_mean(q.raw_weight)  # noqa: E731
         columns = ()
     return extreme, row_mean, raw_row_mean, columns
 
 
 def _oob_stat(spec: WeightSpec):
     if spec.level == "token":
-        return TokenStat("is:oob", lambda t: ((t.raw_weight < spec.lower) | (t.raw_weight > spec.upper)) & t.valid)
-    return SequenceStat("is:oob", lambda q: (q.raw_weight < spec.lower) | (q.raw_weight > spec.upper), per_token=True)
+        return TokenStat("is:oob", lambda t: out_of_band(t.raw_weight, spec) & t.valid)
+    return SequenceStat("is:oob", lambda q: out_of_band(q.raw_weight, spec), per_token=True)
 
 
 def _criterion_token_stats(criterion: Criterion, prefix: str) -> dict:

@@ -11,7 +11,6 @@ geometric weights, the veto, sequence rejection criteria) is taken in three step
 Everything is in log space; the safety clamp and the bounds come last.
 """
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -43,7 +42,7 @@ def correct_micro_batch(
     plan: CorrectionPlan,
     statistics: StepStatistics,
     reduce_partials: Reducer | None = None,
-    normalize_over: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    normalize_over: Reducer | None = None,
     owns_sequences: bool = True,
 ) -> Correction:
     """Weights and rejection mask of one micro-batch shard; records its statistics.
@@ -54,11 +53,12 @@ def correct_micro_batch(
         response_mask: `[b, s]` non-zero on response tokens.
         plan: the correction plan.
         statistics: the step's accumulator.
-        reduce_partials: reduces `[b, columns]` partials in place over the ranks sharing these
-            sequences (SUM, and MAX on `statistics.max_columns`); used when the plan decides per
-            sequence.
+        reduce_partials: reduces `[b, columns]` partials in place (a `Reducer`) over the ranks
+            sharing these sequences (SUM, and MAX on `statistics.max_columns`); used when the plan
+            decides per sequence.
         normalize_over: with `batch_normalize`, sums a float64 `[2]` tensor (weight total, count) in
-            place over the ranks whose weights share one normalisation factor; None for one process.
+            place (a `Reducer`) over the ranks whose weights share one normalisation factor; None
+            for one process.
         owns_sequences: whether this rank counts the sequences it shares (sequence-level batch
             normalisation counts each sequence once).
 
@@ -69,7 +69,7 @@ def correct_micro_batch(
     terms = TokenTerms(shard, plan)
     partials = statistics.local_partials(terms)
     if reduce_partials is not None and plan.decides_per_sequence:
-        partials = reduce_partials(partials.clone())
+        reduce_partials(partials)  # in place: the partials are this call's own fresh tensor
     statistics.add(terms, partials)
     sequences = SequenceTerms(partials, statistics.column_index, plan)
     keep = shard.valid
@@ -106,9 +106,8 @@ def batch_norm_factor(weights, valid, sequences: SequenceTerms, normalize_over, 
     if sequences.plan.weights.level == "token":
         totals = torch.stack([weights.sum(dtype=torch.float64), valid.sum(dtype=torch.float64)])
     else:
-        tokens = sequences.tokens.double()
-        row_means = sequences.bounded_weight.double() * tokens / (tokens + MEAN_EPS)
-        present = tokens > 0
+        row_means = sequences.row_mean(sequences.bounded_weight.double())
+        present = sequences.tokens > 0
         totals = torch.stack([row_means[present].sum(), present.sum(dtype=torch.float64)])
         if not owns_sequences:
             totals.zero_()

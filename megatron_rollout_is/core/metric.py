@@ -15,9 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .plan import CorrectionPlan
-from .terms import MEAN_EPS, Column, SequenceTerms, TokenTerms
-
-OPS = ("sum", "max", "min")
+from .terms import MEAN_EPS, Column, SequenceTerms, TokenTerms, out_of_band
 
 
 @dataclass(frozen=True)
@@ -164,7 +162,7 @@ def named_column(key: str, plan: CorrectionPlan) -> Column:
         return Column(key, lambda t: t.on_valid(t.bounded_weight))
     if key == "not_kept":
         spec = plan.weights
-        return Column(key, lambda t: t.valid & ((t.raw_weight < spec.lower) | (t.raw_weight > spec.upper)))
+        return Column(key, lambda t: t.valid & out_of_band(t.raw_weight, spec))
     if key == "token_rejected":
         return Column(key, lambda t: t.token_rejected)
     if key.startswith("rejected_"):

@@ -20,7 +20,10 @@ SORT_BELOW = 1 << 13
 _KEY_BITS = {torch.float32: 31, torch.float64: 63}  # the sign bit is always 0 for values >= 0
 _INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64}
 
-Reducer = Callable[[torch.Tensor], torch.Tensor]
+Reducer = Callable[[torch.Tensor], object]
+"""The one contract of every reduction callback (`all_reduce_sum`, `reduce_partials`, `normalize_over`,
+...): it reduces the tensor it is given IN PLACE over the processes that share it; callers read that
+tensor afterwards and ignore the return value."""
 
 
 def quantile_ranks(count: int, quantiles: Sequence[float]) -> tuple[list[int], list[int], list[float]]:
@@ -49,10 +52,10 @@ def radix_select(
     Args:
         values: this rank's share `[n]` of the values, float32 or float64, all >= 0 and finite.
         ranks: global ranks wanted; identical on every participating process.
-        multiplicity: optional `[n]` whole counts: value i stands for that many copies.
         all_reduce_sum: sums an int64 tensor in place over the processes holding the values
-            (None with one process). Called `ceil(bits / DIGIT_BITS)` times: 3 for float32,
-            6 for float64, each time on `[len(unique ranks), 2**DIGIT_BITS]` counts.
+            (None with one process; see `Reducer`). Called `ceil(bits / DIGIT_BITS)` times: 3 for
+            float32, 6 for float64, each time on `[len(unique ranks), 2**DIGIT_BITS]` counts.
+        multiplicity: optional `[n]` whole counts: value i stands for that many copies.
 
     Returns:
         `[len(ranks)]` tensor of `values.dtype`, on the device of `values`, with the selected values.

@@ -10,9 +10,20 @@ import torch
 from .catalog_rollout_corr import is_metrics, offpolicy_metrics
 from .correction import correct_micro_batch
 from .inputs import SAFETY_BOUND
-from .plan import CorrectionPlan, WeightSpec, parse_band, parse_bound, parse_criteria, parse_level, rejection_options
+from .plan import (
+    LEVEL_ALIASES,
+    LEVELS,
+    CorrectionPlan,
+    WeightSpec,
+    parse_band,
+    parse_bound,
+    parse_criteria,
+    parse_level,
+    rejection_options,
+)
 from .rollout_is import batch_metrics
 from .statistics import StepStatistics
+from .terms import MEAN_EPS
 
 SUPPORTED_ROLLOUT_RS_OPTIONS = set(rejection_options())
 """Every `rollout_rs` criterion name."""
@@ -101,11 +112,20 @@ def compute_is_metrics(
     """verl HEAD's IS-metric helper, unprefixed `rollout_is_*` keys (TIS, or a band with a lower bound).
 
     The metrics are recomputed from `log_ratio_for_metrics` (`[b, s]` token log ratios, or `[b, 1]`
-    sequence sums); the two weight tensors must be the weights those log ratios give (checked).
+    sequence sums); the two weight tensors must be the weights those log ratios give (checked):
+    `raw_rollout_is_weights` is `exp(clamp(lr, -20, 20))` per token, `exp(clamp(S_i, -20, 20))` per
+    sequence or `exp(clamp(S_i / (n_i + 1e-8), -20, 20))` at geometric level, 0 on masked tokens.
 
     Raises:
-        ValueError: the passed weights are not the ones the log ratios and thresholds give.
+        ValueError: `rollout_is` or `rollout_is_threshold` is None, or the passed weights are not
+            the ones the log ratios and thresholds give.
     """
+    for name, value in (("rollout_is", rollout_is), ("rollout_is_threshold", rollout_is_threshold)):
+        if value is None:
+            raise ValueError(
+                f"compute_is_metrics needs {name}, got None: rollout_is is one of {LEVELS + tuple(LEVEL_ALIASES)} "
+                "and rollout_is_threshold a number > 0 (without IS weights there are no IS metrics)."
+            )
     threshold = (
         rollout_is_threshold
         if rollout_is_threshold_lower is None
@@ -117,19 +137,28 @@ def compute_is_metrics(
     statistics = StepStatistics(plan, is_metrics(spec), prefix="")
     correction = correct_micro_batch(log_ratio, torch.zeros_like(log_ratio), response_mask, plan, statistics)
     valid = response_mask != 0
-    raw = torch.exp(log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND))
-    if spec.level != "token":
-        raw = torch.exp(log_ratio.sum(dim=1, keepdim=True).clamp(-SAFETY_BOUND, SAFETY_BOUND)).expand_as(raw)
     for name, given, expected in (
         ("rollout_is_weights", rollout_is_weights, correction.weights),
-        ("raw_rollout_is_weights", raw_rollout_is_weights, torch.where(valid, raw, 0.0)),
+        ("raw_rollout_is_weights", raw_rollout_is_weights, _raw_weights(log_ratio, valid, spec.level)),
     ):
+        expected = torch.where(valid, expected.to(correction.weights.dtype), 0.0)
         if not torch.allclose(torch.where(valid, given, 0.0).to(expected.dtype), expected, rtol=1e-4, atol=1e-6):
             raise ValueError(
                 f"{name} are not the weights that log_ratio_for_metrics and the thresholds give; pass "
                 "the weights computed from them (the metrics are recomputed from the log ratios)."
             )
     return statistics.finalize()
+
+
+def _raw_weights(log_ratio: torch.Tensor, valid: torch.Tensor, level: str) -> torch.Tensor:
+    """`[b, s]` safety-clamped weights before bounding, from `[b, s]` log ratios (padding ignored)."""
+    if level != "token":
+        masked = torch.where(valid, log_ratio, 0.0)
+        log_ratio = masked.sum(dim=1, keepdim=True)
+        if level == "geometric":
+            log_ratio = log_ratio / (valid.sum(dim=1, keepdim=True) + MEAN_EPS)
+        log_ratio = log_ratio.expand(valid.shape)
+    return torch.exp(log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND))
 
 
 def _token_log_ratios(log_ratio: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:

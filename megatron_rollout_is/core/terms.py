@@ -1,6 +1,6 @@
 """The per-token and per-sequence quantities every weight, criterion and metric is made of.
 
-A micro-batch shard (`weights.TokenShard`, `[b, s]`) gives `TokenTerms`; the per-sequence partial
+A micro-batch shard (`inputs.TokenShard`, `[b, s]`) gives `TokenTerms`; the per-sequence partial
 sums and maxima of its terms (`Column`s, `[b, columns]`, reduced over the context-parallel ranks
 that share the sequences) give `SequenceTerms`. Both compute each quantity once, on first use, so a
 plan pays only for what its weights, criteria and metrics read.
@@ -20,13 +20,18 @@ MEAN_EPS = 1e-8
 """verl's epsilon in every masked mean: sum / (count + 1e-8)."""
 
 
+def out_of_band(raw: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """Where a safety-clamped weight lies outside `[lower, upper]` (bool, same shape): what `mask` zeroes."""
+    return (raw < spec.lower) | (raw > spec.upper)
+
+
 def bound_weights(raw: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     """`truncate`, `mask` or `clamp` the safety-clamped weights (any shape)."""
     if spec.bound == "truncate":
         return raw.clamp(max=spec.upper)
     if spec.bound == "clamp":
         return raw.clamp(spec.lower, spec.upper)
-    return torch.where((raw >= spec.lower) & (raw <= spec.upper), raw, 0.0)
+    return torch.where(out_of_band(raw, spec), 0.0, raw)
 
 
 def divergence(kind: str, clamped_log_ratio: torch.Tensor) -> torch.Tensor:
@@ -183,6 +188,14 @@ class SequenceTerms:
     def inverse_count(self) -> torch.Tensor:
         """`1 / (n_i + 1e-8)`, the factor of verl's masked row mean."""
         return 1.0 / (self.tokens + MEAN_EPS)
+
+    def row_mean(self, weight: torch.Tensor) -> torch.Tensor:
+        """verl's masked row mean of a weight constant over each sequence: `w_i n_i / (n_i + 1e-8)`.
+
+        Computed in `weight`'s dtype (float32 could not hold the 1e-8 next to n_i).
+        """
+        tokens = self.tokens.to(weight.dtype)
+        return weight * tokens / (tokens + MEAN_EPS)
 
     def mean_of(self, key: str) -> torch.Tensor:
         """A summed column divided by `n_i + 1e-8` (verl's masked row mean)."""
