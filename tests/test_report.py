@@ -261,6 +261,47 @@ def test_run_config_is_evaluated_and_empty_steps_are_not_judged(tmp_path):
     assert payload["recommendation"]["example"] == hand_recommendation(tmp_path)
 
 
+def _table_row(page: str, first_cell: str) -> list[str]:
+    (line,) = [line for line in page.splitlines() if line.startswith(f"| {first_cell} |")]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_sweep_tables_average_the_judged_steps_only(tmp_path):
+    """An empty step (all metrics 0) must not pull the sweep tables' means down: they average the
+    steps the rules and the ranking judge, as the plots do."""
+    generator = torch.Generator().manual_seed(0)
+    for step in range(STEPS):
+        old, mask = _trainer_log_probs(generator)
+        mask = mask if step != 1 else torch.zeros_like(mask)
+        write_step_dump(tmp_path, step, old, moderate(old, mask, generator), mask)
+    payload = _payload(tmp_path)
+    page = render(payload)
+    judged = [dump for dump in read_step_dumps(tmp_path) if dump.response_mask.any()]
+    assert len(judged) == STEPS - 1
+    # The threshold sweep's `token clip 2`: lower 1/2 and the guide's default veto 1e-4.
+    ess = [
+        compute_rollout_importance_weights(
+            dump.old_log_prob,
+            dump.rollout_log_prob,
+            dump.response_mask,
+            rollout_is_level="token",
+            rollout_is_mode="clip",
+            rollout_is_threshold=2.0,
+            rollout_is_threshold_lower=0.5,
+            rollout_is_veto_threshold=1e-4,
+        )[1]["mismatch/rollout_is_eff_sample_size"]
+        for dump in judged
+    ]
+    assert float(_table_row(page, "token clip 2")[3]) == pytest.approx(sum(ess) / len(ess), rel=1e-3)
+    # The rejection sweep's rejected share is the one the ranking averaged.
+    ranking = {r["label"]: r for r in payload["correction"]["ranking"]}
+    sweep = [r for r in payload["corrections"] if r["kind"] == "sweep" and not r["rollout_is"]]
+    for record in sweep:
+        cells = _table_row(page, f"`{record['rollout_rs']}` | {record['quantile']:g}")
+        rejected = ranking[record["label"]]["means"]["rejected"]
+        assert float(cells[3]) == pytest.approx(rejected, rel=1e-3, abs=1e-12)
+
+
 def test_missing_matplotlib_names_the_extra(tmp_path, monkeypatch):
     _write(tmp_path / "dumps", clean)
     monkeypatch.setitem(sys.modules, "matplotlib", None)

@@ -27,6 +27,7 @@ from .rules import (
     bounded_fraction,
     correction_failed_rules,
     correction_justification,
+    farthest_from_one,
     justification,
     metric,
     recommend,
@@ -69,8 +70,7 @@ def _troubleshooting_finding(code: str, evaluation: Evaluation, hits: list, judg
         numbers = {"max_rollout_is_veto_fraction": max(metric(m, "rollout_is_veto_fraction") for m in metrics)}
         seen = f"rollout_is_veto_fraction up to {numbers['max_rollout_is_veto_fraction']:.3g} (> {VETO_FRACTION_MAX:g})"
     else:
-        means = [metric(m, "rollout_is_mean") for m in metrics]
-        worst = max(means, key=lambda value: abs(math.log(max(value, 1e-300))))
+        worst = farthest_from_one([metric(m, "rollout_is_mean") for m in metrics])
         numbers = {"worst_rollout_is_mean": worst}
         seen = f"rollout_is_mean {worst:.4g} (outside [{MEAN_MIN:g}, {MEAN_MAX:g}])"
     steps = [step for step, _ in hits]

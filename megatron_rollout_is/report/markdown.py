@@ -1,10 +1,16 @@
 """`report.md`: the report payload (see `findings.report_payload`) as one Markdown page."""
 
-import math
-
 from ..regime import VERDICTS
 from .candidates import FAMILIES
-from .rules import HIGH_VARIANCE, REMEDIES, TOO_MANY_VETOED, failed_rules, metric
+from .rules import (
+    HIGH_VARIANCE,
+    REMEDIES,
+    TOO_MANY_VETOED,
+    failed_rules,
+    farthest_from_one,
+    joined_failed_rules,
+    metric,
+)
 
 PLOT_CAPTIONS = {
     "log_ratio_histogram": "Per-token log ratio (training minus rollout) over all steps. A narrow peak at 0 is "
@@ -19,7 +25,7 @@ PLOT_CAPTIONS = {
     "severe); the verdict is the most severe band that at least a tenth of the steps reach.",
     "rs_sweep": "Rejection sweep, per criterion (columns): rejected token share, the kept tokens' k3 KL and "
     "|chi2_token| relative to all tokens', and the effective share (RS alone and with token TIS 2) against the "
-    "threshold's quantile level; dashed: the rules' limits. Means over steps.",
+    "threshold's quantile level; dashed: the rules' limits. Means over the judged steps.",
 }
 STEP_COLUMNS = (
     ("mean", "rollout_is_mean"),
@@ -56,9 +62,14 @@ def _number(value) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def _mean_over_steps(per_step: list, name: str) -> str:
-    """The metric ``name`` averaged over a configuration's steps, formatted (n/a when there are none)."""
-    values = [metric(step["metrics"], name) for step in per_step]
+def _judged(payload: dict) -> set:
+    """The steps with a valid token: the only ones the rules, the ranking and the plots read."""
+    return {step for step, tokens in zip(payload["steps"], payload["valid_tokens"]) if tokens}
+
+
+def _mean_over_steps(per_step: list, name: str, judged: set) -> str:
+    """The metric ``name`` averaged over a configuration's judged steps, formatted (n/a when there are none)."""
+    values = [metric(step["metrics"], name) for step in per_step if step["step"] in judged]
     return _number(sum(values) / len(values) if values else None)
 
 
@@ -172,7 +183,7 @@ def _candidate_table(ranking: list) -> list[str]:
                 r["family"],
                 r["failing_steps"],
                 r["violations"],
-                ", ".join(sorted({c for codes in r["failed_rules"].values() for c in codes})) or "-",
+                joined_failed_rules(r["failed_rules"]) or "-",
                 *(
                     _number(means[name])
                     for name in (
@@ -239,7 +250,7 @@ def _bypass(payload: dict) -> list[str]:
 def _rs_sweep(payload: dict) -> list[str]:
     sweep = payload["rs_sweep"]
     lines = [
-        "## Rejection sweep (mean over steps)",
+        "## Rejection sweep (mean over the judged steps)",
         "",
         "Thresholds at the quantile levels "
         + ", ".join(f"{level:g}" for level in sweep["levels"])
@@ -254,20 +265,18 @@ def _rs_sweep(payload: dict) -> list[str]:
             key = (record["rollout_rs"], record["rollout_rs_threshold"])
             points.setdefault(key, {"quantile": record["quantile"]})["is" if record["rollout_is"] else "rs"] = record
     ranked = {r["label"]: r for r in payload["correction"]["ranking"]}
+    judged = _judged(payload)
     rows = []
     for (criterion, threshold), point in points.items():
         alone, with_is = point["rs"], point["is"]
-        failed = [
-            ", ".join(sorted({c for codes in ranked[r["label"]]["failed_rules"].values() for c in codes})) or "-"
-            for r in (alone, with_is)
-        ]
+        failed = [joined_failed_rules(ranked[r["label"]]["failed_rules"]) or "-" for r in (alone, with_is)]
         rows.append(
             (
                 f"`{criterion}`",
                 f"{point['quantile']:g}",
                 repr(threshold),
                 *(
-                    _mean_over_steps(alone["per_step"], name)
+                    _mean_over_steps(alone["per_step"], name, judged)
                     for name in (
                         "rollout_corr/rollout_rs_masked_fraction",
                         "rollout_corr/rollout_rs_seq_masked_fraction",
@@ -277,7 +286,7 @@ def _rs_sweep(payload: dict) -> list[str]:
                         "kept/effective_share",
                     )
                 ),
-                _mean_over_steps(with_is["per_step"], "kept/effective_share"),
+                _mean_over_steps(with_is["per_step"], "kept/effective_share", judged),
                 *failed,
             )
         )
@@ -329,7 +338,7 @@ def _recommendation(payload: dict) -> list[str]:
             r["label"],
             r["failing_steps"],
             r["violations"],
-            ", ".join(sorted({code for codes in r["failed_rules"].values() for code in codes})) or "-",
+            joined_failed_rules(r["failed_rules"]) or "-",
             _number(r["mean_eff_sample_size"]),
             _number(r["mean_bounded_fraction"]),
         )
@@ -382,21 +391,20 @@ def _worst(code: str, group: list) -> str:
         )
     if code == TOO_MANY_VETOED:
         return f"veto fraction {max(n['max_rollout_is_veto_fraction'] for n in numbers):.4g}"
-    means = [n["worst_rollout_is_mean"] for n in numbers]
-    return f"mean {max(means, key=lambda m: abs(math.log(max(m, 1e-300)))):.4g}"
+    return f"mean {farthest_from_one([n['worst_rollout_is_mean'] for n in numbers]):.4g}"
 
 
 def _sweep(payload: dict) -> list[str]:
     grid = payload["grid"]
     lines = [
-        "## Threshold sweep (mean over steps)",
+        "## Threshold sweep (mean over the judged steps)",
         "",
         f"Mode {grid['mode']}, lower = {grid['lower']}, veto {grid['veto_threshold']:g}. Thresholds: "
         + "; ".join(f"{level} {', '.join(f'{t:g}' for t in values)}" for level, values in grid["thresholds"].items())
         + ". The mean, std and ESS do not depend on the mode.",
         "",
     ]
-    rows = []
+    judged, rows = _judged(payload), []
     for record in payload["configurations"]:
         if record["kind"] != "grid":
             continue
@@ -407,7 +415,7 @@ def _sweep(payload: dict) -> list[str]:
             "rollout_is_clipped_fraction",
             "rollout_is_veto_fraction",
         )
-        rows.append((record["label"], *(_mean_over_steps(record["per_step"], name) for name in names)))
+        rows.append((record["label"], *(_mean_over_steps(record["per_step"], name, judged) for name in names)))
     return lines + _table(("configuration", "mean", "std", "ESS", "clipped fraction", "veto fraction"), rows)
 
 
@@ -415,8 +423,19 @@ def _per_step(payload: dict) -> list[str]:
     lines = ["## Per-step tables", "", "### Mismatch regime", ""]
     names = ("k3_kl", "chi2_token", "chi2_seq", "kl", "mean_abs_log_ratio", "outside_share")
     rows = [(s["step"], s["label"], *(_number(s[name]) for name in names)) for s in payload["regime"]["per_step"]]
+    low, high = payload["regime"]["limits"]["outside_band"]
     lines += _table(
-        ("step", "regime", "k3 KL", "chi2_token", "chi2_seq", "kl", "mean abs log ratio", "outside [0.9, 1.1]"), rows
+        (
+            "step",
+            "regime",
+            "k3 KL",
+            "chi2_token",
+            "chi2_seq",
+            "kl",
+            "mean abs log ratio",
+            f"outside [{low:g}, {high:g}]",
+        ),
+        rows,
     )
     chosen = payload["correction"]["label"]
     for record in payload["corrections"]:

@@ -14,11 +14,13 @@ from .findings import judged_metrics
 from .rules import (
     BOUNDED_FRACTION_MAX,
     ESS_MIN,
+    GRID_MODE,
     GRID_THRESHOLDS,
     MEAN_MAX,
     MEAN_MIN,
     REJECTED_FRACTION_MAX,
     SEED_EXAMPLES,
+    SEED_VETO_DEFAULT,
     STD_MAX,
     VETO_FRACTION_MAX,
     bounded_fraction,
@@ -52,6 +54,20 @@ def _figure(rows: int, columns: int, size: tuple, **kwargs):
 
     figure = Figure(figsize=size, layout="constrained")
     return figure, figure.subplots(rows, columns, squeeze=False, **kwargs)
+
+
+def _limit_line(axes, value: float, label: str | None = None, vertical: bool = False, **style) -> None:
+    """A rule's limit: a dashed line across the axes (red unless `style` says otherwise)."""
+    style = {"color": "tab:red", "linestyle": "--", "linewidth": 1, **style}
+    (axes.axvline if vertical else axes.axhline)(value, label=label, **style)
+
+
+def _step_axis(axes) -> None:
+    """An x axis of training steps: labelled, integer ticks only."""
+    from matplotlib.ticker import MaxNLocator
+
+    axes.set_xlabel("step")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def write_plots(analysis: Analysis, out_dir: Path) -> dict[str, str]:
@@ -115,13 +131,14 @@ def _weights_by_level(analysis: Analysis):
             if example.level == level:
                 lower = example.threshold_lower or 1.0 / example.threshold
                 for bound in (example.threshold, lower):
-                    axes_.axvline(math.log(bound), color=color, linestyle="--", linewidth=1.2)
+                    _limit_line(axes_, math.log(bound), vertical=True, color=color, linewidth=1.2)
                 label = f"Ex. {example.example}: [{lower:g}, {example.threshold:g}]"
                 axes_.plot([], [], color=color, linestyle="--", label=label)
         if level == "sequence":
-            for bound in (GRID_THRESHOLDS["sequence"][1], GRID_THRESHOLDS["sequence"][-1]):
-                axes_.axvline(math.log(bound), color="grey", linestyle=":", linewidth=1.2)
-            axes_.plot([], [], color="grey", linestyle=":", label="upper 2 and 10")
+            bounds = (GRID_THRESHOLDS["sequence"][1], GRID_THRESHOLDS["sequence"][-1])
+            for bound in bounds:
+                _limit_line(axes_, math.log(bound), vertical=True, color="grey", linestyle=":", linewidth=1.2)
+            axes_.plot([], [], color="grey", linestyle=":", label=f"upper {bounds[0]:g} and {bounds[1]:g}")
         if axes_.get_legend_handles_labels()[0]:
             axes_.legend(fontsize=8, loc="upper right")
         unit = {"token": "per token", "sequence": "S_i per sequence", "geometric": "G_i per sequence"}[level]
@@ -182,26 +199,18 @@ def _threshold_sweep(analysis: Analysis):
                 label="min-max over steps",
             )
             axes_.plot(x, mean, marker="o", color="tab:blue", label="mean over steps")
-            axes_.axhline(
-                limit,
-                color="tab:red",
-                linestyle="--",
-                linewidth=1,
-                label=f"rule: {'ESS <' if row == 0 else 'bounded >'} {limit:g}",
-            )
+            _limit_line(axes_, limit, label=f"rule: {'ESS <' if row == 0 else 'bounded >'} {limit:g}")
             axes_.set_xticks(x, labels)
             axes_.set_ylim(-0.03, 1.03)
             axes_.set_xlabel(f"upper threshold (lower = 1/upper), {level} level")
             axes_.set_ylabel(name)
             axes_.set_title(f"{level}: {name} vs threshold")
             axes_.legend(fontsize=8, loc="best")
-    figure.suptitle("Threshold sweep (clip mode, veto 1e-4)")
+    figure.suptitle(f"Threshold sweep ({GRID_MODE} mode, veto {SEED_VETO_DEFAULT:g})")
     return figure
 
 
 def _metrics_over_steps(analysis: Analysis):
-    from matplotlib.ticker import MaxNLocator
-
     figure, axes = _figure(2, 3, (15, 7.5))
     panels = (
         ("rollout_is_eff_sample_size", "ESS", ESS_MIN),
@@ -227,7 +236,7 @@ def _metrics_over_steps(analysis: Analysis):
                 label=f"Ex. {evaluation.candidate.example}",
             )
         for value in limit if isinstance(limit, tuple) else (limit,):
-            axes_.axhline(value, color="black", linestyle="--", linewidth=0.8)
+            _limit_line(axes_, value, color="black", linewidth=0.8)
         if name == "rollout_is_mean":
             axes_.set_yscale("log")  # unbounded weights: a biased run can sit orders of magnitude off 1
         axes_.set_title(f"{title} (dashed: rule)")
@@ -241,15 +250,12 @@ def _metrics_over_steps(analysis: Analysis):
     axes_.set_title("policy mismatch (independent of the config)")
     axes_.legend(fontsize=8, loc="best")
     for axes_ in axes.flat:
-        axes_.set_xlabel("step")
-        axes_.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _step_axis(axes_)
     figure.suptitle("The guide's four examples over training steps")
     return figure
 
 
 def _mismatch_regime(analysis: Analysis):
-    from matplotlib.ticker import MaxNLocator
-
     figure, axes = _figure(1, 2, (13, 4.5))
     judged = analysis.judged_steps
     steps = [analysis.steps[i] for i in judged]
@@ -263,8 +269,7 @@ def _mismatch_regime(analysis: Analysis):
         # symlog: chi2_token turns negative under a one-sided bias (E[rho] < 1), k3 KL never does.
         axes_.set_yscale("symlog", linthresh=moderate / 10)
         axes_.set_ylim(min(values.min(initial=0.0) * 3, 0.0), top)
-        axes_.set_xlabel("step")
-        axes_.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _step_axis(axes_)
         axes_.set_title(title)
         axes_.legend(fontsize=8, loc="best")
     figure.suptitle("Does this run need correction? Mismatch per step against the regime limits")
@@ -301,7 +306,7 @@ def _rs_sweep(analysis: Analysis):
         rejected.plot(
             x, [p["rollout_corr/rollout_rs_masked_fraction"] for p in alone], marker="o", label="rejected tokens"
         )
-        rejected.axhline(REJECTED_FRACTION_MAX, color="tab:red", linestyle="--", linewidth=1, label="rule limit")
+        _limit_line(rejected, REJECTED_FRACTION_MAX, label="rule limit")
         for name, color in (("k3_kl", "tab:purple"), ("chi2_token", "tab:green")):
             if totals[name] > 0:
                 mismatch.plot(
@@ -330,5 +335,5 @@ def _rs_sweep(analysis: Analysis):
             axes_.legend(fontsize=7, loc="best")
     for axes_, label in zip(axes[:, 0], ("rejected share", "kept mismatch / all", "effective share")):
         axes_.set_ylabel(label)
-    figure.suptitle("Rejection sweep (means over steps)")
+    figure.suptitle("Rejection sweep (means over the judged steps)")
     return figure

@@ -47,6 +47,7 @@ alone and with token TIS 2.0, the run's own config; see `candidates`) are judged
   severe: leaving a severe mismatch uncorrected counts as two violations.
 """
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -214,6 +215,16 @@ def bounded_fraction(metrics: Mapping[str, float], mode: str) -> float:
     return metric(metrics, name)
 
 
+def farthest_from_one(means: Sequence[float]) -> float:
+    """The weight mean farthest from 1 by |log| (0.5 and 2 are equally far; 0 is the farthest)."""
+    return max(means, key=lambda mean: abs(math.log(max(mean, 1e-300))))
+
+
+def joined_failed_rules(failed: Mapping[object, Sequence[str]]) -> str:
+    """Every rule code of `{step: codes}` that fires on some step, sorted and comma-joined ("" if none)."""
+    return ", ".join(sorted({code for codes in failed.values() for code in codes}))
+
+
 def troubleshoot(metrics: Mapping[str, float]) -> list[str]:
     """The guide's troubleshooting symptoms present in one step's metrics (codes, in table order)."""
     codes = []
@@ -307,9 +318,9 @@ def justification(ranking: Sequence[Score], steps: int) -> str:
         )
     for other in ranking[1:]:
         if (other.failing_steps, other.violations) > (best.failing_steps, best.violations):
-            codes = sorted({code for codes in other.failed.values() for code in codes})
             reason = (
-                f"fails on {other.failing_steps} step(s), {other.violations} rule violation(s) ({', '.join(codes)})"
+                f"fails on {other.failing_steps} step(s), {other.violations} rule violation(s) "
+                f"({joined_failed_rules(other.failed)})"
             )
         elif round(other.mean_ess, ESS_DECIMALS) < round(best.mean_ess, ESS_DECIMALS):
             reason = f"lower mean ESS {other.mean_ess:.4f}"
@@ -463,8 +474,9 @@ def _changes(score: CorrectionScore) -> bool:
 
 
 def _why_not(other: CorrectionScore, chosen: CorrectionScore, regime_label: str) -> str:
-    codes = ", ".join(sorted({code for codes in other.failed.values() for code in codes}))
-    failures = f"fails on {other.failing_steps} step(s), {other.violations} violation(s) ({codes})"
+    failures = (
+        f"fails on {other.failing_steps} step(s), {other.violations} violation(s) ({joined_failed_rules(other.failed)})"
+    )
     if regime_label != NEGLIGIBLE and not _changes(other):
         return f"changes nothing on these dumps, which need correction; {failures}"
     if (other.failing_steps, other.violations) > (chosen.failing_steps, chosen.violations):
