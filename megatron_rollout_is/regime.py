@@ -49,8 +49,9 @@ Patterns (each over the steps given, at least `PATTERN_MIN_STEPS` of them):
 - `steady`: median k3 >= the severe limit and p95 < 2 x the median. A large steady mismatch, like
   unbiased engine noise: correction added variance in the study; monitor.
 
-(In the study: stale p95/median 9-48 with p95 0.8-1.3 nats; noise 1.4; top-p k1/k3 11, mean weight
-0.82; long responses 1.8.)
+(In the study, per seed: stale p95/median 8.8-48.9 with p95 0.85-1.3 nats; noise 1.4-1.5; top-p
+k1/k3 11, mean weight 0.82; long responses 1.6-1.9; fp8 4.6-10.9, kept out of `bursts` only by its
+p95 of 1.3-1.8e-4 nats, under the 0.1 floor.)
 
 A run (`run_regime`) gets the most severe label that at least `RUN_STEP_SHARE` (10%, at least one)
 of its judged steps reach: a mismatch that shows on a tenth of the steps matters, a single noisy
