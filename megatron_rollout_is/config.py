@@ -18,7 +18,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .core.plan import CorrectionPlan, WeightSpec, parse_band, parse_bound, parse_criteria, parse_level, positive_number
+from .core.plan import (
+    NULL_SPELLINGS,
+    CorrectionPlan,
+    WeightSpec,
+    number_from_text,
+    parse_band,
+    parse_bound,
+    parse_criteria,
+    parse_level,
+    positive_number,
+)
 
 VERL_06, VERL_HEAD = "verl-0.6", "verl-head"
 DIALECTS = (VERL_06, VERL_HEAD)
@@ -38,12 +48,13 @@ TIS_MIGRATION = (
 class RolloutCorrectionConfig:
     """Rollout correction settings with verl's key names, in the verl 0.6.0 or the verl HEAD dialect.
 
-    The dialect is `dialect` when set, else inferred from the keys: HEAD-only keys (a string
-    `rollout_is`, `rollout_rs*`, `rollout_is_batch_normalize`, `bypass_mode`, `loss_type`, a `"lo_hi"`
-    threshold) select HEAD, 0.6.0-only keys (a bool `rollout_is`, `rollout_is_level`,
-    `rollout_is_threshold_lower`, a non-default veto) select 0.6.0; keys of both are an error; none
-    of either is verl 0.6.0 with IS off. Validation happens at construction; every error names the
-    key and the fix.
+    The dialect is `dialect` when set, else inferred from the keys (`dialect_markers`): HEAD-only
+    settings (a level name in `rollout_is`, `rollout_rs*`, `rollout_is_batch_normalize`, `bypass_mode`,
+    a non-default `loss_type`, a `"lo_hi"` threshold) select HEAD, 0.6.0-only settings
+    (`rollout_is: true`, a `rollout_is_level` other than token, `rollout_is_threshold_lower`, a
+    non-default veto) select 0.6.0; settings of both are an error; none of either is verl 0.6.0
+    (`rollout_is: false` included). Validation happens at construction; every error names the key
+    and the fix, and a setting that would do nothing is an error too.
     """
 
     rollout_is: bool | str | None = None
@@ -66,7 +77,7 @@ class RolloutCorrectionConfig:
 
     rollout_is_veto_threshold: float | None = DEFAULT_VETO
     """0.6.0: a sequence with a token ratio below this (in (0, 1)) gets weight 0; None disables it.
-    verl HEAD has no veto (reject with `rollout_rs` instead): leave it at its default there."""
+    verl HEAD has no veto (reject with `rollout_rs` instead): leave it at its default (1e-4) there."""
 
     rollout_is_batch_normalize: bool = False
     """HEAD: divide the weights by their mean over the step (token level: over valid tokens;
@@ -164,11 +175,12 @@ class RolloutCorrectionConfig:
             raise TypeError(f"`algorithm` must be a mapping, got {type(algorithm).__name__}.")
         head = algorithm.get("rollout_correction")
         old = {k: v for k, v in algorithm.items() if str(k).startswith("rollout_is")}
-        misplaced = sorted(str(k) for k in algorithm if str(k).startswith("rollout_rs") or k in ("bypass_mode",))
+        # verl 0.6.0 keys sit directly under `algorithm`; HEAD-only keys there would be ignored by verl.
+        misplaced = sorted(str(k) for k in algorithm if k in _only_keys(VERL_HEAD) | {"preset"})
         if "algorithm" in mapping and misplaced:
             raise ValueError(
-                f"{', '.join('algorithm.' + k for k in misplaced)}: verl HEAD keys belong under "
-                "algorithm.rollout_correction (with rollout_is, rollout_is_threshold, ...)."
+                f"{', '.join('algorithm.' + k for k in misplaced)}: verl HEAD keys and presets belong under "
+                "algorithm.rollout_correction (with rollout_is, rollout_is_threshold, ...); move them there."
             )
         if head is not None and old:
             raise ValueError(
@@ -194,7 +206,7 @@ class RolloutCorrectionConfig:
                 f"unknown key(s) {', '.join(where + k for k in unknown)}; the keys are: "
                 f"{', '.join(sorted(known))} (and `preset` in a rollout_correction section)."
             )
-        foreign = _HEAD_ONLY if dialect == VERL_06 else _V06_ONLY if dialect == VERL_HEAD else set()
+        foreign = _only_keys(VERL_HEAD if dialect == VERL_06 else VERL_06) if dialect is not None else set()
         foreign = sorted(set(values) & foreign) + (["preset"] if preset is not None and dialect == VERL_06 else [])
         if foreign:
             fix = (
@@ -213,11 +225,11 @@ class RolloutCorrectionConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RolloutCorrectionConfig":
-        """Reads a verl-style YAML file (see `from_mapping`)."""
+        """Reads a verl-style YAML file (see `from_mapping`); numbers are read as `_from_text` reads them."""
         import yaml
 
         with open(path) as handle:
-            data = yaml.safe_load(handle) or {}
+            data = yaml.load(handle, Loader=_yaml_loader()) or {}
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}.")
         return cls.from_mapping(data)
@@ -342,9 +354,6 @@ class RolloutCorrectionConfig:
         return cls.preset("disabled")
 
 
-_V06_ONLY = {"rollout_is_level", "rollout_is_threshold_lower", "rollout_is_veto_threshold"}
-_HEAD_ONLY = {"rollout_is_batch_normalize", "rollout_rs", "rollout_rs_threshold", "bypass_mode", "loss_type"}
-
 RolloutISConfig = RolloutCorrectionConfig
 """The same class under the name verl 0.6.0-era code uses."""
 
@@ -385,53 +394,68 @@ PRESETS = {
 """verl HEAD's named presets (`RolloutCorrectionConfig.<name>()` there) as key settings."""
 
 
-def _markers(config: RolloutCorrectionConfig) -> tuple:
-    """The keys that only verl 0.6.0 / only verl HEAD has, as set in `config`."""
-    old = [
-        name
-        for name, is_set in (
-            ("rollout_is: true", config.rollout_is is True),
-            ("rollout_is_level", config.rollout_is_level not in (None, "token")),
-            ("rollout_is_threshold_lower", config.rollout_is_threshold_lower is not None),
-            ("rollout_is_veto_threshold", config.rollout_is_veto_threshold not in (DEFAULT_VETO, None)),
-        )
-        if is_set
-    ]
-    new = [
-        name
-        for name, is_set in (
-            ("rollout_is (a level name)", isinstance(config.rollout_is, str)),
-            (
-                "rollout_is_threshold (a 'lo_hi' band)",
-                isinstance(config.rollout_is_threshold, str) and "_" in config.rollout_is_threshold,
-            ),
-            ("rollout_is_batch_normalize", config.rollout_is_batch_normalize is not False),
-            ("rollout_rs", config.rollout_rs is not None),
-            ("rollout_rs_threshold", config.rollout_rs_threshold is not None),
-            ("bypass_mode", config.bypass_mode is not False),
-            ("loss_type", config.loss_type != "ppo_clip"),
-        )
-        if is_set
-    ]
-    return old, new
+def _is_band(value: Any) -> bool:
+    return isinstance(value, str) and "_" in value
+
+
+# The settings only one dialect has: (key, how errors name it, whether a value selects the dialect).
+# A key's default selects neither; `rollout_is`, `rollout_is_threshold` and `rollout_is_mode` are keys
+# of both dialects, told apart by their values.
+_DIALECT_SETTINGS = {
+    VERL_06: (
+        ("rollout_is", "rollout_is: true", lambda value: value is True),
+        ("rollout_is_level", "rollout_is_level", lambda value: value not in (None, "token")),
+        ("rollout_is_threshold_lower", "rollout_is_threshold_lower", lambda value: value is not None),
+        ("rollout_is_veto_threshold", "rollout_is_veto_threshold", lambda value: value != DEFAULT_VETO),
+    ),
+    VERL_HEAD: (
+        ("rollout_is", "rollout_is (a level name)", lambda value: isinstance(value, str)),
+        ("rollout_is_threshold", "rollout_is_threshold (a 'lo_hi' band)", _is_band),
+        ("rollout_is_batch_normalize", "rollout_is_batch_normalize", lambda value: value is not False),
+        ("rollout_rs", "rollout_rs", lambda value: value is not None),
+        ("rollout_rs_threshold", "rollout_rs_threshold", lambda value: value is not None),
+        ("bypass_mode", "bypass_mode", lambda value: value is not False),
+        ("loss_type", "loss_type", lambda value: value != "ppo_clip"),
+    ),
+}
+_SHARED_KEYS = {"rollout_is", "rollout_is_threshold", "rollout_is_mode"}
+
+
+def _only_keys(dialect: str) -> set:
+    """The keys only `dialect` has (a YAML section of the other dialect must not hold them)."""
+    return {key for key, _, _ in _DIALECT_SETTINGS[dialect]} - _SHARED_KEYS
+
+
+def dialect_markers(values: Mapping[str, Any]) -> tuple:
+    """`(verl 0.6.0 settings, verl HEAD settings)`: how errors name the dialect-selecting settings in
+    `values` (config keys to values; a missing key is at its default, which selects neither)."""
+    return tuple(
+        [label for key, label, selects in _DIALECT_SETTINGS[dialect] if key in values and selects(values[key])]
+        for dialect in DIALECTS
+    )
 
 
 def _dialect(config: RolloutCorrectionConfig) -> str:
-    old, new = _markers(config)
+    old, new = dialect_markers(config.as_mapping())
     if config.dialect is not None and config.dialect not in DIALECTS:
         raise ValueError(f"dialect must be one of {DIALECTS} or None (inferred), got {config.dialect!r}.")
     if old and new:
         raise ValueError(
             f"the config mixes verl 0.6.0 keys ({', '.join(old)}) with verl HEAD keys ({', '.join(new)}); use one "
-            "dialect: with HEAD keys, rollout_is names the level (token/sequence/geometric) and rejection replaces "
-            "the veto (rollout_rs), see docs/rollout_correction.md."
+            f"dialect. For verl HEAD drop {', '.join(old)}: rollout_is names the level (token/sequence/geometric), "
+            "rejection (rollout_rs) replaces the veto, and a YAML holds the keys under algorithm.rollout_correction. "
+            f"For verl 0.6.0 drop {', '.join(new)} (docs/rollout_correction.md maps one onto the other)."
         )
     if config.dialect == VERL_HEAD and old:
         raise ValueError(
-            f"verl 0.6.0 key(s) {', '.join(old)} in a verl HEAD config; use the HEAD keys (docs/rollout_correction.md)."
+            f"verl 0.6.0 key(s) {', '.join(old)} in a verl HEAD config; drop them: rollout_is names the level, "
+            "rejection (rollout_rs) replaces the veto (docs/rollout_correction.md)."
         )
     if config.dialect == VERL_06 and new:
-        raise ValueError(f"verl HEAD key(s) {', '.join(new)} in a verl 0.6.0 config; use one dialect.")
+        raise ValueError(
+            f"verl HEAD key(s) {', '.join(new)} in a verl 0.6.0 config; drop them, or write every key in verl "
+            "HEAD's form (in a YAML: under algorithm.rollout_correction)."
+        )
     return config.dialect or (VERL_HEAD if new else VERL_06)
 
 
@@ -442,8 +466,6 @@ def _v06_plan(config: RolloutCorrectionConfig) -> CorrectionPlan | None:
         raise TypeError(f"rollout_is must be a bool with verl 0.6.0 keys, got {applied!r}.")
     level = parse_level("rollout_is_level", config.rollout_is_level or "token")
     bound = parse_bound("rollout_is_mode", config.rollout_is_mode or "truncate")
-    config.rollout_is, config.rollout_is_level = applied, level
-    config.rollout_is_mode = "clip" if bound == "mask" else bound
     threshold = config.rollout_is_threshold
     if isinstance(threshold, (str, bool)):
         raise TypeError(f"rollout_is_threshold must be a number or null with verl 0.6.0 keys, got {threshold!r}.")
@@ -454,19 +476,12 @@ def _v06_plan(config: RolloutCorrectionConfig) -> CorrectionPlan | None:
             f"rollout_is_veto_threshold must lie in (0, 1), got {veto}; it is a ratio far below 1 "
             "(default 1e-4), or null to disable the veto."
         )
-    if config.rollout_is_threshold is None:
-        if applied:
-            raise ValueError(
-                "rollout_is is true but rollout_is_threshold is null, which turns IS off; set "
-                "rollout_is_threshold (e.g. 2.0) or set rollout_is to false."
-            )
-        if lower is not None:
-            raise ValueError(
-                "rollout_is_threshold_lower is set but rollout_is_threshold is null; set the upper "
-                "threshold too, or drop the lower one."
-            )
-        return None
-    upper = positive_number("rollout_is_threshold", config.rollout_is_threshold)
+    config.rollout_is = applied
+    if threshold is None:
+        _reject_settings_while_off(config, level, bound)
+        return None  # level and mode stay as given: `dataclasses.replace` may still turn it on
+    config.rollout_is_level, config.rollout_is_mode = level, "clip" if bound == "mask" else bound
+    upper = positive_number("rollout_is_threshold", threshold)
     config.rollout_is_threshold, config.rollout_is_threshold_lower = upper, lower
     lower = lower if lower is not None else 1.0 / upper
     if lower >= upper:
@@ -477,6 +492,28 @@ def _v06_plan(config: RolloutCorrectionConfig) -> CorrectionPlan | None:
         )
     weights = WeightSpec(level, bound, upper, lower, applied=applied)
     return CorrectionPlan("mismatch", weights, veto_threshold=veto)
+
+
+def _reject_settings_while_off(config: RolloutCorrectionConfig, level: str, bound: str) -> None:
+    """verl 0.6.0's null rollout_is_threshold turns everything off, so any other setting would be ignored."""
+    ignored = [
+        name
+        for name, is_set in (
+            ("rollout_is: true", config.rollout_is is True),
+            ("rollout_is_threshold_lower", config.rollout_is_threshold_lower is not None),
+            (f"rollout_is_level {level}", level != "token"),
+            (f"rollout_is_mode {config.rollout_is_mode}", bound != "truncate"),
+            ("rollout_is_veto_threshold", config.rollout_is_veto_threshold != DEFAULT_VETO),
+        )
+        if is_set
+    ]
+    if ignored:
+        one = len(ignored) == 1
+        raise ValueError(
+            f"{', '.join(ignored)} {'is' if one else 'are'} set but rollout_is_threshold is null, which turns "
+            f"rollout IS off (verl 0.6.0 keys): {'it does' if one else 'they do'} nothing. Set the upper threshold "
+            f"rollout_is_threshold (e.g. 2.0), or drop {'it' if one else 'them'}."
+        )
 
 
 def _head_plan(config: RolloutCorrectionConfig) -> CorrectionPlan:
@@ -490,6 +527,11 @@ def _head_plan(config: RolloutCorrectionConfig) -> CorrectionPlan:
         raise ValueError(
             f"loss_type {config.loss_type!r} only applies in bypass mode (decoupled mode trains "
             "PPO-clip against pi_old); set bypass_mode: true, or drop loss_type."
+        )
+    if config.rollout_is_level is not None:
+        raise ValueError(
+            f"rollout_is_level {config.rollout_is_level!r} is a verl 0.6.0 key, which verl HEAD keys never read; "
+            "drop it and name the level in rollout_is (token, sequence or geometric)."
         )
     if config.rollout_is is False:
         config.rollout_is = None  # verl 0.6.0's "no weights applied"; with HEAD keys: no weights
@@ -526,8 +568,11 @@ def _head_weights(config: RolloutCorrectionConfig) -> WeightSpec | None:
                 "rollout_is_batch_normalize is true but rollout_is is null: there are no weights to "
                 "normalise; set rollout_is or drop rollout_is_batch_normalize."
             )
-        if config.rollout_is_mode not in (None, "truncate"):
-            raise ValueError("rollout_is_mode is set but rollout_is is null; set rollout_is or drop the mode.")
+        if config.rollout_is_mode is not None:
+            raise ValueError(
+                f"rollout_is_mode {config.rollout_is_mode!r} does nothing while rollout_is is null (no weights); "
+                "set rollout_is (token or sequence), or drop the mode."
+            )
         return None
     level = parse_level("rollout_is", config.rollout_is)
     if threshold is None:
@@ -550,10 +595,8 @@ def _head_weights(config: RolloutCorrectionConfig) -> WeightSpec | None:
 
 
 def _is_default_threshold(threshold: Any) -> bool:
-    try:
-        return float(threshold) == HEAD_DEFAULT_THRESHOLD
-    except (TypeError, ValueError):
-        return False
+    number = number_from_text(threshold) if isinstance(threshold, str) else threshold
+    return isinstance(number, (int, float)) and not isinstance(number, bool) and number == HEAD_DEFAULT_THRESHOLD
 
 
 def _positive_or_none(name: str, value: Any) -> float | None:
@@ -561,16 +604,30 @@ def _positive_or_none(name: str, value: Any) -> float | None:
 
 
 def _from_text(value: Any) -> Any:
-    """YAML scalars as the config wants them: 'null'/'none' -> None, plain numbers -> float."""
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in ("null", "none", "~"):
-            return None
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    """YAML scalars as the config wants them: 'null'/'none' -> None, one plain number -> float (a
+    `"lo_hi"` band or any other text stays text)."""
+    if not isinstance(value, str):
+        return value
+    if value.strip().lower() in NULL_SPELLINGS:
+        return None
+    number = number_from_text(value)
+    return value if number is None else number
+
+
+def _yaml_loader():
+    """PyYAML's safe loader without its YAML 1.1 number rules, which read `0.5_2` as 0.52 and `1_5`
+    as 15: numbers arrive as text and `_from_text` reads them (an underscore makes a band)."""
+    import yaml
+
+    numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+    class Loader(yaml.SafeLoader):
+        yaml_implicit_resolvers = {
+            first: [(tag, pattern) for tag, pattern in resolvers if tag not in numbers]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+        }
+
+    return Loader
 
 
 def _reject_removed_keys(node: Any, path: str) -> None:

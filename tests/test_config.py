@@ -1,6 +1,7 @@
 """RolloutISConfig: defaults, semantics, validation messages and verl-style loading."""
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -12,10 +13,20 @@ def test_defaults_follow_the_seed():
     assert config.rollout_is is False
     assert config.rollout_is_threshold is None
     assert config.rollout_is_threshold_lower is None
-    assert config.rollout_is_level == "token"
-    assert config.rollout_is_mode == "truncate"
     assert config.rollout_is_veto_threshold == 1e-4
     assert not config.enabled and not config.applies_weights
+    # Level and mode default to token and truncate once a threshold turns IS on.
+    on = RolloutISConfig(rollout_is_threshold=2.0)
+    assert (on.rollout_is_level, on.rollout_is_mode) == ("token", "truncate")
+    assert (on.plan.weights.level, on.plan.weights.bound, on.plan.veto_threshold) == ("token", "truncate", 1e-4)
+
+
+def test_a_config_that_is_off_keeps_level_and_mode_unset_so_replace_can_turn_it_on():
+    off = RolloutISConfig()
+    assert (off.rollout_is_level, off.rollout_is_mode) == (None, None)
+    icepop = replace(off, rollout_is="token", rollout_is_threshold="0.5_2")
+    assert icepop.key_dialect == "verl-head"
+    assert (icepop.plan.weights.bound, icepop.plan.weights.lower, icepop.plan.weights.upper) == ("mask", 0.5, 2.0)
 
 
 def test_threshold_is_the_switch_and_monitoring_mode():
@@ -67,6 +78,16 @@ def test_mask_is_an_alias_of_clip():
         (dict(rollout_is_threshold=2.0, rollout_is_level=1), TypeError, ["rollout_is_level", "string"]),
         (dict(rollout_is=True), ValueError, ["rollout_is_threshold", "null"]),
         (dict(rollout_is_threshold_lower=0.5), ValueError, ["rollout_is_threshold_lower", "upper threshold"]),
+        # verl 0.6.0 ignores these while rollout_is_threshold is null; here they are errors.
+        (dict(rollout_is_level="sequence"), ValueError, ["rollout_is_level sequence", "null", "drop it"]),
+        (dict(rollout_is_mode="clip"), ValueError, ["rollout_is_mode clip", "rollout_is_threshold"]),
+        (dict(rollout_is_veto_threshold=1e-3), ValueError, ["rollout_is_veto_threshold", "rollout_is_threshold"]),
+        (dict(rollout_is_veto_threshold=None), ValueError, ["rollout_is_veto_threshold", "does nothing"]),
+        (
+            dict(rollout_is_level="geometric", rollout_is_mode="clamp"),
+            ValueError,
+            ["rollout_is_level geometric, rollout_is_mode clamp are set", "drop them"],
+        ),
     ],
 )
 def test_validation_names_the_field_and_the_fix(kwargs, error, words):
@@ -286,3 +307,112 @@ def test_describe_names_what_is_on():
     assert RolloutCorrectionConfig().describe() == "rollout correction off"
     text = RolloutCorrectionConfig.bypass_pg_geo_rs_token_tis().describe()
     assert "IS token truncate 2" in text and "RS seq_mean_k1" in text and "bypass reinforce" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Numbers written as text, settings that would do nothing, and the dialect errors
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("2", 2.0), (" 2.5 ", 2.5), ("1e-3", 0.001), ("-1", -1.0), ("0.5_2", None), ("1_5", None), ("two", None)],
+)
+def test_number_from_text_never_reads_an_underscore_as_part_of_a_number(text, expected):
+    from megatron_rollout_is.core.plan import number_from_text
+
+    assert number_from_text(text) == expected
+
+
+@pytest.mark.parametrize(
+    "written, bound, lower, upper",
+    [
+        ("0.5_2", "mask", 0.5, 2.0),  # float() and YAML 1.1 read this as 0.52
+        ("1_5", "mask", 1.0, 5.0),  # ... and this as 15
+        ("'0.5_2'", "mask", 0.5, 2.0),
+        ("2", "truncate", 0.5, 2.0),
+        ("4.0", "truncate", 0.25, 4.0),
+    ],
+)
+def test_an_underscore_in_a_yaml_threshold_always_makes_a_band(tmp_path, written, bound, lower, upper):
+    path = tmp_path / "band.yaml"
+    path.write_text(f"algorithm:\n  rollout_correction:\n    rollout_is: token\n    rollout_is_threshold: {written}\n")
+    weights = RolloutCorrectionConfig.from_yaml(path).plan.weights
+    assert (weights.bound, weights.lower, weights.upper) == (bound, lower, upper)
+    flat = RolloutCorrectionConfig.from_mapping({"rollout_is": "token", "rollout_is_threshold": written.strip("'")})
+    assert (flat.plan.weights.bound, flat.plan.weights.lower, flat.plan.weights.upper) == (bound, lower, upper)
+
+
+def test_yaml_numbers_in_exponent_form_are_numbers(tmp_path):
+    path = tmp_path / "v06.yaml"
+    path.write_text("algorithm:\n  rollout_is: true\n  rollout_is_threshold: 2\n  rollout_is_veto_threshold: 1e-3\n")
+    plan = RolloutISConfig.from_yaml(path).plan
+    assert plan.weights.upper == 2.0 and plan.veto_threshold == 0.001
+
+
+@pytest.mark.parametrize(
+    "threshold, words",
+    [
+        ("0.5_2_3", ["not a band", "'lower_upper'"]),
+        ("0.5__2", ["not a band"]),
+        ("_2", ["lower end", "must be a number"]),
+        ("0.5_", ["upper end", "must be a number"]),
+        ("a_2", ["lower end", "'a'"]),
+        ("2_0.5", ["inverted"]),
+        ("0_2", ["lower end", "> 0"]),
+    ],
+)
+def test_malformed_bands_name_the_key(threshold, words):
+    with pytest.raises(ValueError) as caught:
+        RolloutCorrectionConfig.from_mapping({"rollout_is": "token", "rollout_is_threshold": threshold})
+    assert "rollout_is_threshold" in str(caught.value)
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))
+
+
+def test_verl_0_6_stock_keys_with_a_null_threshold_are_off_without_error(tmp_path):
+    path = tmp_path / "stock.yaml"  # verl 0.6.0's own defaults
+    path.write_text(
+        "algorithm:\n  rollout_is: false\n  rollout_is_threshold: null\n  rollout_is_threshold_lower: null\n"
+        "  rollout_is_level: token\n  rollout_is_mode: truncate\n  rollout_is_veto_threshold: 1e-4\n"
+    )
+    assert not RolloutISConfig.from_yaml(path).enabled
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(rollout_rs="token_k2", rollout_rs_threshold=1.0, rollout_is_mode="truncate"), ["rollout_is_mode"]),
+        (dict(rollout_is="sequence", rollout_is_level="token"), ["rollout_is_level", "name the level in rollout_is"]),
+        (
+            dict(rollout_rs="token_k2", rollout_rs_threshold=1.0, rollout_is_veto_threshold=None),
+            ["mixes", "drop rollout_is_veto_threshold"],
+        ),
+        (dict(rollout_is="token", rollout_is_veto_threshold=None, dialect="verl-head"), ["rollout_is_veto_threshold"]),
+    ],
+)
+def test_verl_head_rejects_settings_it_would_ignore(kwargs, words):
+    with pytest.raises(ValueError) as caught:
+        RolloutCorrectionConfig(**kwargs)
+    for word in words:
+        assert word in str(caught.value), (word, str(caught.value))
+
+
+@pytest.mark.parametrize(
+    "key, value", [("loss_type", "reinforce"), ("preset", "decoupled_k3_rs"), ("bypass_mode", True)]
+)
+def test_verl_head_keys_directly_under_algorithm_are_an_error(key, value):
+    with pytest.raises(ValueError) as caught:
+        RolloutCorrectionConfig.from_mapping({"algorithm": {key: value}})
+    assert f"algorithm.{key}" in str(caught.value) and "under algorithm.rollout_correction" in str(caught.value)
+
+
+def test_mixing_the_dialects_names_what_to_drop_for_each():
+    with pytest.raises(ValueError) as caught:
+        RolloutCorrectionConfig(
+            rollout_is=True, rollout_is_threshold=2.0, rollout_rs="token_k2", rollout_rs_threshold=1
+        )
+    message = str(caught.value)
+    assert "For verl HEAD drop rollout_is: true" in message
+    assert "For verl 0.6.0 drop rollout_rs, rollout_rs_threshold" in message
+    assert "algorithm.rollout_correction" in message

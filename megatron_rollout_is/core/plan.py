@@ -11,7 +11,6 @@ the sequence's valid tokens), named as verl names them (`token_k1`, `seq_sum_k2`
 
 import math
 import numbers
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,15 +126,34 @@ def rejection_options() -> list:
     return names
 
 
+NULL_SPELLINGS = ("null", "none", "~")
+"""How YAML and flags write "no value"."""
+
+
+def number_from_text(text: str) -> float | None:
+    """`text` as a float when it is one plain number, else None.
+
+    The one parser of numbers written as text (YAML values, flags). Unlike `float()`, an underscore
+    is never part of a number: Python reads "0.5_2" as 0.52 and "1_5" as 15, but here `_` separates
+    the ends of a `"lo_hi"` band.
+    """
+    if "_" in text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def positive_number(name: str, value: Any) -> float:
     """`value` as a finite float > 0 (a number or a string holding one); errors name `name`."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number, not a boolean ({value!r}).")
     if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ValueError(f"{name} must be a number, got {value!r}.") from None
+        number = number_from_text(value)
+        if number is None:
+            raise ValueError(f"{name} must be a number, got {value!r}.")
+        value = number
     if not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
     value = float(value)
@@ -147,7 +165,9 @@ def positive_number(name: str, value: Any) -> float:
 def parse_band(name: str, value: Any) -> tuple:
     """A threshold `x` or `"lo_hi"` as `(lo or None, hi)`; checks positivity and `lo <= hi`."""
     if isinstance(value, str) and "_" in value:
-        low_text, high_text = value.strip().split("_", 1)
+        if value.count("_") != 1:
+            raise ValueError(f"{name} {value!r} is not a band: write it as 'lower_upper', e.g. '0.5_2.0'.")
+        low_text, high_text = value.strip().split("_")
         low, high = (
             positive_number(f"{name} (lower end of {value!r})", low_text),
             positive_number(f"{name} (upper end of {value!r})", high_text),
@@ -243,8 +263,3 @@ def _criterion(name: str, threshold: Any, thresholds_name: str) -> Criterion:
                 "write the band as 'lower_upper' (e.g. '0.999_1.001')."
             )
     return Criterion(divergence, aggregate, math.log(high), math.log(low))
-
-
-def criterion_names(criteria: Sequence[Criterion]) -> list:
-    """The names of `criteria`, in order."""
-    return [criterion.name for criterion in criteria]
