@@ -259,3 +259,38 @@ def test_cases_exercise_every_criterion_and_bound():
     bounds = {case.config().plan.weights.bound for case in CASES if case.rollout_is}
     assert bounds == {"truncate", "mask", "clamp"}
     assert any(case.batch_normalize for case in CASES) and any(case.bypass for case in CASES)
+
+
+def _random_rows(seed, rows, width, dtype):
+    generator = torch.Generator().manual_seed(seed)
+    old = -torch.rand(rows, width, generator=generator, dtype=torch.float64)
+    rollout = old + 0.3 * torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    mask = torch.rand(rows, width, generator=generator) > 0.2
+    return old.to(dtype), rollout.to(dtype), mask
+
+
+@pytest.mark.parametrize("widths", [(5, 5), (5, 8)])
+def test_a_step_of_mixed_dtypes_is_corrected_in_the_promoted_dtype(widths):
+    # A float32 micro-batch first, then a float64 one: the step computes in float64 whether or not
+    # the widths differ (the float32 values are exact in float64), so each micro-batch's weights are
+    # the oracle's on its own rows (token level: no row interacts with another).
+    keys = dict(rollout_is="token", rollout_is_threshold=1.5)
+    micro_batches = [_random_rows(1, 3, widths[0], torch.float32), _random_rows(2, 2, widths[1], torch.float64)]
+    sharded = ShardedRolloutCorrection(RolloutCorrectionConfig(**keys), RolloutISGroups())
+    for (old, rollout, mask), correction in zip(micro_batches, sharded.prepare_step(micro_batches)):
+        weights, _, _ = oracle_rollout_correction(old.double(), rollout.double(), mask, **keys)
+        assert correction.weights.dtype == torch.float64
+        torch.testing.assert_close(correction.weights, weights, rtol=1e-12, atol=1e-15)
+
+
+def test_bad_arguments_name_what_to_pass():
+    with pytest.raises(TypeError, match="config must be a RolloutCorrectionConfig or a CorrectionPlan, got dict"):
+        ShardedRolloutCorrection({"rollout_is": "token"}, RolloutISGroups())
+    sharded = ShardedRolloutCorrection(RolloutCorrectionConfig(rollout_is="token"), RolloutISGroups())
+    old, rollout, mask = _random_rows(3, 1, 4, torch.float32)
+    with pytest.raises(TypeError, match="packed rollout_log_prob must be a torch.Tensor"):
+        sharded.micro_batch_thd(old, rollout.tolist(), mask, torch.tensor([0, 4]))
+    with pytest.raises(TypeError, match="packed local_cu_seqlens must be a torch.Tensor"):
+        sharded.micro_batch_thd(old, rollout, mask, [0, 4])
+    with pytest.raises(ValueError, match="prepare_step got no micro-batches"):
+        sharded.prepare_step([])

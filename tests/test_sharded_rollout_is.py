@@ -262,7 +262,7 @@ def _cp_disagreement(layout: Layout, at: dict, groups: RolloutISGroups) -> dict:
     """Every CP rank's error (or None) when the last CP rank is fed a different shape or bad input."""
     odd_one_out = at["cp"] == layout.cp - 1
     outcomes = {}
-    for scenario in ("sequences", "local_length", "thd_documents", "bad_input"):
+    for scenario in ("sequences", "local_length", "thd_documents", "bad_input", "empty_step", "dtype"):
         packing = "thd" if scenario == "thd_documents" else "padded"
         case = Case("disagree", packing, "sequence", "truncate", 1e-3, "float64", 1, seed=11, rows=4)
         batch = global_batch(case)
@@ -273,6 +273,11 @@ def _cp_disagreement(layout: Layout, at: dict, groups: RolloutISGroups) -> dict:
                 sharded.micro_batch_weights(*[t[:, :-2] for t in local])
             elif odd_one_out and scenario == "bad_input":
                 sharded.micro_batch_weights(local[0], local[1][:, :-1], local[2])
+            elif scenario == "empty_step":
+                sharded.prepare_step([] if odd_one_out else [tuple(local)])
+            elif scenario == "dtype":
+                # float32 log-probs on one rank: its partials would be reduced against others' float64.
+                sharded.micro_batch_weights(*(t.float() if odd_one_out else t for t in local[:2]), local[2])
             else:
                 rows = torch.arange(3 if odd_one_out and scenario != "bad_input" else 4)
                 _micro_batch(sharded, case, batch, rows, layout, at, groups)
@@ -510,6 +515,17 @@ def test_cp_ranks_that_disagree_all_raise(world_size):
             assert message.startswith("ValueError") and "rollout_log_prob" in message, message
         else:
             assert message.startswith("ValueError") and "context-parallel" in message, message
+        message = outcome["empty_step"]
+        assert message is not None, f"CP rank {rank} did not raise when the last CP rank had no micro-batch"
+        if rank == world_size - 1:
+            assert message.startswith("ValueError: prepare_step got no micro-batches"), message
+        else:
+            assert message.startswith("ValueError: another context-parallel rank rejected"), message
+        message = outcome["dtype"]
+        assert message is not None, f"CP rank {rank} did not raise when the last CP rank computed in float32"
+        assert message.startswith("ValueError: context-parallel ranks disagree on the dtype"), message
+        own, other = ("float32", "float64") if rank == world_size - 1 else ("float64", "float32")
+        assert f"computes in torch.{own}, another in torch.{other}" in message, message
     assert outcomes[0]["sequences"] != outcomes[-1]["sequences"]  # each names its own shape
     assert all(outcome["afterwards"] == outcomes[0]["afterwards"] for outcome in outcomes)
 

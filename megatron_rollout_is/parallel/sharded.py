@@ -11,7 +11,7 @@ Who calls what (pipeline parallelism: only the last stage has log-probs):
   included.
 
 Communication per call of `micro_batch` / `prepare_step` (`prepare_step` covers the whole step):
-one 5-integer all-reduce(MAX) over the CP group so that bad inputs on one rank raise on all ranks
+one 7-integer all-reduce(MAX) over the CP group so that bad inputs on one rank raise on all ranks
 instead of hanging (`check_layout`); when a decision needs whole sequences (sequence or geometric
 weights, the veto, sequence rejection criteria), ONE collective over the CP group of the
 `[b, columns]` per-sequence partials before anything is exponentiated, bounded or compared: an
@@ -25,6 +25,7 @@ rounds of the verl 0.6.0 metrics (3 SUMs of `[10, 2048]` int64 histograms for fl
 float64).
 """
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -32,11 +33,14 @@ import torch.distributed as dist
 
 from ..config import RolloutCorrectionConfig
 from ..core.correction import Correction, correct_micro_batch
-from ..core.inputs import check_inputs
+from ..core.inputs import check_inputs, compute_dtype
 from ..core.plan import CorrectionPlan
 from ..core.statistics import StepStatistics
 from .context_parallel import check_cu_seqlens
 from .groups import RolloutISGroups, all_reduce, group_rank, group_size
+
+_DTYPES = (torch.float32, torch.float64)
+"""The compute dtypes (`core.inputs.compute_dtype`), by the code the CP ranks compare."""
 
 
 class ShardedRolloutCorrection:
@@ -46,12 +50,28 @@ class ShardedRolloutCorrection:
         config: an enabled `RolloutCorrectionConfig`, or its `CorrectionPlan`.
         groups: this rank's process groups (`RolloutISGroups.from_parallel_state()` in Megatron).
         check_layout: per call, let the CP ranks agree that every rank's inputs are valid and of
-            one shape before the partials are reduced.
+            one shape and dtype before the partials are reduced.
+        bypass: the caller's pi_old is the detached pi_theta (`PolicyLossConfig.bypass`), so it
+            corrects per micro-batch as in the plan's own bypass mode: batch normalisation is then
+            over each micro-batch (across DP x CP) instead of the step. Implied by `plan.bypass`.
+
+    Raises:
+        TypeError: `config` is neither a `RolloutCorrectionConfig` nor a `CorrectionPlan`.
+        ValueError: the config turns correction off.
     """
 
     def __init__(
-        self, config: RolloutCorrectionConfig | CorrectionPlan, groups: RolloutISGroups, check_layout: bool = True
+        self,
+        config: RolloutCorrectionConfig | CorrectionPlan,
+        groups: RolloutISGroups,
+        check_layout: bool = True,
+        bypass: bool = False,
     ):
+        if not isinstance(config, (RolloutCorrectionConfig, CorrectionPlan)):
+            raise TypeError(
+                f"config must be a RolloutCorrectionConfig or a CorrectionPlan, got {type(config).__name__}; pass "
+                "RolloutCorrectionConfig(...) (or its .plan)."
+            )
         plan = config.plan if isinstance(config, RolloutCorrectionConfig) else config
         if plan is None:
             raise ValueError(
@@ -61,6 +81,7 @@ class ShardedRolloutCorrection:
         self.plan = plan
         self.groups = groups
         self.check_layout = check_layout
+        self.bypass = bypass or plan.bypass
         self.statistics = StepStatistics(plan)
         # Where collectives need their tensors: NCCL reduces device tensors only, gloo CPU ones.
         self._device = _collective_device(groups.cp if groups.cp is not None else groups.dp_cp)
@@ -88,7 +109,7 @@ class ShardedRolloutCorrection:
                 (`prepare_step`); bad or disagreeing inputs on any CP rank.
         """
         weights = self.plan.weights
-        if weights is not None and weights.batch_normalize and not self.plan.bypass:
+        if weights is not None and weights.batch_normalize and not self.bypass:
             raise ValueError(
                 "rollout_is_batch_normalize needs the whole step's weights before the first backward: call "
                 "prepare_step(micro_batches) once per step after the old-log-prob pass instead of micro_batch."
@@ -117,7 +138,7 @@ class ShardedRolloutCorrection:
         Returns:
             The `Correction`, in the layout of `old_log_prob`.
         """
-        packed = self._unpack((old_log_prob, rollout_log_prob, response_mask), local_cu_seqlens)
+        packed = self._agreed(_Documents, (old_log_prob, rollout_log_prob, response_mask), local_cu_seqlens)
         correction = self.micro_batch(*packed.rows)
         return packed.repack(correction, old_log_prob.shape)
 
@@ -138,13 +159,11 @@ class ShardedRolloutCorrection:
 
         Returns:
             One `Correction` per micro-batch, in its layout.
+
+        Raises:
+            ValueError: no micro-batch, or bad or disagreeing inputs on any CP rank (raised on all).
         """
-        try:
-            for micro_batch in micro_batches:
-                check_inputs(*micro_batch[:3])  # before concatenation could promote a bad dtype away
-            packed = [_Documents(mb[:3], mb[3]) if len(mb) == 4 else _Rows(mb) for mb in micro_batches]
-        except (TypeError, ValueError) as error:
-            self._agree_on_inputs(None, error)
+        packed = self._agreed(_pack_step, micro_batches)
         rows = [_concatenate_rows([p.rows[i] for p in packed]) for i in range(3)]
         correction = self._correct(*rows, normalize_over=self._dp_cp_sum)
         counts = [one.rows[0].shape[0] for one in packed]
@@ -179,12 +198,9 @@ class ShardedRolloutCorrection:
         )
 
     def _correct(self, old_log_prob, rollout_log_prob, response_mask, normalize_over=None) -> Correction:
-        try:
-            check_inputs(old_log_prob, rollout_log_prob, response_mask)
-        except (TypeError, ValueError) as error:
-            self._agree_on_inputs(None, error)
-        self._agree_on_inputs(old_log_prob, None)
-        if normalize_over is None and self.plan.bypass:
+        self._agreed(check_inputs, old_log_prob, rollout_log_prob, response_mask)
+        self._agree_on_inputs(old_log_prob, compute_dtype(old_log_prob, rollout_log_prob))
+        if normalize_over is None and self.bypass:
             normalize_over = self._dp_cp_sum  # bypass: one factor per micro-batch, over DP x CP
         return correct_micro_batch(
             old_log_prob,
@@ -197,11 +213,16 @@ class ShardedRolloutCorrection:
             owns_sequences=self._owns_sequences,
         )
 
-    def _unpack(self, tensors, local_cu_seqlens) -> "_Documents":
+    def _agreed(self, check, *args):
+        """`check(*args)`; if it raises TypeError/ValueError, the CP ranks learn of it before it propagates.
+
+        Every input check ahead of a CP collective goes through here, so a rank with bad inputs
+        still joins the agreement collective and its peers raise too instead of waiting on it.
+        """
         try:
-            return _Documents(tensors, local_cu_seqlens)
+            return check(*args)
         except (TypeError, ValueError) as error:
-            self._agree_on_inputs(None, error)
+            self._agree_on_inputs(None, None, error)
 
     def _dp_cp_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(tensor, dist.ReduceOp.SUM, self.groups.dp_cp)
@@ -230,36 +251,50 @@ class ShardedRolloutCorrection:
         all_reduce(staged, op, group)
         return tensor.copy_(staged)
 
-    def _agree_on_inputs(self, old_log_prob: torch.Tensor | None, error: Exception | None) -> None:
-        """Lets every CP rank learn whether any rank's inputs failed validation or disagree in shape.
+    def _agree_on_inputs(
+        self, old_log_prob: torch.Tensor | None, dtype: torch.dtype | None, error: Exception | None = None
+    ) -> None:
+        """Lets every CP rank learn whether any rank's inputs failed validation or disagree in shape or dtype.
 
         A rank whose inputs are bad still joins this one collective (then raises its own error), so
-        its peers raise too instead of waiting forever in the partials reduction.
+        its peers raise too instead of waiting forever in the partials reduction. `dtype` is the
+        compute dtype, the one the partials are reduced in.
         """
         group = self.groups.cp
         if not self.check_layout or self._cp_size == 1:
             if error is not None:
                 raise error
             return
-        rows, columns = (0, 0) if error is not None else (old_log_prob.shape[0], old_log_prob.shape[-1])
-        layout = torch.tensor(
-            [rows, columns, -rows, -columns, int(error is not None)], dtype=torch.long, device=self._device
+        if error is not None:
+            layout = [0, 0, 0]
+        else:
+            layout = [old_log_prob.shape[0], old_log_prob.shape[-1], _DTYPES.index(dtype)]
+        vector = torch.tensor(
+            [*layout, *(-v for v in layout), int(error is not None)], dtype=torch.long, device=self._device
         )
-        all_reduce(layout, dist.ReduceOp.MAX, group)
+        all_reduce(vector, dist.ReduceOp.MAX, group)
         if error is not None:
             raise error
-        if int(layout[4]):
+        if int(vector[6]):
             raise ValueError(
                 f"another context-parallel rank rejected its rollout correction inputs for this micro-batch (CP rank "
                 f"{group_rank(group)} stops too, instead of waiting on it); see that rank's error."
             )
-        if int(layout[0]) != -int(layout[2]) or int(layout[1]) != -int(layout[3]):
+        highest, lowest = vector[:3].tolist(), [-v for v in vector[3:6].tolist()]
+        if highest[:2] != lowest[:2]:
             raise ValueError(
                 f"context-parallel ranks disagree on the shape of the micro-batch: this rank (CP rank "
-                f"{group_rank(group)}) has [{rows}, {columns}], the CP group spans sequences "
-                f"{-int(layout[2])}..{int(layout[0])} and lengths {-int(layout[3])}..{int(layout[1])}. "
+                f"{group_rank(group)}) has {layout[:2]}, the CP group spans sequences "
+                f"{lowest[0]}..{highest[0]} and lengths {lowest[1]}..{highest[1]}. "
                 "Split every tensor of a micro-batch with the same CP index on every rank "
                 "(megatron_rollout_is.parallel.context_parallel)."
+            )
+        if highest[2] != lowest[2]:
+            raise ValueError(
+                f"context-parallel ranks disagree on the dtype of the log-probs: this rank (CP rank "
+                f"{group_rank(group)}) computes in {dtype}, another in "
+                f"{_DTYPES[lowest[2] if lowest[2] != layout[2] else highest[2]]}. Give old_log_prob and "
+                "rollout_log_prob one dtype on every CP rank (float64 on one rank makes it compute in float64)."
             )
 
 
@@ -287,10 +322,13 @@ class _Documents:
     """A packed `[t]`/`[1, t]` micro-batch as `[docs, longest]` rows, and the way back."""
 
     def __init__(self, tensors, local_cu_seqlens: torch.Tensor):
-        if not all(isinstance(tensor, torch.Tensor) for tensor in (*tensors, local_cu_seqlens)):
-            raise TypeError(
-                "packed old_log_prob, rollout_log_prob, response_mask and local_cu_seqlens must be tensors."
-            )
+        names = ("old_log_prob", "rollout_log_prob", "response_mask", "local_cu_seqlens")
+        for name, tensor in zip(names, (*tensors, local_cu_seqlens)):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(
+                    f"packed {name} must be a torch.Tensor ([1, t] per-token values, or [docs + 1] for "
+                    f"local_cu_seqlens), got {type(tensor).__name__}."
+                )
         flat = [tensor.reshape(-1) for tensor in tensors]
         count = flat[0].numel()
         if any(tensor.numel() != count for tensor in flat):
@@ -315,12 +353,28 @@ class _Documents:
         return Correction(*(None if t is None else t[self.document, self.position].reshape(shape) for t in correction))
 
 
+def _pack_step(micro_batches: Sequence[tuple]) -> list:
+    """Each micro-batch of a step checked and as rows (`_Rows` or `_Documents`)."""
+    if not micro_batches:
+        raise ValueError(
+            "prepare_step got no micro-batches; pass this rank's micro-batches of the step (every CP rank "
+            "of a sequence passes the same number)."
+        )
+    for micro_batch in micro_batches:
+        check_inputs(*micro_batch[:3])  # before concatenation could promote a bad dtype away
+    return [_Documents(mb[:3], mb[3]) if len(mb) == 4 else _Rows(mb) for mb in micro_batches]
+
+
 def _concatenate_rows(grids: list) -> torch.Tensor:
-    """`[r_i, w_i]` grids stacked into `[sum r_i, max w_i]`, zero-padded (padding is masked out)."""
-    width = max((grid.shape[1] for grid in grids), default=0)
+    """`[r_i, w_i]` grids stacked into `[sum r_i, max w_i]`, zero-padded (padding is masked out).
+
+    The result has the promoted dtype of all grids (as `torch.cat`), whether or not widths differ.
+    """
+    dtype = functools.reduce(torch.promote_types, (grid.dtype for grid in grids))
+    width = max(grid.shape[1] for grid in grids)
     if all(grid.shape[1] == width for grid in grids):
-        return torch.cat(grids)
-    stacked = grids[0].new_zeros(sum(grid.shape[0] for grid in grids), width)
+        return torch.cat([grid.to(dtype) for grid in grids])
+    stacked = grids[0].new_zeros(sum(grid.shape[0] for grid in grids), width, dtype=dtype)
     start = 0
     for grid in grids:
         stacked[start : start + grid.shape[0], : grid.shape[1]] = grid
