@@ -355,3 +355,39 @@ def test_aligned_rollout_log_probs_do_not_warn(recwarn):
     from megatron_rollout_is.diagnostics import RolloutLogProbWarning
 
     assert not [w for w in recwarn if issubclass(w.category, RolloutLogProbWarning)]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("clip_eps_low", -0.1),
+        ("clip_eps_low", 1.0),
+        ("clip_eps_high", -0.2),
+        ("clip_eps_high", math.inf),
+        ("kl_coef", -0.01),
+        ("entropy_coef", -1e-3),
+        ("entropy_coef", math.nan),
+        ("diagnose_interval", -1),
+        ("diagnose_interval", 2.5),
+        ("temperature", 0.0),
+        ("temperature", math.inf),
+        ("temperature", "1.0"),
+    ],
+)
+def test_out_of_range_loss_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"PolicyLossConfig\.{field} must be"):
+        PolicyLossConfig(**{field: value})
+
+
+def test_loss_settings_at_the_edges_of_their_ranges_are_accepted():
+    PolicyLossConfig(clip_eps_low=0.0, clip_eps_high=0.0, kl_coef=0.0, entropy_coef=0.0, diagnose_interval=0)
+    PolicyLossConfig(clip_eps_low=0.99, clip_eps_high=5.0, temperature=1e-3)
+
+
+def test_tie_rule_defaults_to_triton_and_needs_an_active_filter():
+    assert PolicyLossConfig(rollout_top_k=5).sampling_filter.tie_rule == "triton"
+    assert PolicyLossConfig(rollout_top_p=0.9, rollout_tie_rule="pytorch").sampling_filter.tie_rule == "pytorch"
+    # No filter cuts (off values included): a tie rule would be silently ignored.
+    for filters in ({}, {"rollout_top_k": -1}, {"rollout_top_p": 1.0}, {"rollout_min_p": 0.0}):
+        with pytest.raises(ValueError, match="rollout_tie_rule.*no top-k / top-p / min-p filter"):
+            PolicyLossConfig(rollout_tie_rule="triton", **filters)

@@ -225,10 +225,44 @@ def test_bypass_reinforce_is_weighted_policy_gradient(normalize):
         assert not math.isclose(factors[0], factors[1], rel_tol=1e-6), "micro-batches should differ"
 
 
+def test_rollout_is_bypass_with_head_keys_normalises_each_micro_batch():
+    # --rollout-is-bypass with verl HEAD keys: pi_old is the detached pi_theta, so the PPO ratio is 1
+    # and the weights, rejection and batch normalisation are those of pi_theta, one micro-batch at a
+    # time (as bypass_mode normalises).
+    logits, batch = _batch(seed=8)
+    keys = dict(
+        rollout_is="token",
+        rollout_is_threshold=2.0,
+        rollout_is_batch_normalize=True,
+        rollout_rs="token_k1",
+        rollout_rs_threshold="0.7_1.4",
+    )
+    total, count, grad, metrics = _run(RolloutCorrectionConfig(**keys), logits, _without_old(batch), False, bypass=True)
+    reference = logits.clone().requires_grad_()
+    log_probs = _current_log_probs(reference, batch["labels"])
+    advantages = batch["advantages"].unsqueeze(1)
+    expected, expected_count, factors = 0.0, 0, []
+    for rows in torch.arange(BATCH).split(SPLITS):
+        weights, kept, oracle_metrics = oracle_rollout_correction(
+            log_probs.detach()[rows], batch["rollout_log_prob"][rows], batch["loss_mask"][rows], **keys
+        )
+        keep = kept != 0
+        per_token = _ppo(log_probs[rows], log_probs.detach()[rows], advantages[rows]) * weights
+        expected = expected + torch.where(keep, per_token, 0.0).sum()
+        expected_count += int(keep.sum())
+        factors.append(oracle_metrics["rollout_corr/rollout_is_batch_norm_factor"])
+    expected.backward()
+    assert 0 < count == expected_count < int((batch["loss_mask"] != 0).sum())
+    assert total.item() == pytest.approx(expected.item(), rel=1e-10)
+    torch.testing.assert_close(grad, reference.grad, rtol=1e-9, atol=1e-12)
+    assert metrics["rollout_corr/rollout_is_batch_norm_factor"] == pytest.approx(sum(factors) / len(factors))
+    assert not math.isclose(factors[0], factors[1], rel_tol=1e-6), "micro-batches should differ"
+
+
 @pytest.mark.parametrize(
     "loss_kwargs, keys, words",
     [
-        (dict(bypass=True), dict(bypass_mode=True), ["--rollout-is-bypass", "bypass_mode"]),
+        (dict(bypass=True), dict(bypass_mode=True), ["--rollout-is-bypass", "--rollout-bypass-mode"]),
         (dict(loss_denominator="response"), dict(rollout_is="token"), ["response", "rollout_rs"]),
         (dict(loss_denominator="all"), dict(rollout_is="token"), ["loss_denominator", "kept"]),
     ],
@@ -256,23 +290,31 @@ def _processed_log_probs(logits, labels, temperature, top_k):
     return torch.where(in_support, (z.gather(-1, target).squeeze(-1) - log_normalizer).t(), 0.0), in_support
 
 
-def test_sampling_replay_trains_the_processed_distribution_and_drops_unsupported_tokens():
-    from oracle import oracle_rollout_is
-
-    temperature, top_k = 0.8, 4
-    generator = torch.Generator().manual_seed(9)
+def _replay_batch(seed, temperature, top_k):
+    """Logits of pi_theta and pi_old `[s, b, V]` and a batch whose labels are ranked 4th or 5th by
+    pi_old: some lie outside a top-`top_k` set (pi_old's, pi_theta's or both)."""
+    generator = torch.Generator().manual_seed(seed)
     logits = torch.randn(SEQ, BATCH, VOCAB, generator=generator, dtype=torch.float64) * 2
     old_logits = logits + 0.3 * torch.randn(logits.shape, generator=generator, dtype=torch.float64)
-    # Labels of rank 4 or 5 under pi_old: some lie outside a top-4 set (pi_old's, pi_theta's or both).
     candidates = (old_logits / temperature).topk(top_k + 1, dim=-1).indices[..., -2:].transpose(0, 1)
     labels = candidates.gather(-1, torch.randint(0, 2, (BATCH, SEQ, 1), generator=generator)).squeeze(-1)
-    old, old_in = _processed_log_probs(old_logits, labels, temperature, top_k)
+    old, _ = _processed_log_probs(old_logits, labels, temperature, top_k)
     batch = {
         "labels": labels,
         "loss_mask": torch.ones(BATCH, SEQ),
         "advantages": torch.randn(BATCH, generator=generator, dtype=torch.float64),
         "rollout_log_prob": old + 0.2 * torch.randn(BATCH, SEQ, generator=generator, dtype=torch.float64),
     }
+    return logits, old_logits, batch
+
+
+def test_sampling_replay_trains_the_processed_distribution_and_drops_unsupported_tokens():
+    from oracle import oracle_rollout_is
+
+    temperature, top_k = 0.8, 4
+    logits, old_logits, batch = _replay_batch(9, temperature, top_k)
+    labels = batch["labels"]
+    old, old_in = _processed_log_probs(old_logits, labels, temperature, top_k)
     config = RolloutCorrectionConfig(rollout_is=True, rollout_is_threshold=2.0, rollout_is_veto_threshold=None)
     loss = RolloutISPolicyLoss(
         config,
@@ -306,6 +348,55 @@ def test_sampling_replay_trains_the_processed_distribution_and_drops_unsupported
     torch.testing.assert_close(trained_logits.grad, reference.grad, rtol=1e-9, atol=1e-12)
     dropped, marked = report["replay out-of-support fraction"].tolist()
     assert (dropped, marked) == (BATCH * SEQ - int(keep.sum()), BATCH * SEQ)
+
+
+def test_prepared_replay_corrects_only_tokens_in_pi_olds_kept_set():
+    # prepare_step knows pi_old's support only: its weights, batch normalisation, rejection and
+    # metrics are the oracle's on the tokens pi_old's top-k keeps; the loss then also drops the
+    # tokens outside pi_theta's; rejected tokens are not counted as out of support.
+    temperature, top_k = 0.8, 4
+    logits, old_logits, batch = _replay_batch(10, temperature, top_k)
+    keys = dict(
+        rollout_is="token",
+        rollout_is_threshold=1.5,
+        rollout_is_batch_normalize=True,
+        rollout_rs="token_k3",
+        rollout_rs_threshold=0.01,
+    )
+    loss = RolloutISPolicyLoss(
+        RolloutCorrectionConfig(**keys),
+        RolloutISGroups(),
+        PolicyLossConfig(clip_eps_low=CLIP_LOW, clip_eps_high=CLIP_HIGH, temperature=temperature, rollout_top_k=top_k),
+    )
+    with torch.no_grad():
+        loss.record_old_log_prob(batch, old_logits)
+    micro_batches = _micro_batches(batch)
+    loss.prepare_step(micro_batches)
+    trained = logits.clone().requires_grad_()
+    total, count, dropped, marked = 0.0, 0, 0.0, 0.0
+    for rows, micro in zip(torch.arange(BATCH).split(SPLITS), micro_batches):
+        loss_sum, num_tokens, report = loss(micro, trained[:, rows])
+        total, count = total + loss_sum, count + int(num_tokens)
+        dropped, marked = (a + b for a, b in zip((dropped, marked), report["replay out-of-support fraction"].tolist()))
+    total.backward()
+    metrics = loss.finalize_step()
+
+    old, old_in = _processed_log_probs(old_logits, batch["labels"], temperature, top_k)
+    reference = logits.clone().requires_grad_()
+    current, current_in = _processed_log_probs(reference, batch["labels"], temperature, top_k)
+    weights, kept, expected_metrics = oracle_rollout_correction(old, batch["rollout_log_prob"], old_in.double(), **keys)
+    keep = (kept != 0) & current_in
+    expected = torch.where(keep, _ppo(current, old, batch["advantages"].unsqueeze(1)) * weights, 0.0).sum()
+    expected.backward()
+    supported = old_in & current_in
+    assert 0 < int(keep.sum()) < int(supported.sum()) < BATCH * SEQ, "the case should reject and drop tokens"
+    assert count == int(keep.sum())
+    assert total.item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(trained.grad, reference.grad, rtol=1e-9, atol=1e-12)
+    assert (dropped, marked) == (BATCH * SEQ - int(supported.sum()), BATCH * SEQ)
+    assert metrics.keys() == expected_metrics.keys()
+    for key, value in expected_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
 def test_bad_sampling_settings_name_the_setting():

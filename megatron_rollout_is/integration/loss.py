@@ -9,6 +9,7 @@ rejection it is a mean over the kept tokens (`PolicyLossConfig.loss_denominator`
 are `torch.stack([sum, count])`, summed over micro-batches and DP by Megatron's logging.
 """
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,16 +60,23 @@ class PolicyLossConfig:
     rollout_min_p: float | None = None
     """The rollout engine's min-p in [0, 1] (None: off)."""
 
-    rollout_tie_rule: str = "triton"
-    """Which vLLM top-k/top-p implementation sampled: `triton` (an engine on a GPU) or `pytorch`."""
+    rollout_tie_rule: str | None = None
+    """Which vLLM top-k/top-p implementation sampled: `triton` (an engine on a GPU) or `pytorch`.
+    None means `triton`; setting it without an active top-k / top-p / min-p filter is an error."""
 
     vocab_size: int | None = None
     """The tokenizer's vocabulary size; logits columns past it (Megatron's padding) are excluded
     from every softmax. None: every column is a token."""
 
     bypass: bool = False
-    """verl 0.6.0 keys: pi_old is the detached current log-prob (no separate old-log-prob pass); the IS
-    weights are then computed from it per micro-batch. (With verl HEAD keys use `bypass_mode`.)"""
+    """`--rollout-is-bypass`: pi_old is the detached current log-prob (no separate old-log-prob pass),
+    so the PPO ratio is 1 in value and the IS weights and rejection are computed from pi_theta per
+    micro-batch, inside the loss. Works with both dialects: verl 0.6.0 keys, and verl HEAD keys in
+    decoupled form (not with `bypass_mode`, HEAD's own bypass, which takes the PPO ratio against the
+    rollout instead). The loss denominator is as in decoupled mode (`loss_denominator`: the kept
+    tokens, or every valid response token), summed over micro-batches and DP x CP; with
+    `rollout_is_batch_normalize` each micro-batch is normalised on its own over DP x CP, as
+    `bypass_mode` does, since pi_theta is only known one micro-batch at a time."""
 
     loss_denominator: str = "kept"
     """`kept`: the loss is a mean over the tokens rejection keeps (verl HEAD's decoupled mode);
@@ -82,17 +90,58 @@ class PolicyLossConfig:
     def __post_init__(self):
         if self.loss_denominator not in DENOMINATORS:
             raise ValueError(f"loss_denominator must be one of {DENOMINATORS}, got {self.loss_denominator!r}.")
+        _check_ranges(self)
         try:
             self.sampling_filter = SamplingFilter(
                 self.rollout_top_k, self.rollout_top_p, self.rollout_min_p, self.rollout_tie_rule
             )
         except ValueError as error:
             raise ValueError(f"rollout_{error}") from None
+        if self.rollout_tie_rule is not None and not self.replays_sampling:
+            raise ValueError(
+                f"rollout_tie_rule (--rollout-tie-rule) is {self.rollout_tie_rule!r} but no top-k / top-p / min-p "
+                "filter is active, so it would be ignored: set rollout_top_k, rollout_top_p or rollout_min_p, "
+                "or drop the tie rule."
+            )
 
     @property
     def replays_sampling(self) -> bool:
         """Whether a top-k / top-p / min-p filter of the rollout is replayed."""
         return self.sampling_filter.is_active(self.vocab_size or 2**62)
+
+
+_RANGES = (
+    ("clip_eps_low", lambda v: 0.0 <= v < 1.0, "a number in [0, 1) (the ratio is clipped below at 1 - clip_eps_low)"),
+    ("clip_eps_high", lambda v: v >= 0.0, "a finite number >= 0"),
+    ("kl_coef", lambda v: v >= 0.0, "a finite number >= 0 (0 turns the KL penalty off)"),
+    ("entropy_coef", lambda v: v >= 0.0, "a finite number >= 0 (0 turns the entropy bonus off)"),
+    ("diagnose_interval", lambda v: v >= 0 and float(v).is_integer(), "a whole number >= 0 (0 turns the checks off)"),
+    ("temperature", lambda v: v > 0.0, "a finite number > 0 (the rollout engine's sampling temperature)"),
+)
+
+
+def _check_ranges(config: PolicyLossConfig) -> None:
+    """Raises a ValueError naming the first numeric field of `config` outside its range."""
+    for name, in_range, expected in _RANGES:
+        value = getattr(config, name)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or not in_range(value):
+            raise ValueError(f"PolicyLossConfig.{name} must be {expected}, got {value!r}.")
+
+
+def _check_combination(config: PolicyLossConfig, plan) -> None:
+    """Raises one ValueError, naming the flags and the fix, for loss settings that cannot work together."""
+    if config.bypass and plan is not None and plan.bypass:
+        raise ValueError(
+            "PolicyLossConfig.bypass (--rollout-is-bypass: pi_old is the detached pi_theta) and bypass_mode "
+            "(--rollout-bypass-mode, verl HEAD: the PPO ratio is taken against the rollout) are two different "
+            "bypasses; set one: bypass_mode with loss_type for HEAD's, --rollout-is-bypass for pi_old = pi_theta."
+        )
+    if config.loss_denominator != "kept" and (plan is None or not plan.criteria):
+        raise ValueError(
+            "loss_denominator 'response' (--rollout-loss-denominator) only matters with rejection "
+            "(rollout_rs): without it every valid token is kept. Set rollout_rs, or drop it."
+        )
 
 
 class RolloutISPolicyLoss:
@@ -123,17 +172,10 @@ class RolloutISPolicyLoss:
         self.plan = is_config.plan
         self.groups = groups
         self.loss_config = loss_config or PolicyLossConfig()
-        if self.loss_config.bypass and self.plan is not None and self.plan.bypass:
-            raise ValueError(
-                "PolicyLossConfig.bypass (--rollout-is-bypass, verl 0.6.0 keys) and bypass_mode (verl "
-                "HEAD keys) both set; use bypass_mode with loss_type with verl HEAD keys."
-            )
-        if self.loss_config.loss_denominator != "kept" and (self.plan is None or not self.plan.criteria):
-            raise ValueError(
-                "loss_denominator 'response' (--rollout-loss-denominator) only matters with rejection "
-                "(rollout_rs): without it every valid token is kept. Set rollout_rs, or drop it."
-            )
-        self.rollout_is = ShardedRolloutCorrection(self.plan, groups) if self.plan is not None else None
+        _check_combination(self.loss_config, self.plan)
+        self.rollout_is = None
+        if self.plan is not None:
+            self.rollout_is = ShardedRolloutCorrection(self.plan, groups, bypass=self.loss_config.bypass)
         # One rank per (TP, CP) replica warns: the others hold the same or split sequences.
         warns = self.plan is not None and group_rank(groups.tp) == 0 and group_rank(groups.cp) == 0
         self._warner = MismatchWarner() if warns and self.loss_config.diagnose_interval > 0 else None
@@ -153,7 +195,9 @@ class RolloutISPolicyLoss:
         """Corrects all this rank's micro-batches of the step at once (decoupled mode, last stage).
 
         Reads `old_log_prob`, `rollout_log_prob`, `loss_mask` (and `local_cu_seqlens`) of each
-        micro-batch and stores its `Correction` under `rollout_correction`.
+        micro-batch and stores its `Correction` under `rollout_correction`. With sampling replay, the
+        tokens outside pi_old's kept set (`old_in_support`) are left out of the correction: of its
+        weights, its batch normalisation and its metrics, as of the loss.
 
         Raises:
             ValueError: in bypass mode (the correction needs pi_theta, per micro-batch), or a
@@ -168,11 +212,14 @@ class RolloutISPolicyLoss:
             )
         items = []
         for batch in micro_batches:
-            tensors = tuple(
+            old, rollout, mask = (
                 _required(batch, key, batch["labels"].shape, "record it before prepare_step")
                 for key in ("old_log_prob", "rollout_log_prob", "loss_mask")
             )
-            items.append(tensors + ((batch["local_cu_seqlens"],) if "local_cu_seqlens" in batch else ()))
+            if batch.get("old_in_support") is not None:
+                # pi_old holds a placeholder outside its kept set: those tokens are never trained on.
+                mask = (mask != 0) & _per_token(batch, "old_in_support", batch["labels"].shape)
+            items.append((old, rollout, mask) + ((batch["local_cu_seqlens"],) if "local_cu_seqlens" in batch else ()))
         for batch, correction in zip(micro_batches, self.rollout_is.prepare_step(items)):
             batch["rollout_correction"] = correction
 
@@ -200,11 +247,11 @@ class RolloutISPolicyLoss:
         shape = batch["labels"].shape
         log_probs, entropy, in_support = self._token_log_probs(batch, logits, with_entropy=cfg.entropy_coef > 0)
         marked = _per_token(batch, "loss_mask", shape) != 0
-        mask = marked if in_support is None else marked & in_support & batch.get("old_in_support", in_support)
+        supported = marked if in_support is None else marked & in_support & batch.get("old_in_support", in_support)
         advantages = _advantages(batch["advantages"], shape).to(log_probs.dtype)
         rollout = self._rollout_log_probs(batch)
         old = self._old_log_probs(batch, log_probs, rollout, shape)
-        weights, mask, counted = self._corrected_mask(batch, log_probs, old, rollout, mask)
+        weights, mask, counted = self._corrected_mask(batch, log_probs, old, rollout, supported)
         per_token, clipped = self._policy_term(log_probs, old, advantages, mask)
         if weights is not None:
             per_token = per_token * weights.to(per_token.dtype)
@@ -220,7 +267,8 @@ class RolloutISPolicyLoss:
             report_terms["entropy"] = entropy
         loss_sum, num_tokens, report = _loss_and_report(per_token, mask, counted, report_terms, clipped)
         if in_support is not None:
-            dropped = (marked & ~mask).sum().float()
+            # Out of support only: tokens that rejection removes are not the sampling filter's doing.
+            dropped = (marked & ~supported).sum().float()
             report["replay out-of-support fraction"] = torch.stack([dropped, marked.sum().float()])
         return loss_sum, num_tokens, report
 
@@ -304,9 +352,10 @@ class RolloutISPolicyLoss:
         self._diagnose(policy, rollout, mask)
         if not self.plan.criteria and (self.plan.weights is None or not self.plan.weights.applied):
             return None, trained, trained  # monitoring: the rollout's values never enter the loss
-        valid = trained & torch.isfinite(rollout)
-        counted = correction.keep if self.loss_config.loss_denominator == "kept" else valid
-        return correction.weights, correction.keep, counted
+        # A prepared correction only knew pi_old's support; `mask` also holds pi_theta's.
+        keep = correction.keep & mask
+        counted = keep if self.loss_config.loss_denominator == "kept" else trained & torch.isfinite(rollout)
+        return correction.weights, keep, counted
 
     def _correct(self, batch, policy, rollout, mask) -> Correction:
         # Shapes are checked by the sharded correction, where the CP ranks agree on valid inputs: a

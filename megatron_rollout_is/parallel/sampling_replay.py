@@ -107,12 +107,14 @@ class SamplingFilter:
     """Drop tokens whose probability is below ``min_p`` times the largest one, in [0, 1]. None or
     0.0: no min-p."""
 
-    tie_rule: str = "triton"
+    tie_rule: str | None = "triton"
     """Which vLLM implementation's handling of equal values at a cut to replay: "triton" (GPU
     engines: exactly k at top-k, lowest ids first) or "pytorch" (CPU engines: every top-k tie
-    kept; top-p ties counted with their expected membership)."""
+    kept; top-p ties counted with their expected membership). None means "triton" (stored so)."""
 
     def __post_init__(self):
+        if self.tie_rule is None:
+            object.__setattr__(self, "tie_rule", "triton")  # frozen: the default is filled in once, here
         if self.top_k is not None and (
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1
         ):
