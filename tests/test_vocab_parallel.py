@@ -1,6 +1,7 @@
 """Tests of vocab-parallel token log-probs against a float64 single-process torch oracle."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -136,7 +137,9 @@ def test_second_backward_through_the_same_graph_fails_loudly():
 def test_bad_inputs_raise_clear_errors():
     logits, target, _, _ = _case(7, torch.float32)
     call = vocab_parallel_token_log_probs
-    with pytest.raises(ValueError, match=r"logits must be a tensor \[s, b, V/tp\]"):
+    with pytest.raises(TypeError, match=r"logits must be a torch.Tensor \[s, b, V/tp\], got list"):
+        call(logits.tolist(), target)
+    with pytest.raises(ValueError, match=r"logits must be a tensor \[s, b, V/tp\], got shape \(2, 16\)"):
         call(logits[0], target[0])
     with pytest.raises(TypeError, match="logits must be float16/bfloat16/float32/float64"):
         call(logits.long(), target)
@@ -144,6 +147,8 @@ def test_bad_inputs_raise_clear_errors():
         call(logits, target.float())
     with pytest.raises(ValueError, match=r"target shape \(2, 7\) must equal logits.shape\[:2\]"):
         call(logits, target.t())
+    with pytest.raises(ValueError, match=r"target is on meta but logits are on cpu; move the labels to the logits'"):
+        call(logits, target.to("meta"))
     with pytest.raises(ValueError, match=r"target ids must be in \[0, 16\).*max 16"):
         call(logits, torch.full_like(target, VOCAB))
     with pytest.raises(ValueError, match="min -100"):
@@ -242,6 +247,17 @@ def test_filters_that_cut_nothing_give_the_plain_log_probs():
     plain = vocab_parallel_token_log_probs(logits, target, temperature=0.9)
     for off in (dict(top_k=0), dict(top_k=-1), dict(top_k=VOCAB), dict(top_p=1.0), dict(min_p=0.0)):
         assert torch.equal(vocab_parallel_token_log_probs(logits, target, temperature=0.9, **off), plain), off
+
+
+def test_tie_rule_none_is_the_triton_rule():
+    # Four equal largest logits and top_k=2: the Triton rule keeps exactly two of them (p = 1/2 each),
+    # the PyTorch rule keeps all four ties (p = 1/4 each). Id 1 is kept either way.
+    logits = torch.zeros(1, 1, VOCAB)
+    logits[..., :4] = 1.0
+    target = torch.tensor([[1]])
+    for tie_rule, probability in ((None, 0.5), ("triton", 0.5), ("pytorch", 0.25)):
+        log_prob = vocab_parallel_token_log_probs(logits, target, top_k=2, tie_rule=tie_rule)
+        assert log_prob.item() == pytest.approx(math.log(probability), rel=1e-6), tie_rule
 
 
 def test_sampling_arguments_raise_clear_errors():

@@ -132,11 +132,10 @@ class _VocabParallelTokenLogProbs(torch.autograd.Function):
 
 def _validate(logits, target, tp_group, temperature, chunk_size, vocab_size) -> int:
     """Checks the inputs; returns the number of real vocabulary entries."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise ValueError(
-            "logits must be a tensor [s, b, V/tp], got "
-            f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)}"
-        )
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor [s, b, V/tp], got {type(logits).__name__}")
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be a tensor [s, b, V/tp], got shape {tuple(logits.shape)}")
     if logits.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"logits must be float16/bfloat16/float32/float64, got {logits.dtype}")
     if (
@@ -159,7 +158,10 @@ def _validate(logits, target, tp_group, temperature, chunk_size, vocab_size) -> 
             f"{tuple(logits.shape[:2])} (both sequence-first: [s, b])"
         )
     if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+        raise ValueError(
+            f"target is on {target.device} but logits are on {logits.device}; move the labels to the logits' "
+            "device (e.g. target.to(logits.device))"
+        )
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
@@ -211,7 +213,7 @@ def vocab_parallel_token_log_probs(
     top_k: int | None = None,
     top_p: float | None = None,
     min_p: float | None = None,
-    tie_rule: str = "triton",
+    tie_rule: str | None = "triton",
     vocab_size: int | None = None,
     return_in_support: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -260,8 +262,8 @@ def vocab_parallel_token_log_probs(
         top_p: the rollout's top-p in (0, 1] (None or 1.0: off).
         min_p: the rollout's min-p in [0, 1] (None or 0.0: off).
         tie_rule: which vLLM top-k/top-p implementation sampled the rollout: "triton" (an engine
-            on a GPU) or "pytorch" (an engine without Triton); they keep different tokens among
-            equal values at a cut.
+            on a GPU; also None) or "pytorch" (an engine without Triton); they keep different
+            tokens among equal values at a cut.
         vocab_size: the real vocabulary size (vLLM's, the tokenizer's); columns at or past it are
             Megatron's padding and are excluded. None: every column is a token.
         return_in_support: also return a ``[s, b]`` bool mask, False where the target lies
