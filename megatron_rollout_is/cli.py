@@ -91,18 +91,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _sets_its_own_correction(demo_args: Sequence[str]) -> bool:
-    """Whether the flags bring a YAML, a preset or verl HEAD keys, which the demo's 0.6.0 preset
+    """Whether the flags bring a YAML, a preset or verl HEAD settings, which the demo's 0.6.0 preset
     (token truncate 2.0) must not be mixed into."""
-    from .integration.arguments import add_rollout_is_args
+    from .config import dialect_markers
+    from .integration.arguments import add_rollout_is_args, config_flag_values
 
     given, _ = add_rollout_is_args(argparse.ArgumentParser(allow_abbrev=False)).parse_known_args(list(demo_args))
-    head_keys = ("rollout_rs", "rollout_rs_threshold", "rollout_is_batch_normalize", "bypass_mode", "loss_type")
-    return (
-        given.rollout_is_config is not None
-        or given.rollout_correction_preset is not None
-        or isinstance(given.rollout_is, str)
-        or any(getattr(given, key) is not None for key in head_keys)
-    )
+    _, head_settings = dialect_markers(config_flag_values(given))
+    return given.rollout_is_config is not None or given.rollout_correction_preset is not None or bool(head_settings)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """`--rollout-is-*` flags into `RolloutISConfig`, and the demo's layout validation."""
 
 import argparse
+import re
 
 import pytest
 
@@ -94,6 +95,10 @@ def test_yaml_then_explicit_flags_override(tmp_path):
         (["--rollout-is-threshold", "2", "--rollout-is-threshold-lower", "3"], "--rollout-is-threshold-lower"),
         (["--rollout-is-threshold-lower", "0.5"], "--rollout-is-threshold-lower"),
         (["--rollout-is"], "--rollout-is-threshold"),
+        # verl 0.6.0 settings that do nothing while --rollout-is-threshold is unset.
+        (["--rollout-is-level", "sequence"], "--rollout-is-level"),
+        (["--rollout-is-mode", "clip"], "--rollout-is-mode"),
+        (["--rollout-is-veto-threshold", "1e-3"], "--rollout-is-veto-threshold"),
     ],
 )
 def test_bad_values_name_the_flag(flags, named):
@@ -110,6 +115,11 @@ def test_bad_values_name_the_flag(flags, named):
         (["--rollout-is-mode", "cap"], "--rollout-is-mode"),
         (["--rollout-is-veto-threshold", "tiny"], "--rollout-is-veto-threshold"),
         (["--rollout-is-threshold", "two"], "--rollout-is-threshold"),
+        # Python's float() reads "0_5" as 5.0; an underscore is never part of a number here.
+        (["--rollout-is-threshold-lower", "0_5"], "--rollout-is-threshold-lower"),
+        (["--rollout-is-veto-threshold", "1_0e-4"], "--rollout-is-veto-threshold"),
+        (["--rollout-top-p", "0_9"], "--rollout-top-p"),
+        (["--rollout-temperature", "warm"], "--rollout-temperature"),
     ],
 )
 def test_unparsable_values_are_argparse_errors_naming_the_flag(flags, named, capsys):
@@ -240,6 +250,16 @@ def test_a_verl_head_yaml_then_flags(tmp_path):
         (["--rollout-is-batch-normalize"], "--rollout-is-batch-normalize"),
         (["--rollout-is", "token", "--rollout-is-level", "sequence"], "--rollout-is-level"),
         (["--rollout-bypass-mode", "--rollout-is", "token"], "--rollout-loss-type"),
+        (
+            ["--rollout-is", "token", "--rollout-is-threshold", "0.5_2_3"],
+            "--rollout-is-threshold '0.5_2_3' is not a band",
+        ),
+        (["--rollout-is", "token", "--rollout-is-threshold", "a_2"], "--rollout-is-threshold (lower end of 'a_2')"),
+        (["--rollout-is", "sequence", "--rollout-is-level", "token"], "--rollout-is-level 'token' is a verl 0.6.0 key"),
+        (
+            ["--rollout-rs", "token_k2", "--rollout-rs-threshold", "1", "--rollout-is-mode", "truncate"],
+            "--rollout-is-mode",
+        ),
     ],
 )
 def test_verl_head_flag_errors_name_the_flag(flags, named):
@@ -253,3 +273,128 @@ def test_preset_and_yaml_together_are_an_error(tmp_path):
     path.write_text("algorithm:\n  rollout_correction:\n    rollout_is: token\n")
     with pytest.raises(ValueError, match="--rollout-correction-preset and --rollout-is-config"):
         _config("--rollout-is-config", str(path), "--rollout-correction-preset", "decoupled_token_is")
+
+
+@pytest.mark.parametrize(
+    "threshold, bound, lower, upper",
+    [
+        ("0.5_2", "mask", 0.5, 2.0),
+        ("1_5", "mask", 1.0, 5.0),
+        ("2", "truncate", 0.5, 2.0),
+        ("1e1", "truncate", 0.1, 10.0),
+    ],
+)
+def test_a_threshold_flag_with_an_underscore_is_a_band(threshold, bound, lower, upper):
+    weights = _config("--rollout-is", "token", "--rollout-is-threshold", threshold).plan.weights
+    assert (weights.bound, weights.lower, weights.upper) == (bound, lower, upper)
+
+
+def test_flag_names_replace_whole_names_only(tmp_path):
+    path = tmp_path / "head.yaml"
+    path.write_text("algorithm:\n  rollout_correction:\n    rollout_is: token\n    rollout_is_threshold: 3.0\n")
+    with pytest.raises(ValueError) as error:
+        _config("--rollout-is-config", str(path), "--no-rollout-is")
+    # The YAML's key keeps its name; only the flag given (--no-rollout-is, i.e. rollout_is) is renamed.
+    assert str(error.value).startswith("rollout_is_threshold=3.0 does nothing while --rollout-is is null")
+    assert "--rollout-is_" not in str(error.value)
+
+
+def _loss_config(*flags, **extra):
+    from megatron_rollout_is.integration.arguments import policy_loss_config_from_args
+
+    args = add_rollout_is_args(argparse.ArgumentParser()).parse_args(list(flags))
+    return policy_loss_config_from_args(args, rollout_is_config_from_args(args), **extra)
+
+
+def test_loss_flags_become_the_policy_loss_config():
+    config = _loss_config(
+        "--rollout-temperature",
+        "0.7",
+        "--rollout-top-k",
+        "5",
+        "--rollout-min-p",
+        "0.05",
+        "--rollout-tie-rule",
+        "pytorch",
+        "--rollout-is-bypass",
+        "--rollout-rs",
+        "token_k2",
+        "--rollout-rs-threshold",
+        "0.1",
+        "--rollout-loss-denominator",
+        "response",
+        settings={"clip_eps_high": 0.28},
+    )
+    assert (config.temperature, config.rollout_top_k, config.rollout_top_p, config.rollout_min_p) == (
+        0.7,
+        5,
+        None,
+        0.05,
+    )
+    assert (config.rollout_tie_rule, config.bypass, config.loss_denominator) == ("pytorch", True, "response")
+    assert (config.clip_eps_low, config.clip_eps_high) == (0.2, 0.28)
+    defaults = _loss_config()
+    assert (defaults.temperature, defaults.rollout_tie_rule, defaults.bypass) == (1.0, None, False)
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--rollout-is-bypass", "--rollout-bypass-mode"], ["--rollout-is-bypass", "--rollout-bypass-mode"]),
+        (["--rollout-loss-denominator", "response"], ["--rollout-loss-denominator", "Set --rollout-rs"]),
+        (["--rollout-top-p", "1.5"], ["--rollout-top-p must be", "1.5"]),
+        (["--rollout-min-p", "2"], ["--rollout-min-p must be"]),
+        (["--rollout-top-k", "-3"], ["--rollout-top-k must be"]),
+        (["--rollout-temperature", "0"], ["--rollout-temperature must be"]),
+        (["--rollout-tie-rule", "pytorch"], ["--rollout-tie-rule", "--rollout-top-k"]),
+    ],
+)
+def test_loss_flag_errors_name_the_flags(flags, named):
+    with pytest.raises(ValueError) as error:
+        _loss_config(*flags)
+    for words in named:
+        assert words in str(error.value), str(error.value)
+    assert not any(field in str(error.value) for field in ("rollout_top", "rollout_min_p", "PolicyLossConfig.temp"))
+
+
+def test_the_callers_own_loss_settings_are_named_by_its_flags():
+    with pytest.raises(ValueError, match="--clip-eps must be"):
+        _loss_config(settings={"clip_eps_low": 1.5}, settings_flags={"clip_eps_low": "--clip-eps"})
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--rollout-is-bypass", "--rollout-bypass-mode"], "--rollout-bypass-mode"),
+        (["--rollout-loss-denominator", "response"], "--rollout-loss-denominator"),
+        (["--rollout-top-p", "1.5"], "--rollout-top-p must be"),
+        (["--rollout-temperature", "-1"], "--rollout-temperature must be"),
+        (["--num-query-groups", "0"], "--num-query-groups must be >= 1, got 0"),
+        (["--clip-eps", "1.5"], "--clip-eps"),
+        (["--lr", "0"], "--lr must be > 0, got 0.0"),
+        (["--rollout-noise", "-0.5"], "--rollout-noise must be >= 0, got -0.5"),
+        (["--eval-interval", "-1"], "--eval-interval must be >= 0, got -1"),
+    ],
+)
+def test_demo_loss_and_model_flags_fail_before_the_model_is_built(flags, named, capsys):
+    from megatron_rollout_is.demo.arguments import validate_args
+    from megatron_rollout_is.demo.launch import main
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        validate_args(_demo_args(*flags), world_size=1)
+    # The entry point reports it in one line and exits 2, before any process group or model.
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and named in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_demo_engine_and_trainer_temperatures_are_separate_flags():
+    from megatron_rollout_is.demo.arguments import policy_loss_config, validate_args
+
+    args = _demo_args("--temperature", "0.5", "--rollout-temperature", "0.8", "--clip-eps", "0.1")
+    loss_config = policy_loss_config(args, validate_args(args, world_size=1))
+    assert args.temperature == 0.5
+    assert (loss_config.temperature, loss_config.clip_eps_low, loss_config.clip_eps_high) == (0.8, 0.1, 0.1)
+    defaults = _demo_args()
+    assert defaults.temperature == 1.0
+    assert policy_loss_config(defaults, validate_args(defaults, world_size=1)).temperature == 1.0

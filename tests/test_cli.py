@@ -69,9 +69,21 @@ def test_compute_reads_a_verl_head_config(tmp_path, capsys):
         (["--rollout-is", "token", "--rollout-is-threshold", "0.5_2"], True),
         (["--rollout-rs", "token_k2", "--rollout-rs-threshold", "0.1"], True),
         (["--rollout-is-config=x.yaml"], True),
+        (["--rollout-is-threshold", "0.5_5.0"], True),  # a band is verl HEAD's
+        (["--rollout-is-threshold", "3", "--rollout-is-level", "geometric"], False),
+        (["--rollout-is-batch-normalize"], True),
+        (["--rollout-loss-type", "reinforce"], True),
     ],
 )
 def test_the_demo_preset_applies_only_without_a_correction_of_the_users(flags, own):
     from megatron_rollout_is.cli import _sets_its_own_correction
 
     assert _sets_its_own_correction(flags) is own
+
+
+def test_a_demo_band_without_a_level_is_the_users_error_not_a_mix_with_the_preset(capsys):
+    # The demo's preset (verl 0.6.0 `rollout_is: true`) stays out: the error is about the flags given.
+    assert main(["demo", "--rollout-is-threshold", "0.5_5.0"]) == 2
+    err = capsys.readouterr().err
+    assert "--rollout-is-threshold='0.5_5.0' does nothing while --rollout-is is null" in err
+    assert "rollout-is: true" not in err and "mixes" not in err

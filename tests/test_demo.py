@@ -196,6 +196,29 @@ def test_torchrun_cp2_packed_matches_single_process_and_its_dumps(single_process
             assert records[1][name] == pytest.approx(single[name], rel=STEP_1_TOLERANCE, abs=1e-6), name
 
 
+@pytest.mark.parametrize("trainer_temperature, matches", [("0.5", True), ("1.0", False)])
+def test_the_trainer_scores_at_rollout_temperature_and_the_engine_samples_at_temperature(
+    tmp_path, trainer_temperature, matches
+):
+    # An fp32 engine without noise samples exactly the trainer's distribution at the same temperature:
+    # pi_old equals the rollout log-probs. At another temperature the two differ visibly.
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_rollout_is.demo",
+            *"--train-iters 1 --global-batch-size 16 --micro-batch-size 8 --group-size 4 --rollout-dtype fp32".split(),
+            *"--temperature 0.5 --rollout-is-threshold 2 --eval-interval 0 --no-progress --plot none".split(),
+            "--rollout-temperature",
+            trainer_temperature,
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    kl = abs(_records(tmp_path)[1]["mismatch/mismatch_kl"])
+    assert (kl < 1e-6) if matches else (kl > 1e-3), kl
+
+
 def test_reverse_task_targets_rewards_and_grpo_advantages():
     from megatron_rollout_is.demo.task import BOS, EOS, EQUALS, PAD, ReverseTask, grpo_advantages
     from megatron_rollout_is.demo.task import FIRST_SYMBOL as D
@@ -258,6 +281,7 @@ def test_count_task_judges_each_token_against_the_one_before():
         (["--top-p", "0"], "--top-p"),
         (["--top-k", "-2"], "--top-k"),
         (["--temperature", "0"], "--temperature"),
+        (["--rollout-temperature", "0"], "--rollout-temperature"),
         (["--rollout-staleness", "-1"], "--rollout-staleness"),
         (["--task", "count", "--response-tokens", "0"], "--response-tokens"),
     ],

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from ..config import RolloutISConfig
-from ..integration.arguments import add_rollout_is_args, rollout_is_config_from_args
+from ..integration.arguments import add_rollout_is_args, policy_loss_config_from_args, rollout_is_config_from_args
+from ..integration.loss import PolicyLossConfig
 from .generator import LOGPROBS_MODES, QUANTIZATION_SCHEMES, SamplingParams
 from .task import TASKS, make_task
 
@@ -127,7 +128,13 @@ def _add_rollout_engine_args(parser: argparse.ArgumentParser) -> None:
         default="bf16",
         help="Engine precision (fp32: no mismatch but the injected noise).",
     )
-    rollout.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (trainer too).")
+    rollout.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="Engine sampling temperature; the trainer scores with --rollout-temperature (a different value "
+        "is a temperature mismatch).",
+    )
     rollout.add_argument(
         "--top-k",
         type=int,
@@ -264,14 +271,30 @@ def validate_args(args: argparse.Namespace, world_size: int) -> RolloutISConfig:
     args.data_parallel_size = _validate_layout(args, world_size)
     _validate_training(args)
     is_config = rollout_is_config_from_args(args)
+    policy_loss_config(args, is_config)  # the loss hook's own checks, before any model is built
     _validate_fault_injection(args, world_size, is_config)
     return is_config
+
+
+def policy_loss_config(args: argparse.Namespace, is_config: RolloutISConfig) -> PolicyLossConfig:
+    """The trainer's loss settings: the rollout-correction flags and the PPO clip range of ``--clip-eps``.
+
+    Raises:
+        ValueError: a value out of range or useless with the others, naming the flag.
+    """
+    return policy_loss_config_from_args(
+        args,
+        is_config,
+        settings={"clip_eps_low": args.clip_eps, "clip_eps_high": args.clip_eps},
+        settings_flags={"clip_eps_low": "--clip-eps", "clip_eps_high": "--clip-eps"},
+    )
 
 
 def _validate_layout(args: argparse.Namespace, world_size: int) -> int:
     """Checks the parallel layout, batch sizes and model shape; returns the data-parallel size."""
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-    for flag, value in (
+    _require_at_least(
+        1,
         ("--tensor-model-parallel-size", tp),
         ("--pipeline-model-parallel-size", pp),
         ("--context-parallel-size", cp),
@@ -281,9 +304,8 @@ def _validate_layout(args: argparse.Namespace, world_size: int) -> int:
         ("--num-layers", args.num_layers),
         ("--hidden-size", args.hidden_size),
         ("--num-attention-heads", args.num_attention_heads),
-    ):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}.")
+        ("--num-query-groups", args.num_query_groups),
+    )
     if world_size % (tp * pp * cp) != 0:
         raise ValueError(
             f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} x {cp} = {tp * pp * cp}; "
@@ -297,7 +319,7 @@ def _validate_layout(args: argparse.Namespace, world_size: int) -> int:
         )
     if args.num_layers % pp != 0:
         raise ValueError(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
-    groups = args.num_query_groups or args.num_attention_heads
+    groups = args.num_attention_heads if args.num_query_groups is None else args.num_query_groups
     if args.num_attention_heads % groups != 0 or groups % tp != 0:
         raise ValueError(
             f"--num-attention-heads {args.num_attention_heads} must be divisible by --num-query-groups "
@@ -321,12 +343,17 @@ def _validate_training(args: argparse.Namespace) -> None:
             f"--group-size must be >= 2 and divide --global-batch-size {args.global_batch_size}, got "
             f"{args.group_size} (GRPO standardises rewards within each prompt's group)."
         )
-    if args.rollout_noise < 0 or args.rollout_staleness < 0 or args.lr <= 0:
-        raise ValueError("need --rollout-noise >= 0, --rollout-staleness >= 0 and --lr > 0.")
+    _require_at_least(
+        0,
+        ("--rollout-noise", args.rollout_noise),
+        ("--rollout-staleness", args.rollout_staleness),
+        ("--save-interval", args.save_interval),
+        ("--eval-interval", args.eval_interval),
+    )
+    if not args.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {args.lr}.")
     if args.clip_grad > 0 and not torch.cuda.is_available():
         raise ValueError("--clip-grad > 0 needs CUDA (megatron's clip_grads asserts CUDA tensors); use 0 on CPU.")
-    if args.save_interval < 0 or args.eval_interval < 0:
-        raise ValueError("--save-interval and --eval-interval must be >= 0.")
     if args.eval_interval > 0 and args.eval_prompts < 1:
         raise ValueError(f"--eval-prompts must be >= 1 with --eval-interval {args.eval_interval} (0 turns eval off).")
     if not args.distributed_timeout_minutes > 0:
@@ -334,8 +361,11 @@ def _validate_training(args: argparse.Namespace) -> None:
 
 
 def _validate_fault_injection(args: argparse.Namespace, world_size: int, is_config: RolloutISConfig) -> None:
-    if args.inject_nonfinite_rollout_step < 0 or args.inject_is_fault_step < 0:
-        raise ValueError("--inject-nonfinite-rollout-step and --inject-is-fault-step must be >= 0 (0: never).")
+    _require_at_least(
+        0,
+        ("--inject-nonfinite-rollout-step", args.inject_nonfinite_rollout_step),
+        ("--inject-is-fault-step", args.inject_is_fault_step),
+    )
     if not args.inject_is_fault_step:
         return
     if not is_config.enabled:
@@ -349,6 +379,14 @@ def _validate_fault_injection(args: argparse.Namespace, world_size: int, is_conf
             f"--inject-is-fault-rank must be a rank of the last pipeline stage, in [{first_last_stage}, "
             f"{world_size}), got {args.inject_is_fault_rank} (other stages never reach the loss)."
         )
+
+
+def _require_at_least(minimum: float, *flag_values: tuple) -> None:
+    """Raises a ValueError naming the first ``(flag, value)`` below ``minimum`` (NaN included; None is a
+    flag not given)."""
+    for flag, value in flag_values:
+        if value is not None and not value >= minimum:
+            raise ValueError(f"{flag} must be >= {minimum}, got {value}.")
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str | None = None, defaults: dict | None = None):

@@ -33,10 +33,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..cpu_rig.model import unshard_named_tensors
 from ..dumps import write_step_dump
-from ..integration.arguments import sampling_replay_settings
 from ..integration.forward_step import make_gpt_forward_step
-from ..integration.loss import PolicyLossConfig, RolloutISPolicyLoss
+from ..integration.loss import RolloutISPolicyLoss
 from ..parallel.groups import RolloutISGroups
+from .arguments import policy_loss_config
 from .batches import (
     packed_cu_seqlens,
     packed_micro_batches,
@@ -71,18 +71,8 @@ class GRPOTrainer:
         self.model = self.ddp.module
         self.engine_shape = EngineShape.from_transformer_config(self.config)
         self.groups = RolloutISGroups.from_parallel_state()
-        self.loss = RolloutISPolicyLoss(
-            is_config,
-            self.groups,
-            PolicyLossConfig(
-                clip_eps_low=args.clip_eps,
-                clip_eps_high=args.clip_eps,
-                temperature=args.temperature,
-                bypass=args.rollout_is_bypass,
-                loss_denominator=args.rollout_loss_denominator,
-                **sampling_replay_settings(args),
-            ),
-        )
+        # The engine samples at --temperature, the trainer scores at --rollout-temperature.
+        self.loss = RolloutISPolicyLoss(is_config, self.groups, policy_loss_config(args, is_config))
         self.rank, self.last_rank = dist.get_rank(), dist.get_world_size() - 1
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.cp_rank = parallel_state.get_context_parallel_rank()

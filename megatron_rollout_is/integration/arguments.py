@@ -3,13 +3,20 @@
 verl 0.6.0 keys are `--rollout-is-*` flags, verl HEAD keys `--rollout-is ...`, `--rollout-rs*`,
 `--rollout-bypass-mode`, `--rollout-loss-type` and `--rollout-correction-preset`; `--rollout-is-config`
 reads a YAML file of either dialect. Megatron-LM owns the `--rl-*` names; these flags never reuse them.
+The loss settings (`--rollout-is-bypass`, `--rollout-loss-denominator`, the sampling replay and
+`--rollout-temperature`) become a `PolicyLossConfig` through `policy_loss_config_from_args`.
 """
 
 import argparse
-from dataclasses import fields, replace
+import re
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
 from ..config import LOSS_TYPES, PRESETS, RolloutCorrectionConfig
-from ..core.plan import BOUND_ALIASES, BOUNDS, LEVEL_ALIASES, LEVELS
+from ..core.plan import BOUND_ALIASES, BOUNDS, LEVEL_ALIASES, LEVELS, NULL_SPELLINGS, number_from_text
+from ..parallel.groups import RolloutISGroups
+from .loss import PolicyLossConfig, RolloutISPolicyLoss
 
 # Config fields and their flags; a flag not given is None, so the YAML (or preset) keeps its value.
 _CONFIG_FLAGS = {
@@ -26,26 +33,37 @@ _CONFIG_FLAGS = {
     "loss_type": "--rollout-loss-type",
 }
 
+# PolicyLossConfig fields and their flags; errors of the loss settings name the flags.
+_LOSS_FLAGS = {
+    "temperature": "--rollout-temperature",
+    "rollout_top_k": "--rollout-top-k",
+    "rollout_top_p": "--rollout-top-p",
+    "rollout_min_p": "--rollout-min-p",
+    "rollout_tie_rule": "--rollout-tie-rule",
+    "bypass": "--rollout-is-bypass",
+    "loss_denominator": "--rollout-loss-denominator",
+}
+
 VETO_DISABLED = "none"
 
 
+def _number(text: str, expected: str = "a number") -> float:
+    """A plain number; `core.plan.number_from_text` reads it (an underscore is never part of one)."""
+    value = number_from_text(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def _veto(text: str):
-    if text.strip().lower() in ("none", "null", "off"):
+    if text.strip().lower() in NULL_SPELLINGS + ("off",):
         return VETO_DISABLED
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+    return _number(text, "a number or 'none'")
 
 
 def _threshold(text: str):
-    """A number, or a `lo_hi` band (kept as text)."""
-    try:
-        return float(text)
-    except ValueError:
-        if "_" in text:
-            return text
-        raise argparse.ArgumentTypeError(f"expected a number or a 'lower_upper' band, got {text!r}") from None
+    """A number, or a `lo_hi` band (kept as text: the config checks both ends)."""
+    return text if "_" in text else _number(text, "a number or a 'lower_upper' band")
 
 
 def _rollout_is(text: str):
@@ -105,7 +123,7 @@ def _add_weight_flags(group) -> None:
     )
     group.add_argument(
         "--rollout-is-threshold-lower",
-        type=float,
+        type=_number,
         default=None,
         help="verl 0.6.0: lower bound for clip mode and the metrics; default 1/upper.",
     )
@@ -189,6 +207,14 @@ def _add_rejection_and_mode_flags(group) -> None:
 
 def _add_sampling_replay_flags(group) -> None:
     group.add_argument(
+        "--rollout-temperature",
+        type=_number,
+        default=1.0,
+        metavar="T",
+        help="The rollout engine's sampling temperature (> 0): the trainer divides the logits by it when "
+        "it scores pi_theta and pi_old. Default: 1.",
+    )
+    group.add_argument(
         "--rollout-top-k",
         type=int,
         default=None,
@@ -198,14 +224,14 @@ def _add_sampling_replay_flags(group) -> None:
     )
     group.add_argument(
         "--rollout-top-p",
-        type=float,
+        type=_number,
         default=None,
         metavar="P",
         help="The rollout engine's top-p in (0, 1], replayed as --rollout-top-k. Default: off.",
     )
     group.add_argument(
         "--rollout-min-p",
-        type=float,
+        type=_number,
         default=None,
         metavar="P",
         help="The rollout engine's min-p in [0, 1], replayed as --rollout-top-k. Default: off.",
@@ -213,20 +239,71 @@ def _add_sampling_replay_flags(group) -> None:
     group.add_argument(
         "--rollout-tie-rule",
         choices=("triton", "pytorch"),
-        default="triton",
-        help="Which vLLM top-k/top-p implementation sampled: triton (an engine on a GPU, the default) "
-        "or pytorch (without Triton); they keep different tokens among ties at the cut.",
+        default=None,
+        help="Which vLLM top-k/top-p implementation sampled: triton (an engine on a GPU; the default) "
+        "or pytorch (without Triton); they keep different tokens among ties at the cut. Needs "
+        "--rollout-top-k, --rollout-top-p or --rollout-min-p.",
     )
 
 
 def sampling_replay_settings(args: argparse.Namespace) -> dict:
-    """The `PolicyLossConfig` keywords of the sampling-replay flags."""
+    """The `PolicyLossConfig` keywords of the sampling flags: the temperature and the replayed filters."""
     return {
+        "temperature": args.rollout_temperature,
         "rollout_top_k": args.rollout_top_k,
         "rollout_top_p": args.rollout_top_p,
         "rollout_min_p": args.rollout_min_p,
         "rollout_tie_rule": args.rollout_tie_rule,
     }
+
+
+def policy_loss_config_from_args(
+    args: argparse.Namespace,
+    is_config: RolloutCorrectionConfig,
+    settings: Mapping[str, Any] | None = None,
+    settings_flags: Mapping[str, str] | None = None,
+) -> PolicyLossConfig:
+    """The `PolicyLossConfig` of the flags, checked against `is_config` as the loss hook checks it.
+
+    Builds a `RolloutISPolicyLoss` for a single rank, so that settings which cannot work together
+    (e.g. `--rollout-is-bypass` with `--rollout-bypass-mode`) fail now, before any model is built.
+
+    Args:
+        args: flags parsed by a parser given `add_rollout_is_args`.
+        is_config: `rollout_is_config_from_args(args)`.
+        settings: the caller's own `PolicyLossConfig` keywords (e.g. the PPO clip range).
+        settings_flags: the caller's flag of each of `settings`, for error messages.
+
+    Raises:
+        ValueError / TypeError: a setting is out of range or useless with the others; the message
+            names the flag.
+    """
+    keywords = {
+        **sampling_replay_settings(args),
+        "bypass": args.rollout_is_bypass,
+        "loss_denominator": args.rollout_loss_denominator,
+        **(settings or {}),
+    }
+    names = {**_LOSS_FLAGS, **(settings_flags or {})}
+    # Messages name a field `PolicyLossConfig.<field>`, or bare when an underscore keeps it from
+    # being an English word ("temperature", "bypass").
+    flags = {f"PolicyLossConfig.{name}": flag for name, flag in names.items()}
+    flags.update({name: flag for name, flag in names.items() if "_" in name})
+    flags.update(_config_flags(args))
+    try:
+        loss_config = PolicyLossConfig(**keywords)
+        RolloutISPolicyLoss(is_config, RolloutISGroups(), loss_config)
+    except (ValueError, TypeError) as error:
+        raise type(error)(_with_flag_names(str(error), flags)) from None
+    return loss_config
+
+
+def config_flag_values(args: argparse.Namespace) -> dict:
+    """The `RolloutCorrectionConfig` keys the flags set (a flag not given is left out)."""
+    values = {name: getattr(args, name) for name in _CONFIG_FLAGS if getattr(args, name, None) is not None}
+    if values.get("rollout_is_veto_threshold") == VETO_DISABLED:
+        values["rollout_is_veto_threshold"] = None
+    return values
 
 
 def rollout_is_config_from_args(args: argparse.Namespace) -> RolloutCorrectionConfig:
@@ -236,9 +313,7 @@ def rollout_is_config_from_args(args: argparse.Namespace) -> RolloutCorrectionCo
         ValueError / TypeError: a value fails validation; the message names the flag (or, for the
             YAML's own values, the YAML key).
     """
-    overrides = {name: getattr(args, name) for name in _CONFIG_FLAGS if getattr(args, name, None) is not None}
-    if overrides.get("rollout_is_veto_threshold") == VETO_DISABLED:
-        overrides["rollout_is_veto_threshold"] = None
+    overrides = config_flag_values(args)
     yaml_path = getattr(args, "rollout_is_config", None)
     preset = getattr(args, "rollout_correction_preset", None)
     if yaml_path and preset:
@@ -255,15 +330,27 @@ def rollout_is_config_from_args(args: argparse.Namespace) -> RolloutCorrectionCo
             return RolloutCorrectionConfig(**overrides)
         return replace(base, **overrides)
     except (ValueError, TypeError) as error:
-        flagged = (
-            [f.name for f in fields(RolloutCorrectionConfig) if f.name in _CONFIG_FLAGS]
-            if base is None
-            else list(overrides)
-        )
-        raise type(error)(_with_flag_names(str(error), flagged)) from None
+        raise type(error)(_with_flag_names(str(error), _config_flags(args))) from None
 
 
-def _with_flag_names(message: str, names: list) -> str:
-    for name in sorted(names, key=len, reverse=True):
-        message = message.replace(name, _CONFIG_FLAGS[name])
-    return message
+def _config_flags(args: argparse.Namespace) -> dict:
+    """The config keys errors name as flags: all without a YAML, else those the flags override."""
+    named = _CONFIG_FLAGS if getattr(args, "rollout_is_config", None) is None else config_flag_values(args)
+    return {name: _CONFIG_FLAGS[name] for name in named}
+
+
+def _with_flag_names(message: str, flags: Mapping[str, str]) -> str:
+    """`message` with each whole name of `flags` replaced by its flag.
+
+    A name inside a longer one (`rollout_is` in `rollout_is_threshold`) is left alone, and so is a
+    name whose flag the message already gives.
+    """
+    names = sorted((name for name, flag in flags.items() if not _whole(flag).search(message)), key=len, reverse=True)
+    if not names:
+        return message
+    return re.sub(_whole(*names), lambda match: flags[match.group(1)], message)
+
+
+def _whole(*names: str) -> re.Pattern:
+    """Matches any of `names` where it is not part of a longer name (`_`, `-` or `.` joined)."""
+    return re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, names)) + r")(?![\w-])")
