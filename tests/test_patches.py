@@ -718,6 +718,10 @@ def test_flag_combinations_and_refusals(patched_tree):
         None: "add --rl-inference-logprobs-is-correction",
         "--rollout-is-threshold 2 --rollout-is-bypass": "--rollout-is-bypass",
         "--rollout-is-threshold 2 --rollout-is-dump-dir /tmp/x": "--rollout-is-dump-dir",
+        "--rollout-is-threshold 2 --rollout-top-p 0.9 --rollout-tie-rule pytorch": (
+            "--rollout-top-p, --rollout-tie-rule: sampling replay is not supported"
+        ),
+        "--rollout-is-threshold 2 --rollout-temperature 0.7": "--rollout-temperature: sampling replay",
         "--rollout-is-threshold -1": "--rollout-is-threshold must be",
         "--rollout-is token --rollout-loss-denominator response": (
             "--rollout-loss-denominator response only changes the loss with rejection"

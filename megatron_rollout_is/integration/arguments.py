@@ -193,8 +193,9 @@ def _add_rejection_and_mode_flags(group) -> None:
     group.add_argument(
         "--rollout-is-bypass",
         action="store_true",
-        help="verl 0.6.0 keys: take pi_old as the detached current log-prob (no old-log-prob pass); "
-        "the weights are then computed per micro-batch inside the loss.",
+        help="Take pi_old as the detached current log-prob (no old-log-prob pass), with either "
+        "dialect; the correction is then computed per micro-batch inside the loss. verl HEAD's "
+        "own bypass (pi_old = the rollout log-probs) is --rollout-bypass-mode.",
     )
     group.add_argument(
         "--rollout-loss-denominator",

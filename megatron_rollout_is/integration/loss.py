@@ -336,7 +336,7 @@ class RolloutISPolicyLoss:
             return log_probs.detach()
         if self.plan is not None and self.plan.bypass:
             return _per_token({"rollout_log_prob": rollout}, "rollout_log_prob", shape).to(log_probs.dtype)
-        fix = "pass it, or use a bypass mode (--rollout-bypass-mode, or --rollout-is-bypass with verl 0.6.0 keys)"
+        fix = "pass it, or use a bypass mode (--rollout-bypass-mode or --rollout-is-bypass)"
         return _required(batch, "old_log_prob", shape, fix).to(log_probs.dtype)
 
     def _corrected_mask(self, batch, log_probs, old, rollout, mask):
