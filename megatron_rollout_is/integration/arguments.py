@@ -15,8 +15,7 @@ from typing import Any
 
 from ..config import LOSS_TYPES, PRESETS, RolloutCorrectionConfig
 from ..core.plan import BOUND_ALIASES, BOUNDS, LEVEL_ALIASES, LEVELS, NULL_SPELLINGS, number_from_text
-from ..parallel.groups import RolloutISGroups
-from .loss import PolicyLossConfig, RolloutISPolicyLoss
+from .loss import PolicyLossConfig, check_loss_settings
 
 # Config fields and their flags; a flag not given is None, so the YAML (or preset) keeps its value.
 _CONFIG_FLAGS = {
@@ -266,8 +265,9 @@ def policy_loss_config_from_args(
 ) -> PolicyLossConfig:
     """The `PolicyLossConfig` of the flags, checked against `is_config` as the loss hook checks it.
 
-    Builds a `RolloutISPolicyLoss` for a single rank, so that settings which cannot work together
-    (e.g. `--rollout-is-bypass` with `--rollout-bypass-mode`) fail now, before any model is built.
+    Runs the loss hook's own check (`check_loss_settings`), so that settings which cannot work
+    together (e.g. `--rollout-is-bypass` with `--rollout-bypass-mode`) fail now, before any model
+    is built.
 
     Args:
         args: flags parsed by a parser given `add_rollout_is_args`.
@@ -293,7 +293,7 @@ def policy_loss_config_from_args(
     flags.update(_config_flags(args))
     try:
         loss_config = PolicyLossConfig(**keywords)
-        RolloutISPolicyLoss(is_config, RolloutISGroups(), loss_config)
+        check_loss_settings(loss_config, is_config)
     except (ValueError, TypeError) as error:
         raise type(error)(_with_flag_names(str(error), flags)) from None
     return loss_config

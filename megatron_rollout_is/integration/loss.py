@@ -129,8 +129,12 @@ def _check_ranges(config: PolicyLossConfig) -> None:
             raise ValueError(f"PolicyLossConfig.{name} must be {expected}, got {value!r}.")
 
 
-def _check_combination(config: PolicyLossConfig, plan) -> None:
-    """Raises one ValueError, naming the flags and the fix, for loss settings that cannot work together."""
+def check_loss_settings(config: PolicyLossConfig, is_config: RolloutCorrectionConfig) -> None:
+    """Raises one ValueError, naming the flags and the fix, for loss settings that cannot work together.
+
+    `RolloutISPolicyLoss` runs it at construction; argument parsers run it before building a model.
+    """
+    plan = is_config.plan
     if config.bypass and plan is not None and plan.bypass:
         raise ValueError(
             "PolicyLossConfig.bypass (--rollout-is-bypass: pi_old is the detached pi_theta) and bypass_mode "
@@ -172,7 +176,7 @@ class RolloutISPolicyLoss:
         self.plan = is_config.plan
         self.groups = groups
         self.loss_config = loss_config or PolicyLossConfig()
-        _check_combination(self.loss_config, self.plan)
+        check_loss_settings(self.loss_config, is_config)
         self.rollout_is = None
         if self.plan is not None:
             self.rollout_is = ShardedRolloutCorrection(self.plan, groups, bypass=self.loss_config.bypass)
