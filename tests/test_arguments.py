@@ -258,7 +258,7 @@ def test_a_verl_head_yaml_then_flags(tmp_path):
         (["--rollout-is", "sequence", "--rollout-is-level", "token"], "--rollout-is-level 'token' is a verl 0.6.0 key"),
         (
             ["--rollout-rs", "token_k2", "--rollout-rs-threshold", "1", "--rollout-is-mode", "truncate"],
-            "--rollout-is-mode",
+            "--rollout-is-mode 'truncate' does nothing while --rollout-is is null",
         ),
     ],
 )
@@ -365,12 +365,12 @@ def test_the_callers_own_loss_settings_are_named_by_its_flags():
 @pytest.mark.parametrize(
     "flags, named",
     [
-        (["--rollout-is-bypass", "--rollout-bypass-mode"], "--rollout-bypass-mode"),
-        (["--rollout-loss-denominator", "response"], "--rollout-loss-denominator"),
+        (["--rollout-is-bypass", "--rollout-bypass-mode"], "(--rollout-bypass-mode, verl HEAD: the PPO ratio"),
+        (["--rollout-loss-denominator", "response"], "only matters with rejection (--rollout-rs)"),
         (["--rollout-top-p", "1.5"], "--rollout-top-p must be"),
         (["--rollout-temperature", "-1"], "--rollout-temperature must be"),
         (["--num-query-groups", "0"], "--num-query-groups must be >= 1, got 0"),
-        (["--clip-eps", "1.5"], "--clip-eps"),
+        (["--clip-eps", "1.5"], "--clip-eps must be a number in [0, 1)"),
         (["--lr", "0"], "--lr must be > 0, got 0.0"),
         (["--rollout-noise", "-0.5"], "--rollout-noise must be >= 0, got -0.5"),
         (["--eval-interval", "-1"], "--eval-interval must be >= 0, got -1"),

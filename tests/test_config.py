@@ -382,13 +382,19 @@ def test_verl_0_6_stock_keys_with_a_null_threshold_are_off_without_error(tmp_pat
 @pytest.mark.parametrize(
     "kwargs, words",
     [
-        (dict(rollout_rs="token_k2", rollout_rs_threshold=1.0, rollout_is_mode="truncate"), ["rollout_is_mode"]),
+        (
+            dict(rollout_rs="token_k2", rollout_rs_threshold=1.0, rollout_is_mode="truncate"),
+            ["rollout_is_mode 'truncate' does nothing while rollout_is is null"],
+        ),
         (dict(rollout_is="sequence", rollout_is_level="token"), ["rollout_is_level", "name the level in rollout_is"]),
         (
             dict(rollout_rs="token_k2", rollout_rs_threshold=1.0, rollout_is_veto_threshold=None),
             ["mixes", "drop rollout_is_veto_threshold"],
         ),
-        (dict(rollout_is="token", rollout_is_veto_threshold=None, dialect="verl-head"), ["rollout_is_veto_threshold"]),
+        (
+            dict(rollout_is_veto_threshold=None, dialect="verl-head"),
+            ["0.6.0 key(s) rollout_is_veto_threshold in a verl HEAD config; drop them"],
+        ),
     ],
 )
 def test_verl_head_rejects_settings_it_would_ignore(kwargs, words):

@@ -278,12 +278,12 @@ def test_count_task_judges_each_token_against_the_one_before():
 @pytest.mark.parametrize(
     "flags, named",
     [
-        (["--top-p", "0"], "--top-p"),
-        (["--top-k", "-2"], "--top-k"),
-        (["--temperature", "0"], "--temperature"),
-        (["--rollout-temperature", "0"], "--rollout-temperature"),
-        (["--rollout-staleness", "-1"], "--rollout-staleness"),
-        (["--task", "count", "--response-tokens", "0"], "--response-tokens"),
+        (["--top-p", "0"], "^--top-p must be in"),
+        (["--top-k", "-2"], "^--top-k must be >= 0"),
+        (["--temperature", "0"], "^--temperature must be > 0"),
+        (["--rollout-temperature", "0"], "^--rollout-temperature must be a finite number > 0"),
+        (["--rollout-staleness", "-1"], "^--rollout-staleness must be >= 0"),
+        (["--task", "count", "--response-tokens", "0"], "^--response-tokens must be >= 1"),
     ],
 )
 def test_demo_mismatch_flags_fail_at_parse_time(flags, named):

@@ -379,9 +379,22 @@ def test_out_of_range_loss_settings_name_the_field(field, value):
         PolicyLossConfig(**{field: value})
 
 
-def test_loss_settings_at_the_edges_of_their_ranges_are_accepted():
-    PolicyLossConfig(clip_eps_low=0.0, clip_eps_high=0.0, kl_coef=0.0, entropy_coef=0.0, diagnose_interval=0)
-    PolicyLossConfig(clip_eps_low=0.99, clip_eps_high=5.0, temperature=1e-3)
+@pytest.mark.parametrize(
+    "field, edge, past_edge",
+    [
+        ("clip_eps_low", 0.0, -1e-9),
+        ("clip_eps_low", 0.999, 1.0),
+        ("clip_eps_high", 0.0, -1e-9),
+        ("kl_coef", 0.0, -1e-9),
+        ("entropy_coef", 0.0, -1e-9),
+        ("diagnose_interval", 0, -1),
+        ("temperature", 1e-9, 0.0),
+    ],
+)
+def test_loss_settings_at_the_edges_of_their_ranges_are_accepted(field, edge, past_edge):
+    assert getattr(PolicyLossConfig(**{field: edge}), field) == edge
+    with pytest.raises(ValueError, match=rf"PolicyLossConfig\.{field} must be"):
+        PolicyLossConfig(**{field: past_edge})
 
 
 def test_tie_rule_defaults_to_triton_and_needs_an_active_filter():

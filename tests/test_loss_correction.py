@@ -390,6 +390,8 @@ def test_prepared_replay_corrects_only_tokens_in_pi_olds_kept_set():
     expected.backward()
     supported = old_in & current_in
     assert 0 < int(keep.sum()) < int(supported.sum()) < BATCH * SEQ, "the case should reject and drop tokens"
+    # Both supports must differ: tokens only pi_old keeps are what the loss's own mask removes.
+    assert (old_in & ~current_in).any() and (~old_in & current_in).any()
     assert count == int(keep.sum())
     assert total.item() == pytest.approx(expected.item(), rel=1e-10, abs=1e-12)
     torch.testing.assert_close(trained.grad, reference.grad, rtol=1e-9, atol=1e-12)

@@ -722,6 +722,8 @@ def test_flag_combinations_and_refusals(patched_tree):
             "--rollout-top-p, --rollout-tie-rule: sampling replay is not supported"
         ),
         "--rollout-is-threshold 2 --rollout-temperature 0.7": "--rollout-temperature: sampling replay",
+        "--rollout-is-threshold 2 --rollout-top-k 5": "--rollout-top-k: sampling replay is not supported",
+        "--rollout-is-threshold 2 --rollout-min-p 0.1": "--rollout-min-p: sampling replay is not supported",
         "--rollout-is-threshold -1": "--rollout-is-threshold must be",
         "--rollout-is token --rollout-loss-denominator response": (
             "--rollout-loss-denominator response only changes the loss with rejection"
