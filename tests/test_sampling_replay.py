@@ -12,7 +12,10 @@ import ast
 import importlib.util
 import itertools
 import math
+import os
 import pathlib
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -392,13 +395,36 @@ def test_pytorch_rule_matches_vllm_cpu_sampler_code():
     assert compared > 500 and boundary_ties_beyond_vllm > 0, (compared, boundary_ties_beyond_vllm)
 
 
+# Runs vLLM's kernel on saved inputs in a fresh interpreter: Triton reads TRITON_INTERPRET when
+# triton.language is first imported, which megatron-core 0.20 (or an earlier test) may already have
+# done in this process.
+_KERNEL_RUNNER = """
+import sys, torch, vllm_topk_topp_kernel as module
+inputs = torch.load(sys.argv[1])
+outputs = []
+for logits, k, p in inputs:
+    logits = logits.float().contiguous().clone()
+    rows, vocab = logits.shape
+    tables = [torch.tensor(getattr(module, name), dtype=torch.float32)
+              for name in ("_PERCENTILE_TO_STD_TABLE", "_NORMAL_CDF_TO_SIGMA_TABLE")]
+    module._topk_topp_kernel[(rows,)](
+        logits, logits.stride(0), torch.empty_like(logits), *tables,
+        logits if k is None else k, logits if p is None else p, rows,
+        VOCAB_SIZE=vocab, MASK_VALUE=float("-inf"), BLOCK_SIZE=256, BLOCK_SIZE_TRUNC=128,
+        TOPK_ENABLED=k is not None, TOPP_ENABLED=p is not None, SPLIT_COVERS_PONLY=False)
+    outputs.append(logits)
+torch.save(outputs, sys.argv[2])
+"""
+
+
 def _vllm_triton_top_k_top_p(directory: pathlib.Path):
     """vLLM 0.33.0's Triton top-k/top-p kernel run by Triton's CPU interpreter, or None.
 
     The kernel source is read with `ast` from the installed vllm and written to `directory` as a
     module (Triton's interpreter reads a kernel's source back from its file); one cast that the
     interpreter cannot apply to a Python loop index, ``row_id.to(tl.int64)``, is spelled
-    ``tl.cast(row_id, tl.int64)``. Needs TRITON_INTERPRET=1 before the kernel is defined.
+    ``tl.cast(row_id, tl.int64)``. The returned function maps a list of `(logits [rows, V], k or
+    None, p or None)` to the masked logits, running the kernel in a subprocess with TRITON_INTERPRET=1.
     """
     spec = importlib.util.find_spec("vllm")
     if spec is None or importlib.util.find_spec("triton") is None:
@@ -413,59 +439,44 @@ def _vllm_triton_top_k_top_p(directory: pathlib.Path):
         or (isinstance(node, ast.Assign) and any(getattr(t, "id", None) in names for t in node.targets))
     ]
     assert len(nodes) == len(names), f"vLLM source changed: {path}"
-    module_path = directory / "vllm_topk_topp_kernel.py"
     header = "import torch\nimport triton\nimport triton.language as tl\n"
-    module_path.write_text(header + ast.unparse(ast.Module(body=nodes, type_ignores=[])))
-    module_spec = importlib.util.spec_from_file_location("vllm_topk_topp_kernel", module_path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    (directory / "vllm_topk_topp_kernel.py").write_text(header + ast.unparse(ast.Module(body=nodes, type_ignores=[])))
 
-    def apply(logits, k, p):
-        logits = logits.float().contiguous().clone()
-        rows, vocab = logits.shape
-        tables = [
-            torch.tensor(getattr(module, name), dtype=torch.float32)
-            for name in ("_PERCENTILE_TO_STD_TABLE", "_NORMAL_CDF_TO_SIGMA_TABLE")
-        ]
-        module._topk_topp_kernel[(rows,)](
-            logits,
-            logits.stride(0),
-            torch.empty_like(logits),
-            *tables,
-            logits if k is None else k,
-            logits if p is None else p,
-            rows,
-            VOCAB_SIZE=vocab,
-            MASK_VALUE=float("-inf"),
-            BLOCK_SIZE=256,
-            BLOCK_SIZE_TRUNC=128,
-            TOPK_ENABLED=k is not None,
-            TOPP_ENABLED=p is not None,
-            SPLIT_COVERS_PONLY=False,
-        )
-        return logits
+    def apply_all(inputs: list) -> list:
+        torch.save(inputs, directory / "inputs.pt")
+        env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(directory)}
+        command = [sys.executable, "-c", _KERNEL_RUNNER, str(directory / "inputs.pt"), str(directory / "out.pt")]
+        subprocess.run(command, env=env, check=True, timeout=600)
+        return torch.load(directory / "out.pt")
 
-    return apply
+    return apply_all
 
 
-def test_triton_rule_matches_vllm_triton_kernel(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def test_triton_rule_matches_vllm_triton_kernel(tmp_path):
     kernel = _vllm_triton_top_k_top_p(tmp_path)
     if kernel is None:
         pytest.skip("vllm or triton is not installed")
     generator = torch.Generator().manual_seed(11)
     vocab, num_rows, temperature = 40, 8, 0.8
-    compared = 0
+    cases = []
     for tied, filters in itertools.product((True, False), [f for f in FILTERS if f.min_p is None]):
         if tied:
             rows = torch.randint(-6, 7, (num_rows, vocab), generator=generator).float() / 2
         else:
             rows = 2 * torch.randn(num_rows, vocab, generator=generator)
         case = Case(0, filters, "triton", "padded", torch.float32, temperature, tied, None)
-        filters = _safe_filters(rows.unsqueeze(1), case)
-        k = None if filters.top_k is None else torch.full((num_rows,), filters.top_k, dtype=torch.int32)
-        p = None if filters.top_p is None else torch.full((num_rows,), filters.top_p, dtype=torch.float32)
-        expected = kernel(rows / torch.tensor(temperature), k, p).log_softmax(dim=-1)
+        cases.append((rows, _safe_filters(rows.unsqueeze(1), case)))
+    inputs = [
+        (
+            rows / torch.tensor(temperature),
+            None if filters.top_k is None else torch.full((num_rows,), filters.top_k, dtype=torch.int32),
+            None if filters.top_p is None else torch.full((num_rows,), filters.top_p, dtype=torch.float32),
+        )
+        for rows, filters in cases
+    ]
+    compared = 0
+    for (rows, filters), masked in zip(cases, kernel(inputs)):
+        expected = masked.log_softmax(dim=-1)
         logits = rows.unsqueeze(0).expand(vocab, num_rows, vocab).contiguous()
         target = torch.arange(vocab).unsqueeze(-1).expand(vocab, num_rows)
         log_probs, in_support = vocab_parallel_token_log_probs(
@@ -478,7 +489,7 @@ def test_triton_rule_matches_vllm_triton_kernel(tmp_path, monkeypatch):
             return_in_support=True,
         )
         vllm_kept = torch.isfinite(expected).t()
-        assert torch.equal(in_support, vllm_kept), (tied, filters)
+        assert torch.equal(in_support, vllm_kept), filters
         torch.testing.assert_close(log_probs[vllm_kept], expected.t()[vllm_kept], rtol=1e-5, atol=1e-5)
         compared += int(vllm_kept.sum())
     assert compared > 200, compared
