@@ -10,12 +10,16 @@ with the float64 oracle):
 * `data_parallel_rows` / `micro_batch_rows`: the disjoint sequence slices of DP ranks and their
   micro-batches.
 * `pack_documents` / `unpack_documents`: documents of one micro-batch to `[1, t]` plus `cu_seqlens`.
+* `cp_local_inputs`: one CP rank's share of a micro-batch, split as Megatron splits it.
 """
 
 import math
 from dataclasses import dataclass
 
 import torch
+
+from megatron_rollout_is.config import RolloutISConfig
+from megatron_rollout_is.parallel.context_parallel import local_cu_seqlens, split_for_cp, split_thd_for_cp
 
 SIZES = {"tp": (1, 2, 4), "cp": (1, 2, 4), "pp": (1, 2), "dp": (1, 2, 4)}
 CP_MULTIPLE = 8  # every sequence / document length is a multiple of 2 * max CP size
@@ -84,6 +88,17 @@ class Case:
     @property
     def lower(self) -> float | None:
         return THRESHOLDS[self.level][1] if self.explicit_lower else None
+
+    def config(self) -> RolloutISConfig:
+        """The verl 0.6.0 rollout IS config of this case."""
+        return RolloutISConfig(
+            rollout_is=True,
+            rollout_is_threshold=self.upper,
+            rollout_is_threshold_lower=self.lower,
+            rollout_is_level=self.level,
+            rollout_is_mode=self.mode,
+            rollout_is_veto_threshold=self.veto,
+        )
 
 
 def build_cases(with_vocab_parallel: bool) -> list[Case]:
@@ -251,3 +266,17 @@ def unpack_documents(packed: torch.Tensor, rows: torch.Tensor, lengths: list, ou
     for row in rows.tolist():
         out[row, : lengths[row]] = packed[0, start : start + lengths[row]]
         start += lengths[row]
+
+
+def cp_local_inputs(case: Case, batch: GlobalBatch, rows: torch.Tensor, cp: int, cp_rank: int) -> tuple:
+    """CP rank `cp_rank`'s `(old, rollout, mask)` of the micro-batch `rows`, and its local cu_seqlens.
+
+    Padded cases: `[b, s/cp]` zigzag shards and None; THD cases: `[1, t/cp]` shards of the packed
+    documents and the `[docs + 1]` local cu_seqlens.
+    """
+    tensors = (batch.old, batch.rollout, batch.mask)
+    if case.packing == "padded":
+        return [split_for_cp(t[rows], cp, cp_rank) for t in tensors], None
+    packed = [pack_documents(t, rows, batch.lengths) for t in tensors]
+    cu_seqlens = packed[0][1]
+    return [split_thd_for_cp(p, cu_seqlens, cp, cp_rank) for p, _ in packed], local_cu_seqlens(cu_seqlens, cp)

@@ -16,9 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from layouts import Case, Layout, layouts_for_world, micro_batch_rows, pack_documents
+from layouts import Case, Layout, cp_local_inputs, layouts_for_world, micro_batch_rows
 from megatron_rollout_is.config import RolloutCorrectionConfig
-from megatron_rollout_is.parallel.context_parallel import local_cu_seqlens, split_for_cp, split_thd_for_cp
 from megatron_rollout_is.parallel.groups import RolloutISGroups
 from megatron_rollout_is.parallel.sharded import ShardedRolloutCorrection
 from mp_harness import init_megatron, run_distributed
@@ -157,16 +156,12 @@ CASES += [CorrectionCase(**{**case.__dict__, "bypass": True}) for case in CASES 
 
 def _local_inputs(case: CorrectionCase, batch, rows, layout: Layout, at: dict, groups) -> tuple:
     """This rank's `(old, rollout, mask[, local_cu_seqlens])` of one micro-batch, split as Megatron would."""
-    tensors = (batch.old, batch.rollout, batch.mask)
-    if case.data.packing == "padded":
-        local = [split_for_cp(t[rows], layout.cp, at["cp"]) for t in tensors]
-        if case.data.kind == "vocab":
-            local[0] = _vocab_parallel_old(batch, rows, layout, at, groups)
-        return tuple(local)
-    packed = [pack_documents(t, rows, batch.lengths) for t in tensors]
-    cu_seqlens = packed[0][1]
-    local = [split_thd_for_cp(p, cu_seqlens, layout.cp, at["cp"]) for p, _ in packed]
-    return (*local, local_cu_seqlens(cu_seqlens, layout.cp))
+    local, cu_seqlens = cp_local_inputs(case.data, batch, rows, layout.cp, at["cp"])
+    if cu_seqlens is not None:
+        return (*local, cu_seqlens)
+    if case.data.kind == "vocab":
+        local[0] = _vocab_parallel_old(batch, rows, layout, at, groups)
+    return tuple(local)
 
 
 def _run_case(case: CorrectionCase, layout: Layout, at: dict, groups) -> dict:

@@ -26,6 +26,7 @@ from layouts import (
     Case,
     Layout,
     build_cases,
+    cp_local_inputs,
     global_batch,
     layouts_for_world,
     micro_batch_rows,
@@ -35,9 +36,7 @@ from layouts import (
 from megatron_rollout_is.config import RolloutISConfig
 from megatron_rollout_is.parallel.context_parallel import (
     gather_cp_shards,
-    local_cu_seqlens,
     split_for_cp,
-    split_thd_for_cp,
     thd_partitioned_indices,
     zigzag_indices,
 )
@@ -62,17 +61,6 @@ _cached_batch = functools.lru_cache(maxsize=None)(global_batch)
 # ------------------------------------------------------------------------------------------------
 # Worker side (spawned processes).
 # ------------------------------------------------------------------------------------------------
-
-
-def _config(case: Case) -> RolloutISConfig:
-    return RolloutISConfig(
-        rollout_is=True,
-        rollout_is_threshold=case.upper,
-        rollout_is_threshold_lower=case.lower,
-        rollout_is_level=case.level,
-        rollout_is_mode=case.mode,
-        rollout_is_veto_threshold=case.veto,
-    )
 
 
 def _coordinates() -> dict:
@@ -104,23 +92,19 @@ def _vocab_parallel_old(batch, rows, layout: Layout, at: dict, groups: RolloutIS
 
 def _micro_batch(sharded, case, batch, rows, layout, at, groups) -> torch.Tensor:
     """This rank's weights of one micro-batch (the global `rows`), fed as Megatron would."""
-    tensors = (batch.old, batch.rollout, batch.mask)
-    if case.packing == "padded":
-        local = [split_for_cp(t[rows], layout.cp, at["cp"]) for t in tensors]
-        if case.kind == "vocab":
-            local[0] = _vocab_parallel_old(batch, rows, layout, at, groups)
-        return sharded.micro_batch_weights(*local)
-    packed = [pack_documents(t, rows, batch.lengths) for t in tensors]
-    cu_seqlens = packed[0][1]
-    local = [split_thd_for_cp(p, cu_seqlens, layout.cp, at["cp"]) for p, _ in packed]
-    return sharded.micro_batch_weights_thd(*local, local_cu_seqlens(cu_seqlens, layout.cp))
+    local, cu_seqlens = cp_local_inputs(case, batch, rows, layout.cp, at["cp"])
+    if cu_seqlens is not None:
+        return sharded.micro_batch_weights_thd(*local, cu_seqlens)
+    if case.kind == "vocab":
+        local[0] = _vocab_parallel_old(batch, rows, layout, at, groups)
+    return sharded.micro_batch_weights(*local)
 
 
 def _run_case(case: Case, layout: Layout, at: dict, groups: RolloutISGroups, log: "CollectiveLog") -> dict:
     """Weights and metrics of one case, and the collectives it made: `{"tp": TP-group calls, "groups":
     sorted global ranks of every group it communicated over}`."""
     batch = _cached_batch(case)
-    sharded = ShardedRolloutIS(_config(case), groups)
+    sharded = ShardedRolloutIS(case.config(), groups)
     log.take()
     weights = [
         _micro_batch(sharded, case, batch, rows, layout, at, groups)
@@ -239,7 +223,7 @@ def _traffic(layout: Layout, at: dict, groups: RolloutISGroups) -> list:
                             width=seq_len,
                         )
                         batch = global_batch(case)
-                        sharded = ShardedRolloutIS(_config(case), groups)
+                        sharded = ShardedRolloutIS(case.config(), groups)
                         log.take()
                         micro_batches = []
                         for rows in micro_batch_rows(case, layout.dp, at["dp"]):
@@ -266,7 +250,7 @@ def _cp_disagreement(layout: Layout, at: dict, groups: RolloutISGroups) -> dict:
         packing = "thd" if scenario == "thd_documents" else "padded"
         case = Case("disagree", packing, "sequence", "truncate", 1e-3, "float64", 1, seed=11, rows=4)
         batch = global_batch(case)
-        sharded = ShardedRolloutIS(_config(case), groups)
+        sharded = ShardedRolloutIS(case.config(), groups)
         local = [split_for_cp(t, layout.cp, at["cp"]) for t in (batch.old, batch.rollout, batch.mask)]
         try:
             if odd_one_out and scenario == "local_length":
@@ -285,7 +269,7 @@ def _cp_disagreement(layout: Layout, at: dict, groups: RolloutISGroups) -> dict:
         except (ValueError, TypeError) as error:
             outcomes[scenario] = f"{type(error).__name__}: {error}"
     # The CP group is still usable afterwards: an agreeing micro-batch goes through.
-    sharded = ShardedRolloutIS(_config(case), groups)
+    sharded = ShardedRolloutIS(case.config(), groups)
     _micro_batch(sharded, case, global_batch(case), torch.arange(4), layout, at, groups)
     outcomes["afterwards"] = sharded.finalize()
     return outcomes

@@ -17,17 +17,14 @@ import torch.distributed as dist
 
 from layouts import (
     build_cases,
+    cp_local_inputs,
     global_batch,
     micro_batch_rows,
     pack_documents,
     unpack_documents,
 )
-from megatron_rollout_is.config import RolloutISConfig
 from megatron_rollout_is.parallel.context_parallel import (
     gather_cp_shards,
-    local_cu_seqlens,
-    split_for_cp,
-    split_thd_for_cp,
     thd_partitioned_indices,
     zigzag_indices,
 )
@@ -45,28 +42,14 @@ ORACLE_TOLERANCES = {"float64": (1e-6, 1e-9), "float32": (1e-5, 2e-6)}
 DEVICE_TOLERANCES = {"float64": (1e-9, 1e-12), "float32": (1e-5, 2e-6)}
 
 
-def _config(case) -> RolloutISConfig:
-    return RolloutISConfig(
-        rollout_is=True,
-        rollout_is_threshold=case.upper,
-        rollout_is_threshold_lower=case.lower,
-        rollout_is_level=case.level,
-        rollout_is_mode=case.mode,
-        rollout_is_veto_threshold=case.veto,
-    )
-
-
 def _local_weights(sharded, case, batch, rows, cp: int, cp_rank: int, device) -> torch.Tensor:
     """This CP rank's weights of the micro-batch ``rows``, its inputs on ``device`` (as Megatron splits them)."""
-    tensors = (batch.old, batch.rollout, batch.mask)
-    if case.packing == "padded":
-        local = [split_for_cp(t[rows], cp, cp_rank).to(device) for t in tensors]
+    local, cu_seqlens = cp_local_inputs(case, batch, rows, cp, cp_rank)
+    local = [t.to(device) for t in local]
+    if cu_seqlens is None:
         weights = sharded.micro_batch_weights(*local)
     else:
-        packed = [pack_documents(t, rows, batch.lengths) for t in tensors]
-        cu_seqlens = packed[0][1]
-        local = [split_thd_for_cp(p, cu_seqlens, cp, cp_rank).to(device) for p, _ in packed]
-        weights = sharded.micro_batch_weights_thd(*local, local_cu_seqlens(cu_seqlens, cp).to(device))
+        weights = sharded.micro_batch_weights_thd(*local, cu_seqlens.to(device))
     if weights.device.type != device.type:
         raise AssertionError(f"{case.name}: weights on {weights.device}, inputs on {device}")
     return weights.cpu()
@@ -75,7 +58,7 @@ def _local_weights(sharded, case, batch, rows, cp: int, cp_rank: int, device) ->
 def _shard_run(case, groups, device, cp: int = 1, cp_rank: int = 0, dp: int = 1, dp_rank: int = 0):
     """This rank's weights (one CPU tensor per micro-batch) and the step's metrics."""
     batch = global_batch(case)
-    sharded = ShardedRolloutIS(_config(case), groups)
+    sharded = ShardedRolloutIS(case.config(), groups)
     weights = [
         _local_weights(sharded, case, batch, rows, cp, cp_rank, device) for rows in micro_batch_rows(case, dp, dp_rank)
     ]
