@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed
 
-from megatron_rollout_is.parallel import sampling_replay
+from megatron_rollout_is.parallel import sampling_cut
 from megatron_rollout_is.parallel.vocab_parallel import vocab_parallel_token_log_probs
 from mp_harness import run_distributed
 
@@ -254,7 +254,7 @@ def _run(case, logits, target, filters, grad_lp, grad_h, tp_group=None):
 # Each rank's candidates for the fast path: all its values (the default on this small vocabulary,
 # so every cut is read off the gathered values) or 2 (top-k above 2 and most top-p cuts then go
 # through the search on float keys).
-CANDIDATE_BUDGETS = (sampling_replay.CANDIDATES_PER_RANK, 2)
+CANDIDATE_BUDGETS = (sampling_cut.CANDIDATES_PER_RANK, 2)
 
 
 def _tp_worker(rank, world_size, cases, prepared):
@@ -264,7 +264,7 @@ def _tp_worker(rank, world_size, cases, prepared):
     groups = {4: torch.distributed.group.WORLD, 2: pairs[rank // 2], 1: singles[rank]}
     results = []
     for budget, (tp, group) in itertools.product(CANDIDATE_BUDGETS, groups.items()):
-        sampling_replay.CANDIDATES_PER_RANK = budget
+        sampling_cut.CANDIDATES_PER_RANK = budget
         tp_rank = torch.distributed.get_rank(group)
         for index, (case, (logits, target, grad_lp, grad_h, filters)) in enumerate(zip(cases, prepared)):
             shard = logits.chunk(tp, dim=-1)[tp_rank].clone()

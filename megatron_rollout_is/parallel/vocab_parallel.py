@@ -18,8 +18,8 @@ logits in place), this never writes to the caller's logits. Columns past ``vocab
 vocabulary padding) are left out of the softmax.
 
 With the rollout's ``top_k`` / ``top_p`` / ``min_p``, the log-probs are those of the distribution
-vLLM sampled from instead: :mod:`.sampling_replay` finds the cuts over the TP group and computes
-them.
+vLLM sampled from instead: :mod:`.sampling_cut` finds the cuts over the TP group and
+:mod:`.sampling_replay` computes them.
 """
 
 import math
