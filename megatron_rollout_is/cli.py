@@ -93,7 +93,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _sets_its_own_correction(demo_args: Sequence[str]) -> bool:
     """Whether the flags bring a YAML, a preset or verl HEAD settings, which the demo's 0.6.0 preset
     (token truncate 2.0) must not be mixed into."""
-    from .config import dialect_markers
+    from .dialects import dialect_markers
     from .integration.arguments import add_rollout_is_args, config_flag_values
 
     given, _ = add_rollout_is_args(argparse.ArgumentParser(allow_abbrev=False)).parse_known_args(list(demo_args))

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from ..config import LOSS_TYPES, PRESETS, RolloutCorrectionConfig
+from ..config import RolloutCorrectionConfig
 from ..core.plan import BOUND_ALIASES, BOUNDS, LEVEL_ALIASES, LEVELS, NULL_SPELLINGS, number_from_text
+from ..dialects import LOSS_TYPES, PRESETS
 from .loss import PolicyLossConfig, check_loss_settings
 
 # Config fields and their flags; a flag not given is None, so the YAML (or preset) keeps its value.

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import VERL_06
 from ..core import (
     SAFETY_BOUND,
     WeightSpec,
@@ -33,6 +32,7 @@ from ..core import (
     compute_rollout_importance_weights,
 )
 from ..diagnostics import diagnose_log_probs
+from ..dialects import VERL_06
 from ..dumps import StepDump, read_step_dumps
 from .candidates import CorrectionCandidate, preset_candidates, rs_sweep, run_correction_candidate
 from .rules import SEED_EXAMPLES, grid_candidates, run_candidate

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from ..config import PRESETS, VERL_HEAD, RolloutCorrectionConfig
+from ..config import RolloutCorrectionConfig
 from ..core import WeightSpec
+from ..dialects import PRESETS, VERL_HEAD
 
 if TYPE_CHECKING:
     import numpy as np
