@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from megatron_rollout_is.demo import compare
+from megatron_rollout_is.demo import compare, study_results
 
 
 def _records(rise, kl, steps=50):
@@ -45,7 +45,7 @@ def test_summary_tables_and_plot_of_synthetic_runs(tmp_path):
         },
         "bf16": {"none": {1: _records(0.010, 0.0)}, "token-tis": {1: _records(0.010, 0.0)}},
     }
-    summary = compare.summarize(runs, tail=10)
+    summary = study_results.summarize(runs, tail=10)
     seed1 = summary["noise"]["none"]["per_seed"][1]
     assert seed1["reward_last"] == pytest.approx(0.010 * 45.5)  # steps 41-50
     assert seed1["reward_all_steps"] == pytest.approx(0.010 * 25.5)
@@ -60,18 +60,18 @@ def test_summary_tables_and_plot_of_synthetic_runs(tmp_path):
     assert (change["seeds_better"], change["seeds"]) == (1, 2)
     assert summary["bf16"]["token-tis"]["vs_none"]["reward_last"]["seeds_better"] == 0
 
-    table = compare.markdown(summary, ["none", "token-tis"], 10, "settings")
+    table = study_results.markdown(summary, ["none", "token-tis"], 10, "settings")
     assert "| scenario | none | token-tis |" in table
     assert "| noise | 0.546 [0.455, 0.637] | 0.455 [0.364, 0.546] |" in table
     assert "| bf16 | 0.455 | 0.455 |" in table
     assert "token-tis -0.091 [-0.273, +0.091], better on 1/2 seeds" in table
 
     series = {
-        s: {c: {seed: compare.run_series(r) for seed, r in by_seed.items()} for c, by_seed in by_c.items()}
+        s: {c: {seed: study_results.run_series(r) for seed, r in by_seed.items()} for c, by_seed in by_c.items()}
         for s, by_c in runs.items()
     }
     assert series["noise"]["none"][1]["greedy_reward"][:10] == [None] * 9 + [0.2]
-    compare.plot(series, tmp_path / "study.png", "title")
+    study_results.plot(series, tmp_path / "study.png", "title")
     assert (tmp_path / "study.png").stat().st_size > 20_000
 
 
