@@ -108,6 +108,7 @@ def dialect_markers(values: Mapping[str, Any]) -> tuple:
 
 
 def infer_dialect(config: "RolloutCorrectionConfig") -> str:
+    """`config.dialect`, or the dialect its keys imply; an error naming what to drop when they mix both."""
     old, new = dialect_markers(config.as_mapping())
     if config.dialect is not None and config.dialect not in DIALECTS:
         raise ValueError(f"dialect must be one of {DIALECTS} or None (inferred), got {config.dialect!r}.")
